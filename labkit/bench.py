@@ -1,0 +1,212 @@
+"""One timing path for the whole workbook.
+
+``measure(fn)`` warms up, then times ``fn`` repeatedly with CUDA events on a GPU (``perf_counter`` on a CPU)
+and returns a ``Measurement``: median and spread, plus peak device memory. ``time_generate`` measures the two
+numbers a chat user feels, time to first token (TTFT) and per-token decode latency, of a Hugging Face
+``generate()``. ``record``/``write_results`` turn measurements into JSON records that carry the device, the
+versions and the git commit, so a number is never separated from where it was measured.
+
+Physical units always sit beside the times: ``tflops(flops, m)`` and ``gbps(nbytes, m)``, and a fraction of a
+measured floor where there is one (see ``labkit.env`` for the ceilings).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import statistics
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from labkit import env
+
+
+@dataclass
+class Measurement:
+    """Timing of one callable: seconds per call (median and spread over ``n`` timed calls) and peak memory."""
+
+    median_s: float
+    p10_s: float
+    p90_s: float
+    min_s: float
+    n: int
+    peak_mem_bytes: int | None = None
+    times_s: list = field(default_factory=list, repr=False)
+
+    @property
+    def median_ms(self) -> float:
+        return self.median_s * 1e3
+
+    @property
+    def spread(self) -> float:
+        """(p90 - p10) / median: the relative spread; compare two versions only when they differ by more."""
+        return (self.p90_s - self.p10_s) / self.median_s if self.median_s else float("nan")
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("times_s")
+        d["median_ms"] = self.median_ms
+        return d
+
+
+def _quantile(sorted_xs: list[float], q: float) -> float:
+    if len(sorted_xs) == 1:
+        return sorted_xs[0]
+    pos = q * (len(sorted_xs) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_xs) - 1)
+    return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (pos - lo)
+
+
+def summarize(times_s: list[float], peak_mem_bytes: int | None = None) -> Measurement:
+    """Median, p10, p90 and min of a list of durations in seconds."""
+    if not times_s:
+        raise ValueError("no timings to summarize")
+    xs = sorted(times_s)
+    return Measurement(statistics.median(xs), _quantile(xs, 0.1), _quantile(xs, 0.9), xs[0], len(xs),
+                       peak_mem_bytes, list(times_s))
+
+
+def measure(fn: Callable[[], object], *, warmup: int = 3, iters: int = 20, device=None,
+            min_time_s: float = 0.0, max_iters: int = 1000) -> Measurement:
+    """Time ``fn()``: ``warmup`` untimed calls, then at least ``iters`` timed calls (more until ``min_time_s``).
+
+    On CUDA each call sits between two recorded events, so the time is the GPU's; peak memory is the
+    allocator's peak during the timed calls. On CPU, ``perf_counter`` around each call and no memory figure.
+    """
+    import torch
+
+    dev = torch.device(device) if device is not None else env.device()
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        start_all = time.perf_counter()
+        while len(times) < iters or (time.perf_counter() - start_all < min_time_s and len(times) < max_iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        peak = torch.cuda.max_memory_allocated(dev)
+    else:
+        start_all = time.perf_counter()
+        while len(times) < iters or (time.perf_counter() - start_all < min_time_s and len(times) < max_iters):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        peak = None
+    return summarize(times, peak)
+
+
+def tflops(flops: float, m: Measurement) -> float:
+    """Achieved TFLOP/s at the median time."""
+    return flops / m.median_s / 1e12
+
+
+def gbps(nbytes: float, m: Measurement) -> float:
+    """Achieved GB/s (1e9 bytes) at the median time."""
+    return nbytes / m.median_s / 1e9
+
+
+# ---------------------------------------------------------------------------------------------- generate()
+def time_generate(model, input_ids, new_tokens: int = 32, *, warmup: int = 1, iters: int = 5,
+                  attention_mask=None, **generate_kwargs) -> dict:
+    """TTFT and per-token decode latency of ``model.generate`` (greedy, exactly ``new_tokens`` new tokens).
+
+    TTFT is the median time of a ``generate`` that makes one token (prefill + first token). Per-token decode
+    latency is (T(new_tokens) - T(1)) / (new_tokens - 1): the cost of each further step, with prefill removed.
+    ``input_ids``: (batch, prompt_len) on the model's device.
+    """
+    import torch
+
+    if new_tokens < 2:
+        raise ValueError("new_tokens must be at least 2 to separate decode from prefill")
+    dev = input_ids.device
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    kwargs = dict(do_sample=False, attention_mask=attention_mask, pad_token_id=generate_kwargs.pop("pad_token_id", 0),
+                  **generate_kwargs)
+
+    def gen(n):
+        return model.generate(input_ids, max_new_tokens=n, min_new_tokens=n, **kwargs)
+
+    with torch.inference_mode():
+        first = measure(lambda: gen(1), warmup=warmup, iters=iters, device=dev)
+        full = measure(lambda: gen(new_tokens), warmup=warmup, iters=iters, device=dev)
+    per_token = max(full.median_s - first.median_s, 0.0) / (new_tokens - 1)
+    batch = input_ids.shape[0]
+    return {
+        "batch": batch,
+        "prompt_len": input_ids.shape[1],
+        "new_tokens": new_tokens,
+        "ttft_ms": first.median_ms,
+        "ttft_spread": first.spread,
+        "total_ms": full.median_ms,
+        "decode_ms_per_token": per_token * 1e3,
+        "tokens_per_s": batch / per_token if per_token > 0 else float("inf"),
+        "peak_mem_bytes": full.peak_mem_bytes,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- records
+def git_commit() -> str | None:
+    """The checkout's commit (with '+dirty' when it has uncommitted changes), or None outside git."""
+    try:
+        root = env.repo_root()
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        if not sha:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run_metadata() -> dict:
+    """Where and when: device, profile, versions, git commit, UTC time."""
+    return {
+        "device": env.device_name(),
+        "device_slug": env.device_slug(),
+        "profile": env.profile(),
+        "versions": env.versions(),
+        "git_commit": git_commit(),
+        "utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+def results_dir(slug: str | None = None) -> Path:
+    """``results/<device-slug>/`` in the checkout (created)."""
+    path = env.repo_root() / "results" / (slug or env.device_slug())
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_results(path, records: list[dict], summary: dict | None = None, meta: dict | None = None) -> Path:
+    """Write ``{"meta": ..., "summary": ..., "records": [...]}`` as JSON and return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"meta": meta or run_metadata(), "summary": summary or {}, "records": records}
+    path.write_text(json.dumps(doc, indent=2, default=_json_default) + "\n")
+    return path
+
+
+def read_results(path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def _json_default(obj):
+    if isinstance(obj, Measurement):
+        return obj.as_dict()
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "item"):
+        return obj.item()
+    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
