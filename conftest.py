@@ -1,0 +1,27 @@
+"""pytest configuration shared by the unit tests and the notebooks (run with ``--nbval-lax``).
+
+Notebook cells tagged ``gpu`` are skipped when no CUDA GPU is visible, so the CPU run executes every other
+cell of every notebook. Nothing that can run on a CPU is tagged ``gpu`` (see the notebook contract).
+"""
+import pytest
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    cuda = _has_cuda()
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        cell = getattr(item, "cell", None)  # nbval's notebook-cell items carry the cell
+        if cell is not None:
+            if "gpu" in cell.get("metadata", {}).get("tags", []) and not cuda:
+                item.options["skip"] = True  # nbval reports it as skipped
+        elif "gpu" in item.keywords and not cuda:
+            item.add_marker(skip_gpu)
