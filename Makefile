@@ -1,0 +1,34 @@
+# Two commands do everything: `make lab` (set up if needed, open JupyterLab) and `make test` (set up if needed, run
+# every unit test and notebook). Set-up is scripts/bootstrap.sh: it uses an interpreter that already has everything,
+# or creates/completes the virtual environment .venv.
+SHELL := /bin/bash
+PYTEST_ARGS ?=
+TEST_CMD = -m pytest tests notebooks --nbval-lax --nbval-current-env --nbval-sanitize-with tests/sanitize.cfg \
+	-p no:cacheprovider --durations=12 $(PYTEST_ARGS)
+
+.PHONY: lab test setup doctor student report strip clean
+
+setup:
+	@bash scripts/bootstrap.sh >/dev/null
+
+lab:
+	@PY=$$(bash scripts/bootstrap.sh) && $$PY -m jupyter lab notebooks/
+
+test:
+	@PY=$$(bash scripts/bootstrap.sh) && $$PY -m labkit doctor --no-measure && $$PY $(TEST_CMD)
+
+doctor:
+	@PY=$$(bash scripts/bootstrap.sh) && $$PY -m labkit doctor
+
+student:
+	@PY=$$(bash scripts/bootstrap.sh) && $$PY -m labkit student --out student
+
+report:
+	@PY=$$(bash scripts/bootstrap.sh) && $$PY -m labkit report
+
+# strip outputs from every notebook (the git filter does this on commit once `nbstripout --install` ran)
+strip:
+	@PY=$$(bash scripts/bootstrap.sh) && $$PY -m nbstripout notebooks/*.ipynb
+
+clean:
+	rm -rf .venv student .pytest_cache
