@@ -1,0 +1,782 @@
+"""A fast decode loop for Llama-family weights: static KV cache, fused decode kernels, one CUDA graph per step.
+
+Hugging Face ``generate`` spends most of a batch-1 step outside the GPU's memory system: hundreds of small
+kernel launches, Python, cache bookkeeping. At batch 1 the *floor* of a decode step is the time to read
+every weight once (plus the KV cache) at the memory bandwidth. This module closes that gap in three moves,
+each beside a reference:
+
+1. **Our own forward** (``FastLlama``) over weights taken from a ``transformers`` ``LlamaForCausalLM``: RMSNorm,
+   RoPE exactly as HF computes it (fp32 angles, cos/sin rounded to the model dtype, ``rotate_half``), grouped-
+   query attention, SiLU MLP; Q/K/V fused into one weight and gate/up into another, so a layer is four
+   matrix-vector products.
+2. **A static KV cache** ``(layers, batch, kv_heads, max_seq_len, head_dim)`` allocated once, and a position
+   held in a device tensor, so every decode step has the same shapes and addresses.
+3. **One CUDA graph per step** (explicit ``torch.cuda.CUDAGraph`` capture): the step's ~230 kernels are
+   replayed with a single launch; the step also writes its argmax token back into its input buffer and
+   advances the position, so N steps are N replays with no host synchronisation.
+
+Two kernel sets compute the step with the same signatures: ``kernels="torch"`` (PyTorch ops: the
+reference, and the only path on a CPU) and ``kernels="triton"`` (fused Triton kernels: add+RMSNorm, RoPE +
+cache write, single-pass decode attention, and the weight-only GEMV of ``labkit.kernels.wo_matmul`` for
+bf16, int8 and int4 weights). Greedy tokens equal HF ``generate(do_sample=False)``; see tests/test_fastgen.py.
+
+Prefill (the prompt) runs through the torch path (cuBLAS GEMMs, SDPA causal attention); quantized weights are
+dequantized per layer for it. Layout of activations: ``(batch, tokens, heads, head_dim)`` before the
+transpose to ``(batch, heads, tokens, head_dim)`` for attention.
+
+References: gpt-fast (PyTorch Labs, 2023) for the static-cache + graph recipe; Flash-Decoding (Dao et al.,
+2023) for single-query attention over a cache; RoFormer (Su et al., 2021) for RoPE.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from labkit import env
+from labkit.env import LabkitError
+from labkit.kernels import wo_matmul as wo
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+    tl = None
+
+WEIGHT_FORMATS = ("bf16", "int8", "int4")  # "bf16" means the model dtype, unquantized
+
+
+# ---------------------------------------------------------------------------------------------- config
+@dataclass(frozen=True)
+class FastConfig:
+    """The Llama shape the decode loop needs (read from a transformers LlamaConfig)."""
+
+    hidden: int
+    intermediate: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    vocab: int
+    rms_eps: float
+    rope_theta: float
+
+    @classmethod
+    def from_hf(cls, config) -> "FastConfig":
+        rope = getattr(config, "rope_parameters", None) or {}
+        rtype = rope.get("rope_type", "default")
+        if rtype != "default":
+            raise LabkitError(f"rope_type={rtype!r} is not supported by fastgen (only the default RoPE); "
+                              "use HF generate for this model.")
+        if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+            raise LabkitError("fastgen supports Llama layers without biases; this config has attention/MLP biases.")
+        if getattr(config, "hidden_act", "silu") != "silu":
+            raise LabkitError(f"fastgen implements the SiLU MLP; hidden_act={config.hidden_act!r}")
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+        return cls(config.hidden_size, config.intermediate_size, config.num_hidden_layers,
+                   config.num_attention_heads, config.num_key_value_heads, head_dim, config.vocab_size,
+                   config.rms_norm_eps, float(theta))
+
+
+def rope_tables(cfg: FastConfig, max_seq_len: int, dtype, device):
+    """cos, sin: (max_seq_len, head_dim) exactly as HF's LlamaRotaryEmbedding: fp32 angles, rounded to dtype."""
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.int64).float() / cfg.head_dim))
+    inv_freq = inv_freq.to(device)
+    pos = torch.arange(max_seq_len, device=device).float()
+    freqs = pos[:, None] * inv_freq[None, :]  # (S, head_dim/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (S, head_dim)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------- torch ops (reference)
+def add_rmsnorm_ref(x: torch.Tensor, delta, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x (B, H) residual stream, updated in place to x + delta (delta may be None); returns RMSNorm(x) * weight.
+
+    Rounded like HF's LlamaRMSNorm: normalise in fp32, round to the dtype, then multiply by the weight.
+    """
+    if delta is not None:
+        x.add_(delta)
+    xf = x.float()
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype)
+
+
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope_cache_ref(qkv: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int, n_kv_heads: int) -> torch.Tensor:
+    """One decode position: split qkv (B, (nq + 2 nkv) * hd), rotate q and k, write k and v at ``pos``.
+
+    pos: (1,) long tensor on the device; k_cache, v_cache: (B_max, nkv, S, hd). Returns q: (B, nq, hd).
+    """
+    B = qkv.shape[0]
+    hd = cos.shape[-1]
+    q, k, v = qkv.split([n_heads * hd, n_kv_heads * hd, n_kv_heads * hd], dim=-1)
+    q = q.view(B, n_heads, hd)
+    k = k.view(B, n_kv_heads, hd)
+    c = cos.index_select(0, pos)  # (1, hd)
+    s = sin.index_select(0, pos)
+    q = q * c + _rotate_half(q) * s
+    k = k * c + _rotate_half(k) * s
+    k_cache[:B].index_copy_(2, pos, k.unsqueeze(2))  # (B, nkv, 1, hd) at sequence index pos
+    v_cache[:B].index_copy_(2, pos, v.view(B, n_kv_heads, 1, hd))
+    return q
+
+
+def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
+                         length: int | None = None) -> torch.Tensor:
+    """Single-query attention of q (B, nq, hd) over cache positions 0..pos; returns (B, nq * hd).
+
+    ``length=pos+1`` slices the cache (eager); ``length=None`` attends over the whole cache with a mask built
+    from the device tensor ``pos`` (static shapes: what a CUDA graph can capture). Computed like HF's eager
+    attention: scores in the dtype, softmax in fp32, rounded back, then times V.
+    """
+    B, nq, hd = q.shape
+    nkv = k_cache.shape[1]
+    S = k_cache.shape[2] if length is None else length
+    k = k_cache[:B, :, :S]  # (B, nkv, S, hd)
+    v = v_cache[:B, :, :S]
+    qg = q.view(B, nkv, nq // nkv, hd)  # (B, nkv, rep, hd): the rep query heads that share one KV head
+    scores = (qg @ k.transpose(-1, -2)) * hd**-0.5  # (B, nkv, rep, S)
+    if length is None:
+        live = torch.arange(S, device=q.device) <= pos  # (S,)
+        scores = scores.masked_fill(~live, float("-inf"))
+    p = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return (p @ v).reshape(B, nq * hd)  # (B, nkv, rep, hd) -> (B, nq*hd)
+
+
+# ---------------------------------------------------------------------------------------------- triton ops (fast)
+if triton is not None:
+
+    @triton.jit
+    def _add_rmsnorm_kernel(x_ptr, d_ptr, w_ptr, out_ptr, H, eps, stride_x, stride_d, stride_o,
+                            HAS_DELTA: tl.constexpr, BLOCK_H: tl.constexpr):
+        row = tl.program_id(0)
+        offs = tl.arange(0, BLOCK_H)
+        mask = offs < H
+        x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_DELTA:
+            d = tl.load(d_ptr + row * stride_d + offs, mask=mask, other=0.0).to(tl.float32)
+            xr = (x + d).to(x_ptr.dtype.element_ty)  # the residual stream is kept in the model dtype
+            tl.store(x_ptr + row * stride_x + offs, xr, mask=mask)
+            x = xr.to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / H + eps)
+        normed = (x * rstd).to(out_ptr.dtype.element_ty).to(tl.float32)
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * stride_o + offs, (w * normed).to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _rope_cache_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_ptr,
+                           stride_qkv, stride_q, stride_cb, stride_ch, stride_cs, NQ, NKV,
+                           HD: tl.constexpr):
+        b = tl.program_id(0)
+        h = tl.program_id(1)  # 0..NQ-1: query heads, NQ..NQ+NKV-1: key/value heads
+        HALF: tl.constexpr = HD // 2
+        offs = tl.arange(0, HALF)
+        pos = tl.load(pos_ptr)
+        c1 = tl.load(cos_ptr + pos * HD + offs).to(tl.float32)
+        c2 = tl.load(cos_ptr + pos * HD + HALF + offs).to(tl.float32)
+        s1 = tl.load(sin_ptr + pos * HD + offs).to(tl.float32)
+        s2 = tl.load(sin_ptr + pos * HD + HALF + offs).to(tl.float32)
+        base = qkv_ptr + b * stride_qkv + h * HD
+        x1 = tl.load(base + offs).to(tl.float32)
+        x2 = tl.load(base + HALF + offs).to(tl.float32)
+        dt = q_ptr.dtype.element_ty
+        # x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1]; each product rounded as torch does
+        o1 = ((x1 * c1).to(dt).to(tl.float32) + (-x2 * s1).to(dt).to(tl.float32)).to(dt)
+        o2 = ((x2 * c2).to(dt).to(tl.float32) + (x1 * s2).to(dt).to(tl.float32)).to(dt)
+        is_q = (tl.zeros_like(offs) + h) < NQ  # (HALF,) all true for a query head, all false for a KV head
+        tl.store(q_ptr + b * stride_q + h * HD + offs, o1, mask=is_q)
+        tl.store(q_ptr + b * stride_q + h * HD + HALF + offs, o2, mask=is_q)
+        j = h - NQ
+        kslot = kc_ptr + b * stride_cb + j * stride_ch + pos * stride_cs
+        tl.store(kslot + offs, o1, mask=~is_q)
+        tl.store(kslot + HALF + offs, o2, mask=~is_q)
+        vfull = tl.arange(0, HD)
+        is_kv = (tl.zeros_like(vfull) + h) >= NQ
+        vsrc = qkv_ptr + b * stride_qkv + (NQ + NKV + j) * HD + vfull
+        v = tl.load(vsrc, mask=is_kv, other=0.0)
+        vslot = vc_ptr + b * stride_cb + j * stride_ch + pos * stride_cs
+        tl.store(vslot + vfull, v, mask=is_kv)
+
+    @triton.jit
+    def _decode_attn_kernel(q_ptr, kc_ptr, vc_ptr, o_ptr, pos_ptr, scale, REP,
+                            stride_qb, stride_cb, stride_ch, stride_cs, stride_ob,
+                            HD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
+        """One (batch row, KV head): the REP query heads sharing it attend over cache positions 0..pos."""
+        b = tl.program_id(0)
+        j = tl.program_id(1)
+        L = tl.load(pos_ptr) + 1
+        offs_r = tl.arange(0, BLOCK_R)
+        mask_r = offs_r < REP
+        offs_d = tl.arange(0, HD)
+        q = tl.load(q_ptr + b * stride_qb + (j * REP + offs_r)[:, None] * HD + offs_d[None, :],
+                    mask=mask_r[:, None], other=0.0)  # (BLOCK_R, HD)
+        m_i = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+        l_i = tl.zeros((BLOCK_R,), tl.float32)
+        acc = tl.zeros((BLOCK_R, HD), tl.float32)
+        kbase = kc_ptr + b * stride_cb + j * stride_ch
+        vbase = vc_ptr + b * stride_cb + j * stride_ch
+        for start in range(0, L, BLOCK_L):
+            offs_l = start + tl.arange(0, BLOCK_L)
+            mask_l = offs_l < L
+            k = tl.load(kbase + offs_l[:, None] * stride_cs + offs_d[None, :], mask=mask_l[:, None], other=0.0)
+            v = tl.load(vbase + offs_l[:, None] * stride_cs + offs_d[None, :], mask=mask_l[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k)) * scale  # (BLOCK_R, BLOCK_L), fp32
+            s = tl.where(mask_l[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            p = tl.exp(s - m_new[:, None])
+            alpha = tl.exp(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        out = acc / l_i[:, None]
+        tl.store(o_ptr + b * stride_ob + (j * REP + offs_r)[:, None] * HD + offs_d[None, :],
+                 out.to(o_ptr.dtype.element_ty), mask=mask_r[:, None])
+
+
+def add_rmsnorm_triton(x: torch.Tensor, delta, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Same contract as add_rmsnorm_ref, one kernel: x (B, H) += delta in place; returns RMSNorm(x) * weight."""
+    B, H = x.shape
+    out = torch.empty_like(x)
+    d = delta if delta is not None else x
+    _add_rmsnorm_kernel[(B,)](x, d, weight, out, H, eps, x.stride(0), d.stride(0), out.stride(0),
+                              HAS_DELTA=delta is not None, BLOCK_H=triton.next_power_of_2(H),
+                              num_warps=4 if H <= 2048 else 8)
+    return out
+
+
+def rope_cache_triton(qkv, pos, cos, sin, k_cache, v_cache, n_heads: int, n_kv_heads: int) -> torch.Tensor:
+    """Same contract as rope_cache_ref, one kernel for all heads."""
+    B = qkv.shape[0]
+    hd = cos.shape[-1]
+    q = torch.empty(B, n_heads, hd, device=qkv.device, dtype=qkv.dtype)
+    _rope_cache_kernel[(B, n_heads + n_kv_heads)](qkv, pos, cos, sin, q, k_cache, v_cache, qkv.stride(0),
+                                                  q.stride(0), k_cache.stride(0), k_cache.stride(1),
+                                                  k_cache.stride(2), n_heads, n_kv_heads, HD=hd, num_warps=1)
+    return q
+
+
+def decode_attention_triton(q, k_cache, v_cache, pos, length: int | None = None) -> torch.Tensor:
+    """Same contract as decode_attention_ref (``length`` is ignored: the kernel reads pos on the device)."""
+    B, nq, hd = q.shape
+    nkv = k_cache.shape[1]
+    rep = nq // nkv
+    out = torch.empty(B, nq * hd, device=q.device, dtype=q.dtype)
+    _decode_attn_kernel[(B, nkv)](q, k_cache, v_cache, out, pos, hd**-0.5, rep, q.stride(0), k_cache.stride(0),
+                                  k_cache.stride(1), k_cache.stride(2), out.stride(0), HD=hd,
+                                  BLOCK_R=max(16, triton.next_power_of_2(rep)), BLOCK_L=64, num_warps=4)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- weights
+@dataclass
+class LayerWeights:
+    wqkv: object  # (nq*hd + 2*nkv*hd, hidden): q, k and v projections stacked
+    wo: object  # (hidden, nq*hd)
+    w13: object  # (2*intermediate, hidden): gate and up stacked
+    w2: object  # (hidden, intermediate)
+    attn_norm: torch.Tensor
+    mlp_norm: torch.Tensor
+
+
+def _quantize(w: torch.Tensor, fmt: str, group: int):
+    if fmt == "bf16":
+        return w.contiguous()
+    if fmt == "int8":
+        return wo.quantize_int8(w)
+    if fmt == "int4":
+        return wo.quantize_int4(w, group)
+    raise LabkitError(f"weights={fmt!r} is not one of {WEIGHT_FORMATS}")
+
+
+class FastLlama:
+    """Our Llama forward + static KV cache + CUDA-graph decode over weights copied from an HF LlamaForCausalLM.
+
+    ``weights``: "bf16" (the model's dtype as is), "int8" (per-channel) or "int4" (group-wise, ``group``);
+    every linear layer including the LM head is converted, the embedding table stays as it is (a step
+    reads one row of it). ``kernels``: "triton" (default on CUDA) or "torch" (default and only choice on CPU
+    unless TRITON_INTERPRET=1 is set for tests).
+    """
+
+    def __init__(self, hf_model, *, weights: str = "bf16", kernels: str | None = None, max_seq_len: int = 1024,
+                 max_batch: int = 1, group: int = 128, device=None):
+        if weights not in WEIGHT_FORMATS:
+            raise LabkitError(f"weights={weights!r} is not one of {WEIGHT_FORMATS}")
+        if getattr(hf_model.config, "model_type", "") != "llama" or any(
+                type(m).__name__.startswith(("Linear8bit", "Linear4bit")) for m in hf_model.modules()):
+            raise LabkitError("FastLlama takes an unquantized transformers LlamaForCausalLM (bf16/fp16/fp32); "
+                              "pass weights='int8'/'int4' to quantize it here instead of loading with bitsandbytes.")
+        self.cfg = cfg = FastConfig.from_hf(hf_model.config)
+        emb = hf_model.get_input_embeddings().weight
+        self.device = torch.device(device) if device is not None else emb.device
+        self.dtype = emb.dtype
+        kernels = kernels or ("triton" if self.device.type == "cuda" else "torch")
+        if kernels not in ("torch", "triton"):
+            raise LabkitError(f"kernels={kernels!r}: use 'torch' or 'triton'")
+        if kernels == "triton" and self.device.type != "cuda" and not _interpreting():
+            raise LabkitError("kernels='triton' needs a CUDA GPU (or TRITON_INTERPRET=1 for tiny tests); "
+                              "use kernels='torch' on a CPU.")
+        if weights != "bf16" and self.dtype == torch.float32 and kernels == "triton" and self.device.type == "cuda":
+            raise LabkitError("quantized Triton GEMV expects bf16/fp16 activations: load the model in bf16.")
+        self.weights, self.kernels, self.group = weights, kernels, group
+        self.max_seq_len, self.max_batch = max_seq_len, max_batch
+        dev = self.device
+
+        def t(p):
+            return p.detach().to(dev)
+
+        self.layers: list[LayerWeights] = []
+        for layer in hf_model.model.layers:
+            a, m = layer.self_attn, layer.mlp
+            wqkv = torch.cat([t(a.q_proj.weight), t(a.k_proj.weight), t(a.v_proj.weight)], dim=0)
+            w13 = torch.cat([t(m.gate_proj.weight), t(m.up_proj.weight)], dim=0)
+            self.layers.append(LayerWeights(_quantize(wqkv, weights, group), _quantize(t(a.o_proj.weight), weights, group),
+                                            _quantize(w13, weights, group), _quantize(t(m.down_proj.weight), weights, group),
+                                            t(layer.input_layernorm.weight), t(layer.post_attention_layernorm.weight)))
+        self.embed = t(emb)
+        self.norm = t(hf_model.model.norm.weight)
+        self.lm_head = _quantize(t(hf_model.get_output_embeddings().weight), weights, group)
+        self.cos, self.sin = rope_tables(cfg, max_seq_len, self.dtype, dev)
+        shape = (cfg.n_layers, max_batch, cfg.n_kv_heads, max_seq_len, cfg.head_dim)
+        self.k_cache = torch.zeros(shape, device=dev, dtype=self.dtype)  # (L, B, nkv, S, hd)
+        self.v_cache = torch.zeros(shape, device=dev, dtype=self.dtype)
+        self._graphs: dict = {}
+        self._static: dict = {}
+
+    # ------------------------------------------------------------------ sizes
+    def weight_bytes_per_step(self) -> int:
+        """Bytes of weights one decode step reads: every linear layer as stored, norms, one embedding row per token."""
+        n = sum(wo.weight_nbytes(w) for lw in self.layers for w in (lw.wqkv, lw.wo, lw.w13, lw.w2))
+        n += sum(lw.attn_norm.numel() + lw.mlp_norm.numel() for lw in self.layers) * self.dtype.itemsize
+        return n + wo.weight_nbytes(self.lm_head) + self.norm.numel() * self.dtype.itemsize
+
+    def kv_bytes_per_step(self, context_len: int, batch: int = 1) -> int:
+        """Bytes of KV cache a decode step reads at ``context_len`` cached positions (K and V, all layers)."""
+        c = self.cfg
+        return 2 * c.n_layers * batch * c.n_kv_heads * context_len * c.head_dim * self.dtype.itemsize
+
+    def bytes_per_step(self, context_len: int, batch: int = 1) -> int:
+        return self.weight_bytes_per_step() + self.kv_bytes_per_step(context_len, batch)
+
+    # ------------------------------------------------------------------ ops
+    def _ops(self):
+        if self.kernels == "triton":
+            return add_rmsnorm_triton, rope_cache_triton, decode_attention_triton, True
+        return add_rmsnorm_ref, rope_cache_ref, decode_attention_ref, False
+
+    def _lin(self, x, w, silu=False, use_kernel=False):
+        return wo.linear(x, w, silu_gate_up=silu, use_kernel=use_kernel)
+
+    @torch.no_grad()
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        """Run the prompt ids (B, T) from position 0, fill the cache; return the last position's logits (B, V)."""
+        cfg = self.cfg
+        B, T = ids.shape
+        if B > self.max_batch or T > self.max_seq_len:
+            raise LabkitError(f"prompt {tuple(ids.shape)} exceeds max_batch={self.max_batch} / "
+                              f"max_seq_len={self.max_seq_len}; build FastLlama with larger limits.")
+        x = F.embedding(ids.to(self.device), self.embed)  # (B, T, H)
+        cos, sin = self.cos[:T], self.sin[:T]  # (T, hd)
+        delta = None
+        for li, lw in enumerate(self.layers):
+            h = add_rmsnorm_ref(x, delta, lw.attn_norm, cfg.rms_eps)
+            qkv = self._lin(h, lw.wqkv)
+            q, k, v = qkv.split([cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim,
+                                 cfg.n_kv_heads * cfg.head_dim], dim=-1)
+            q = q.view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)  # (B, nq, T, hd)
+            k = k.view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+            v = v.view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            self.k_cache[li, :B, :, :T] = k
+            self.v_cache[li, :B, :, :T] = v
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=cfg.n_kv_heads != cfg.n_heads)
+            o = o.transpose(1, 2).reshape(B, T, cfg.n_heads * cfg.head_dim)  # (B, T, nq*hd)
+            delta = self._lin(o, lw.wo)
+            h = add_rmsnorm_ref(x, delta, lw.mlp_norm, cfg.rms_eps)
+            delta = self._lin(self._lin(h, lw.w13), lw.w2, silu=True)
+        h = add_rmsnorm_ref(x, delta, self.norm, cfg.rms_eps)
+        return self._lin(h[:, -1], self.lm_head)  # (B, V)
+
+    def _step(self, tok: torch.Tensor, pos: torch.Tensor, length: int | None) -> torch.Tensor:
+        """One decode position for tokens tok (B,) at device position pos (1,); returns logits (B, V)."""
+        cfg = self.cfg
+        norm, rope, attn, kern = self._ops()
+        B = tok.shape[0]
+        x = self.embed.index_select(0, tok)  # (B, H), a fresh buffer that carries the residual stream
+        delta = None
+        for li, lw in enumerate(self.layers):
+            h = norm(x, delta, lw.attn_norm, cfg.rms_eps)
+            qkv = self._lin(h, lw.wqkv, use_kernel=kern)  # (B, (nq + 2 nkv) * hd)
+            q = rope(qkv, pos, self.cos, self.sin, self.k_cache[li], self.v_cache[li], cfg.n_heads, cfg.n_kv_heads)
+            o = attn(q, self.k_cache[li], self.v_cache[li], pos, length)  # (B, nq*hd)
+            delta = self._lin(o, lw.wo, use_kernel=kern)
+            h = norm(x, delta, lw.mlp_norm, cfg.rms_eps)
+            gu = self._lin(h, lw.w13, use_kernel=kern)  # (B, 2 * intermediate) = [gate | up]
+            delta = self._lin(gu, lw.w2, silu=True, use_kernel=kern)
+        h = norm(x, delta, self.norm, cfg.rms_eps)
+        return self._lin(h, self.lm_head, use_kernel=kern)  # (B, V)
+
+    @torch.no_grad()
+    def decode_step(self, tok: torch.Tensor, pos: int) -> torch.Tensor:
+        """Eager decode step (no graph): tok (B,) at position pos -> logits (B, V)."""
+        if pos >= self.max_seq_len:
+            raise LabkitError(f"position {pos} is past max_seq_len={self.max_seq_len}")
+        p = torch.tensor([pos], device=self.device)
+        return self._step(tok.to(self.device), p, pos + 1 if self.kernels == "torch" else None)
+
+    # ------------------------------------------------------------------ CUDA graph
+    def tune(self, batch: int = 1) -> None:
+        """Pick the fastest GEMV launch config for every distinct weight shape at this batch (GPU, triton only)."""
+        if self.kernels != "triton" or self.device.type != "cuda":
+            return
+        lw = self.layers[0]
+        for w, silu in ((lw.wqkv, False), (lw.wo, False), (lw.w13, False), (lw.w2, True), (self.lm_head, False)):
+            wo.tune(w, M=batch, dtype=self.dtype, silu_gate_up=silu)
+
+    def capture(self, batch: int = 1) -> None:
+        """Capture one decode step for ``batch`` rows as a CUDA graph (static token, position and output buffers).
+
+        The graph computes logits, takes the argmax, writes it into the token buffer and into ``out_tokens`` at
+        the next position, and advances the position: replaying it N times decodes N tokens.
+        """
+        env.require_cuda("CUDA-graph capture")
+        if self.device.type != "cuda":
+            raise LabkitError("capture() needs the model on a CUDA device")
+        dev = self.device
+        st = {
+            "tok": torch.zeros(batch, dtype=torch.long, device=dev),
+            "pos": torch.zeros(1, dtype=torch.long, device=dev),
+            "out_tokens": torch.zeros(batch, self.max_seq_len + 1, dtype=torch.long, device=dev),
+        }
+
+        def body():
+            logits = self._step(st["tok"], st["pos"], None)
+            nxt = logits.argmax(dim=-1)  # (B,)
+            st["tok"].copy_(nxt)
+            st["pos"].add_(1)
+            st["out_tokens"].index_copy_(1, st["pos"], nxt[:, None])
+            return logits
+
+        # warm up on a side stream (compiles Triton kernels, initialises cuBLAS) at a scratch position
+        st["pos"].fill_(self.max_seq_len - 2)
+        s = torch.cuda.Stream(dev)
+        s.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(s), torch.no_grad():
+            for _ in range(2):
+                st["pos"].fill_(self.max_seq_len - 2)
+                body()
+        torch.cuda.current_stream(dev).wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        st["pos"].fill_(self.max_seq_len - 2)
+        with torch.cuda.graph(graph), torch.no_grad():
+            st["logits"] = body()
+        self._graphs[batch] = graph
+        self._static[batch] = st
+
+    @torch.no_grad()
+    def generate(self, ids: torch.Tensor, max_new_tokens: int, use_graph: bool | None = None,
+                 return_logits: bool = False):
+        """Greedy decoding: ids (B, T) -> new tokens (B, max_new_tokens) [, logits list of (B, V) per new token].
+
+        The first new token comes from the prefill; each further one from a decode step (graph replay on CUDA
+        when ``use_graph``, default True there). No early stop at EOS: compare with ``truncate_at_eos``.
+        """
+        B, T = ids.shape
+        if T + max_new_tokens > self.max_seq_len:
+            raise LabkitError(f"prompt {T} + {max_new_tokens} new tokens exceeds max_seq_len={self.max_seq_len}")
+        use_graph = (self.device.type == "cuda") if use_graph is None else use_graph
+        logits = self.prefill(ids)
+        tok = logits.argmax(dim=-1)  # (B,)
+        all_logits = [logits.float()] if return_logits else None
+        out = [tok]
+        if use_graph:
+            if B not in self._graphs:
+                self.capture(B)
+            g, st = self._graphs[B], self._static[B]
+            st["tok"].copy_(tok)
+            st["pos"].fill_(T)
+            for _ in range(max_new_tokens - 1):
+                g.replay()
+                if return_logits:
+                    all_logits.append(st["logits"].float())
+            new = torch.cat([tok[:, None], st["out_tokens"][:, T + 1:T + max_new_tokens]], dim=1)
+        else:
+            for i in range(max_new_tokens - 1):
+                logits = self.decode_step(tok, T + i)
+                tok = logits.argmax(dim=-1)
+                out.append(tok)
+                if return_logits:
+                    all_logits.append(logits.float())
+            new = torch.stack(out, dim=1)
+        return (new, all_logits) if return_logits else new
+
+    def decode_n(self, batch: int, start: int, n: int) -> None:
+        """Replay the captured step n times from position ``start`` (the timing loop of the benchmarks)."""
+        g, st = self._graphs[batch], self._static[batch]
+        st["pos"].fill_(start)
+        for _ in range(n):
+            g.replay()
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def truncate_at_eos(tokens: list[int], eos_token_id) -> list[int]:
+    """Tokens up to and including the first EOS (HF generate stops there)."""
+    eos = set(eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]) if eos_token_id is not None else set()
+    for i, t in enumerate(tokens):
+        if t in eos:
+            return tokens[:i + 1]
+    return tokens
+
+
+def hf_greedy(model, ids: torch.Tensor, max_new_tokens: int, **kw) -> torch.Tensor:
+    """HF generate, greedy, new tokens only: (B, <= max_new_tokens)."""
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=0, **kw)
+    return out[:, ids.shape[1]:]
+
+
+def compare_with_hf(model, fast: FastLlama, ids: torch.Tensor, max_new_tokens: int, use_graph=None) -> dict:
+    """Greedy tokens of FastLlama vs HF generate, and their logits along our sequence vs HF's forward on it.
+
+    Returns matching prefix length, whether all tokens match (up to HF's EOS stop), and the max abs logit
+    difference relative to the logits' scale (max |logit|), which for bf16 should be a few times 2^-8.
+    """
+    hf = hf_greedy(model, ids, max_new_tokens)
+    ours, logits = fast.generate(ids, max_new_tokens, use_graph=use_graph, return_logits=True)
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    res = {"n_new": max_new_tokens, "rows": []}
+    full = torch.cat([ids.to(fast.device), ours], dim=1)
+    with torch.no_grad():
+        ref_logits = model(full).logits.float()  # (B, T + n, V)
+    T = ids.shape[1]
+    ours_l = torch.stack(logits, dim=1)  # (B, n, V)
+    ref_l = ref_logits[:, T - 1:T - 1 + max_new_tokens]
+    scale = ref_l.abs().amax().item()
+    diff = (ours_l - ref_l).abs().amax().item()
+    for b in range(ids.shape[0]):
+        h = truncate_at_eos(hf[b].tolist(), eos)
+        o = truncate_at_eos(ours[b].tolist(), eos)
+        n = 0
+        while n < min(len(h), len(o)) and h[n] == o[n]:
+            n += 1
+        res["rows"].append({"match_prefix": n, "hf_len": len(h), "equal": h == o})
+    res["all_equal"] = all(r["equal"] for r in res["rows"])
+    res["min_match_prefix"] = min(r["match_prefix"] for r in res["rows"])
+    res["max_abs_logit_diff"] = diff
+    res["logit_scale"] = scale
+    res["rel_logit_diff"] = diff / scale if scale else float("nan")
+    return res
+
+
+# ---------------------------------------------------------------------------------------------- benchmarks
+def time_decode(fast: FastLlama, batch: int, prompt_len: int, new_tokens: int, iters: int = 5) -> dict:
+    """Per-token decode latency of the captured step (median of ``iters`` runs of new_tokens replays)."""
+    from labkit import bench
+
+    if batch not in fast._graphs:
+        fast.tune(batch)
+        fast.capture(batch)
+    m = bench.measure(lambda: fast.decode_n(batch, prompt_len, new_tokens), warmup=1, iters=iters, device=fast.device)
+    per = m.median_s / new_tokens
+    ctx = prompt_len + new_tokens / 2  # mean cached length during the run
+    return {"decode_ms_per_token": per * 1e3, "tokens_per_s": batch / per, "spread": m.spread,
+            "bytes_per_step": fast.bytes_per_step(int(ctx), batch),
+            "weight_bytes": fast.weight_bytes_per_step(), "kv_bytes": fast.kv_bytes_per_step(int(ctx), batch),
+            "peak_mem_bytes": m.peak_mem_bytes}
+
+
+def time_prefill(fast: FastLlama, batch: int, prompt_len: int, iters: int = 5) -> dict:
+    """Prefill time and FLOP rate (2 * params * tokens for the linear layers + causal attention)."""
+    from labkit import bench
+
+    c = fast.cfg
+    ids = torch.randint(0, c.vocab, (batch, prompt_len), device=fast.device)
+    m = bench.measure(lambda: fast.prefill(ids), warmup=2, iters=iters, device=fast.device)
+    lin_params = sum(w.shape[0] * w.shape[1] for lw in fast.layers for w in (lw.wqkv, lw.wo, lw.w13, lw.w2))
+    flops = 2 * batch * prompt_len * lin_params + 2 * batch * c.vocab * c.hidden  # head on the last token only
+    flops += c.n_layers * batch * 2 * 2 * c.n_heads * c.head_dim * prompt_len * prompt_len * 0.5  # causal QK^T, PV
+    return {"prefill_ms": m.median_ms, "flops": flops, "tflops": bench.tflops(flops, m),
+            "tokens_per_s": batch * prompt_len / m.median_s}
+
+
+def measure_read_bandwidth(dev=None, nbytes: int = 1 << 30, iters: int = 20) -> float:
+    """Read-only device bandwidth in bytes/s: a large sum() (reads nbytes, writes one number). Random data."""
+    from labkit import bench
+
+    dev = torch.device(dev) if dev is not None else env.device()
+    x = torch.randn(nbytes // 4, device=dev)
+    m = bench.measure(lambda: x.sum(), warmup=3, iters=iters, device=dev)
+    return nbytes / m.median_s
+
+
+def run_decode_benchmark(model_name: str = "llama2-7b-shape", formats=WEIGHT_FORMATS, batches=(1,),
+                         prompt_len: int = 32, new_tokens: int = 128, hf_generate: bool = True,
+                         prefill_len: int = 512, out_dir=None, check_tokens: int = 16, log=print) -> dict:
+    """The 06 benchmark: HF generate vs our loop (torch eager, bf16/int8/int4 + Triton + graph), % of floor.
+
+    Returns ``{"records": [...], "summary": {...}, "ceilings": {...}}`` and writes decode.json + a plot when
+    ``out_dir`` is given.
+    """
+    from labkit import bench, models
+
+    dev = env.device()
+    env.require_cuda("the decode benchmark (CUDA graphs)")
+    copy_bw = env.measure_copy_bandwidth(dev)
+    read_bw = measure_read_bandwidth(dev)
+    matmul_rate = env.measure_matmul_rate(dev, torch.bfloat16)
+    ceilings = {"copy_bandwidth_Bps": copy_bw, "read_bandwidth_Bps": read_bw, "bf16_matmul_flops": matmul_rate,
+                "floor_uses": "read_bandwidth (a decode step reads weights; a sum() is the read-only ceiling)"}
+    log(f"bandwidth: copy {copy_bw / 1e12:.2f} TB/s, read {read_bw / 1e12:.2f} TB/s; bf16 matmul {matmul_rate / 1e12:.0f} TFLOP/s")
+    model, _ = models.load(model_name, device=dev)
+    info = model.labkit_info
+    records = []
+    ids = torch.randint(0, model.config.vocab_size, (1, prompt_len), device=dev, generator=torch.Generator(dev).manual_seed(0))
+    max_seq = max(prompt_len + new_tokens + 8, prefill_len + 8)
+    hf_tps = None
+    if hf_generate:
+        r = bench.time_generate(model, ids, new_tokens=min(new_tokens, 64), warmup=1, iters=3)
+        fl = FastLlama(model, weights="bf16", kernels="torch", max_seq_len=max_seq)
+        nbytes = fl.bytes_per_step(prompt_len + 32)
+        del fl
+        floor_ms = nbytes / read_bw * 1e3
+        hf_tps = r["tokens_per_s"]
+        records.append({"model": info.label, "variant": "HF generate (bf16, sdpa)", "weights": "bf16", "batch": 1,
+                        "decode_ms_per_token": r["decode_ms_per_token"], "tokens_per_s": r["tokens_per_s"],
+                        "floor_ms": floor_ms, "fraction_of_floor": floor_ms / r["decode_ms_per_token"],
+                        "bytes_per_step": nbytes, "ttft_ms": r["ttft_ms"]})
+        log(f"HF generate bf16: {r['decode_ms_per_token']:.2f} ms/token ({floor_ms / r['decode_ms_per_token']:.0%} of floor)")
+    checks = {}
+    fractions = {}
+    bf16_tps = None
+    for fmt in formats:
+        fast = FastLlama(model, weights=fmt, kernels="triton", max_seq_len=max_seq, max_batch=max(batches))
+        if fmt == "bf16":
+            cmp = compare_with_hf(model, fast, ids, check_tokens)
+            checks["bf16_vs_hf_generate"] = cmp
+            log(f"bf16 tokens vs HF: prefix {cmp['min_match_prefix']}/{check_tokens}, rel logit diff {cmp['rel_logit_diff']:.4f}")
+            pf = time_prefill(fast, 1, prefill_len)
+            records.append({"model": info.label, "variant": f"prefill {prefill_len} tokens (bf16, cuBLAS)",
+                            "weights": "bf16", "batch": 1, **pf, "matmul_ceiling_tflops": matmul_rate / 1e12,
+                            "fraction_of_matmul_ceiling": pf["tflops"] * 1e12 / matmul_rate})
+            log(f"prefill {prefill_len}: {pf['prefill_ms']:.1f} ms, {pf['tflops']:.0f} TFLOP/s")
+            # the same loop without graphs or fused kernels: what the graph buys
+            eager = FastLlama(model, weights="bf16", kernels="torch", max_seq_len=max_seq)
+            eager.prefill(ids)
+            tok = ids[:, -1]
+            m = bench.measure(lambda: [eager.decode_step(tok, prompt_len + i) for i in range(16)], warmup=1, iters=3,
+                              device=dev)
+            per = m.median_s / 16
+            nb = eager.bytes_per_step(prompt_len + 8)
+            records.append({"model": info.label, "variant": "our loop, torch ops, no graph (bf16)", "weights": "bf16",
+                            "batch": 1, "decode_ms_per_token": per * 1e3, "tokens_per_s": 1 / per,
+                            "floor_ms": nb / read_bw * 1e3, "fraction_of_floor": nb / read_bw / per, "bytes_per_step": nb})
+            del eager
+        else:
+            ref = FastLlama(model, weights=fmt, kernels="torch", max_seq_len=max_seq)
+            a = ref.generate(ids, check_tokens, use_graph=False)
+            b = fast.generate(ids, check_tokens)
+            n = int((a == b).long().cumprod(dim=1).sum(dim=1).min())
+            checks[f"{fmt}_triton_vs_torch_dequant"] = {"match_prefix": n, "n": check_tokens}
+            log(f"{fmt} triton+graph vs torch dequantize-then-matmul: prefix {n}/{check_tokens}")
+            del ref
+        for batch in batches:
+            r = time_decode(fast, batch, prompt_len, new_tokens)
+            floor_ms = r["bytes_per_step"] / read_bw * 1e3
+            frac = floor_ms / r["decode_ms_per_token"]
+            rec = {"model": info.label, "variant": f"our loop, Triton GEMV + CUDA graph ({fmt})", "weights": fmt,
+                   "batch": batch, **r, "floor_ms": floor_ms, "fraction_of_floor": frac,
+                   "achieved_read_Bps": r["bytes_per_step"] / (r["decode_ms_per_token"] / 1e3)}
+            records.append(rec)
+            if batch == 1:
+                fractions[fmt] = frac
+                if fmt == "bf16":
+                    bf16_tps = r["tokens_per_s"]
+            log(f"{fmt} batch {batch}: {r['decode_ms_per_token']:.3f} ms/token, {r['tokens_per_s']:.0f} tok/s, "
+                f"{frac:.0%} of floor ({floor_ms:.3f} ms)")
+        del fast
+        torch.cuda.empty_cache()
+    summary = {"fraction_of_floor": fractions,
+               "speedup_vs_hf_generate_bf16": (bf16_tps / hf_tps) if (bf16_tps and hf_tps) else None,
+               "model": info.label, "prompt_len": prompt_len, "new_tokens": new_tokens, "checks": checks,
+               "ceilings": ceilings}
+    doc = {"records": records, "summary": summary}
+    if out_dir is not None:
+        from pathlib import Path
+
+        out = Path(out_dir)
+        bench.write_results(out / "decode.json", records, summary)
+        plot_decode(records, out / "decode.png")
+    return doc
+
+
+def plot_decode(records: list[dict], path) -> None:
+    """Bar chart: ms/token of each batch-1 variant against its floor."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in records if r.get("batch") == 1 and "decode_ms_per_token" in r]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(rows) + 1.5))
+    names = [r["variant"] for r in rows]
+    ax.barh(names, [r["decode_ms_per_token"] for r in rows], color="tab:blue", label="measured")
+    ax.scatter([r["floor_ms"] for r in rows], names, color="tab:red", zorder=3, label="floor (bytes / read bandwidth)")
+    for i, r in enumerate(rows):
+        ax.text(r["decode_ms_per_token"], i, f" {r['fraction_of_floor']:.0%}", va="center")
+    ax.set_xscale("log")
+    ax.set_xlabel("ms per token (batch 1, log scale)")
+    ax.legend(loc="lower right")
+    ax.set_title(rows[0]["model"])
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def cli_main(argv: list[str]) -> int:
+    """``labkit bench decode``: the 06 table from the command line (needs a CUDA GPU)."""
+    p = argparse.ArgumentParser(prog="labkit bench decode", description="Decode speed vs the memory-bandwidth floor")
+    p.add_argument("--model", default="llama2-7b-shape", help="a labkit model name (default: the 7B shape, random weights)")
+    p.add_argument("--weights", default="bf16,int8,int4", help="comma list of bf16,int8,int4")
+    p.add_argument("--batch", default="1", help="comma list of batch sizes")
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--no-hf", action="store_true", help="skip the HF generate baseline")
+    p.add_argument("--out", default=None, help="directory for decode.json and decode.png (default results/<device>/)")
+    args = p.parse_args(argv)
+    from labkit import bench
+
+    formats = [f for f in args.weights.split(",") if f]
+    bad = [f for f in formats if f not in WEIGHT_FORMATS]
+    if bad:
+        raise LabkitError(f"--weights {bad} not in {WEIGHT_FORMATS}")
+    doc = run_decode_benchmark(args.model, formats, tuple(int(b) for b in args.batch.split(",")), args.prompt_len,
+                               args.new_tokens, hf_generate=not args.no_hf, out_dir=args.out or bench.results_dir())
+    print(json.dumps(doc["summary"]["fraction_of_floor"]), "speedup vs HF generate:",
+          doc["summary"]["speedup_vs_hf_generate_bf16"])
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    import sys
+
+    raise SystemExit(cli_main(sys.argv[1:]))

@@ -1,0 +1,380 @@
+"""Weight-only quantized matmul for batch-1 decode: int8 per-channel and int4 group-wise GEMV in Triton.
+
+At batch 1 a decoder step is a chain of matrix-vector products (GEMV): every weight is read once and used
+for two FLOPs, so the step time is ``bytes of weights / memory bandwidth``. Storing weights in 8 or 4 bits
+and dequantizing them *in registers*, right after the load, cuts the bytes read by 2x or ~4x; the activations
+stay in bf16/fp16 and every product is accumulated in fp32.
+
+What you will find here (pure tensor-in/tensor-out functions first, then the kernel and its wrapper):
+
+- ``quantize_int8`` / ``dequantize_int8``: symmetric per-output-channel int8, ``W[n, :] ~ q[n, :] * s[n]``.
+- ``pack_int4`` / ``unpack_int4``, ``quantize_int4`` / ``dequantize_int4``: asymmetric group-wise int4 along
+  the input dimension (group 128), ``W[n, k] ~ (q[n, k] - z[n, g]) * s[n, g]`` with ``g = k // group``;
+  two 4-bit codes per byte, the even ``k`` in the low nibble.
+- ``matmul_reference(x, w)``: dequantize-then-matmul in the activations' dtype, the reference every kernel
+  is checked against.
+- ``wo_matmul(x, w)``: the Triton GEMV, for ``x: (M, K)`` with small M (1..16), weight in bf16/fp16
+  (a plain tensor), ``Int8Weight`` or ``Int4Weight``. Many output rows per program, wide loads along K, the
+  M rows of ``x`` reuse each weight tile from registers. ``silu_gate_up=True`` takes ``x: (M, 2K)`` holding
+  ``[gate | up]`` and multiplies by ``silu(gate) * up`` on the fly (the Llama MLP's input to ``down_proj``).
+- ``tune(...)``: pick the fastest launch configuration per shape on this GPU (cached).
+
+The int4 kernel factors the zero point out of the group sum, as in the GPTQ/AWQ GEMV kernels:
+``sum_k x_k (q_k - z) s = s * (sum_k x_k q_k - z * sum_k x_k)`` for the ``k`` of one group.
+
+Layout: weights are ``(N, K)`` = (out_features, in_features), row-major, like ``nn.Linear.weight``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+import labkit.kernels  # noqa: F401  (sets TRITON_INTERPRET=1 when there is no GPU, before triton is imported)
+from labkit.env import LabkitError
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton is a dependency on Linux
+    triton = None
+    tl = None
+
+MAX_M = 16  # beyond this many rows the product is a GEMM: dequantize once and use cuBLAS (see linear())
+
+
+# ---------------------------------------------------------------------------------------------- formats
+@dataclass
+class Int8Weight:
+    """Per-output-channel symmetric int8: ``W ~ q * scale[:, None]``. q: (N, K) int8, scale: (N,) float."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+
+    @property
+    def shape(self):
+        return tuple(self.q.shape)
+
+    def nbytes(self) -> int:
+        return self.q.numel() * self.q.element_size() + self.scale.numel() * self.scale.element_size()
+
+    def to(self, device):
+        return Int8Weight(self.q.to(device), self.scale.to(device))
+
+
+@dataclass
+class Int4Weight:
+    """Group-wise asymmetric int4, two codes per byte: ``W[n, k] ~ (q[n, k] - zero[n, g]) * scale[n, g]``.
+
+    packed: (N, K // 2) uint8 (even k in the low nibble); scale, zero: (N, K // group) float (zero holds the
+    integer zero point 0..15 as a float).
+    """
+
+    packed: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    group: int = 128
+
+    @property
+    def shape(self):
+        return (self.packed.shape[0], self.packed.shape[1] * 2)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.scale, self.zero))
+
+    def to(self, device):
+        return Int4Weight(self.packed.to(device), self.scale.to(device), self.zero.to(device), self.group)
+
+
+def weight_nbytes(w) -> int:
+    """Bytes a GEMV reads for weight ``w`` as stored (codes + scales + zeros)."""
+    if isinstance(w, torch.Tensor):
+        return w.numel() * w.element_size()
+    return w.nbytes()
+
+
+def _check_2d(w: torch.Tensor):
+    if not isinstance(w, torch.Tensor) or w.dim() != 2:
+        raise ValueError(f"expected a 2-D weight (out_features, in_features), got {getattr(w, 'shape', type(w))}")
+
+
+def quantize_int8(w: torch.Tensor) -> Int8Weight:
+    """w: (N, K) float -> Int8Weight; scale = absmax(row) / 127 (in w's dtype), codes in [-127, 127]."""
+    _check_2d(w)
+    wf = w.float()
+    scale = wf.abs().amax(dim=1).clamp(min=1e-8) / 127.0  # (N,)
+    q = torch.round(wf / scale[:, None]).clamp(-127, 127).to(torch.int8)  # (N, K)
+    return Int8Weight(q, scale.to(w.dtype))
+
+
+def dequantize_int8(w: Int8Weight, dtype=None) -> torch.Tensor:
+    """Int8Weight -> (N, K) in ``dtype`` (default: the scale's dtype); computed in fp32, rounded once."""
+    return (w.q.float() * w.scale.float()[:, None]).to(dtype or w.scale.dtype)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """q: (N, K) integer codes in [0, 15] -> (N, K // 2) uint8, code of even k in the low nibble."""
+    if q.shape[-1] % 2:
+        raise ValueError(f"int4 packing needs an even number of columns, got K={q.shape[-1]}")
+    if q.min() < 0 or q.max() > 15:
+        raise ValueError("int4 codes must lie in [0, 15]")
+    q = q.to(torch.uint8)
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """(N, K // 2) uint8 -> (N, K) uint8 codes in [0, 15] (inverse of pack_int4)."""
+    lo = packed & 0xF
+    hi = packed >> 4
+    return torch.stack([lo, hi], dim=-1).reshape(packed.shape[0], -1)  # (N, K//2, 2) -> (N, K)
+
+
+def quantize_int4(w: torch.Tensor, group: int = 128) -> Int4Weight:
+    """w: (N, K) float -> Int4Weight, asymmetric min/max per group of ``group`` input columns."""
+    _check_2d(w)
+    N, K = w.shape
+    if K % group:
+        raise ValueError(f"K={K} is not a multiple of the group size {group}; pick a group that divides K")
+    wg = w.float().reshape(N, K // group, group)  # (N, G, group)
+    lo = wg.amin(dim=2).clamp(max=0.0)
+    hi = wg.amax(dim=2).clamp(min=0.0)
+    scale = ((hi - lo) / 15.0).clamp(min=1e-8)  # (N, G)
+    zero = torch.round(-lo / scale).clamp(0, 15)  # (N, G), an integer zero point
+    q = torch.round(wg / scale[..., None] + zero[..., None]).clamp(0, 15)  # (N, G, group)
+    return Int4Weight(pack_int4(q.reshape(N, K)), scale.to(w.dtype), zero.to(w.dtype), group)
+
+
+def dequantize_int4(w: Int4Weight, dtype=None) -> torch.Tensor:
+    """Int4Weight -> (N, K) in ``dtype`` (default: the scale's dtype); computed in fp32, rounded once."""
+    q = unpack_int4(w.packed).float()  # (N, K)
+    N, K = q.shape
+    qg = q.reshape(N, K // w.group, w.group)
+    deq = (qg - w.zero.float()[..., None]) * w.scale.float()[..., None]
+    return deq.reshape(N, K).to(dtype or w.scale.dtype)
+
+
+def dequantize(w, dtype=None) -> torch.Tensor:
+    """Any supported weight -> dense (N, K)."""
+    if isinstance(w, torch.Tensor):
+        return w if dtype is None else w.to(dtype)
+    if isinstance(w, Int8Weight):
+        return dequantize_int8(w, dtype)
+    if isinstance(w, Int4Weight):
+        return dequantize_int4(w, dtype)
+    raise TypeError(f"unsupported weight type {type(w).__name__}; use a tensor, Int8Weight or Int4Weight")
+
+
+def matmul_reference(x: torch.Tensor, w, silu_gate_up: bool = False) -> torch.Tensor:
+    """Dequantize-then-matmul in x's dtype. x: (M, K) (or (M, 2K) = [gate | up] with silu_gate_up) -> (M, N)."""
+    if silu_gate_up:
+        gate, up = x.chunk(2, dim=-1)
+        x = torch.nn.functional.silu(gate) * up
+    return x @ dequantize(w, x.dtype).t()
+
+
+# ---------------------------------------------------------------------------------------------- kernel
+if triton is not None:
+
+    @triton.jit
+    def _load_x(x_row, offs_k, mask_k, K, PRO_SILU: tl.constexpr):
+        """A chunk of one activation row in fp32; with PRO_SILU the row is [gate | up] -> silu(gate) * up."""
+        if PRO_SILU:
+            g = tl.load(x_row + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+            u = tl.load(x_row + K + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+            s = (g / (1.0 + tl.exp(-g))).to(x_row.dtype.element_ty).to(tl.float32)  # rounded like torch's silu
+            return (s * u).to(x_row.dtype.element_ty).to(tl.float32)
+        return tl.load(x_row + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _wo_gemv_kernel(
+        # tensors
+        x_ptr, w_ptr, s_ptr, z_ptr, y_ptr,
+        # sizes
+        M, N, K,
+        # strides (elements)
+        stride_xm, stride_wn, stride_sn, stride_ym,
+        # what the weight is: 0 = float (bf16/fp16), 1 = int8 per channel, 2 = int4 group-wise
+        KIND: tl.constexpr, GROUP: tl.constexpr, PRO_SILU: tl.constexpr,
+        # tiling
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """y[m, n] = sum_k x[m, k] * W[n, k] for BLOCK_N rows n, all M <= BLOCK_M rows of x, fp32 accumulator.
+
+        Each weight tile is loaded once and dequantized in registers, then used by every row of x.
+        """
+        pid_n = tl.program_id(0)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+        mask_n = offs_n < N
+        offs_m = tl.arange(0, BLOCK_M)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if KIND == 2:
+            # int4: a tile is (BLOCK_N, NG groups, GROUP // 2 bytes); byte j of a group holds k = 2j (low), 2j+1 (high)
+            NG: tl.constexpr = BLOCK_K // GROUP
+            HALF: tl.constexpr = GROUP // 2
+            offs_g = tl.arange(0, NG)
+            offs_j = tl.arange(0, HALF)
+            for k0 in range(0, K, BLOCK_K):
+                g_idx = k0 // GROUP + offs_g  # (NG,)
+                mask_g = g_idx < K // GROUP
+                wptr = (w_ptr + offs_n[:, None, None] * stride_wn + g_idx[None, :, None] * HALF
+                        + offs_j[None, None, :])
+                wmask = mask_n[:, None, None] & mask_g[None, :, None]
+                packed = tl.load(wptr, mask=wmask, other=0)  # (BLOCK_N, NG, HALF) uint8
+                q_lo = (packed & 0xF).to(tl.float32)
+                q_hi = (packed >> 4).to(tl.float32)
+                sz_off = offs_n[:, None] * stride_sn + g_idx[None, :]
+                sz_mask = mask_n[:, None] & mask_g[None, :]
+                s = tl.load(s_ptr + sz_off, mask=sz_mask, other=0.0).to(tl.float32)  # (BLOCK_N, NG)
+                z = tl.load(z_ptr + sz_off, mask=sz_mask, other=0.0).to(tl.float32)
+                k_even = g_idx[:, None] * GROUP + 2 * offs_j[None, :]  # (NG, HALF)
+                mask_k = mask_g[:, None] & (k_even < K)
+                for m in tl.static_range(BLOCK_M):
+                    # rows past M re-read row M-1 (always valid); their results are never stored
+                    x_row = x_ptr + tl.minimum(m, M - 1) * stride_xm
+                    x_e = _load_x(x_row, k_even, mask_k, K, PRO_SILU)  # (NG, HALF)
+                    x_o = _load_x(x_row, k_even + 1, mask_k, K, PRO_SILU)
+                    dot = tl.sum(q_lo * x_e[None, :, :] + q_hi * x_o[None, :, :], axis=2)  # (BLOCK_N, NG)
+                    xsum = tl.sum(x_e + x_o, axis=1)  # (NG,)
+                    part = tl.sum(s * (dot - z * xsum[None, :]), axis=1)  # (BLOCK_N,)
+                    acc += tl.where(offs_m[:, None] == m, part[None, :], 0.0)
+        else:
+            offs_k = tl.arange(0, BLOCK_K)
+            for k0 in range(0, K, BLOCK_K):
+                kk = k0 + offs_k
+                mask_k = kk < K
+                w = tl.load(w_ptr + offs_n[:, None] * stride_wn + kk[None, :],
+                            mask=mask_n[:, None] & mask_k[None, :], other=0).to(tl.float32)  # (BLOCK_N, BLOCK_K)
+                for m in tl.static_range(BLOCK_M):
+                    xk = _load_x(x_ptr + tl.minimum(m, M - 1) * stride_xm, kk, mask_k, K, PRO_SILU)  # (BLOCK_K,)
+                    part = tl.sum(w * xk[None, :], axis=1)  # (BLOCK_N,)
+                    acc += tl.where(offs_m[:, None] == m, part[None, :], 0.0)
+            if KIND == 1:
+                scale = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+                acc = acc * scale[None, :]
+        y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & mask_n[None, :])
+
+
+# ---------------------------------------------------------------------------------------------- wrapper
+@dataclass(frozen=True)
+class GemvConfig:
+    """Launch parameters: output rows per program, K per loop step, warps."""
+
+    block_n: int = 8
+    block_k: int = 512
+    num_warps: int = 4
+
+
+# candidates the tuner tries; the first is the default when nothing was tuned
+CANDIDATES = {
+    0: [GemvConfig(8, 512, 4), GemvConfig(4, 1024, 4), GemvConfig(16, 256, 4), GemvConfig(16, 512, 8),
+        GemvConfig(32, 256, 8), GemvConfig(2, 2048, 4)],
+    1: [GemvConfig(8, 512, 4), GemvConfig(16, 512, 4), GemvConfig(8, 1024, 4), GemvConfig(32, 256, 8),
+        GemvConfig(16, 1024, 8), GemvConfig(4, 2048, 4)],
+    2: [GemvConfig(8, 512, 4), GemvConfig(16, 256, 4), GemvConfig(16, 512, 4), GemvConfig(32, 256, 8),
+        GemvConfig(4, 1024, 4), GemvConfig(32, 512, 8)],
+}
+_TUNED: dict = {}
+
+
+def _kind(w) -> int:
+    if isinstance(w, torch.Tensor):
+        return 0
+    if isinstance(w, Int8Weight):
+        return 1
+    if isinstance(w, Int4Weight):
+        return 2
+    raise TypeError(f"unsupported weight type {type(w).__name__}; use a tensor, Int8Weight or Int4Weight")
+
+
+def _key(kind, N, K, M, silu, dtype):
+    return (kind, N, K, min(triton.next_power_of_2(M), MAX_M) if triton else M, silu, str(dtype))
+
+
+def wo_matmul(x: torch.Tensor, w, silu_gate_up: bool = False, config: GemvConfig | None = None,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """Triton GEMV: x (M, K) [or (M, 2K) = [gate | up] with silu_gate_up] times W^T -> (M, N) in x's dtype.
+
+    w: (N, K) bf16/fp16 tensor, Int8Weight or Int4Weight. M must be at most 16 (use ``linear`` for any M).
+    """
+    if triton is None:
+        raise LabkitError("wo_matmul needs Triton: pip install triton (Linux)")
+    kind = _kind(w)
+    N, K = w.shape
+    if x.dim() != 2:
+        raise ValueError(f"x must be (M, K), got {tuple(x.shape)}")
+    M = x.shape[0]
+    if x.shape[1] != K * (2 if silu_gate_up else 1):
+        raise ValueError(f"x has {x.shape[1]} columns; the weight needs {K * (2 if silu_gate_up else 1)}")
+    if not 1 <= M <= MAX_M:
+        raise ValueError(f"wo_matmul is a GEMV for M in 1..{MAX_M} rows, got M={M}; use linear() for larger M")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"x must be fp16/bf16/fp32, got {x.dtype}")
+    if x.device != (w.device if kind == 0 else (w.q.device if kind == 1 else w.packed.device)):
+        raise ValueError("x and the weight must be on the same device")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if out is None:
+        out = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    cfg = config or _TUNED.get(_key(kind, N, K, M, silu_gate_up, x.dtype)) or CANDIDATES[kind][0]
+    block_k = cfg.block_k
+    if kind == 0:
+        wp, sp, zp, stride_wn, stride_sn, group = w, w, w, w.stride(0), 0, 1
+        if w.stride(1) != 1:
+            raise ValueError("the weight must be contiguous along K")
+    elif kind == 1:
+        wp, sp, zp, stride_wn, stride_sn, group = w.q, w.scale, w.scale, w.q.stride(0), 0, 1
+    else:
+        wp, sp, zp, stride_wn, stride_sn, group = w.packed, w.scale, w.zero, w.packed.stride(0), w.scale.stride(0), w.group
+        block_k = max(block_k, group)
+        if block_k % group:
+            raise ValueError(f"block_k={block_k} must be a multiple of the group size {group}")
+    block_m = max(1, triton.next_power_of_2(M))
+    grid = (triton.cdiv(N, cfg.block_n),)
+    _wo_gemv_kernel[grid](x, wp, sp, zp, out, M, N, K, x.stride(0), stride_wn, stride_sn, out.stride(0),
+                          KIND=kind, GROUP=group, PRO_SILU=silu_gate_up, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
+                          BLOCK_K=block_k, num_warps=cfg.num_warps)
+    return out
+
+
+def linear(x: torch.Tensor, w, silu_gate_up: bool = False, use_kernel: bool = True) -> torch.Tensor:
+    """x (..., K) @ W^T for any leading shape: the Triton GEMV for up to 16 rows, else dequantize + cuBLAS.
+
+    ``use_kernel=False`` always takes the reference path (what the CPU decode loop uses).
+    """
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])  # (M, K)
+    if use_kernel and x2.shape[0] <= MAX_M:
+        y = wo_matmul(x2, w, silu_gate_up=silu_gate_up)
+    else:
+        if silu_gate_up:
+            gate, up = x2.chunk(2, dim=-1)
+            x2 = torch.nn.functional.silu(gate) * up
+        y = torch.nn.functional.linear(x2, dequantize(w, x2.dtype))
+    return y.reshape(*lead, y.shape[-1])
+
+
+def tune(w, M: int = 1, dtype=torch.bfloat16, silu_gate_up: bool = False, candidates=None, reps: int = 50) -> GemvConfig:
+    """Time each candidate config for this weight and M on the GPU (random x), keep and return the fastest."""
+    if not torch.cuda.is_available():
+        raise LabkitError("tune() times kernels on a CUDA GPU; on a CPU the default config is used.")
+    kind = _kind(w)
+    N, K = w.shape
+    dev = w.device if kind == 0 else (w.q.device if kind == 1 else w.packed.device)
+    x = torch.randn(M, K * (2 if silu_gate_up else 1), device=dev, dtype=dtype)
+    out = torch.empty(M, N, device=dev, dtype=dtype)
+    best, best_t = None, float("inf")
+    for cfg in candidates or CANDIDATES[kind]:
+        if kind == 2 and (max(cfg.block_k, w.group) % w.group):
+            continue
+        try:
+            t = triton.testing.do_bench(lambda: wo_matmul(x, w, silu_gate_up, cfg, out), warmup=10, rep=reps,
+                                        return_mode="median")
+        except Exception:  # a config that does not compile (too many registers) is skipped
+            continue
+        if t < best_t:
+            best, best_t = cfg, t
+    if best is None:
+        raise LabkitError(f"no GEMV config ran for weight {w.shape} kind {kind}")
+    _TUNED[_key(kind, N, K, M, silu_gate_up, dtype)] = best
+    return best

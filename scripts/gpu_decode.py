@@ -1,0 +1,122 @@
+"""GPU run for notebooks 05 and 06: checks, then timings, results to $OUT (or results/<device>/).
+
+    python3 scripts/gpu_decode.py kernels decode pipeline   # any subset of the parts, in order
+
+kernels: every 7B-shape GEMV (bf16 / int8 / int4 Triton vs cuBLAS bf16 vs dequantize-then-matmul), checked
+         against the reference on the GPU first, then timed (% of read bandwidth).
+decode:  labkit.fastgen.run_decode_benchmark on the 7B shape (HF generate in the same run) -> decode.json.
+smollm2: token equality of the fast loop with HF generate on SmolLM2 (bf16, GPU) -> smollm2_check.json.
+pipeline: labkit.pipeline.run_matrix on SmolLM2 and the 7B shape -> pipeline.json.
+"""
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from labkit import bench, env
+
+OUT = Path(os.environ.get("OUT") or bench.results_dir())
+OUT.mkdir(parents=True, exist_ok=True)
+LOG = open(OUT / "gpu_log.txt", "a")
+
+
+def log(*a):
+    msg = " ".join(str(x) for x in a)
+    print(msg, flush=True)
+    LOG.write(msg + "\n")
+    LOG.flush()
+
+
+def part_kernels():
+    import triton
+
+    from labkit import fastgen, models
+    from labkit.kernels import wo_matmul as wo
+
+    dev = env.device()
+    read_bw = fastgen.measure_read_bandwidth(dev)
+    shape = models.PRESETS["llama2-7b-shape"]
+    h, i, kv = shape.hidden_size, shape.intermediate_size, shape.num_key_value_heads * shape.head_dim
+    shapes = {"qkv": (h + 2 * kv, h), "o": (h, h), "gate_up": (2 * i, h), "down": (h, i), "lm_head": (shape.vocab_size, h)}
+    recs = []
+    gen = torch.Generator(dev).manual_seed(0)
+    for name, (N, K) in shapes.items():
+        w = torch.randn(N, K, device=dev, dtype=torch.bfloat16, generator=gen) * 0.02
+        silu = name == "down"
+        for M in (1, 4):
+            x = torch.randn(M, K * (2 if silu else 1), device=dev, dtype=torch.bfloat16, generator=gen)
+            xin = x if not silu else torch.nn.functional.silu(x[:, :K]) * x[:, K:]
+            t_cublas = triton.testing.do_bench(lambda: torch.nn.functional.linear(xin, w), return_mode="median")
+            for fmt, qw in (("bf16", w), ("int8", wo.quantize_int8(w)), ("int4", wo.quantize_int4(w, 128))):
+                cfg = wo.tune(qw, M=M, dtype=torch.bfloat16, silu_gate_up=silu)
+                y = wo.wo_matmul(x, qw, silu_gate_up=silu)
+                ref32 = wo.matmul_reference(x.float(), wo.dequantize(qw, torch.float32), silu_gate_up=silu)
+                ref16 = wo.matmul_reference(x, qw, silu_gate_up=silu).float()
+                err = (y.float() - ref32).abs().max().item()
+                err_torch = (ref16 - ref32).abs().max().item()
+                ok = err <= 2 * err_torch + 1e-3
+                t = triton.testing.do_bench(lambda: wo.wo_matmul(x, qw, silu_gate_up=silu), return_mode="median")
+                deq = wo.dequantize(qw, torch.bfloat16)
+                t_deq = triton.testing.do_bench(lambda: torch.nn.functional.linear(xin, wo.dequantize(qw, torch.bfloat16)),
+                                                return_mode="median")
+                nbytes = wo.weight_nbytes(qw)
+                r = {"shape": name, "N": N, "K": K, "M": M, "weights": fmt, "config": cfg.__dict__, "max_err": err,
+                     "torch_bf16_err": err_torch, "ok": ok, "ms": t, "cublas_bf16_ms": t_cublas, "dequant_then_matmul_ms": t_deq,
+                     "weight_bytes": nbytes, "fraction_of_read_bw": nbytes / (t / 1e3) / read_bw}
+                recs.append(r)
+                del deq
+                log(f"{name:8s} M={M} {fmt:5s} {t * 1e3:8.1f} us ({r['fraction_of_read_bw']:.0%} of read bw) "
+                    f"cuBLAS bf16 {t_cublas * 1e3:8.1f} us  err {err:.2e} (torch {err_torch:.2e}) ok={ok} cfg={cfg}")
+    bench.write_results(OUT / "gemv.json", recs, {"read_bandwidth_Bps": read_bw, "all_ok": all(r["ok"] for r in recs)})
+
+
+def part_decode():
+    from labkit import fastgen
+
+    fastgen.run_decode_benchmark("llama2-7b-shape", batches=(1, 4), out_dir=OUT, log=log)
+
+
+def part_smollm2():
+    from labkit import fastgen, models
+
+    model, tok = models.load("smollm2-135m")
+    prompts = ["The capital of France is", "def fibonacci(n):", "Water boils at"]
+    res = []
+    for p in prompts:
+        ids = tok(p, return_tensors="pt").input_ids.to(model.device)
+        for kern in ("torch", "triton"):
+            fast = fastgen.FastLlama(model, kernels=kern, max_seq_len=256)
+            r = fastgen.compare_with_hf(model, fast, ids, 48, use_graph=kern == "triton")
+            r.update(prompt=p, kernels=kern)
+            res.append(r)
+            log(f"smollm2 {kern:6s} {p!r}: equal={r['all_equal']} prefix {r['min_match_prefix']}/{r['rows'][0]['hf_len']} "
+                f"rel logit diff {r['rel_logit_diff']:.4f}")
+    fast = fastgen.FastLlama(model, kernels="triton", max_seq_len=256)
+    t = fastgen.time_decode(fast, 1, 16, 128)
+    ids = tok(prompts[0], return_tensors="pt").input_ids.to(model.device)
+    hf = bench.time_generate(model, ids, 32, iters=3)
+    log(f"smollm2 decode: ours {t['decode_ms_per_token']:.3f} ms/token, HF generate {hf['decode_ms_per_token']:.2f} ms/token")
+    bench.write_results(OUT / "smollm2_check.json", res, {"ours": t, "hf_generate": hf})
+
+
+def part_pipeline():
+    from labkit import pipeline
+
+    pipeline.run_all(out_dir=OUT, log=log)
+
+
+PARTS = {"kernels": part_kernels, "decode": part_decode, "smollm2": part_smollm2, "pipeline": part_pipeline}
+
+if __name__ == "__main__":
+    log(f"== {time.strftime('%H:%M:%S')} {env.device_name()} {json.dumps(env.versions())}")
+    for name in sys.argv[1:]:
+        t0 = time.time()
+        try:
+            PARTS[name]()
+        except Exception:
+            log(f"PART {name} FAILED:\n{traceback.format_exc()}")
+        log(f"-- part {name}: {time.time() - t0:.0f} s")
