@@ -1,0 +1,81 @@
+"""The arithmetic of inference: bytes and FLOPs of a decoder, and the floors they imply.
+
+For a Llama-family decoder of shape ``labkit.models.ModelShape``:
+
+- weight bytes = parameters × bits / 8 (+ the scales a quantized format stores);
+- KV cache bytes per token = 2 (K and V) × layers × kv_heads × head_dim × bytes per element;
+- prefill FLOPs ≈ 2 × (matmul parameters) × tokens + the attention score/value products;
+- the decode floor: one token at batch 1 must read every weight (and the KV cache) once, so
+  time/token ≥ bytes read / memory bandwidth. At batch B the weights are read once for B tokens.
+
+All functions are pure arithmetic (no torch), so the numbers can be checked by hand.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+def linear_params(shape) -> int:
+    """Parameters in the decoder's matmuls per token (all layers; LM head included, embedding lookup excluded)."""
+    h, i, L = shape.hidden_size, shape.intermediate_size, shape.num_hidden_layers
+    kv = shape.num_key_value_heads * shape.head_dim
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * i  # q, o ; k, v ; gate, up, down
+    return L * per_layer + h * shape.vocab_size
+
+
+def weight_bytes(n_params: int, bits: float, group_size: int | None = None, scale_bits: int = 16,
+                 zero_bits: int = 0) -> float:
+    """Bytes of ``n_params`` weights stored at ``bits`` each, plus one scale (and zero) per group when grouped."""
+    total = n_params * bits / 8
+    if group_size:
+        total += n_params / group_size * (scale_bits + zero_bits) / 8
+    return total
+
+
+def bits_per_weight(bits: float, group_size: int | None = None, scale_bits: int = 16, zero_bits: int = 0) -> float:
+    """Effective bits per weight including the per-group metadata (e.g. 4-bit, g128, fp16 scale: 4.125)."""
+    return bits + ((scale_bits + zero_bits) / group_size if group_size else 0.0)
+
+
+def kv_bytes_per_token(shape, bytes_per_element: float = 2) -> float:
+    """K and V of one token across all layers."""
+    return 2 * shape.num_hidden_layers * shape.num_key_value_heads * shape.head_dim * bytes_per_element
+
+
+def prefill_flops(shape, n_tokens: int, causal: bool = True) -> float:
+    """FLOPs of a forward over ``n_tokens``: 2·params·tokens for the matmuls + QKᵀ and PV (halved when causal)."""
+    matmul = 2 * linear_params(shape) * n_tokens
+    attn = 4 * shape.num_hidden_layers * shape.num_attention_heads * shape.head_dim * n_tokens**2
+    return matmul + (attn / 2 if causal else attn)
+
+
+@dataclass
+class DecodeFloor:
+    """Bytes one decode step must read and the time that takes at a given bandwidth."""
+
+    weight_bytes: float
+    kv_bytes: float
+    bandwidth: float  # bytes/s
+
+    @property
+    def bytes_per_step(self) -> float:
+        return self.weight_bytes + self.kv_bytes
+
+    @property
+    def seconds(self) -> float:
+        return self.bytes_per_step / self.bandwidth
+
+    @property
+    def ms(self) -> float:
+        return self.seconds * 1e3
+
+
+def decode_floor(weight_bytes_: float, bandwidth: float, kv_bytes_per_tok: float = 0.0, context: int = 0,
+                 batch: int = 1) -> DecodeFloor:
+    """The memory-bandwidth floor of one decode step: weights once, plus each sequence's KV cache."""
+    return DecodeFloor(weight_bytes_, kv_bytes_per_tok * context * batch, bandwidth)
+
+
+def implied_bandwidth(bytes_per_step: float, seconds_per_step: float) -> float:
+    """The bandwidth a quoted time per token would need if every step read ``bytes_per_step``: bytes/s."""
+    return bytes_per_step / seconds_per_step

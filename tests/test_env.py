@@ -1,0 +1,61 @@
+import pytest
+import torch
+
+from labkit import env
+from labkit.env import LabkitError
+
+
+def test_profile_default_follows_cuda(monkeypatch):
+    monkeypatch.delenv("LABKIT_PROFILE", raising=False)
+    assert env.profile() == ("full" if torch.cuda.is_available() else "quick")
+
+
+def test_profile_override_and_bad_value(monkeypatch):
+    monkeypatch.setenv("LABKIT_PROFILE", "full")
+    assert env.profile() == "full"
+    monkeypatch.setenv("LABKIT_PROFILE", "fast")
+    with pytest.raises(LabkitError, match="quick"):
+        env.profile()
+
+
+def test_device_override_to_missing_gpu(monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    monkeypatch.setenv("LABKIT_DEVICE", "cuda")
+    with pytest.raises(LabkitError, match="no CUDA GPU"):
+        env.device()
+
+
+def test_require_package_names_the_fix():
+    with pytest.raises(LabkitError, match="pip install"):
+        env.require_package("surely_not_a_package_xyz")
+    assert env.require_package("json").__name__ == "json"
+
+
+def test_require_cuda_message():
+    if torch.cuda.is_available():
+        env.require_cuda("this test")
+    else:
+        with pytest.raises(LabkitError, match="needs a CUDA GPU"):
+            env.require_cuda("this test")
+
+
+def test_cache_dir_is_configurable(tmp_path, monkeypatch):
+    monkeypatch.setenv("LABKIT_CACHE", str(tmp_path / "c"))
+    assert env.cache_dir() == tmp_path / "c" and (tmp_path / "c").is_dir()
+
+
+def test_versions_and_capabilities():
+    v = env.versions()
+    assert v["torch"] and v["python"]
+    names = {c.name for c in env.capabilities()}
+    for needed in ("torch", "transformers", "bitsandbytes", "triton", "flash-attn", "sdpa backends",
+                   "smollm2-135m (embedded model)"):
+        assert needed in names
+
+
+def test_measured_ceilings_are_plausible():
+    bw = env.measure_copy_bandwidth(nbytes=1 << 24, iters=3)
+    rate = env.measure_matmul_rate(n=256, iters=3)
+    assert 1e8 < bw < 1e13  # between 0.1 GB/s and 10 TB/s
+    assert 1e8 < rate < 2e15
