@@ -156,7 +156,14 @@ def time_generate(model, input_ids, new_tokens: int = 32, *, warmup: int = 1, it
 
 # ---------------------------------------------------------------------------------------------- records
 def git_commit() -> str | None:
-    """The checkout's commit (with '+dirty' when it has uncommitted changes), or None outside git."""
+    """The checkout's commit (with '+dirty' when it has uncommitted changes), or None outside git.
+
+    ``LABKIT_GIT_COMMIT`` supplies it where the checkout travelled without its ``.git`` (e.g. to a GPU runner).
+    """
+    import os
+
+    if os.environ.get("LABKIT_GIT_COMMIT"):
+        return os.environ["LABKIT_GIT_COMMIT"]
     try:
         root = env.repo_root()
         sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,

@@ -81,7 +81,10 @@ def _tokenize(tokenizer, texts: list[str]):
 
 
 def _wikitext2(tokenizer) -> tuple[list[str], list[str]]:
-    datasets = env.require_package("datasets", "the wikitext2 corpus")
+    try:
+        datasets = env.require_package("datasets", "the wikitext2 corpus")
+    except LabkitError as exc:
+        raise LabkitError(f"{exc} Or use corpus='pydoc' or 'lab', which ship offline.") from exc
     try:
         ds = datasets.load_dataset("wikitext", "wikitext-2-raw-v1")
     except Exception as exc:  # offline: ConnectionError, or datasets' own errors
