@@ -47,7 +47,7 @@ def part_kernels():
     for name, (N, K) in shapes.items():
         w = torch.randn(N, K, device=dev, dtype=torch.bfloat16, generator=gen) * 0.02
         silu = name == "down"
-        for M in (1, 4):
+        for M in (1,):
             x = torch.randn(M, K * (2 if silu else 1), device=dev, dtype=torch.bfloat16, generator=gen)
             xin = x if not silu else torch.nn.functional.silu(x[:, :K]) * x[:, K:]
             t_cublas = triton.testing.do_bench(lambda: torch.nn.functional.linear(xin, w), return_mode="median")
@@ -94,7 +94,7 @@ def part_smollm2():
             r.update(prompt=p, kernels=kern)
             res.append(r)
             log(f"smollm2 {kern:6s} {p!r}: equal={r['all_equal']} prefix {r['min_match_prefix']}/{r['rows'][0]['hf_len']} "
-                f"rel logit diff {r['rel_logit_diff']:.4f}")
+                f"rel logit diff {r['rel_logit_diff']:.4f} (HF vs itself {r['hf_self_rel_logit_diff']:.4f})")
     fast = fastgen.FastLlama(model, kernels="triton", max_seq_len=256)
     t = fastgen.time_decode(fast, 1, 16, 128)
     ids = tok(prompts[0], return_tensors="pt").input_ids.to(model.device)
@@ -120,3 +120,7 @@ if __name__ == "__main__":
         except Exception:
             log(f"PART {name} FAILED:\n{traceback.format_exc()}")
         log(f"-- part {name}: {time.time() - t0:.0f} s")
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()

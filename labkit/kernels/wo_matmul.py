@@ -255,6 +255,62 @@ if triton is not None:
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & mask_n[None, :])
 
 
+if triton is not None:
+
+    @triton.jit
+    def _wo_gemv1_kernel(
+        # tensors
+        x_ptr, w_ptr, s_ptr, z_ptr, y_ptr,
+        # sizes and strides (elements)
+        N, K, stride_wn, stride_sn,
+        # weight format, as in _wo_gemv_kernel
+        KIND: tl.constexpr, GROUP: tl.constexpr, PRO_SILU: tl.constexpr,
+        # tiling
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """M = 1: products accumulate element-wise in a (BLOCK_N, BLOCK_K) fp32 tile, reduced once at the end.
+
+        No cross-thread reduction inside the K loop, so the loop is loads and FMAs only; for int4 each
+        iteration covers BLOCK_K // GROUP groups, one scale and zero per row and group.
+        """
+        pid_n = tl.program_id(0)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        if KIND == 2:
+            HALF: tl.constexpr = GROUP // 2
+            offs_j = tl.arange(0, HALF)
+            acc = tl.zeros((BLOCK_N, HALF), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                for g in tl.static_range(BLOCK_K // GROUP):
+                    kg = k0 + g * GROUP  # first k of this group
+                    k_even = kg + 2 * offs_j  # (HALF,)
+                    mask_j = k_even < K
+                    packed = tl.load(w_ptr + offs_n[:, None] * stride_wn + kg // 2 + offs_j[None, :],
+                                     mask=mask_n[:, None] & mask_j[None, :], other=0)  # (BLOCK_N, HALF) uint8
+                    mask_s = mask_n & ((tl.zeros_like(offs_n) + kg) < K)
+                    sc = tl.load(s_ptr + offs_n * stride_sn + kg // GROUP, mask=mask_s, other=0.0).to(tl.float32)
+                    zp = tl.load(z_ptr + offs_n * stride_sn + kg // GROUP, mask=mask_s, other=0.0).to(tl.float32)
+                    x_e = _load_x(x_ptr, k_even, mask_j, K, PRO_SILU)  # (HALF,)
+                    x_o = _load_x(x_ptr, k_even + 1, mask_j, K, PRO_SILU)
+                    w_lo = ((packed & 0xF).to(tl.float32) - zp[:, None]) * sc[:, None]
+                    w_hi = ((packed >> 4).to(tl.float32) - zp[:, None]) * sc[:, None]
+                    acc += w_lo * x_e[None, :] + w_hi * x_o[None, :]
+            y = tl.sum(acc, axis=1)
+        else:
+            offs_k = tl.arange(0, BLOCK_K)
+            acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                kk = k0 + offs_k
+                mask_k = kk < K
+                w = tl.load(w_ptr + offs_n[:, None] * stride_wn + kk[None, :],
+                            mask=mask_n[:, None] & mask_k[None, :], other=0).to(tl.float32)
+                acc += w * _load_x(x_ptr, kk, mask_k, K, PRO_SILU)[None, :]
+            y = tl.sum(acc, axis=1)
+            if KIND == 1:
+                y = y * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=mask_n)
+
+
 # ---------------------------------------------------------------------------------------------- wrapper
 @dataclass(frozen=True)
 class GemvConfig:
@@ -263,6 +319,7 @@ class GemvConfig:
     block_n: int = 8
     block_k: int = 512
     num_warps: int = 4
+    variant: str = "tile"  # "tile": any M, one weight tile reused by all rows; "acc": M = 1, element-wise accumulator
 
 
 # candidates the tuner tries; the first is the default when nothing was tuned
@@ -273,6 +330,15 @@ CANDIDATES = {
         GemvConfig(16, 1024, 8), GemvConfig(4, 2048, 4)],
     2: [GemvConfig(8, 512, 4), GemvConfig(16, 256, 4), GemvConfig(16, 512, 4), GemvConfig(32, 256, 8),
         GemvConfig(4, 1024, 4), GemvConfig(32, 512, 8)],
+}
+# the M = 1 element-wise-accumulator kernel, tried first for batch-1 decode
+CANDIDATES_M1 = {
+    0: [GemvConfig(2, 1024, 4, "acc"), GemvConfig(4, 512, 4, "acc"), GemvConfig(2, 2048, 8, "acc"),
+        GemvConfig(8, 256, 4, "acc"), GemvConfig(4, 1024, 8, "acc")],
+    1: [GemvConfig(4, 1024, 4, "acc"), GemvConfig(8, 512, 4, "acc"), GemvConfig(4, 2048, 8, "acc"),
+        GemvConfig(16, 256, 4, "acc"), GemvConfig(8, 1024, 8, "acc")],
+    2: [GemvConfig(8, 256, 4, "acc"), GemvConfig(16, 256, 4, "acc"), GemvConfig(8, 512, 4, "acc"),
+        GemvConfig(16, 128, 4, "acc"), GemvConfig(32, 256, 8, "acc"), GemvConfig(4, 512, 4, "acc")],
 }
 _TUNED: dict = {}
 
@@ -329,8 +395,12 @@ def wo_matmul(x: torch.Tensor, w, silu_gate_up: bool = False, config: GemvConfig
         block_k = max(block_k, group)
         if block_k % group:
             raise ValueError(f"block_k={block_k} must be a multiple of the group size {group}")
-    block_m = max(1, triton.next_power_of_2(M))
     grid = (triton.cdiv(N, cfg.block_n),)
+    if cfg.variant == "acc" and M == 1:
+        _wo_gemv1_kernel[grid](x, wp, sp, zp, out, N, K, stride_wn, stride_sn, KIND=kind, GROUP=group,
+                               PRO_SILU=silu_gate_up, BLOCK_N=cfg.block_n, BLOCK_K=block_k, num_warps=cfg.num_warps)
+        return out
+    block_m = max(1, triton.next_power_of_2(M))
     _wo_gemv_kernel[grid](x, wp, sp, zp, out, M, N, K, x.stride(0), stride_wn, stride_sn, out.stride(0),
                           KIND=kind, GROUP=group, PRO_SILU=silu_gate_up, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
                           BLOCK_K=block_k, num_warps=cfg.num_warps)
@@ -364,7 +434,7 @@ def tune(w, M: int = 1, dtype=torch.bfloat16, silu_gate_up: bool = False, candid
     x = torch.randn(M, K * (2 if silu_gate_up else 1), device=dev, dtype=dtype)
     out = torch.empty(M, N, device=dev, dtype=dtype)
     best, best_t = None, float("inf")
-    for cfg in candidates or CANDIDATES[kind]:
+    for cfg in candidates or ((CANDIDATES_M1[kind] if M == 1 else []) + CANDIDATES[kind]):
         if kind == 2 and (max(cfg.block_k, w.group) % w.group):
             continue
         try:
