@@ -286,7 +286,7 @@ def gptq_quantize_model(model: nn.Module, calib: torch.Tensor, bits: int, groups
     """Quantize a Llama-family model layer by layer with GPTQ.
 
     calib: ``(n_samples, seq_len)`` token ids. For each decoder layer: record its linear layers' inputs into
-    their H (forward hooks), quantize each linear with GPTQ and swap in a ``QuantLinear``, then run the layer
+    their H (forward hooks; one H per distinct input), quantize each linear with GPTQ and swap in a ``QuantLinear``, then run the layer
     again with quantized weights to make the next layer's inputs, so each layer compensates the errors of the
     quantized layers below it. Returns a summary: layers, linears, seconds, summed GPTQ loss per linear name.
     """
@@ -303,21 +303,44 @@ def gptq_quantize_model(model: nn.Module, calib: torch.Tensor, bits: int, groups
     for li in bar:
         layer = layers[li]
         linears = quant.linear_layers(layer, skip)
-        gptqs = {name: GPTQ(lin) for name, lin in linears.items()}
-        handles = [lin.register_forward_hook(lambda m, inp, out, name=name: gptqs[name].add_batch(inp[0]))
+        # layers that read the same input tensor (q/k/v; gate/up) share one H: accumulate it once per input
+        seen: dict[str, torch.Tensor] = {}
+        handles = [lin.register_forward_hook(lambda m, inp, out, name=name: seen.__setitem__(name, inp[0]))
                    for name, lin in linears.items()]
+        shared: dict[str, str] = {}  # name -> the name that owns its H
+        gptqs: dict[str, GPTQ] = {}
         for hs, args, kwargs in inputs:
+            seen.clear()
             layer(hs, *args, **kwargs)
+            for name, x in seen.items():
+                if name not in shared:
+                    owner = next((o for o in gptqs if seen[o] is x), None)
+                    shared[name] = owner or name
+                    if owner is None:
+                        gptqs[name] = GPTQ(linears[name])
+                if shared[name] == name:
+                    gptqs[name].add_batch(x)
+        seen.clear()
         for h in handles:
             h.remove()
-        for name, lin in linears.items():
-            q, scale, zero, loss = gptqs[name].quantize(bits, groupsize, blocksize=blocksize, percdamp=percdamp,
-                                                        actorder=actorder, sym=sym)
-            losses[f"{li}.{name}"] = loss
-            parent_name, _, child = name.rpartition(".")
-            parent = layer.get_submodule(parent_name) if parent_name else layer
-            setattr(parent, child, QuantLinear(q, scale, zero, bits, lin.bias, groupsize or lin.in_features).to(lin.weight.device))
-            n_linear += 1
+        # GPTQ treats rows independently: layers sharing an H are quantized as one stacked W (same result as one
+        # by one, fewer passes over the columns)
+        for owner in gptqs:
+            names = [n for n in linears if shared.get(n) == owner]
+            W = torch.cat([linears[n].weight.data for n in names])  # (sum of rows, columns)
+            q, scale, zero, loss = gptq_quantize(W, gptqs[owner].H, bits, groupsize, blocksize=blocksize,
+                                                 percdamp=percdamp, actorder=actorder, sym=sym)
+            losses[f"{li}." + "+".join(names)] = loss
+            row = 0
+            for name in names:
+                lin = linears[name]
+                r = slice(row, row + lin.out_features)
+                row += lin.out_features
+                parent_name, _, child = name.rpartition(".")
+                parent = layer.get_submodule(parent_name) if parent_name else layer
+                setattr(parent, child, QuantLinear(q[r], scale[r], zero[r], bits, lin.bias,
+                                                   groupsize or lin.in_features).to(lin.weight.device))
+                n_linear += 1
         del gptqs
         outs = []
         for hs, args, kwargs in inputs:

@@ -44,7 +44,7 @@ class QualityConfig:
     ctx_len: int = 512
     batch_size: int = 4
     calib_samples: int = 16
-    calib_seq_len: int = 256
+    calib_seq_len: int = 128
     corpus: str = "pydoc"
     qat_steps: int = 24
     qat_batch: int = 4

@@ -59,13 +59,13 @@ def smollm2_inputs():
     from labkit import data, models
 
     model, tok = models.load("smollm2-135m", device="cpu", dtype=torch.float32)
-    ids = data.load_splits(tok, "pydoc", calib_tokens=4096).calib
+    ids = data.load_splits(tok, "pydoc", calib_tokens=8192).calib
     names = ["model.layers.2.self_attn.q_proj", "model.layers.10.mlp.down_proj", "model.layers.20.mlp.gate_proj"]
     cap = {}
     hooks = [model.get_submodule(n).register_forward_hook(
         lambda m, i, o, n=n: cap.setdefault(n, []).append(i[0].reshape(-1, i[0].shape[-1]))) for n in names]
     with torch.no_grad():
-        model(input_ids=ids[:2048].view(4, 512))
+        model(input_ids=ids[:8192].view(16, 512))
     for h in hooks:
         h.remove()
     return {n: (model.get_submodule(n).weight.data.clone(), torch.cat(cap[n])) for n in names}
@@ -74,7 +74,10 @@ def smollm2_inputs():
 @pytest.mark.parametrize("bits", [4, 3])
 def test_gptq_beats_rtn_on_real_smollm2_layers(smollm2_inputs, bits):
     for name, (W, X) in smollm2_inputs.items():
-        fit, held = X[: X.shape[0] // 2], X[X.shape[0] // 2:]  # calibrate on one half, judge on the other
+        # calibrate on 3/4 of the tokens (well above the 1536 inputs of down_proj, or H is rank-deficient and
+        # GPTQ overfits it), judge on the last quarter, which it has not seen
+        cut = X.shape[0] * 3 // 4
+        fit, held = X[:cut], X[cut:]
         H = 2 * fit.t() @ fit / fit.shape[0]
         q, s, z, _ = G.gptq_quantize(W, H, bits, 128, actorder=True)
         e_gptq = G.layer_output_error(W, G.dequantize_grouped(q, s, z, 128), held)
