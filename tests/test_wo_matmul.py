@@ -40,7 +40,8 @@ def test_bad_input():
         wo.dequantize("not a weight")
 
 
-CONFIGS = [wo.GemvConfig(8, 128, 4, "tile"), wo.GemvConfig(16, 256, 4, "acc")]
+CONFIGS = [wo.GemvConfig(8, 128, 4, "tile"), wo.GemvConfig(16, 256, 4, "acc"), wo.GemvConfig(16, 128, 4, "tile", 3),
+           wo.GemvConfig(8, 128, 4, "acc", 2)]
 
 
 @pytest.mark.parametrize("fmt", ["fp16", "int8", "int4"])

@@ -191,8 +191,8 @@ if triton is not None:
         x_ptr, w_ptr, s_ptr, z_ptr, y_ptr,
         # sizes
         M, N, K,
-        # strides (elements)
-        stride_xm, stride_wn, stride_sn, stride_ym,
+        # strides (elements); split-K: program axis 1 covers K_CHUNK columns, y holds fp32 partials at stride_ys
+        stride_xm, stride_wn, stride_sn, stride_ym, stride_ys, K_CHUNK,
         # what the weight is: 0 = float (bf16/fp16), 1 = int8 per channel, 2 = int4 group-wise
         KIND: tl.constexpr, GROUP: tl.constexpr, PRO_SILU: tl.constexpr,
         # tiling
@@ -203,6 +203,9 @@ if triton is not None:
         Each weight tile is loaded once and dequantized in registers, then used by every row of x.
         """
         pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        k_lo = pid_k * K_CHUNK
+        k_hi = tl.minimum(K, k_lo + K_CHUNK)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
         mask_n = offs_n < N
         offs_m = tl.arange(0, BLOCK_M)
@@ -213,7 +216,7 @@ if triton is not None:
             HALF: tl.constexpr = GROUP // 2
             offs_g = tl.arange(0, NG)
             offs_j = tl.arange(0, HALF)
-            for k0 in range(0, K, BLOCK_K):
+            for k0 in range(k_lo, k_hi, BLOCK_K):
                 g_idx = k0 // GROUP + offs_g  # (NG,)
                 mask_g = g_idx < K // GROUP
                 wptr = (w_ptr + offs_n[:, None, None] * stride_wn + g_idx[None, :, None] * HALF
@@ -239,7 +242,7 @@ if triton is not None:
                     acc += tl.where(offs_m[:, None] == m, part[None, :], 0.0)
         else:
             offs_k = tl.arange(0, BLOCK_K)
-            for k0 in range(0, K, BLOCK_K):
+            for k0 in range(k_lo, k_hi, BLOCK_K):
                 kk = k0 + offs_k
                 mask_k = kk < K
                 w = tl.load(w_ptr + offs_n[:, None] * stride_wn + kk[None, :],
@@ -251,7 +254,7 @@ if triton is not None:
             if KIND == 1:
                 scale = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
                 acc = acc * scale[None, :]
-        y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+        y_ptrs = y_ptr + pid_k * stride_ys + offs_m[:, None] * stride_ym + offs_n[None, :]
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & mask_n[None, :])
 
 
@@ -262,7 +265,7 @@ if triton is not None:
         # tensors
         x_ptr, w_ptr, s_ptr, z_ptr, y_ptr,
         # sizes and strides (elements)
-        N, K, stride_wn, stride_sn,
+        N, K, stride_wn, stride_sn, stride_ys, K_CHUNK,
         # weight format, as in _wo_gemv_kernel
         KIND: tl.constexpr, GROUP: tl.constexpr, PRO_SILU: tl.constexpr,
         # tiling
@@ -274,13 +277,16 @@ if triton is not None:
         iteration covers BLOCK_K // GROUP groups, one scale and zero per row and group.
         """
         pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        k_lo = pid_k * K_CHUNK
+        k_hi = tl.minimum(K, k_lo + K_CHUNK)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         if KIND == 2:
             HALF: tl.constexpr = GROUP // 2
             offs_j = tl.arange(0, HALF)
             acc = tl.zeros((BLOCK_N, HALF), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
+            for k0 in range(k_lo, k_hi, BLOCK_K):
                 for g in tl.static_range(BLOCK_K // GROUP):
                     kg = k0 + g * GROUP  # first k of this group
                     k_even = kg + 2 * offs_j  # (HALF,)
@@ -299,7 +305,7 @@ if triton is not None:
         else:
             offs_k = tl.arange(0, BLOCK_K)
             acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
+            for k0 in range(k_lo, k_hi, BLOCK_K):
                 kk = k0 + offs_k
                 mask_k = kk < K
                 w = tl.load(w_ptr + offs_n[:, None] * stride_wn + kk[None, :],
@@ -308,7 +314,17 @@ if triton is not None:
             y = tl.sum(acc, axis=1)
             if KIND == 1:
                 y = y * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=mask_n)
+        tl.store(y_ptr + pid_k * stride_ys + offs_n, y.to(y_ptr.dtype.element_ty), mask=mask_n)
+
+    @triton.jit
+    def _sum_splits_kernel(p_ptr, y_ptr, MN, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+        """y[i] = sum over s of p[s, i] (fp32 partials of a split-K GEMV), cast to y's dtype."""
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < MN
+        acc = tl.zeros((BLOCK,), tl.float32)
+        for sp in tl.static_range(SPLIT):
+            acc += tl.load(p_ptr + sp * MN + offs, mask=mask, other=0.0)
+        tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------- wrapper
@@ -320,6 +336,7 @@ class GemvConfig:
     block_k: int = 512
     num_warps: int = 4
     variant: str = "tile"  # "tile": any M, one weight tile reused by all rows; "acc": M = 1, element-wise accumulator
+    split: int = 1  # split-K: programs along K write fp32 partials, a second small kernel sums them
 
 
 # candidates the tuner tries; the first is the default when nothing was tuned
@@ -339,6 +356,14 @@ CANDIDATES_M1 = {
         GemvConfig(16, 256, 4, "acc"), GemvConfig(8, 1024, 8, "acc")],
     2: [GemvConfig(8, 256, 4, "acc"), GemvConfig(16, 256, 4, "acc"), GemvConfig(8, 512, 4, "acc"),
         GemvConfig(16, 128, 4, "acc"), GemvConfig(32, 256, 8, "acc"), GemvConfig(4, 512, 4, "acc")],
+}
+# split-K candidates: more rows per program (less re-reading of x) with enough programs along K
+CANDIDATES_SPLIT = {
+    0: [GemvConfig(8, 1024, 4, "acc", 2), GemvConfig(16, 512, 8, "acc", 4), GemvConfig(8, 512, 4, "tile", 4)],
+    1: [GemvConfig(16, 1024, 4, "tile", 4), GemvConfig(32, 512, 8, "tile", 4), GemvConfig(16, 512, 4, "tile", 2),
+        GemvConfig(32, 1024, 8, "tile", 8), GemvConfig(16, 1024, 4, "acc", 4), GemvConfig(32, 512, 8, "acc", 8)],
+    2: [GemvConfig(32, 512, 4, "tile", 4), GemvConfig(64, 256, 8, "tile", 8), GemvConfig(32, 256, 4, "tile", 4),
+        GemvConfig(16, 512, 4, "tile", 2), GemvConfig(32, 256, 4, "acc", 4), GemvConfig(64, 256, 8, "acc", 8)],
 }
 _TUNED: dict = {}
 
@@ -395,15 +420,25 @@ def wo_matmul(x: torch.Tensor, w, silu_gate_up: bool = False, config: GemvConfig
         block_k = max(block_k, group)
         if block_k % group:
             raise ValueError(f"block_k={block_k} must be a multiple of the group size {group}")
-    grid = (triton.cdiv(N, cfg.block_n),)
+    k_chunk = triton.cdiv(triton.cdiv(K, cfg.split), block_k) * block_k  # whole K blocks per split
+    nsplit = triton.cdiv(K, k_chunk)
+    grid = (triton.cdiv(N, cfg.block_n), nsplit)
+    if nsplit > 1:
+        y = torch.empty(nsplit, M, N, device=x.device, dtype=torch.float32)  # (split, M, N) partial sums
+        if out.stride(0) != N:
+            raise ValueError("split-K needs a contiguous output")
+    else:
+        y = out
     if cfg.variant == "acc" and M == 1:
-        _wo_gemv1_kernel[grid](x, wp, sp, zp, out, N, K, stride_wn, stride_sn, KIND=kind, GROUP=group,
+        _wo_gemv1_kernel[grid](x, wp, sp, zp, y, N, K, stride_wn, stride_sn, M * N, k_chunk, KIND=kind, GROUP=group,
                                PRO_SILU=silu_gate_up, BLOCK_N=cfg.block_n, BLOCK_K=block_k, num_warps=cfg.num_warps)
-        return out
-    block_m = max(1, triton.next_power_of_2(M))
-    _wo_gemv_kernel[grid](x, wp, sp, zp, out, M, N, K, x.stride(0), stride_wn, stride_sn, out.stride(0),
-                          KIND=kind, GROUP=group, PRO_SILU=silu_gate_up, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
-                          BLOCK_K=block_k, num_warps=cfg.num_warps)
+    else:
+        block_m = max(1, triton.next_power_of_2(M))
+        _wo_gemv_kernel[grid](x, wp, sp, zp, y, M, N, K, x.stride(0), stride_wn, stride_sn, N if nsplit > 1 else out.stride(0),
+                              M * N, k_chunk, KIND=kind, GROUP=group, PRO_SILU=silu_gate_up, BLOCK_M=block_m,
+                              BLOCK_N=cfg.block_n, BLOCK_K=block_k, num_warps=cfg.num_warps)
+    if nsplit > 1:
+        _sum_splits_kernel[(triton.cdiv(M * N, 1024),)](y, out, M * N, SPLIT=nsplit, BLOCK=1024, num_warps=4)
     return out
 
 
@@ -434,7 +469,9 @@ def tune(w, M: int = 1, dtype=torch.bfloat16, silu_gate_up: bool = False, candid
     x = torch.randn(M, K * (2 if silu_gate_up else 1), device=dev, dtype=dtype)
     out = torch.empty(M, N, device=dev, dtype=dtype)
     best, best_t = None, float("inf")
-    for cfg in candidates or ((CANDIDATES_M1[kind] if M == 1 else []) + CANDIDATES[kind]):
+    for cfg in candidates or ((CANDIDATES_M1[kind] if M == 1 else []) + CANDIDATES[kind] + CANDIDATES_SPLIT[kind]):
+        if cfg.variant == "acc" and M != 1:
+            continue
         if kind == 2 and (max(cfg.block_k, w.group) % w.group):
             continue
         try:
