@@ -254,13 +254,17 @@ def load(name: str = EMBEDDED, quant=None, attn: str | None = None, device=None,
 def _from_pretrained(path, name, source, quant, qname, attn, dev, dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kwargs = dict(dtype=dtype, attn_implementation=attn)
+    import os
+
+    # honour HF_HUB_OFFLINE even when it is set after transformers was imported (it reads it once)
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    kwargs = dict(dtype=dtype, attn_implementation=attn, local_files_only=offline)
     if qname:
         kwargs["quantization_config"] = _bnb_config(quant, dtype)
         kwargs["device_map"] = {"": dev.index if dev.type == "cuda" and dev.index is not None else dev.type}
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=offline)
     except OSError as exc:
         raise LabkitError(f"Could not load {name!r}: {exc!s:.300}\nIt is not a local checkpoint directory, and a hub "
                           "id needs the Hugging Face hub (network) or a copy in the local HF cache. Give a local path, "
