@@ -100,10 +100,12 @@ def _free(*objs):
 
 
 def run_matrix(model_name: str, quants=QUANTS, attns=ATTNS, *, prompt_len: int = 512, new_tokens: int = 16,
-               batches=(), read_bw: float | None = None, iters: int = 3, dtype=None, log=print) -> list[dict]:
+               batches=(), read_bw: float | None = None, iters: int = 3, dtype=None, log=print,
+               loaded: dict | None = None) -> list[dict]:
     """The benchmark matrix for one model: a record per (quant, attn) at batch 1, plus a batch sweep (sdpa).
 
     A cell that cannot run on this machine is a record with ``status`` = the LabkitError's message.
+    ``loaded``: optional {quant: (model, tokenizer)} already loaded (used as is and left loaded).
     """
     dev = env.device()
     read_bw = read_bw or measure_read_bandwidth(dev)
@@ -111,7 +113,10 @@ def run_matrix(model_name: str, quants=QUANTS, attns=ATTNS, *, prompt_len: int =
     for quant in quants:
         q = None if quant == "none" else quant
         try:
-            model, tok = models.load(model_name, quant=q, attn="sdpa", dtype=dtype)
+            if loaded and quant in loaded:
+                model, tok = loaded[quant]
+            else:
+                model, tok = models.load(model_name, quant=q, attn="sdpa", dtype=dtype)
         except LabkitError as exc:
             for attn in attns:
                 records.append({"model": model_name, "quant": quant, "attn": attn, "batch": 1, "status": str(exc)})
@@ -153,7 +158,8 @@ def run_matrix(model_name: str, quants=QUANTS, attns=ATTNS, *, prompt_len: int =
             except torch.OutOfMemoryError as exc:
                 rec = {**base, "status": f"out of memory: {exc!s:.100}"}
             records.append(rec)
-        _free(model)
+        if not (loaded and quant in loaded):
+            _free(model)
     return records
 
 
