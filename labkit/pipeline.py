@@ -101,11 +101,12 @@ def _free(*objs):
 
 def run_matrix(model_name: str, quants=QUANTS, attns=ATTNS, *, prompt_len: int = 512, new_tokens: int = 16,
                batches=(), read_bw: float | None = None, iters: int = 3, dtype=None, log=print,
-               loaded: dict | None = None) -> list[dict]:
+               loaded: dict | None = None, skip: dict | None = None) -> list[dict]:
     """The benchmark matrix for one model: a record per (quant, attn) at batch 1, plus a batch sweep (sdpa).
 
     A cell that cannot run on this machine is a record with ``status`` = the LabkitError's message.
     ``loaded``: optional {quant: (model, tokenizer)} already loaded (used as is and left loaded).
+    ``skip``: optional {(quant, attn): reason}: cells not run, recorded with the reason as their status.
     """
     dev = env.device()
     read_bw = read_bw or measure_read_bandwidth(dev)
@@ -126,6 +127,10 @@ def run_matrix(model_name: str, quants=QUANTS, attns=ATTNS, *, prompt_len: int =
         for attn in attns:
             base = {"model": model_name, "label": label, "random_weights": model.labkit_info.random_weights,
                     "quant": quant, "dtype": model.labkit_info.dtype, "attn": attn, "batch": 1}
+            if skip and (quant, attn) in skip:
+                records.append({**base, "status": skip[(quant, attn)]})
+                log(f"{model_name:18s} {quant:7s} {attn:18s} -- {skip[(quant, attn)][:90]}")
+                continue
             try:
                 if attn == "flash_attention_2":
                     # models.load checks the request first (GPU, flash-attn installed, dtype): its error is the row
@@ -261,7 +266,7 @@ def cli_main(argv: list[str]) -> int:
     p.add_argument("--attn", default=",".join(ATTNS), help="comma list of eager,sdpa,flash_attention_2")
     p.add_argument("--prompt-len", type=int, default=None, help="default 512 on a GPU, 64 on a CPU")
     p.add_argument("--new-tokens", type=int, default=None, help="default 16 on a GPU, 8 on a CPU")
-    p.add_argument("--batch", default="1", help="comma list: batch sizes for the sdpa sweep")
+    p.add_argument("--batch", default="1,4,16", help="comma list: batch sizes for the sdpa sweep")
     p.add_argument("--out", default=None, help="directory for pipeline.json and pipeline.png (default results/<device>/)")
     args = p.parse_args(argv)
     gpu = env.has_cuda()

@@ -41,3 +41,11 @@ def test_quoted_comparison_scales_by_bandwidth():
     assert fp16["ratio_ours_to_predicted"] == pytest.approx(20.0 / 6.2)
     assert fp16["quoted_fraction_of_a100_floor"] == pytest.approx(14.2e9 / pipeline.A100_40GB_BW * 1e3 / 12.4)
     assert "ours_ms_per_token" not in rows[1]  # no int8 record given
+
+
+def test_skipped_cells_carry_their_reason():
+    recs = pipeline.run_matrix("tiny-llama-shape", quants=("none",), attns=("eager",), read_bw=1e11,
+                               skip={("none", "eager"): "not run: reason"}, log=lambda *a: None)
+    assert recs == [{**{k: recs[0][k] for k in ("model", "label", "random_weights", "quant", "dtype", "attn", "batch")},
+                     "status": "not run: reason"}]
+    assert "ttft_ms" not in recs[0]
