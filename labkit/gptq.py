@@ -101,11 +101,11 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, groupsize: int | 
                   percdamp: float = 0.01, actorder: bool = False, sym: bool = False):
     """GPTQ for one layer (Algorithm 1 of the paper, with groups and act-order).
 
-    W: ``(rows, columns)``; H: ``(columns, columns)``. Returns ``(q, scale, zero, loss)``: integer codes
+    W: ``(rows, columns)``; H: ``(columns, columns)``; computed in fp32 (fp64 if W is fp64). Returns ``(q, scale, zero, loss)``: integer codes
     ``q (rows, columns)`` in storage (original column) order, ``scale, zero (rows, columns / groupsize)``,
     and ``loss`` = the sum over columns of ``(w - q)² / d²`` / 2, GPTQ's estimate of the output error it added.
     """
-    W = W.float()
+    W = W.to(torch.promote_types(W.dtype, torch.float32))  # fp32 (or fp64 when given)
     H = H.to(W)
     rows, columns = W.shape
     g = groupsize or columns
@@ -119,6 +119,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, groupsize: int | 
         perm = torch.argsort(torch.diag(H), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
         invperm = torch.argsort(perm)
+        group_of = [c // g for c in perm.tolist()]  # on the host: no device sync per column
     Hinv = inverse_cholesky_upper(H)
 
     Q = torch.zeros_like(W)
@@ -138,7 +139,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, groupsize: int | 
             w = W1[:, i]
             d = Hinv1[i, i]
             if actorder:
-                grp = int(perm[col]) // g
+                grp = group_of[col]
                 scale, zero = static[grp]
                 scales[grp], zeros[grp] = scale, zero
             elif col % g == 0:
@@ -170,7 +171,7 @@ def gptq_quantize_reference(W: torch.Tensor, H: torch.Tensor, bits: int, groupsi
     Same signature and result as ``gptq_quantize`` (``blocksize`` is ignored); slow (one rank-1 update of the whole
     remaining W per column), for tests.
     """
-    W = W.float()
+    W = W.to(torch.promote_types(W.dtype, torch.float32))  # fp32 (or fp64 when given)
     H = H.to(W)
     rows, columns = W.shape
     g = groupsize or columns

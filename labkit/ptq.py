@@ -57,8 +57,8 @@ class QualityConfig:
     @classmethod
     def for_profile(cls, profile: str | None = None) -> "QualityConfig":
         if (profile or env.profile()) == "full":
-            return cls(eval_tokens=65536, ctx_len=1024, batch_size=16, calib_samples=128, calib_seq_len=512,
-                       qat_steps=300, qat_batch=8, qat_seq_len=512, qat_lr=5e-5)
+            return cls(eval_tokens=32768, ctx_len=1024, batch_size=16, calib_samples=128, calib_seq_len=512,
+                       qat_steps=200, qat_batch=8, qat_seq_len=512, qat_lr=5e-5)
         return cls()
 
 
@@ -294,3 +294,32 @@ def cli_main(argv: list[str] | None = None) -> int:
     print(format_table(records))
     print(f"wrote {path}")
     return 0
+
+
+def plot_quality(records: list[dict], path=None, title: str = ""):
+    """Perplexity and KL against bits per weight, one labelled point per method; saved to ``path`` if given."""
+    import matplotlib
+
+    if path is not None:
+        matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    ref = next((r for r in records if r["kind"] == "reference"), None) if records and "kind" in records[0] else None
+    fig, ax = plt.subplots(1, 2, figsize=(12, 4))
+    for r in records:
+        m = r["method"]
+        color = "C0" if m.startswith("rtn") else "C3" if m.startswith("gptq") else "C1" if m.startswith("qat") \
+            else "C2" if m in BNB_METHODS else "k"
+        for a, y in ((ax[0], r["ppl"]), (ax[1], max(r["kl"], 1e-5))):
+            a.scatter(r["bits_per_weight"], y, color=color)
+            a.annotate(m, (r["bits_per_weight"], y), fontsize=8, xytext=(3, 3), textcoords="offset points")
+    if ref is not None:
+        ax[0].axhline(ref["ppl"], color="k", lw=0.8, ls="--")
+    ax[0].set(xscale="log", yscale="log", xlabel="bits per weight (scales included)", ylabel="perplexity",
+              title=title or "SmolLM2-135M: quality vs bits")
+    ax[1].set(xscale="log", yscale="log", xlabel="bits per weight", ylabel="KL(reference ‖ method), nats/token")
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+    return fig
