@@ -120,7 +120,7 @@ def report(argv: list[str]) -> int:
         ver = meta.get("versions", {})
         lines += [f"## {path.parent.name} / {path.stem}", "",
                   f"- device: {meta.get('device')}; profile {meta.get('profile')}; measured {meta.get('utc')}; "
-                  f"commit {meta.get('git_commit')}",
+                  f"commit {meta.get('git_commit') or meta.get('source_commit') or 'not recorded'}",
                   f"- torch {ver.get('torch')}, CUDA {ver.get('cuda')}, transformers {ver.get('transformers')}, "
                   f"triton {ver.get('triton')}, bitsandbytes {ver.get('bitsandbytes')}", ""]
         summary = doc.get("summary") or {}
@@ -147,7 +147,10 @@ def _flatten(d: dict, prefix: str = ""):
 
 
 def _fmt(v) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    text = str(v)
+    return text if len(text) <= 120 else f"({type(v).__name__} of {len(v)}: see the JSON file)"
 
 
 # ---------------------------------------------------------------------------------------------- student
