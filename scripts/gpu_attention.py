@@ -1,7 +1,7 @@
 """GPU run for notebook 04: correctness of the Triton attention kernel, config tuning, SmolLM2 plug-in, benchmark.
 
     export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-    python3 scripts/gpu_attention.py check tune hf bench --out $OUT     # steps in order; any subset
+    python3 scripts/gpu_attention.py check tune hf bench --out DIR     # steps in order; any subset
 
 - check: bf16 and fp16, head dims 64/128, causal or not, GQA, odd lengths (1, 97, 1025, decode, chunked
   prefill) against an fp32 reference; the kernel's error must be <= 2x PyTorch's own in the same dtype.
@@ -219,7 +219,7 @@ def step_bench(out: Path, seqlens) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("steps", nargs="+", choices=["check", "tune", "hf", "bench"])
-    p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
+    p.add_argument("--out", type=Path, default=Path(os.environ.get("LABKIT_OUT", "out")))
     p.add_argument("--seqlens", default="512,1024,2048,4096,8192,16384")
     args = p.parse_args(argv)
     env.require_cuda("scripts/gpu_attention.py")

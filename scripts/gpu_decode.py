@@ -1,4 +1,4 @@
-"""GPU run for notebooks 05 and 06: checks, then timings, results to $OUT (or results/<device>/).
+"""GPU run for notebooks 05 and 06: checks, then timings, results to $LABKIT_OUT (or results/<device>/).
 
     python3 scripts/gpu_decode.py kernels decode pipeline   # any subset of the parts, in order
 
@@ -19,7 +19,7 @@ import torch
 
 from labkit import bench, env
 
-OUT = Path(os.environ.get("OUT") or bench.results_dir())
+OUT = Path(os.environ.get("LABKIT_OUT") or bench.results_dir())
 OUT.mkdir(parents=True, exist_ok=True)
 LOG = open(OUT / "gpu_log.txt", "a")
 
