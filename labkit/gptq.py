@@ -105,6 +105,14 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, groupsize: int | 
     ``q (rows, columns)`` in storage (original column) order, ``scale, zero (rows, columns / groupsize)``,
     and ``loss`` = the sum over columns of ``(w - q)² / d²`` / 2, GPTQ's estimate of the output error it added.
     """
+    if W.device.type == "cpu" and torch.get_num_threads() > 1:
+        # the column loop is thousands of small ops: one thread is as fast and does not stall on a busy machine
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return gptq_quantize(W, H, bits, groupsize, blocksize, percdamp, actorder, sym)
+        finally:
+            torch.set_num_threads(threads)
     W = W.to(torch.promote_types(W.dtype, torch.float32))  # fp32 (or fp64 when given)
     H = H.to(W)
     rows, columns = W.shape

@@ -46,10 +46,10 @@ class QualityConfig:
     calib_samples: int = 16
     calib_seq_len: int = 128
     corpus: str = "pydoc"
-    qat_steps: int = 24
-    qat_batch: int = 4
-    qat_seq_len: int = 128
-    qat_lr: float = 1e-4
+    qat_steps: int = 10  # quick (CPU): a QAT step costs seconds there; the full profile trains 200
+    qat_batch: int = 2
+    qat_seq_len: int = 64
+    qat_lr: float = 2e-4
     gptq_blocksize: int = 128
     gptq_percdamp: float = 0.01
     gptq_actorder: bool = True
