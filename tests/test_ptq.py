@@ -38,7 +38,7 @@ def test_evaluate_quality_matches_manual_loss():
 
 def test_cli_writes_summary(tmp_path):
     out = tmp_path / "quality.json"
-    rc = ptq.cli_main(["--methods", "reference,rtn_w8,rtn_w2g64", "--profile", "quick", "--eval-tokens", "1024",
+    rc = ptq.cli_main(["--methods", "reference,rtn_w8,rtn_w2g64", "--profile", "quick", "--eval-tokens", "512",
                        "--out", str(out)])
     assert rc == 0
     doc = json.loads(out.read_text())
