@@ -2,13 +2,13 @@
 import pytest
 import torch
 
-from labkit import fastgen, models
+from labkit import env, fastgen, models
 from labkit.env import LabkitError
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    model, _ = models.load("tiny-llama-shape")  # random weights, fp32 on CPU
+    model, _ = models.load("tiny-llama-shape", device="cpu", dtype=torch.float32)  # random weights, fp32
     return model
 
 
@@ -40,15 +40,16 @@ def test_errors(tiny):
 
 
 def test_fused_ops_match_references():
-    """Triton add+RMSNorm, RoPE + cache write and decode attention vs the torch ops (interpreter, fp16)."""
+    """Triton add+RMSNorm, RoPE + cache write and decode attention vs the torch ops (fp16; interpreter on CPU)."""
     torch.manual_seed(0)
+    dev = env.device()  # the kernels run compiled on a GPU, under the interpreter on a CPU
     B, nq, nkv, hd, S = 2, 6, 2, 32, 40
     cfg = fastgen.FastConfig(64, 128, 1, nq, nkv, hd, 10, 1e-5, 10000.0)
-    cos, sin = fastgen.rope_tables(cfg, S, torch.float16, "cpu")
-    kc, vc = torch.randn(B, nkv, S, hd).half(), torch.randn(B, nkv, S, hd).half()
+    cos, sin = fastgen.rope_tables(cfg, S, torch.float16, dev)
+    kc, vc = torch.randn(B, nkv, S, hd, device=dev).half(), torch.randn(B, nkv, S, hd, device=dev).half()
     kc2, vc2 = kc.clone(), vc.clone()
-    pos = torch.tensor([21])
-    qkv = torch.randn(B, (nq + 2 * nkv) * hd).half()
+    pos = torch.tensor([21], device=dev)
+    qkv = torch.randn(B, (nq + 2 * nkv) * hd, device=dev).half()
     q1 = fastgen.rope_cache_ref(qkv, pos, cos, sin, kc, vc, nq, nkv)
     q2 = fastgen.rope_cache_triton(qkv, pos, cos, sin, kc2, vc2, nq, nkv)
     assert torch.equal(q1, q2) and torch.equal(kc, kc2) and torch.equal(vc, vc2)
@@ -58,7 +59,8 @@ def test_fused_ops_match_references():
     assert err <= 2 * err_torch + 1e-4
     # the static-shape (graph) form of the reference equals the sliced form
     assert torch.equal(fastgen.decode_attention_ref(q1, kc, vc, pos, None), fastgen.decode_attention_ref(q1, kc, vc, pos, 22))
-    x, d, w = torch.randn(B, 64).half(), torch.randn(B, 64).half(), torch.randn(64).half()
+    x, d, w = (torch.randn(B, 64, device=dev).half(), torch.randn(B, 64, device=dev).half(),
+               torch.randn(64, device=dev).half())
     x2 = x.clone()
     a = fastgen.add_rmsnorm_ref(x, d, w, 1e-5)
     b = fastgen.add_rmsnorm_triton(x2, d, w, 1e-5)
@@ -69,7 +71,7 @@ def test_fused_ops_match_references():
 def test_triton_loop_matches_torch_loop():
     """The whole step with Triton kernels (interpreter, fp16, int8 GEMV) gives the torch loop's tokens."""
     model, _ = models.load("tiny-llama-shape", dtype=torch.float16)
-    ids = torch.randint(3, 256, (1, 5), generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(3, 256, (1, 5), generator=torch.Generator().manual_seed(3)).to(model.device)
     a = fastgen.FastLlama(model, weights="int8", kernels="torch", max_seq_len=16).generate(ids, 4)
     b = fastgen.FastLlama(model, weights="int8", kernels="triton", max_seq_len=16).generate(ids, 4)
     assert torch.equal(a, b)

@@ -24,8 +24,12 @@ def test_blocked_equals_reference(actorder, groupsize):
     assert torch.allclose(gq.H, 2 * X.t() @ X / X.shape[0], rtol=1e-4, atol=1e-4)
     a = gq.quantize(4, groupsize, blocksize=64, actorder=actorder)
     b = G.gptq_quantize_reference(W, gq.H, 4, groupsize, actorder=actorder)
-    assert torch.equal(a[0], b[0]) and torch.allclose(a[1], b[1]) and torch.allclose(a[2], b[2])
     assert abs(a[3] - b[3]) <= 1e-4 * b[3]
+    # Lazy batches and rank-1 updates add the same terms in another order; in fp32 a weight that lands within
+    # rounding of a grid midpoint can round the other way on another BLAS build. In fp64 the two agree exactly.
+    a = G.gptq_quantize(W.double(), gq.H.double(), 4, groupsize, blocksize=64, actorder=actorder)
+    b = G.gptq_quantize_reference(W.double(), gq.H.double(), 4, groupsize, actorder=actorder)
+    assert torch.equal(a[0], b[0]) and torch.allclose(a[1], b[1]) and torch.allclose(a[2], b[2])
 
 
 @pytest.mark.parametrize("bits,groupsize", [(4, 128), (3, 128), (3, 64)])

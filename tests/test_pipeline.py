@@ -20,7 +20,7 @@ def test_matrix_records_and_unavailable_cells():
     sdpa, flash = recs
     model, _ = models.load("tiny-llama-shape")
     assert sdpa["weight_bytes"] == models.weight_bytes(model)
-    kv = pipeline.kv_bytes_per_step(model.config, 16 + 6, 1, 4)
+    kv = pipeline.kv_bytes_per_step(model.config, 16 + 6, 1, model.dtype.itemsize)  # fp32 on CPU, bf16 on GPU
     assert sdpa["kv_bytes_per_step"] == kv
     assert sdpa["floor_ms"] == pytest.approx((sdpa["weight_bytes"] + kv) / 1e11 * 1e3)
     assert sdpa["ttft_ms"] > 0

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from labkit import ptq
+from labkit import env, ptq
 
 
 def test_parse_method():
@@ -43,6 +43,7 @@ def test_cli_writes_summary(tmp_path):
     assert rc == 0
     doc = json.loads(out.read_text())
     s = doc["summary"]
-    assert set(s) == {"fp32", "rtn_w8", "rtn_w2g64"}
-    assert s["fp32"] < s["rtn_w2g64"] and abs(s["rtn_w8"] / s["fp32"] - 1) < 0.02
-    assert doc["meta"]["device_slug"] == "cpu"
+    ref = "bf16" if torch.cuda.is_available() else "fp32"  # the unquantized reference on this device
+    assert set(s) == {ref, "rtn_w8", "rtn_w2g64"}
+    assert s[ref] < s["rtn_w2g64"] and abs(s["rtn_w8"] / s[ref] - 1) < 0.02
+    assert doc["meta"]["device_slug"] == env.device_slug()

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from labkit import env
 from labkit.kernels import wo_matmul as wo
 
 
@@ -50,10 +51,11 @@ CONFIGS = [wo.GemvConfig(8, 128, 4, "tile"), wo.GemvConfig(16, 256, 4, "acc"), w
 def test_kernel_matches_dequantize_then_matmul(fmt, M, silu):
     """Kernel error against an fp32 reference is at most twice torch's own fp16 error (+ a hair)."""
     torch.manual_seed(M + 10 * silu)
+    dev = env.device()  # compiled on a GPU, the Triton interpreter on a CPU
     N, K = 40, 384  # N not a multiple of the row block, K not a multiple of 256
-    w = (torch.randn(N, K) * 0.05).half()
+    w = (torch.randn(N, K, device=dev) * 0.05).half()
     qw = {"fp16": w, "int8": wo.quantize_int8(w), "int4": wo.quantize_int4(w, 128)}[fmt]
-    x = torch.randn(M, K * (2 if silu else 1)).half()
+    x = torch.randn(M, K * (2 if silu else 1), device=dev).half()
     ref32 = wo.matmul_reference(x.float(), wo.dequantize(qw, torch.float32), silu_gate_up=silu)
     err_torch = (wo.matmul_reference(x, qw, silu_gate_up=silu).float() - ref32).abs().max().item()
     for cfg in CONFIGS:
