@@ -3,7 +3,9 @@
 Corpora (``documents(name)``):
 
 - ``"pydoc"``: the topic help of the CPython Language Reference that every Python ships (``pydoc_data.topics``):
-  79 documents, about 465k characters (~110k SmolLM2 tokens); technical English with code.
+  79 documents, about 465k characters (~110k SmolLM2 tokens) in Python 3.11; technical English with code.
+  The text changes with the Python version (3.11: 64,497 evaluation tokens; 3.12: 69,748), so compare
+  perplexities on this corpus only between runs of the same Python minor version (results record it).
 - ``"lab"``: original English prose written for this project, in ``data/lab_prose/`` (see ``data/README.md``).
 - ``"wikitext2"``: WikiText-2 (raw) through the ``datasets`` package, when it is installed and the hub is reachable
   (or the data set is in the local HF cache); its own train/test splits are used.
