@@ -292,6 +292,19 @@ def measure_copy_bandwidth(dev=None, nbytes: int | None = None, iters: int = 20)
     return 2 * src.numel() * src.element_size() / seconds
 
 
+def measure_read_bandwidth(dev=None, nbytes: int | None = None, iters: int = 20) -> float:
+    """Read-only memory bandwidth in bytes/s: a large ``sum()`` reads ``nbytes`` and writes one number.
+
+    The fair ceiling for decode, which mostly reads weights. Default size as ``measure_copy_bandwidth``.
+    """
+    import torch
+
+    dev = torch.device(dev) if dev is not None else device()
+    nbytes = nbytes or (1 << 30 if dev.type == "cuda" else 1 << 28)
+    x = torch.randn(nbytes // 4, device=dev)
+    return x.numel() * x.element_size() / _timed(lambda: x.sum(), dev, warmup=3, iters=iters)
+
+
 def measure_matmul_rate(dev=None, dtype=None, n: int | None = None, iters: int = 10) -> float:
     """Dense matmul rate in FLOP/s (2*n^3 per product) on random data: bf16 8192^3 on a GPU, fp32 1024^3 on CPU."""
     import torch

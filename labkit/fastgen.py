@@ -625,14 +625,7 @@ def time_prefill(fast: FastLlama, batch: int, prompt_len: int, iters: int = 5) -
             "tokens_per_s": batch * prompt_len / m.median_s}
 
 
-def measure_read_bandwidth(dev=None, nbytes: int = 1 << 30, iters: int = 20) -> float:
-    """Read-only device bandwidth in bytes/s: a large sum() (reads nbytes, writes one number). Random data."""
-    from labkit import bench
-
-    dev = torch.device(dev) if dev is not None else env.device()
-    x = torch.randn(nbytes // 4, device=dev)
-    m = bench.measure(lambda: x.sum(), warmup=3, iters=iters, device=dev)
-    return nbytes / m.median_s
+measure_read_bandwidth = env.measure_read_bandwidth  # the decode ceiling lives with the others in labkit.env
 
 
 def run_decode_benchmark(model_name: str = "llama2-7b-shape", formats=WEIGHT_FORMATS, batches=(1,),

@@ -49,12 +49,7 @@ def decode_floor_ms(weight_bytes: int, kv_bytes: int, read_bw: float) -> float:
     return (weight_bytes + kv_bytes) / read_bw * 1e3
 
 
-def measure_read_bandwidth(dev=None) -> float:
-    """Read-only bandwidth (a large sum()), bytes/s: 1 GiB on a GPU, 256 MiB on a CPU."""
-    from labkit.fastgen import measure_read_bandwidth as mrb
-
-    dev = torch.device(dev) if dev is not None else env.device()
-    return mrb(dev, nbytes=(1 << 30) if dev.type == "cuda" else (1 << 28))
+measure_read_bandwidth = env.measure_read_bandwidth  # the decode ceiling lives with the others in labkit.env
 
 
 def _prompt(model, tokenizer, batch: int, prompt_len: int, seed: int = 0) -> torch.Tensor:

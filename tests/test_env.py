@@ -57,5 +57,6 @@ def test_versions_and_capabilities():
 def test_measured_ceilings_are_plausible():
     bw = env.measure_copy_bandwidth(nbytes=1 << 24, iters=3)
     rate = env.measure_matmul_rate(n=256, iters=3)
-    assert 1e8 < bw < 1e13  # between 0.1 GB/s and 10 TB/s
+    read = env.measure_read_bandwidth(nbytes=1 << 24, iters=3)
+    assert 1e8 < bw < 1e13 and 1e8 < read < 1e13  # between 0.1 GB/s and 10 TB/s
     assert 1e8 < rate < 2e15
