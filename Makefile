@@ -3,7 +3,9 @@
 # or creates/completes the virtual environment .venv.
 SHELL := /bin/bash
 PYTEST_ARGS ?=
-TEST_CMD = -m pytest tests notebooks --nbval-lax --nbval-current-env --nbval-sanitize-with tests/sanitize.cfg \
+# what to run; a subset splits the suite, e.g. make test TEST_PATHS="tests notebooks/00_setup_and_roofline.ipynb"
+TEST_PATHS ?= tests notebooks
+TEST_CMD = -m pytest $(TEST_PATHS) --nbval-lax --nbval-current-env --nbval-sanitize-with tests/sanitize.cfg \
 	-p no:cacheprovider --durations=12 $(PYTEST_ARGS)
 
 .PHONY: lab test setup doctor student report strip clean

@@ -289,13 +289,15 @@ class LayerWeights:
     mlp_norm: torch.Tensor
 
 
-def _quantize(w: torch.Tensor, fmt: str, group: int):
+def _quantize(w: torch.Tensor, fmt: str, group: int, for_kernel: bool = False):
     if fmt == "bf16":
         return w.contiguous()
     if fmt == "int8":
         return wo.quantize_int8(w)
     if fmt == "int4":
-        return wo.quantize_int4(w, group)
+        q = wo.quantize_int4(w, group)
+        # the batch-1 kernel reads int4 in its interleaved word layout (same codes, see wo.WordWeight)
+        return wo.interleave(q) if for_kernel and group == 128 else q
     raise LabkitError(f"weights={fmt!r} is not one of {WEIGHT_FORMATS}")
 
 
@@ -335,17 +337,19 @@ class FastLlama:
         def t(p):
             return p.detach().to(dev)
 
+        def qz(w):
+            return _quantize(w, weights, group, for_kernel=kernels == "triton")
+
         self.layers: list[LayerWeights] = []
         for layer in hf_model.model.layers:
             a, m = layer.self_attn, layer.mlp
             wqkv = torch.cat([t(a.q_proj.weight), t(a.k_proj.weight), t(a.v_proj.weight)], dim=0)
             w13 = torch.cat([t(m.gate_proj.weight), t(m.up_proj.weight)], dim=0)
-            self.layers.append(LayerWeights(_quantize(wqkv, weights, group), _quantize(t(a.o_proj.weight), weights, group),
-                                            _quantize(w13, weights, group), _quantize(t(m.down_proj.weight), weights, group),
+            self.layers.append(LayerWeights(qz(wqkv), qz(t(a.o_proj.weight)), qz(w13), qz(t(m.down_proj.weight)),
                                             t(layer.input_layernorm.weight), t(layer.post_attention_layernorm.weight)))
         self.embed = t(emb)
         self.norm = t(hf_model.model.norm.weight)
-        self.lm_head = _quantize(t(hf_model.get_output_embeddings().weight), weights, group)
+        self.lm_head = qz(t(hf_model.get_output_embeddings().weight))
         self.cos, self.sin = rope_tables(cfg, max_seq_len, self.dtype, dev)
         shape = (cfg.n_layers, max_batch, cfg.n_kv_heads, max_seq_len, cfg.head_dim)
         self.k_cache = torch.zeros(shape, device=dev, dtype=self.dtype)  # (L, B, nkv, S, hd)

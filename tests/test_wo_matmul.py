@@ -43,9 +43,35 @@ def test_bad_input():
 
 CONFIGS = [wo.GemvConfig(8, 128, 4, "tile"), wo.GemvConfig(16, 256, 4, "acc"), wo.GemvConfig(16, 128, 4, "tile", 3),
            wo.GemvConfig(8, 128, 4, "acc", 2)]
+IL_CONFIGS = [wo.GemvConfig(8, 128, 1), wo.GemvConfig(16, 256, 2, split=2), wo.GemvConfig(4, 512, 4)]
 
 
-@pytest.mark.parametrize("fmt", ["fp16", "int8", "int4"])
+def test_interleave_roundtrip_and_errors():
+    torch.manual_seed(3)
+    w = torch.randn(24, 256).half()
+    for q in (wo.quantize_int8(w), wo.quantize_int4(w, 128)):
+        ww = wo.interleave(q)
+        assert ww.shape == q.shape and ww.nbytes() == q.nbytes() and ww.words.dtype == torch.int32
+        back = wo.deinterleave(ww)
+        assert type(back) is type(q)
+        for a, b in zip(vars(q).values(), vars(back).values()):
+            if isinstance(a, torch.Tensor):
+                assert torch.equal(a, b)
+        torch.testing.assert_close(wo.dequantize(ww, torch.float32), wo.dequantize(q, torch.float32), rtol=0, atol=0)
+    # int4: nibble i of word j holds column 16 i + j of its group of 128
+    q4 = wo.quantize_int4(w, 128)
+    codes = wo.unpack_int4(q4.packed).long()
+    word = wo.interleave(q4).words[0, 1].item() & 0xFFFFFFFF
+    assert all((word >> (4 * i)) & 0xF == codes[0, 16 * i + 1] for i in range(8))
+    with pytest.raises(ValueError):
+        wo.interleave(wo.quantize_int4(torch.randn(4, 128), 64))  # groups of 64
+    with pytest.raises(ValueError):
+        wo.interleave(wo.quantize_int8(torch.randn(4, 96)))  # K not a multiple of 64
+    with pytest.raises(TypeError):
+        wo.interleave(w)
+
+
+@pytest.mark.parametrize("fmt", ["fp16", "int8", "int4", "int8-il", "int4-il"])
 @pytest.mark.parametrize("M", [1, 3])
 @pytest.mark.parametrize("silu", [False, True])
 def test_kernel_matches_dequantize_then_matmul(fmt, M, silu):
@@ -54,11 +80,13 @@ def test_kernel_matches_dequantize_then_matmul(fmt, M, silu):
     dev = env.device()  # compiled on a GPU, the Triton interpreter on a CPU
     N, K = 40, 384  # N not a multiple of the row block, K not a multiple of 256
     w = (torch.randn(N, K, device=dev) * 0.05).half()
-    qw = {"fp16": w, "int8": wo.quantize_int8(w), "int4": wo.quantize_int4(w, 128)}[fmt]
+    qw = {"fp16": lambda: w, "int8": lambda: wo.quantize_int8(w), "int4": lambda: wo.quantize_int4(w, 128),
+          "int8-il": lambda: wo.interleave(wo.quantize_int8(w)),
+          "int4-il": lambda: wo.interleave(wo.quantize_int4(w, 128))}[fmt]()
     x = torch.randn(M, K * (2 if silu else 1), device=dev).half()
     ref32 = wo.matmul_reference(x.float(), wo.dequantize(qw, torch.float32), silu_gate_up=silu)
     err_torch = (wo.matmul_reference(x, qw, silu_gate_up=silu).float() - ref32).abs().max().item()
-    for cfg in CONFIGS:
+    for cfg in CONFIGS if not fmt.endswith("-il") else IL_CONFIGS:
         if cfg.variant == "acc" and M != 1:
             continue
         y = wo.wo_matmul(x, qw, silu_gate_up=silu, config=cfg)
@@ -81,7 +109,7 @@ def test_bf16_on_gpu():
         pytest.skip("needs a CUDA GPU")
     w = (torch.randn(4096, 4096, device="cuda") * 0.02).bfloat16()
     x = torch.randn(1, 4096, device="cuda").bfloat16()
-    for qw in (w, wo.quantize_int8(w), wo.quantize_int4(w)):
+    for qw in (w, wo.quantize_int8(w), wo.quantize_int4(w), wo.interleave(wo.quantize_int4(w))):
         ref32 = wo.matmul_reference(x.float(), wo.dequantize(qw, torch.float32))
         err_torch = (wo.matmul_reference(x, qw).float() - ref32).abs().max().item()
         err = (wo.wo_matmul(x, qw).float() - ref32).abs().max().item()

@@ -86,6 +86,73 @@ class Int4Weight:
         return Int4Weight(self.packed.to(device), self.scale.to(device), self.zero.to(device), self.group)
 
 
+@dataclass
+class WordWeight:
+    """int8 or int4 codes re-laid out in 32-bit words for the batch-1 kernel (``interleave``), same values.
+
+    Codes are stored in chunks of 16 words. int4 (one chunk = one group of 128 columns): nibble i of word j
+    holds column ``128 g + 16 i + j``; int8 (one chunk = 64 columns): byte b of word j holds ``64 c + 16 b + j``.
+    So the columns that share a bit position in neighbouring words are *consecutive*, and the kernel loads
+    the matching activations as one contiguous vector instead of a strided gather. words: (N, K // 8) int32
+    for int4, (N, K // 4) for int8; scale/zero as in Int4Weight / Int8Weight (zero is None for int8).
+    """
+
+    words: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    bits: int
+    group: int = 128
+
+    @property
+    def shape(self):
+        return (self.words.shape[0], self.words.shape[1] * (32 // self.bits))
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.words, self.scale, self.zero) if t is not None)
+
+    def to(self, device):
+        return WordWeight(self.words.to(device), self.scale.to(device),
+                          None if self.zero is None else self.zero.to(device), self.bits, self.group)
+
+
+def _to_int32(v: torch.Tensor) -> torch.Tensor:
+    """int64 holding 32-bit patterns -> int32 with the same bits."""
+    return torch.where(v >= 2**31, v - 2**32, v).to(torch.int32)
+
+
+def interleave(w) -> WordWeight:
+    """Int8Weight / Int4Weight -> WordWeight (the layout of the word kernel); ``deinterleave`` inverts it."""
+    if isinstance(w, Int4Weight):
+        q = unpack_int4(w.packed).long()  # (N, K)
+        N, K = q.shape
+        if w.group != 128:
+            raise ValueError(f"the word layout takes int4 groups of 128 columns, got {w.group}")
+        q = q.view(N, K // 128, 8, 16)  # (N, group, nibble i, word j)
+        words = sum(q[:, :, i] << (4 * i) for i in range(8))  # (N, G, 16)
+        return WordWeight(_to_int32(words).reshape(N, K // 8), w.scale, w.zero, 4, 128)
+    if isinstance(w, Int8Weight):
+        N, K = w.q.shape
+        if K % 64:
+            raise ValueError(f"the word layout takes int8 rows in chunks of 64 columns, got K={K}")
+        u = w.q.view(torch.uint8).long().view(N, K // 64, 4, 16)  # (N, chunk, byte b, word j)
+        words = sum(u[:, :, b] << (8 * b) for b in range(4))
+        return WordWeight(_to_int32(words).reshape(N, K // 4), w.scale, None, 8)
+    raise TypeError(f"interleave takes an Int8Weight or Int4Weight, got {type(w).__name__}")
+
+
+def deinterleave(w: WordWeight):
+    """WordWeight -> the Int8Weight / Int4Weight it was made from."""
+    N = w.words.shape[0]
+    v = w.words.long() & 0xFFFFFFFF  # (N, K // (32 / bits))
+    if w.bits == 4:
+        v = v.view(N, -1, 16)
+        q = torch.stack([(v >> (4 * i)) & 0xF for i in range(8)], dim=2)  # (N, G, 8, 16)
+        return Int4Weight(pack_int4(q.reshape(N, -1)), w.scale, w.zero, w.group)
+    v = v.view(N, -1, 16)
+    u = torch.stack([(v >> (8 * b)) & 0xFF for b in range(4)], dim=2)  # (N, C, 4, 16)
+    return Int8Weight(u.reshape(N, -1).to(torch.uint8).view(torch.int8), w.scale)
+
+
 def weight_nbytes(w) -> int:
     """Bytes a GEMV reads for weight ``w`` as stored (codes + scales + zeros)."""
     if isinstance(w, torch.Tensor):
@@ -161,6 +228,8 @@ def dequantize(w, dtype=None) -> torch.Tensor:
         return dequantize_int8(w, dtype)
     if isinstance(w, Int4Weight):
         return dequantize_int4(w, dtype)
+    if isinstance(w, WordWeight):
+        return dequantize(deinterleave(w), dtype)
     raise TypeError(f"unsupported weight type {type(w).__name__}; use a tensor, Int8Weight or Int4Weight")
 
 
@@ -317,6 +386,111 @@ if triton is not None:
         tl.store(y_ptr + pid_k * stride_ys + offs_n, y.to(y_ptr.dtype.element_ty), mask=mask_n)
 
     @triton.jit
+    def _nib_lo(v):
+        """The nibble at bits 15..18 of v as the float 1 + q / 256 (bits 15..22 are the top of the mantissa)."""
+        return ((v & 0x78000) | 0x3F800000).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _nib_hi(v):
+        """The nibble at bits 19..22 of v as the float 1 + q / 16."""
+        return ((v & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _wo_gemv_il_kernel(
+        x_ptr, w_ptr, s_ptr, z_ptr, y_ptr,
+        M, N, K, stride_xm, stride_wn, stride_sn, stride_ym, stride_ys, K_CHUNK,
+        BITS: tl.constexpr, PRO_SILU: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """GEMV over a WordWeight (int8 or int4 codes in 32-bit words, ``interleave`` layout), M <= BLOCK_M.
+
+        Codes become floats without int-to-float conversions (which run at a fraction of the FMA rate): a code
+        moved to the top of a float's mantissa, under the exponent of 1.0, reads as ``1 + code * 2^-e``.
+        int8 (byte at bits 15..22, sign bit flipped: u = q + 128): ``f = 1 + u / 256``, ``q s = s (256 f - 384)``.
+        int4: a word shifted four ways puts the even nibbles at bits 15..18 (``1 + q / 256``) and the odd ones
+        at 19..22 (``1 + q / 16``); with x pre-scaled by 256 or 16 to match, per group
+        ``sum_k x_k (q_k - z) s = s (sum_k x'_k f_k - sum_k x'_k - z sum_k x_k)``.
+        The interleaved layout makes the activations that meet bit position i of a tile's words one contiguous
+        vector, loaded once per step and shared by the BLOCK_N rows.
+        """
+        CH: tl.constexpr = 128 if BITS == 4 else 64  # columns per 16-word chunk
+        NC: tl.constexpr = BLOCK_K // CH
+        W: tl.constexpr = NC * 16  # words per row per step
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        k_lo = pid_k * K_CHUNK
+        k_hi = tl.minimum(K, k_lo + K_CHUNK)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_w = tl.arange(0, W)
+        # a (BLOCK_N, W) tile, words contiguous along a row: the threads of a warp spread along the row and each
+        # thread keeps several rows, so one load of x serves all of them
+        xcol = (offs_w // 16) * CH + offs_w % 16  # (W,) column held at bit position 0 of each word
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            w0 = (k0 // CH) * 16  # first word of this step
+            mask_w = (w0 + offs_w) < (K // CH) * 16
+            wd = tl.load(w_ptr + offs_n[:, None] * stride_wn + (w0 + offs_w)[None, :],
+                         mask=mask_n[:, None] & mask_w[None, :], other=0)  # (BLOCK_N, W) int32
+            kb = k0 + xcol
+            if BITS == 4:
+                va = wd << 15  # nibbles 0 and 1 at bits 15..18 and 19..22
+                vb = wd << 7  # nibbles 2, 3
+                vc = wd >> 1  # nibbles 4, 5
+                vd = wd >> 9  # nibbles 6, 7
+                c_idx = k0 // CH + tl.arange(0, NC)
+                sz_off = offs_n[:, None] * stride_sn + c_idx[None, :]
+                sz_mask = mask_n[:, None] & (c_idx < K // CH)[None, :]
+                s = tl.load(s_ptr + sz_off, mask=sz_mask, other=0.0).to(tl.float32)  # (BLOCK_N, NC)
+                z = tl.load(z_ptr + sz_off, mask=sz_mask, other=0.0).to(tl.float32)
+                for m in tl.static_range(BLOCK_M):
+                    xr = x_ptr + tl.minimum(m, M - 1) * stride_xm
+                    x0 = _load_x(xr, kb, mask_w, K, PRO_SILU)
+                    x1 = _load_x(xr, kb + 16, mask_w, K, PRO_SILU)
+                    x2 = _load_x(xr, kb + 32, mask_w, K, PRO_SILU)
+                    x3 = _load_x(xr, kb + 48, mask_w, K, PRO_SILU)
+                    x4 = _load_x(xr, kb + 64, mask_w, K, PRO_SILU)
+                    x5 = _load_x(xr, kb + 80, mask_w, K, PRO_SILU)
+                    x6 = _load_x(xr, kb + 96, mask_w, K, PRO_SILU)
+                    x7 = _load_x(xr, kb + 112, mask_w, K, PRO_SILU)
+                    x_sum = tl.sum(tl.reshape(x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7, (NC, 16)), axis=1)  # (NC,)
+                    x0 = x0 * 256.0
+                    x1 = x1 * 16.0
+                    x2 = x2 * 256.0
+                    x3 = x3 * 16.0
+                    x4 = x4 * 256.0
+                    x5 = x5 * 16.0
+                    x6 = x6 * 256.0
+                    x7 = x7 * 16.0
+                    a_sum = tl.sum(tl.reshape(x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7, (NC, 16)), axis=1)
+                    part = (_nib_lo(va) * x0[None, :] + _nib_hi(va) * x1[None, :] + _nib_lo(vb) * x2[None, :]
+                            + _nib_hi(vb) * x3[None, :] + _nib_lo(vc) * x4[None, :] + _nib_hi(vc) * x5[None, :]
+                            + _nib_lo(vd) * x6[None, :] + _nib_hi(vd) * x7[None, :])  # (BLOCK_N, W)
+                    gsum = tl.sum(tl.reshape(part, (BLOCK_N, NC, 16)), axis=2)  # (BLOCK_N, NC)
+                    val = tl.sum(s * (gsum - a_sum[None, :] - z * x_sum[None, :]), axis=1)
+                    acc += tl.where(offs_m[:, None] == m, val[None, :], 0.0)
+            else:
+                # byte b moved to bits 15..22 with its sign bit flipped, under the exponent of 1.0: 1 + u / 256
+                f0 = (((wd << 15) & 0x7F8000) ^ 0x3FC00000).to(tl.float32, bitcast=True)
+                f1 = (((wd << 7) & 0x7F8000) ^ 0x3FC00000).to(tl.float32, bitcast=True)
+                f2 = (((wd >> 1) & 0x7F8000) ^ 0x3FC00000).to(tl.float32, bitcast=True)
+                f3 = (((wd >> 9) & 0x7F8000) ^ 0x3FC00000).to(tl.float32, bitcast=True)
+                for m in tl.static_range(BLOCK_M):
+                    xr = x_ptr + tl.minimum(m, M - 1) * stride_xm
+                    x0 = _load_x(xr, kb, mask_w, K, PRO_SILU)
+                    x1 = _load_x(xr, kb + 16, mask_w, K, PRO_SILU)
+                    x2 = _load_x(xr, kb + 32, mask_w, K, PRO_SILU)
+                    x3 = _load_x(xr, kb + 48, mask_w, K, PRO_SILU)
+                    part = f0 * x0[None, :] + f1 * x1[None, :] + f2 * x2[None, :] + f3 * x3[None, :]
+                    val = 256.0 * tl.sum(part, axis=1) - 384.0 * tl.sum(x0 + x1 + x2 + x3, axis=0)  # (BLOCK_N,)
+                    acc += tl.where(offs_m[:, None] == m, val[None, :], 0.0)
+        if BITS == 8:
+            acc = acc * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        y_ptrs = y_ptr + pid_k * stride_ys + offs_m[:, None] * stride_ym + offs_n[None, :]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & mask_n[None, :])
+
+    @triton.jit
     def _sum_splits_kernel(p_ptr, y_ptr, MN, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
         """y[i] = sum over s of p[s, i] (fp32 partials of a split-K GEMV), cast to y's dtype."""
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -335,7 +509,9 @@ class GemvConfig:
     block_n: int = 8
     block_k: int = 512
     num_warps: int = 4
-    variant: str = "tile"  # "tile": any M, one weight tile reused by all rows; "acc": M = 1, element-wise accumulator
+    # "tile": any M, one weight tile reused by all rows; "acc": M = 1, element-wise accumulator (a hint: for
+    # M > 1 the tile kernel runs). A WordWeight always runs its own kernel (_wo_gemv_il_kernel); variant is ignored.
+    variant: str = "tile"
     split: int = 1  # split-K: programs along K write fp32 partials, a second small kernel sums them
 
 
@@ -365,7 +541,25 @@ CANDIDATES_SPLIT = {
     2: [GemvConfig(32, 512, 4, "tile", 4), GemvConfig(64, 256, 8, "tile", 8), GemvConfig(32, 256, 4, "tile", 4),
         GemvConfig(16, 512, 4, "tile", 2), GemvConfig(32, 256, 4, "acc", 4), GemvConfig(64, 256, 8, "acc", 8)],
 }
+# WordWeight (interleaved int8 = kind 3, int4 = kind 4): any M, one kernel; rows per program x K per step.
+# The best of a 7B-shape sweep on an H200 (scripts/gpu_decode.py sweep), the first one being the default.
+CANDIDATES_IL = {
+    3: [GemvConfig(16, 2048, 8), GemvConfig(32, 256, 4, split=4), GemvConfig(32, 512, 4, split=4),
+        GemvConfig(16, 2048, 4, split=4), GemvConfig(8, 2048, 4)],
+    4: [GemvConfig(16, 2048, 4), GemvConfig(16, 2048, 8), GemvConfig(64, 512, 4, split=4),
+        GemvConfig(32, 1024, 4, split=4), GemvConfig(32, 512, 4, split=4), GemvConfig(8, 2048, 4),
+        GemvConfig(16, 2048, 4, split=4)],
+}
 _TUNED: dict = {}
+
+
+def candidates_for(kind: int, M: int) -> list:
+    """The configs tune() tries for a weight kind (0 float, 1 int8, 2 int4, 3/4 WordWeight int8/int4) at M rows."""
+    if kind in CANDIDATES_IL:
+        return CANDIDATES_IL[kind]
+    if M == 1:
+        return CANDIDATES_M1[kind] + CANDIDATES[kind] + CANDIDATES_SPLIT[kind]
+    return CANDIDATES[kind] + CANDIDATES_SPLIT[kind]
 
 
 def _kind(w) -> int:
@@ -375,7 +569,14 @@ def _kind(w) -> int:
         return 1
     if isinstance(w, Int4Weight):
         return 2
-    raise TypeError(f"unsupported weight type {type(w).__name__}; use a tensor, Int8Weight or Int4Weight")
+    if isinstance(w, WordWeight):
+        return 3 if w.bits == 8 else 4
+    raise TypeError(f"unsupported weight type {type(w).__name__}; use a tensor, Int8Weight, Int4Weight or WordWeight")
+
+
+def _device(w) -> torch.device:
+    return w.device if isinstance(w, torch.Tensor) else (w.q if isinstance(w, Int8Weight) else
+                                                         w.packed if isinstance(w, Int4Weight) else w.words).device
 
 
 def _key(kind, N, K, M, silu, dtype):
@@ -401,13 +602,13 @@ def wo_matmul(x: torch.Tensor, w, silu_gate_up: bool = False, config: GemvConfig
         raise ValueError(f"wo_matmul is a GEMV for M in 1..{MAX_M} rows, got M={M}; use linear() for larger M")
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"x must be fp16/bf16/fp32, got {x.dtype}")
-    if x.device != (w.device if kind == 0 else (w.q.device if kind == 1 else w.packed.device)):
+    if x.device != _device(w):
         raise ValueError("x and the weight must be on the same device")
     if x.stride(1) != 1:
         x = x.contiguous()
     if out is None:
         out = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    cfg = config or _TUNED.get(_key(kind, N, K, M, silu_gate_up, x.dtype)) or CANDIDATES[kind][0]
+    cfg = config or _TUNED.get(_key(kind, N, K, M, silu_gate_up, x.dtype)) or candidates_for(kind, M)[0]
     block_k = cfg.block_k
     if kind == 0:
         wp, sp, zp, stride_wn, stride_sn, group = w, w, w, w.stride(0), 0, 1
@@ -415,6 +616,13 @@ def wo_matmul(x: torch.Tensor, w, silu_gate_up: bool = False, config: GemvConfig
             raise ValueError("the weight must be contiguous along K")
     elif kind == 1:
         wp, sp, zp, stride_wn, stride_sn, group = w.q, w.scale, w.scale, w.q.stride(0), 0, 1
+    elif kind >= 3:
+        wp, sp, stride_wn = w.words, w.scale, w.words.stride(0)
+        zp, stride_sn = (w.zero, w.scale.stride(0)) if kind == 4 else (w.scale, 0)
+        group = 128 if kind == 4 else 64  # columns per 16-word chunk
+        block_k = max(block_k, group)
+        if w.words.stride(1) != 1:
+            raise ValueError("WordWeight.words must be contiguous along K")
     else:
         wp, sp, zp, stride_wn, stride_sn, group = w.packed, w.scale, w.zero, w.packed.stride(0), w.scale.stride(0), w.group
         block_k = max(block_k, group)
@@ -429,7 +637,13 @@ def wo_matmul(x: torch.Tensor, w, silu_gate_up: bool = False, config: GemvConfig
             raise ValueError("split-K needs a contiguous output")
     else:
         y = out
-    if cfg.variant == "acc" and M == 1:
+    if kind >= 3:
+        block_m = max(1, triton.next_power_of_2(M))
+        _wo_gemv_il_kernel[grid](x, wp, sp, zp, y, M, N, K, x.stride(0), stride_wn, stride_sn,
+                                 N if nsplit > 1 else out.stride(0), M * N, k_chunk, BITS=8 if kind == 3 else 4,
+                                 PRO_SILU=silu_gate_up, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
+                                 num_warps=cfg.num_warps)
+    elif cfg.variant == "acc" and M == 1:
         _wo_gemv1_kernel[grid](x, wp, sp, zp, y, N, K, stride_wn, stride_sn, M * N, k_chunk, KIND=kind, GROUP=group,
                                PRO_SILU=silu_gate_up, BLOCK_N=cfg.block_n, BLOCK_K=block_k, num_warps=cfg.num_warps)
     else:
@@ -459,24 +673,82 @@ def linear(x: torch.Tensor, w, silu_gate_up: bool = False, use_kernel: bool = Tr
     return y.reshape(*lead, y.shape[-1])
 
 
-def tune(w, M: int = 1, dtype=torch.bfloat16, silu_gate_up: bool = False, candidates=None, reps: int = 50) -> GemvConfig:
-    """Time each candidate config for this weight and M on the GPU (random x), keep and return the fastest."""
+def _copies(w, n: int) -> list:
+    """n independent copies of a weight (the first is w itself)."""
+    out = [w]
+    for _ in range(n - 1):
+        if isinstance(w, torch.Tensor):
+            out.append(w.clone())
+        elif isinstance(w, Int8Weight):
+            out.append(Int8Weight(w.q.clone(), w.scale.clone()))
+        elif isinstance(w, WordWeight):
+            out.append(WordWeight(w.words.clone(), w.scale.clone(), None if w.zero is None else w.zero.clone(),
+                                  w.bits, w.group))
+        else:
+            out.append(Int4Weight(w.packed.clone(), w.scale.clone(), w.zero.clone(), w.group))
+    return out
+
+
+def time_gemv(x: torch.Tensor, w, silu_gate_up: bool = False, config: GemvConfig | None = None, calls: int = 32,
+              rounds: int = 7, cold_bytes: int = 256 << 20) -> float:
+    """Milliseconds per ``wo_matmul`` call as a decode step sees it: back-to-back launches inside a CUDA graph.
+
+    Timing single calls from Python measures the launch (tens of microseconds), not a kernel that reads a few
+    megabytes; and one weight timed over and over stays in L2. So the calls cycle over enough copies of the
+    weight (``cold_bytes`` in all, beyond any L2) and are replayed as one graph; median over ``rounds``.
+    """
+    if x.device.type != "cuda":
+        raise LabkitError("time_gemv times kernels on a CUDA GPU")
+    n_copies = max(1, min(calls, -(-cold_bytes // max(1, weight_nbytes(w)))))
+    ws = _copies(w, n_copies)
+    out = torch.empty(x.shape[0], w.shape[0], device=x.device, dtype=x.dtype)
+    fns = [lambda wi=wi: wo_matmul(x, wi, silu_gate_up, config, out) for wi in ws]
+    return graph_time_ms(fns, calls, rounds)
+
+
+def graph_time_ms(fns: list, calls: int = 32, rounds: int = 7) -> float:
+    """Median milliseconds per call of ``calls`` calls cycling over ``fns``, captured and replayed as a CUDA graph."""
+    dev = torch.device("cuda", torch.cuda.current_device())
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side):
+        for f in fns:  # compile and warm up outside the capture
+            f()
+    torch.cuda.current_stream(dev).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for c in range(calls):
+            fns[c % len(fns)]()
+    graph.replay()
+    times = []
+    for _ in range(rounds):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / calls)
+    del graph
+    return sorted(times)[len(times) // 2]
+
+
+def tune(w, M: int = 1, dtype=torch.bfloat16, silu_gate_up: bool = False, candidates=None) -> GemvConfig:
+    """Time each candidate config for this weight and M on the GPU (random x, ``time_gemv``), keep the fastest."""
     if not torch.cuda.is_available():
         raise LabkitError("tune() times kernels on a CUDA GPU; on a CPU the default config is used.")
     kind = _kind(w)
     N, K = w.shape
-    dev = w.device if kind == 0 else (w.q.device if kind == 1 else w.packed.device)
+    dev = _device(w)
     x = torch.randn(M, K * (2 if silu_gate_up else 1), device=dev, dtype=dtype)
     out = torch.empty(M, N, device=dev, dtype=dtype)
     best, best_t = None, float("inf")
-    for cfg in candidates or ((CANDIDATES_M1[kind] if M == 1 else []) + CANDIDATES[kind] + CANDIDATES_SPLIT[kind]):
+    for cfg in candidates or candidates_for(kind, M):
         if cfg.variant == "acc" and M != 1:
             continue
         if kind == 2 and (max(cfg.block_k, w.group) % w.group):
             continue
         try:
-            t = triton.testing.do_bench(lambda: wo_matmul(x, w, silu_gate_up, cfg, out), warmup=10, rep=reps,
-                                        return_mode="median")
+            t = time_gemv(x, w, silu_gate_up, cfg)
         except Exception:  # a config that does not compile (too many registers) is skipped
             continue
         if t < best_t:
