@@ -52,7 +52,13 @@ def test_fused_ops_match_references():
     qkv = torch.randn(B, (nq + 2 * nkv) * hd, device=dev).half()
     q1 = fastgen.rope_cache_ref(qkv, pos, cos, sin, kc, vc, nq, nkv)
     q2 = fastgen.rope_cache_triton(qkv, pos, cos, sin, kc2, vc2, nq, nkv)
-    assert torch.equal(q1, q2) and torch.equal(kc, kc2) and torch.equal(vc, vc2)
+    assert torch.equal(vc, vc2)  # V is copied, never rounded
+    if dev.type == "cuda":
+        # compiled, products may be contracted into FMAs before the fp16 rounding: at most one ulp apart
+        torch.testing.assert_close(q2, q1, rtol=2**-10, atol=2**-14)
+        torch.testing.assert_close(kc2, kc, rtol=2**-10, atol=2**-14)
+    else:  # the interpreter rounds every product as torch does: bit for bit
+        assert torch.equal(q1, q2) and torch.equal(kc, kc2)
     o32 = fastgen.decode_attention_ref(q1.float(), kc.float(), vc.float(), pos, 22)
     err_torch = (fastgen.decode_attention_ref(q1, kc, vc, pos, 22).float() - o32).abs().max().item()
     err = (fastgen.decode_attention_triton(q1, kc, vc, pos).float() - o32).abs().max().item()
@@ -79,9 +85,10 @@ def test_triton_loop_matches_torch_loop():
 
 @pytest.mark.slow
 def test_smollm2_matches_hf_generate():
-    model, tok = models.load("smollm2-135m")  # real weights, fp32 on CPU
+    # real weights in fp32 on the CPU, where greedy tokens must agree exactly (bf16 on a GPU: notebook 06)
+    model, tok = models.load("smollm2-135m", device="cpu", dtype=torch.float32)
     ids = tok("The three primary colours are", return_tensors="pt").input_ids
-    fast = fastgen.FastLlama(model, max_seq_len=128)
+    fast = fastgen.FastLlama(model, kernels="torch", max_seq_len=128)
     res = fastgen.compare_with_hf(model, fast, ids, 16)
     assert res["all_equal"] and res["rows"][0]["hf_len"] >= 8, res
     assert res["rel_logit_diff"] < 1e-4, res

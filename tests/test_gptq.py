@@ -24,12 +24,14 @@ def test_blocked_equals_reference(actorder, groupsize):
     assert torch.allclose(gq.H, 2 * X.t() @ X / X.shape[0], rtol=1e-4, atol=1e-4)
     a = gq.quantize(4, groupsize, blocksize=64, actorder=actorder)
     b = G.gptq_quantize_reference(W, gq.H, 4, groupsize, actorder=actorder)
-    assert abs(a[3] - b[3]) <= 1e-4 * b[3]
     # Lazy batches and rank-1 updates add the same terms in another order; in fp32 a weight that lands within
-    # rounding of a grid midpoint can round the other way on another BLAS build. In fp64 the two agree exactly.
+    # rounding of a grid midpoint can round the other way on another BLAS build (seen: 2e-4 of the loss on one
+    # machine), so fp32 only has to land close. In fp64 the two agree exactly: same codes, same loss.
+    assert abs(a[3] - b[3]) <= 1e-3 * b[3]
     a = G.gptq_quantize(W.double(), gq.H.double(), 4, groupsize, blocksize=64, actorder=actorder)
     b = G.gptq_quantize_reference(W.double(), gq.H.double(), 4, groupsize, actorder=actorder)
     assert torch.equal(a[0], b[0]) and torch.allclose(a[1], b[1]) and torch.allclose(a[2], b[2])
+    assert abs(a[3] - b[3]) <= 1e-9 * b[3]
 
 
 @pytest.mark.parametrize("bits,groupsize", [(4, 128), (3, 128), (3, 64)])
