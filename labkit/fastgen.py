@@ -262,7 +262,8 @@ def rope_cache_triton(qkv, pos, cos, sin, k_cache, v_cache, n_heads: int, n_kv_h
     q = torch.empty(B, n_heads, hd, device=qkv.device, dtype=qkv.dtype)
     _rope_cache_kernel[(B, n_heads + n_kv_heads)](qkv, pos, cos, sin, q, k_cache, v_cache, qkv.stride(0),
                                                   q.stride(0), k_cache.stride(0), k_cache.stride(1),
-                                                  k_cache.stride(2), n_heads, n_kv_heads, HD=hd, num_warps=1)
+                                                  k_cache.stride(2), n_heads, n_kv_heads, HD=hd, num_warps=1,
+                                                  enable_fp_fusion=False)  # round every product, as torch does
     return q
 
 
