@@ -217,3 +217,33 @@ def _json_default(obj):
     if hasattr(obj, "item"):
         return obj.item()
     raise TypeError(f"not JSON serializable: {type(obj).__name__}")
+
+
+def graph_time_ms(fns: list, calls: int = 32, rounds: int = 7) -> float:
+    """Median milliseconds per call of ``calls`` calls cycling over ``fns``, captured and replayed as a CUDA graph.
+
+    For kernels too short to time one launch at a time from Python (the launch would be what is measured).
+    """
+    env.require_cuda("graph_time_ms (CUDA-graph timing)")
+    dev = torch.device("cuda", torch.cuda.current_device())
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side):
+        for f in fns:  # compile and warm up outside the capture
+            f()
+    torch.cuda.current_stream(dev).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for c in range(calls):
+            fns[c % len(fns)]()
+    graph.replay()
+    times = []
+    for _ in range(rounds):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / calls)
+    del graph
+    return sorted(times)[len(times) // 2]

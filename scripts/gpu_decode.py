@@ -63,7 +63,7 @@ def part_kernels(sweep=False):
         x = torch.randn(M, K * (2 if silu else 1), device=dev, dtype=torch.bfloat16, generator=gen)
         xin = x if not silu else torch.nn.functional.silu(x[:, :K]) * x[:, K:]
         copies = [w] + [w.clone() for _ in range(max(0, -(-(256 << 20) // (N * K * 2)) - 1))]
-        t_cublas = wo.graph_time_ms([lambda wi=wi: torch.nn.functional.linear(xin, wi) for wi in copies])
+        t_cublas = bench.graph_time_ms([lambda wi=wi: torch.nn.functional.linear(xin, wi) for wi in copies])
         del copies
         fmts = os.environ.get("GEMV_FORMATS", "bf16,int8,int4,int8-il,int4-il").split(",")
         for fmt in fmts:

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 import labkit.kernels  # noqa: F401  (sets TRITON_INTERPRET=1 when there is no GPU, before triton is imported)
+from labkit import bench
 from labkit.env import LabkitError
 
 try:
@@ -703,33 +704,7 @@ def time_gemv(x: torch.Tensor, w, silu_gate_up: bool = False, config: GemvConfig
     ws = _copies(w, n_copies)
     out = torch.empty(x.shape[0], w.shape[0], device=x.device, dtype=x.dtype)
     fns = [lambda wi=wi: wo_matmul(x, wi, silu_gate_up, config, out) for wi in ws]
-    return graph_time_ms(fns, calls, rounds)
-
-
-def graph_time_ms(fns: list, calls: int = 32, rounds: int = 7) -> float:
-    """Median milliseconds per call of ``calls`` calls cycling over ``fns``, captured and replayed as a CUDA graph."""
-    dev = torch.device("cuda", torch.cuda.current_device())
-    side = torch.cuda.Stream(dev)
-    side.wait_stream(torch.cuda.current_stream(dev))
-    with torch.cuda.stream(side):
-        for f in fns:  # compile and warm up outside the capture
-            f()
-    torch.cuda.current_stream(dev).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for c in range(calls):
-            fns[c % len(fns)]()
-    graph.replay()
-    times = []
-    for _ in range(rounds):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / calls)
-    del graph
-    return sorted(times)[len(times) // 2]
+    return bench.graph_time_ms(fns, calls, rounds)
 
 
 def tune(w, M: int = 1, dtype=torch.bfloat16, silu_gate_up: bool = False, candidates=None) -> GemvConfig:
@@ -740,7 +715,6 @@ def tune(w, M: int = 1, dtype=torch.bfloat16, silu_gate_up: bool = False, candid
     N, K = w.shape
     dev = _device(w)
     x = torch.randn(M, K * (2 if silu_gate_up else 1), device=dev, dtype=dtype)
-    out = torch.empty(M, N, device=dev, dtype=dtype)
     best, best_t = None, float("inf")
     for cfg in candidates or candidates_for(kind, M):
         if cfg.variant == "acc" and M != 1:
