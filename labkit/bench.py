@@ -225,6 +225,8 @@ def graph_time_ms(fns: list, calls: int = 32, rounds: int = 7) -> float:
     For kernels too short to time one launch at a time from Python (the launch would be what is measured).
     """
     env.require_cuda("graph_time_ms (CUDA-graph timing)")
+    import torch
+
     dev = torch.device("cuda", torch.cuda.current_device())
     side = torch.cuda.Stream(dev)
     side.wait_stream(torch.cuda.current_stream(dev))

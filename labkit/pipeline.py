@@ -189,8 +189,11 @@ def quoted_comparison(records: list[dict], read_bw: float) -> list[dict]:
 
 
 def run_all(out_dir=None, *, models_to_run=("smollm2-135m", "llama2-7b-shape"), batches=(1, 4, 16),
-            log=print) -> dict:
-    """GPU: matrix on SmolLM2 and the 7B shape, batch sweep, quoted-figures table -> pipeline.json + png."""
+            iters: int = 3, log=print) -> dict:
+    """GPU: matrix on SmolLM2 and the 7B shape, batch sweep, quoted-figures table -> pipeline.json + png.
+
+    ``iters``: timed repeats per cell (median); notebook 05 uses fewer, and one model, to stay short.
+    """
     env.require_cuda("the full pipeline matrix")
     dev = env.device()
     read_bw = measure_read_bandwidth(dev)
@@ -199,7 +202,8 @@ def run_all(out_dir=None, *, models_to_run=("smollm2-135m", "llama2-7b-shape"), 
     records = []
     for name in models_to_run:
         try:
-            records += run_matrix(name, prompt_len=512, new_tokens=16, batches=batches, read_bw=read_bw, log=log)
+            records += run_matrix(name, prompt_len=512, new_tokens=16, batches=batches, read_bw=read_bw,
+                                  iters=iters, log=log)
         except LabkitError as exc:
             records.append({"model": name, "status": str(exc)})
             log(f"{name}: {exc}")

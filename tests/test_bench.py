@@ -44,3 +44,16 @@ def test_results_round_trip(tmp_path):
     assert doc["records"][0]["m"]["median_s"] == 1.5
     for key in ("device", "versions", "git_commit", "utc", "profile"):
         assert key in doc["meta"]
+
+
+def test_graph_time_ms():
+    """CUDA-graph timing: a clear error without a GPU; on a GPU, a longer kernel takes longer."""
+    if not torch.cuda.is_available():
+        with pytest.raises(Exception, match="CUDA"):
+            bench.graph_time_ms([lambda: None])
+        return
+    a = torch.randn(1 << 20, device="cuda")
+    b = torch.randn(16 << 20, device="cuda")
+    t_small = bench.graph_time_ms([lambda: a.mul_(1.0)])
+    t_big = bench.graph_time_ms([lambda: b.mul_(1.0)])
+    assert 0 < t_small < t_big

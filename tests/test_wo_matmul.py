@@ -109,7 +109,8 @@ def test_bf16_on_gpu():
         pytest.skip("needs a CUDA GPU")
     w = (torch.randn(4096, 4096, device="cuda") * 0.02).bfloat16()
     x = torch.randn(1, 4096, device="cuda").bfloat16()
-    for qw in (w, wo.quantize_int8(w), wo.quantize_int4(w), wo.interleave(wo.quantize_int4(w))):
+    for qw in (w, wo.quantize_int8(w), wo.quantize_int4(w), wo.interleave(wo.quantize_int4(w)),
+               wo.interleave(wo.quantize_int8(w))):
         ref32 = wo.matmul_reference(x.float(), wo.dequantize(qw, torch.float32))
         err_torch = (wo.matmul_reference(x, qw).float() - ref32).abs().max().item()
         err = (wo.wo_matmul(x, qw).float() - ref32).abs().max().item()
