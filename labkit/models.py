@@ -176,12 +176,35 @@ def _bnb_config(quant, compute_dtype):
     from transformers import BitsAndBytesConfig
 
     if isinstance(quant, BitsAndBytesConfig):
+        if quant.load_in_8bit:
+            quiet_int8_cast_notice()
         return quant
     env.require_package("bitsandbytes", f"quant={quant!r}")
     if quant == "int8":
+        quiet_int8_cast_notice()
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype,
                               bnb_4bit_use_double_quant=(quant == "nf4-dq"))
+
+
+def quiet_int8_cast_notice() -> None:
+    """Drop bitsandbytes' "MatMul8bitLt: inputs will be cast ... to float16" notice, repeated on every int8 matmul.
+
+    Recent bitsandbytes logs it (older versions warned) once per call: a 512-token prefill and a few generates
+    emit it tens of thousands of times, and in a notebook each one travels to the front end as an output,
+    which slowed notebook 05's LLM.int8 cell from under a minute to more than eight.
+    """
+    import logging
+    import warnings
+
+    class _Drop(logging.Filter):
+        def filter(self, record):
+            return not str(record.msg).startswith("MatMul8bitLt: inputs will be cast")
+
+    log = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(type(f).__name__ == "_Drop" for f in log.filters):
+        log.addFilter(_Drop())
+    warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
 
 
 def _quant_name(quant) -> str | None:
