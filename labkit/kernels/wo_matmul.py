@@ -246,6 +246,14 @@ def matmul_reference(x: torch.Tensor, w, silu_gate_up: bool = False) -> torch.Te
 if triton is not None:
 
     @triton.jit
+    def _program_tile(N, K, K_CHUNK, BLOCK_N: tl.constexpr):
+        """This program's split (axis 1), its K range [k_lo, k_hi), and its BLOCK_N output rows (axis 0)."""
+        pid_k = tl.program_id(1)
+        k_lo = pid_k * K_CHUNK
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        return pid_k, k_lo, tl.minimum(K, k_lo + K_CHUNK), offs_n, offs_n < N
+
+    @triton.jit
     def _load_x(x_row, offs_k, mask_k, K, PRO_SILU: tl.constexpr):
         """A chunk of one activation row in fp32; with PRO_SILU the row is [gate | up] -> silu(gate) * up."""
         if PRO_SILU:
@@ -272,12 +280,7 @@ if triton is not None:
 
         Each weight tile is loaded once and dequantized in registers, then used by every row of x.
         """
-        pid_n = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        k_lo = pid_k * K_CHUNK
-        k_hi = tl.minimum(K, k_lo + K_CHUNK)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
-        mask_n = offs_n < N
+        pid_k, k_lo, k_hi, offs_n, mask_n = _program_tile(N, K, K_CHUNK, BLOCK_N)
         offs_m = tl.arange(0, BLOCK_M)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if KIND == 2:
@@ -346,12 +349,7 @@ if triton is not None:
         No cross-thread reduction inside the K loop, so the loop is loads and FMAs only; for int4 each
         iteration covers BLOCK_K // GROUP groups, one scale and zero per row and group.
         """
-        pid_n = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        k_lo = pid_k * K_CHUNK
-        k_hi = tl.minimum(K, k_lo + K_CHUNK)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
+        pid_k, k_lo, k_hi, offs_n, mask_n = _program_tile(N, K, K_CHUNK, BLOCK_N)
         if KIND == 2:
             HALF: tl.constexpr = GROUP // 2
             offs_j = tl.arange(0, HALF)
@@ -421,12 +419,7 @@ if triton is not None:
         CH: tl.constexpr = 128 if BITS == 4 else 64  # columns per 16-word chunk
         NC: tl.constexpr = BLOCK_K // CH
         W: tl.constexpr = NC * 16  # words per row per step
-        pid_n = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        k_lo = pid_k * K_CHUNK
-        k_hi = tl.minimum(K, k_lo + K_CHUNK)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
+        pid_k, k_lo, k_hi, offs_n, mask_n = _program_tile(N, K, K_CHUNK, BLOCK_N)
         offs_m = tl.arange(0, BLOCK_M)
         offs_w = tl.arange(0, W)
         # a (BLOCK_N, W) tile, words contiguous along a row: the threads of a warp spread along the row and each
