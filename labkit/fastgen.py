@@ -11,13 +11,13 @@ each beside a reference:
    matrix-vector products.
 2. **A static KV cache** ``(layers, batch, kv_heads, max_seq_len, head_dim)`` allocated once, and a position
    held in a device tensor, so every decode step has the same shapes and addresses.
-3. **One CUDA graph per step** (explicit ``torch.cuda.CUDAGraph`` capture): the step's ~230 kernels are
-   replayed with a single launch; the step also writes its argmax token back into its input buffer and
+3. **One CUDA graph per step** (explicit ``torch.cuda.CUDAGraph`` capture): the step's kernels (seven or eight per
+   layer) are replayed with a single launch; the step also writes its argmax token back into its input buffer and
    advances the position, so N steps are N replays with no host synchronisation.
 
 Two kernel sets compute the step with the same signatures: ``kernels="torch"`` (PyTorch ops: the
-reference, and the only path on a CPU) and ``kernels="triton"`` (fused Triton kernels: add+RMSNorm, RoPE +
-cache write, single-pass decode attention, and the weight-only GEMV of ``labkit.kernels.wo_matmul`` for
+reference, and the only path on a CPU) and ``kernels="triton"`` (fused Triton kernels: add+RMSNorm, which also sums
+the split-K partials of the GEMV before it; RoPE + cache write + single-pass decode attention as one kernel; and the weight-only GEMV of ``labkit.kernels.wo_matmul`` for
 bf16, int8 and int4 weights). Greedy tokens equal HF ``generate(do_sample=False)``; see tests/test_fastgen.py.
 
 Prefill (the prompt) runs through the torch path (cuBLAS GEMMs, SDPA causal attention); quantized weights are
@@ -158,14 +158,19 @@ def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
 if triton is not None:
 
     @triton.jit
-    def _add_rmsnorm_kernel(x_ptr, d_ptr, w_ptr, out_ptr, H, eps, stride_x, stride_d, stride_o,
-                            HAS_DELTA: tl.constexpr, BLOCK_H: tl.constexpr):
+    def _add_rmsnorm_kernel(x_ptr, d_ptr, w_ptr, out_ptr, H, eps, stride_x, stride_d, stride_ds, stride_o,
+                            HAS_DELTA: tl.constexpr, SPLIT: tl.constexpr, BLOCK_H: tl.constexpr):
         row = tl.program_id(0)
         offs = tl.arange(0, BLOCK_H)
         mask = offs < H
         x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_DELTA:
-            d = tl.load(d_ptr + row * stride_d + offs, mask=mask, other=0.0).to(tl.float32)
+            # SPLIT > 1: delta arrives as the fp32 partial sums of a split-K GEMV, summed here in split order and
+            # rounded to the dtype, exactly what the GEMV's own reduction kernel would have stored
+            d = tl.zeros((BLOCK_H,), tl.float32)
+            for sp in tl.static_range(SPLIT):
+                d += tl.load(d_ptr + sp * stride_ds + row * stride_d + offs, mask=mask, other=0.0).to(tl.float32)
+            d = d.to(x_ptr.dtype.element_ty).to(tl.float32)
             xr = (x + d).to(x_ptr.dtype.element_ty)  # the residual stream is kept in the model dtype
             tl.store(x_ptr + row * stride_x + offs, xr, mask=mask)
             x = xr.to(tl.float32)
@@ -175,107 +180,100 @@ if triton is not None:
         tl.store(out_ptr + row * stride_o + offs, (w * normed).to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _rope_cache_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_ptr,
-                           stride_qkv, stride_q, stride_cb, stride_ch, stride_cs, NQ, NKV,
-                           HD: tl.constexpr):
-        b = tl.program_id(0)
-        h = tl.program_id(1)  # 0..NQ-1: query heads, NQ..NQ+NKV-1: key/value heads
-        HALF: tl.constexpr = HD // 2
-        offs = tl.arange(0, HALF)
-        pos = tl.load(pos_ptr)
-        c1 = tl.load(cos_ptr + pos * HD + offs).to(tl.float32)
-        c2 = tl.load(cos_ptr + pos * HD + HALF + offs).to(tl.float32)
-        s1 = tl.load(sin_ptr + pos * HD + offs).to(tl.float32)
-        s2 = tl.load(sin_ptr + pos * HD + HALF + offs).to(tl.float32)
-        base = qkv_ptr + b * stride_qkv + h * HD
-        x1 = tl.load(base + offs).to(tl.float32)
-        x2 = tl.load(base + HALF + offs).to(tl.float32)
-        dt = q_ptr.dtype.element_ty
-        # x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1]; each product rounded as torch does
-        o1 = ((x1 * c1).to(dt).to(tl.float32) + (-x2 * s1).to(dt).to(tl.float32)).to(dt)
-        o2 = ((x2 * c2).to(dt).to(tl.float32) + (x1 * s2).to(dt).to(tl.float32)).to(dt)
-        is_q = (tl.zeros_like(offs) + h) < NQ  # (HALF,) all true for a query head, all false for a KV head
-        tl.store(q_ptr + b * stride_q + h * HD + offs, o1, mask=is_q)
-        tl.store(q_ptr + b * stride_q + h * HD + HALF + offs, o2, mask=is_q)
-        j = h - NQ
-        kslot = kc_ptr + b * stride_cb + j * stride_ch + pos * stride_cs
-        tl.store(kslot + offs, o1, mask=~is_q)
-        tl.store(kslot + HALF + offs, o2, mask=~is_q)
-        vfull = tl.arange(0, HD)
-        is_kv = (tl.zeros_like(vfull) + h) >= NQ
-        vsrc = qkv_ptr + b * stride_qkv + (NQ + NKV + j) * HD + vfull
-        v = tl.load(vsrc, mask=is_kv, other=0.0)
-        vslot = vc_ptr + b * stride_cb + j * stride_ch + pos * stride_cs
-        tl.store(vslot + vfull, v, mask=is_kv)
+    def _rope_attn_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, o_ptr, scale, REP, NQ, NKV,
+                          stride_qkv, stride_cb, stride_ch, stride_cs, stride_ob,
+                          HD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
+        """One (batch row b, KV head j): rotate K_j and write K_j, V_j into the cache at pos, rotate the REP query
+        heads that share KV head j, and attend over cache positions 0..pos (single-pass online softmax).
 
-    @triton.jit
-    def _decode_attn_kernel(q_ptr, kc_ptr, vc_ptr, o_ptr, pos_ptr, scale, REP,
-                            stride_qb, stride_cb, stride_ch, stride_cs, stride_ob,
-                            HD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
-        """One (batch row, KV head): the REP query heads sharing it attend over cache positions 0..pos."""
+        RoPE and attention in one kernel: the rotated queries never leave registers, and a step has one kernel
+        per layer for this instead of two. Every RoPE product is rounded to the dtype as torch rounds it.
+        """
         b = tl.program_id(0)
         j = tl.program_id(1)
-        L = tl.load(pos_ptr) + 1
+        pos = tl.load(pos_ptr)
+        HALF: tl.constexpr = HD // 2
+        offs_d = tl.arange(0, HD)
+        rot = (offs_d + HALF) % HD  # rotate_half(x)[d] = -x[d + HALF] for d < HALF, x[d - HALF] after
+        sign = tl.where(offs_d < HALF, -1.0, 1.0)
+        c = tl.load(cos_ptr + pos * HD + offs_d).to(tl.float32)
+        s = tl.load(sin_ptr + pos * HD + offs_d).to(tl.float32)
+        dt = o_ptr.dtype.element_ty
+        row = qkv_ptr + b * stride_qkv
+        kx = tl.load(row + (NQ + j) * HD + offs_d).to(tl.float32)
+        kr = tl.load(row + (NQ + j) * HD + rot).to(tl.float32)
+        k_new = ((kx * c).to(dt).to(tl.float32) + (sign * kr * s).to(dt).to(tl.float32)).to(dt)
+        kbase = kc_ptr + b * stride_cb + j * stride_ch
+        vbase = vc_ptr + b * stride_cb + j * stride_ch
+        tl.store(kbase + pos * stride_cs + offs_d, k_new)
+        tl.store(vbase + pos * stride_cs + offs_d, tl.load(row + (NQ + NKV + j) * HD + offs_d))
         offs_r = tl.arange(0, BLOCK_R)
         mask_r = offs_r < REP
-        offs_d = tl.arange(0, HD)
-        q = tl.load(q_ptr + b * stride_qb + (j * REP + offs_r)[:, None] * HD + offs_d[None, :],
-                    mask=mask_r[:, None], other=0.0)  # (BLOCK_R, HD)
+        qrow = row + (j * REP + offs_r)[:, None] * HD
+        qx = tl.load(qrow + offs_d[None, :], mask=mask_r[:, None], other=0.0).to(tl.float32)
+        qr = tl.load(qrow + rot[None, :], mask=mask_r[:, None], other=0.0).to(tl.float32)
+        q = ((qx * c[None, :]).to(dt).to(tl.float32)
+             + (sign[None, :] * qr * s[None, :]).to(dt).to(tl.float32)).to(dt)  # (BLOCK_R, HD)
+        tl.debug_barrier()  # the K, V just stored are read back below by other threads of this program
+        L = pos + 1
         m_i = tl.full((BLOCK_R,), float("-inf"), tl.float32)
         l_i = tl.zeros((BLOCK_R,), tl.float32)
         acc = tl.zeros((BLOCK_R, HD), tl.float32)
-        kbase = kc_ptr + b * stride_cb + j * stride_ch
-        vbase = vc_ptr + b * stride_cb + j * stride_ch
         for start in range(0, L, BLOCK_L):
             offs_l = start + tl.arange(0, BLOCK_L)
             mask_l = offs_l < L
             k = tl.load(kbase + offs_l[:, None] * stride_cs + offs_d[None, :], mask=mask_l[:, None], other=0.0)
             v = tl.load(vbase + offs_l[:, None] * stride_cs + offs_d[None, :], mask=mask_l[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k)) * scale  # (BLOCK_R, BLOCK_L), fp32
-            s = tl.where(mask_l[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            p = tl.exp(s - m_new[:, None])
+            sc = tl.dot(q, tl.trans(k)) * scale  # (BLOCK_R, BLOCK_L), fp32
+            sc = tl.where(mask_l[None, :], sc, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+            p = tl.exp(sc - m_new[:, None])
             alpha = tl.exp(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
         out = acc / l_i[:, None]
         tl.store(o_ptr + b * stride_ob + (j * REP + offs_r)[:, None] * HD + offs_d[None, :],
-                 out.to(o_ptr.dtype.element_ty), mask=mask_r[:, None])
+                 out.to(dt), mask=mask_r[:, None])
 
 
 def add_rmsnorm_triton(x: torch.Tensor, delta, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Same contract as add_rmsnorm_ref, one kernel: x (B, H) += delta in place; returns RMSNorm(x) * weight."""
+    """Same contract as add_rmsnorm_ref, one kernel: x (B, H) += delta in place; returns RMSNorm(x) * weight.
+
+    ``delta`` may also be the (S, B, H) fp32 partial sums of a split-K GEMV (``wo.linear(..., partials=True)``):
+    the split reduction then happens here instead of in a kernel of its own.
+    """
     B, H = x.shape
     out = torch.empty_like(x)
     d = delta if delta is not None else x
-    _add_rmsnorm_kernel[(B,)](x, d, weight, out, H, eps, x.stride(0), d.stride(0), out.stride(0),
-                              HAS_DELTA=delta is not None, BLOCK_H=triton.next_power_of_2(H),
-                              num_warps=4 if H <= 2048 else 8)
+    split = d.shape[0] if d.dim() == 3 else 1
+    if d.shape[-2:] != x.shape:
+        raise ValueError(f"delta {tuple(d.shape)} does not match x {tuple(x.shape)}")
+    _add_rmsnorm_kernel[(B,)](x, d, weight, out, H, eps, x.stride(0), d.stride(-2), d.stride(0) if split > 1 else 0,
+                              out.stride(0), HAS_DELTA=delta is not None, SPLIT=split,
+                              BLOCK_H=triton.next_power_of_2(H), num_warps=4 if H <= 2048 else 8)
     return out
 
 
-def rope_cache_triton(qkv, pos, cos, sin, k_cache, v_cache, n_heads: int, n_kv_heads: int) -> torch.Tensor:
-    """Same contract as rope_cache_ref, one kernel for all heads."""
+def rope_attention_ref(qkv, pos, cos, sin, k_cache, v_cache, n_heads: int, n_kv_heads: int,
+                       length: int | None = None) -> torch.Tensor:
+    """RoPE + cache write (``rope_cache_ref``), then attention over positions 0..pos: (B, nq * hd)."""
+    q = rope_cache_ref(qkv, pos, cos, sin, k_cache, v_cache, n_heads, n_kv_heads)
+    return decode_attention_ref(q, k_cache, v_cache, pos, length)
+
+
+def rope_attention_triton(qkv, pos, cos, sin, k_cache, v_cache, n_heads: int, n_kv_heads: int,
+                          length: int | None = None) -> torch.Tensor:
+    """Same contract as rope_attention_ref in one kernel (``length`` is ignored: the kernel reads pos on the device)."""
     B = qkv.shape[0]
     hd = cos.shape[-1]
-    q = torch.empty(B, n_heads, hd, device=qkv.device, dtype=qkv.dtype)
-    _rope_cache_kernel[(B, n_heads + n_kv_heads)](qkv, pos, cos, sin, q, k_cache, v_cache, qkv.stride(0),
-                                                  q.stride(0), k_cache.stride(0), k_cache.stride(1),
-                                                  k_cache.stride(2), n_heads, n_kv_heads, HD=hd, num_warps=1,
-                                                  enable_fp_fusion=False)  # round every product, as torch does
-    return q
-
-
-def decode_attention_triton(q, k_cache, v_cache, pos, length: int | None = None) -> torch.Tensor:
-    """Same contract as decode_attention_ref (``length`` is ignored: the kernel reads pos on the device)."""
-    B, nq, hd = q.shape
-    nkv = k_cache.shape[1]
-    rep = nq // nkv
-    out = torch.empty(B, nq * hd, device=q.device, dtype=q.dtype)
-    _decode_attn_kernel[(B, nkv)](q, k_cache, v_cache, out, pos, hd**-0.5, rep, q.stride(0), k_cache.stride(0),
-                                  k_cache.stride(1), k_cache.stride(2), out.stride(0), HD=hd,
-                                  BLOCK_R=max(16, triton.next_power_of_2(rep)), BLOCK_L=64, num_warps=4)
+    rep = n_heads // n_kv_heads
+    out = torch.empty(B, n_heads * hd, device=qkv.device, dtype=qkv.dtype)
+    _rope_attn_kernel[(B, n_kv_heads)](qkv, pos, cos, sin, k_cache, v_cache, out, hd**-0.5, rep, n_heads, n_kv_heads,
+                                       qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+                                       out.stride(0), HD=hd, BLOCK_R=max(16, triton.next_power_of_2(rep)),
+                                       BLOCK_L=64, num_warps=4,
+                                       enable_fp_fusion=False)  # round every RoPE product, as torch does
     return out
 
 
@@ -376,11 +374,11 @@ class FastLlama:
     # ------------------------------------------------------------------ ops
     def _ops(self):
         if self.kernels == "triton":
-            return add_rmsnorm_triton, rope_cache_triton, decode_attention_triton, True
-        return add_rmsnorm_ref, rope_cache_ref, decode_attention_ref, False
+            return add_rmsnorm_triton, rope_attention_triton, True
+        return add_rmsnorm_ref, rope_attention_ref, False
 
-    def _lin(self, x, w, silu=False, use_kernel=False):
-        return wo.linear(x, w, silu_gate_up=silu, use_kernel=use_kernel)
+    def _lin(self, x, w, silu=False, use_kernel=False, partials=False):
+        return wo.linear(x, w, silu_gate_up=silu, use_kernel=use_kernel, partials=partials)
 
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
@@ -416,19 +414,20 @@ class FastLlama:
     def _step(self, tok: torch.Tensor, pos: torch.Tensor, length: int | None) -> torch.Tensor:
         """One decode position for tokens tok (B,) at device position pos (1,); returns logits (B, V)."""
         cfg = self.cfg
-        norm, rope, attn, kern = self._ops()
+        norm, rope_attn, kern = self._ops()
         B = tok.shape[0]
         x = self.embed.index_select(0, tok)  # (B, H), a fresh buffer that carries the residual stream
         delta = None
         for li, lw in enumerate(self.layers):
             h = norm(x, delta, lw.attn_norm, cfg.rms_eps)
             qkv = self._lin(h, lw.wqkv, use_kernel=kern)  # (B, (nq + 2 nkv) * hd)
-            q = rope(qkv, pos, self.cos, self.sin, self.k_cache[li], self.v_cache[li], cfg.n_heads, cfg.n_kv_heads)
-            o = attn(q, self.k_cache[li], self.v_cache[li], pos, length)  # (B, nq*hd)
-            delta = self._lin(o, lw.wo, use_kernel=kern)
+            o = rope_attn(qkv, pos, self.cos, self.sin, self.k_cache[li], self.v_cache[li], cfg.n_heads,
+                          cfg.n_kv_heads, length)  # (B, nq*hd)
+            # the GEMVs whose output goes straight into add+RMSNorm hand over split-K partials: the norm sums them
+            delta = self._lin(o, lw.wo, use_kernel=kern, partials=True)
             h = norm(x, delta, lw.mlp_norm, cfg.rms_eps)
             gu = self._lin(h, lw.w13, use_kernel=kern)  # (B, 2 * intermediate) = [gate | up]
-            delta = self._lin(gu, lw.w2, silu=True, use_kernel=kern)
+            delta = self._lin(gu, lw.w2, silu=True, use_kernel=kern, partials=True)
         h = norm(x, delta, self.norm, cfg.rms_eps)
         return self._lin(h, self.lm_head, use_kernel=kern)  # (B, V)
 
@@ -446,8 +445,9 @@ class FastLlama:
         if self.kernels != "triton" or self.device.type != "cuda":
             return
         lw = self.layers[0]
-        for w, silu in ((lw.wqkv, False), (lw.wo, False), (lw.w13, False), (lw.w2, True), (self.lm_head, False)):
-            wo.tune(w, M=batch, dtype=self.dtype, silu_gate_up=silu)
+        for w, silu, part in ((lw.wqkv, False, False), (lw.wo, False, True), (lw.w13, False, False),
+                              (lw.w2, True, True), (self.lm_head, False, False)):
+            wo.tune(w, M=batch, dtype=self.dtype, silu_gate_up=silu, partials=part)  # as _step calls each
 
     def capture(self, batch: int = 1) -> None:
         """Capture one decode step for ``batch`` rows as a CUDA graph (static token, position and output buffers).

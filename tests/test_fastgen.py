@@ -40,7 +40,7 @@ def test_errors(tiny):
 
 
 def test_fused_ops_match_references():
-    """Triton add+RMSNorm, RoPE + cache write and decode attention vs the torch ops (fp16; interpreter on CPU)."""
+    """Triton add+RMSNorm and RoPE + cache write + decode attention vs the torch ops (fp16; interpreter on CPU)."""
     torch.manual_seed(0)
     dev = env.device()  # the kernels run compiled on a GPU, under the interpreter on a CPU
     B, nq, nkv, hd, S = 2, 6, 2, 32, 40
@@ -51,13 +51,23 @@ def test_fused_ops_match_references():
     pos = torch.tensor([21], device=dev)
     qkv = torch.randn(B, (nq + 2 * nkv) * hd, device=dev).half()
     q1 = fastgen.rope_cache_ref(qkv, pos, cos, sin, kc, vc, nq, nkv)
-    q2 = fastgen.rope_cache_triton(qkv, pos, cos, sin, kc2, vc2, nq, nkv)
-    # every product rounded as torch rounds it (the kernel is compiled without FMA contraction): bit for bit
-    assert torch.equal(q1, q2) and torch.equal(kc, kc2) and torch.equal(vc, vc2)
+    o = fastgen.rope_attention_triton(qkv, pos, cos, sin, kc2, vc2, nq, nkv)
+    # every RoPE product rounded as torch rounds it (the kernel is compiled without FMA contraction): the cache
+    # entries it writes are bit for bit the reference's
+    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
+    assert not torch.equal(kc[:, :, 21], torch.zeros_like(kc[:, :, 21]))
     o32 = fastgen.decode_attention_ref(q1.float(), kc.float(), vc.float(), pos, 22)
     err_torch = (fastgen.decode_attention_ref(q1, kc, vc, pos, 22).float() - o32).abs().max().item()
-    err = (fastgen.decode_attention_triton(q1, kc, vc, pos).float() - o32).abs().max().item()
+    err = (o.float() - o32).abs().max().item()
     assert err <= 2 * err_torch + 1e-4
+    # the fused kernel attends to the position it has just written: with a changed key there, the output moves
+    kc3, vc3 = kc.clone(), vc.clone()
+    qkv2 = qkv.clone()
+    qkv2[:, (nq + nkv) * hd:] += 1.0  # new values at pos only
+    o2 = fastgen.rope_attention_triton(qkv2, pos, cos, sin, kc3, vc3, nq, nkv)
+    ref2 = fastgen.rope_attention_ref(qkv2, pos, cos, sin, kc.clone(), vc.clone(), nq, nkv, 22)
+    assert (o2.float() - ref2.float()).abs().max().item() <= 2 * err_torch + 1e-4
+    assert (o2 - o).abs().max().item() > 0.01
     # the static-shape (graph) form of the reference equals the sliced form
     assert torch.equal(fastgen.decode_attention_ref(q1, kc, vc, pos, None), fastgen.decode_attention_ref(q1, kc, vc, pos, 22))
     x, d, w = (torch.randn(B, 64, device=dev).half(), torch.randn(B, 64, device=dev).half(),
@@ -67,6 +77,23 @@ def test_fused_ops_match_references():
     b = fastgen.add_rmsnorm_triton(x2, d, w, 1e-5)
     assert torch.equal(x, x2)
     torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-3)
+
+
+def test_add_rmsnorm_sums_split_partials():
+    """delta given as (split, B, H) fp32 partials: summed in split order and rounded, then as with a plain delta."""
+    torch.manual_seed(1)
+    dev = env.device()
+    x = torch.randn(2, 96, device=dev).half()
+    parts = torch.randn(3, 2, 96, device=dev)
+    w = torch.randn(96, device=dev).half()
+    d = (parts[0] + parts[1] + parts[2]).half()
+    x1, x2 = x.clone(), x.clone()
+    a = fastgen.add_rmsnorm_triton(x1, d, w, 1e-5)
+    b = fastgen.add_rmsnorm_triton(x2, parts, w, 1e-5)
+    assert torch.equal(x1, x2) and torch.equal(a, b)
+    assert not torch.equal(x1, x)
+    with pytest.raises(ValueError):
+        fastgen.add_rmsnorm_triton(x.clone(), parts[:, :, :64], w, 1e-5)
 
 
 def test_triton_loop_matches_torch_loop():

@@ -115,3 +115,18 @@ def test_bf16_on_gpu():
         err_torch = (wo.matmul_reference(x, qw).float() - ref32).abs().max().item()
         err = (wo.wo_matmul(x, qw).float() - ref32).abs().max().item()
         assert err <= 2 * err_torch + 1e-3 * ref32.abs().max().item()
+
+
+def test_partials_are_the_split_k_sums():
+    """partials=True returns the (split, M, N) fp32 partial sums; summed in split order they give the usual output."""
+    torch.manual_seed(5)
+    dev = env.device()
+    w = wo.interleave(wo.quantize_int4((torch.randn(24, 512, device=dev) * 0.05).half(), 128))
+    x = torch.randn(1, 512, device=dev).half()
+    cfg = wo.GemvConfig(8, 128, 1, split=2)
+    p = wo.wo_matmul(x, w, config=cfg, partials=True)
+    assert p.shape == (2, 1, 24) and p.dtype == torch.float32
+    assert torch.equal((p[0] + p[1]).half(), wo.wo_matmul(x, w, config=cfg))
+    assert wo.linear(x, w, partials=True).dim() in (2, 3)
+    one = wo.wo_matmul(x, w, config=wo.GemvConfig(8, 128, 1), partials=True)  # no split: the plain output
+    assert one.shape == (1, 24) and one.dtype == torch.float16

@@ -578,15 +578,17 @@ def _device(w) -> torch.device:
                                                          w.packed if isinstance(w, Int4Weight) else w.words).device
 
 
-def _key(kind, N, K, M, silu, dtype):
-    return (kind, N, K, min(triton.next_power_of_2(M), MAX_M) if triton else M, silu, str(dtype))
+def _key(kind, N, K, M, silu, dtype, partials=False):
+    return (kind, N, K, min(triton.next_power_of_2(M), MAX_M) if triton else M, silu, str(dtype), partials)
 
 
 def wo_matmul(x: torch.Tensor, w, silu_gate_up: bool = False, config: GemvConfig | None = None,
-              out: torch.Tensor | None = None) -> torch.Tensor:
+              out: torch.Tensor | None = None, partials: bool = False) -> torch.Tensor:
     """Triton GEMV: x (M, K) [or (M, 2K) = [gate | up] with silu_gate_up] times W^T -> (M, N) in x's dtype.
 
-    w: (N, K) bf16/fp16 tensor, Int8Weight or Int4Weight. M must be at most 16 (use ``linear`` for any M).
+    w: (N, K) bf16/fp16 tensor, Int8Weight, Int4Weight or WordWeight. M must be at most 16 (use ``linear`` for
+    any M). ``partials=True``: when the config splits K, return the (split, M, N) fp32 partial sums instead of
+    reducing them (the consumer sums them, e.g. ``fastgen.add_rmsnorm_triton``); without a split, (M, N) as usual.
     """
     if triton is None:
         raise LabkitError("wo_matmul needs Triton: pip install triton (Linux)")
@@ -607,7 +609,7 @@ def wo_matmul(x: torch.Tensor, w, silu_gate_up: bool = False, config: GemvConfig
         x = x.contiguous()
     if out is None:
         out = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    cfg = config or _TUNED.get(_key(kind, N, K, M, silu_gate_up, x.dtype)) or candidates_for(kind, M)[0]
+    cfg = config or _TUNED.get(_key(kind, N, K, M, silu_gate_up, x.dtype, partials)) or candidates_for(kind, M)[0]
     block_k = cfg.block_k
     if kind == 0:
         wp, sp, zp, stride_wn, stride_sn, group = w, w, w, w.stride(0), 0, 1
@@ -651,20 +653,26 @@ def wo_matmul(x: torch.Tensor, w, silu_gate_up: bool = False, config: GemvConfig
         _wo_gemv_kernel[grid](x, wp, sp, zp, y, M, N, K, x.stride(0), stride_wn, stride_sn, N if nsplit > 1 else out.stride(0),
                               M * N, k_chunk, KIND=kind, GROUP=group, PRO_SILU=silu_gate_up, BLOCK_M=block_m,
                               BLOCK_N=cfg.block_n, BLOCK_K=block_k, num_warps=cfg.num_warps)
+    if nsplit > 1 and partials:
+        return y
     if nsplit > 1:
         _sum_splits_kernel[(triton.cdiv(M * N, 1024),)](y, out, M * N, SPLIT=nsplit, BLOCK=1024, num_warps=4)
     return out
 
 
-def linear(x: torch.Tensor, w, silu_gate_up: bool = False, use_kernel: bool = True) -> torch.Tensor:
+def linear(x: torch.Tensor, w, silu_gate_up: bool = False, use_kernel: bool = True,
+           partials: bool = False) -> torch.Tensor:
     """x (..., K) @ W^T for any leading shape: the Triton GEMV for up to 16 rows, else dequantize + cuBLAS.
 
-    ``use_kernel=False`` always takes the reference path (what the CPU decode loop uses).
+    ``use_kernel=False`` always takes the reference path (what the CPU decode loop uses). ``partials``: as in
+    ``wo_matmul`` for a 2-D x on the kernel path (split-K partial sums may come back as (split, M, N) fp32).
     """
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])  # (M, K)
     if use_kernel and x2.shape[0] <= MAX_M:
-        y = wo_matmul(x2, w, silu_gate_up=silu_gate_up)
+        y = wo_matmul(x2, w, silu_gate_up=silu_gate_up, partials=partials and x.dim() == 2)
+        if y.dim() == 3:
+            return y
     else:
         if silu_gate_up:
             gate, up = x2.chunk(2, dim=-1)
@@ -690,24 +698,29 @@ def _copies(w, n: int) -> list:
 
 
 def time_gemv(x: torch.Tensor, w, silu_gate_up: bool = False, config: GemvConfig | None = None, calls: int = 32,
-              rounds: int = 7, cold_bytes: int = 256 << 20) -> float:
+              rounds: int = 7, cold_bytes: int = 256 << 20, partials: bool = False) -> float:
     """Milliseconds per ``wo_matmul`` call as a decode step sees it: back-to-back launches inside a CUDA graph.
 
     Timing single calls from Python measures the launch (tens of microseconds), not a kernel that reads a few
     megabytes; and one weight timed over and over stays in L2. So the calls cycle over enough copies of the
     weight (``cold_bytes`` in all, beyond any L2) and are replayed as one graph; median over ``rounds``.
+    ``partials=True`` times the call as ``wo_matmul(..., partials=True)`` (no split-K reduction kernel).
     """
     if x.device.type != "cuda":
         raise LabkitError("time_gemv times kernels on a CUDA GPU")
     n_copies = max(1, min(calls, -(-cold_bytes // max(1, weight_nbytes(w)))))
     ws = _copies(w, n_copies)
     out = torch.empty(x.shape[0], w.shape[0], device=x.device, dtype=x.dtype)
-    fns = [lambda wi=wi: wo_matmul(x, wi, silu_gate_up, config, out) for wi in ws]
+    fns = [lambda wi=wi: wo_matmul(x, wi, silu_gate_up, config, out, partials) for wi in ws]
     return bench.graph_time_ms(fns, calls, rounds)
 
 
-def tune(w, M: int = 1, dtype=torch.bfloat16, silu_gate_up: bool = False, candidates=None) -> GemvConfig:
-    """Time each candidate config for this weight and M on the GPU (random x, ``time_gemv``), keep the fastest."""
+def tune(w, M: int = 1, dtype=torch.bfloat16, silu_gate_up: bool = False, candidates=None,
+         partials: bool = False) -> GemvConfig:
+    """Time each candidate config for this weight and M on the GPU (random x, ``time_gemv``), keep the fastest.
+
+    ``partials=True`` tunes for callers that take split-K partial sums (the reduction costs nothing there).
+    """
     if not torch.cuda.is_available():
         raise LabkitError("tune() times kernels on a CUDA GPU; on a CPU the default config is used.")
     kind = _kind(w)
@@ -721,12 +734,12 @@ def tune(w, M: int = 1, dtype=torch.bfloat16, silu_gate_up: bool = False, candid
         if kind == 2 and (max(cfg.block_k, w.group) % w.group):
             continue
         try:
-            t = time_gemv(x, w, silu_gate_up, cfg)
+            t = time_gemv(x, w, silu_gate_up, cfg, partials=partials)
         except Exception:  # a config that does not compile (too many registers) is skipped
             continue
         if t < best_t:
             best, best_t = cfg, t
     if best is None:
         raise LabkitError(f"no GEMV config ran for weight {w.shape} kind {kind}")
-    _TUNED[_key(kind, N, K, M, silu_gate_up, dtype)] = best
+    _TUNED[_key(kind, N, K, M, silu_gate_up, dtype, partials)] = best
     return best
