@@ -44,6 +44,7 @@ def test_bad_input():
 CONFIGS = [wo.GemvConfig(8, 128, 4, "tile"), wo.GemvConfig(16, 256, 4, "acc"), wo.GemvConfig(16, 128, 4, "tile", 3),
            wo.GemvConfig(8, 128, 4, "acc", 2)]
 IL_CONFIGS = [wo.GemvConfig(8, 128, 1), wo.GemvConfig(16, 256, 2, split=2), wo.GemvConfig(4, 512, 4)]
+TC_CONFIGS = [wo.GemvConfig(16, 128, 4, "tc"), wo.GemvConfig(32, 256, 4, "tc", split=2), wo.GemvConfig(16, 384, 4, "tc")]
 
 
 def test_interleave_roundtrip_and_errors():
@@ -71,7 +72,7 @@ def test_interleave_roundtrip_and_errors():
         wo.interleave(w)
 
 
-@pytest.mark.parametrize("fmt", ["fp16", "int8", "int4", "int8-il", "int4-il"])
+@pytest.mark.parametrize("fmt", ["fp16", "int8", "int4", "int8-il", "int4-il", "int4-tc"])
 @pytest.mark.parametrize("M", [1, 3])
 @pytest.mark.parametrize("silu", [False, True])
 def test_kernel_matches_dequantize_then_matmul(fmt, M, silu):
@@ -81,12 +82,12 @@ def test_kernel_matches_dequantize_then_matmul(fmt, M, silu):
     N, K = 40, 384  # N not a multiple of the row block, K not a multiple of 256
     w = (torch.randn(N, K, device=dev) * 0.05).half()
     qw = {"fp16": lambda: w, "int8": lambda: wo.quantize_int8(w), "int4": lambda: wo.quantize_int4(w, 128),
-          "int8-il": lambda: wo.interleave(wo.quantize_int8(w)),
+          "int4-tc": lambda: wo.quantize_int4(w, 128), "int8-il": lambda: wo.interleave(wo.quantize_int8(w)),
           "int4-il": lambda: wo.interleave(wo.quantize_int4(w, 128))}[fmt]()
     x = torch.randn(M, K * (2 if silu else 1), device=dev).half()
     ref32 = wo.matmul_reference(x.float(), wo.dequantize(qw, torch.float32), silu_gate_up=silu)
     err_torch = (wo.matmul_reference(x, qw, silu_gate_up=silu).float() - ref32).abs().max().item()
-    for cfg in CONFIGS if not fmt.endswith("-il") else IL_CONFIGS:
+    for cfg in {"il": IL_CONFIGS, "tc": TC_CONFIGS}.get(fmt.split("-")[-1], CONFIGS):
         if cfg.variant == "acc" and M != 1:
             continue
         y = wo.wo_matmul(x, qw, silu_gate_up=silu, config=cfg)

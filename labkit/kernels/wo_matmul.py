@@ -490,6 +490,83 @@ if triton is not None:
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & mask_n[None, :])
 
     @triton.jit
+    def _half_pair(v, dt: tl.constexpr):
+        """An int32 holding two 16-bit float bit patterns -> (low half, high half) as floats of type dt."""
+        return v.to(tl.int16).to(dt, bitcast=True), (v >> 16).to(tl.int16).to(dt, bitcast=True)
+
+    @triton.jit
+    def _wo_gemv_tc_kernel(
+        x_ptr, w_ptr, s_ptr, z_ptr, y_ptr,
+        M, N, K, stride_xm, stride_wn, stride_sn, stride_ym, stride_ys, K_CHUNK, MAGIC, BIAS,
+        PRO_SILU: tl.constexpr,
+        BLOCK_N: tl.constexpr, NG: tl.constexpr, BLOCK_M: tl.constexpr, EVEN: tl.constexpr,
+    ):
+        """int4 (Int4Weight, groups of 128) on the tensor cores: codes become 16-bit floats with one masked OR per
+        two codes, then ``tl.dot`` with the activations, fp32 accumulation. The packed bytes are read as int32
+        words: word w of a group holds columns 8w..8w+7, the code of column 8w + n in nibble n.
+
+        ``(word >> 4p) & 0x000F000F | MAGIC`` puts nibbles p and p + 4 in the two halves of an int32 as the floats
+        ``BIAS + code`` (MAGIC: the bits of BIAS twice; BIAS = 128 for bf16, 1024 for fp16, where the spacing of
+        floats is exactly 1), so no conversion instruction runs per code. The zero point is factored out:
+        ``sum_k x_k (q_k - z) s = s (sum_k x_k (BIAS + q_k)) - s (BIAS + z) sum_k x_k`` per group; the dot gives the
+        first sum for a whole (BLOCK_N, 128) tile, the second is one multiply-add per row and group.
+        BLOCK_M = 1: the activation row is broadcast to the 16 columns the MMA needs; else up to 16 rows of x.
+        PRO_SILU: x is [gate | up], the kernel multiplies by silu(gate) * up on the fly (as the other kernels).
+        """
+        dt: tl.constexpr = x_ptr.dtype.element_ty
+        pid_k, k_lo, k_hi, offs_n, mask_n = _program_tile(N, K, K_CHUNK, BLOCK_N)
+        offs_w = tl.arange(0, 16)
+        offs_c = tl.arange(0, 128)
+        offs_m = tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
+        acc = tl.zeros((BLOCK_N, 16), tl.float32)
+        zt = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+        for k0 in range(k_lo, k_hi, 128 * NG):
+            for gi in tl.static_range(NG):
+                g = k0 // 128 + gi
+                wp = w_ptr + offs_n[:, None] * stride_wn + g * 16 + offs_w[None, :]
+                if EVEN:
+                    wd = tl.load(wp)  # (BLOCK_N, 16) int32
+                    z = tl.load(z_ptr + offs_n * stride_sn + g).to(tl.float32)
+                    s = tl.load(s_ptr + offs_n * stride_sn + g).to(tl.float32)
+                    xmask = mask_m
+                else:  # rows past N, groups past K: zero scale and activations
+                    live = mask_n & ((tl.zeros_like(offs_n) + g) < K // 128)
+                    wd = tl.load(wp, mask=live[:, None], other=0)
+                    z = tl.load(z_ptr + offs_n * stride_sn + g, mask=live, other=0.0).to(tl.float32)
+                    s = tl.load(s_ptr + offs_n * stride_sn + g, mask=live, other=0.0).to(tl.float32)
+                    xmask = mask_m & ((tl.zeros_like(offs_m) + g) < K // 128)
+                l0, h0 = _half_pair((wd & 0x000F000F) | MAGIC, dt)
+                l1, h1 = _half_pair(((wd >> 4) & 0x000F000F) | MAGIC, dt)
+                l2, h2 = _half_pair(((wd >> 8) & 0x000F000F) | MAGIC, dt)
+                l3, h3 = _half_pair(((wd >> 12) & 0x000F000F) | MAGIC, dt)
+                # tile order along K: element 8 w + 2 p + c is nibble p + 4 c of word w (c = 0: low half). Each
+                # masked-OR result is then two neighbouring elements, stored for the MMA as it is.
+                lo = tl.join(tl.join(l0, l2), tl.join(l1, l3))  # (BLOCK_N, 16, 2, 2): p = 2 i + j
+                hi = tl.join(tl.join(h0, h2), tl.join(h1, h3))
+                a = tl.reshape(tl.join(lo, hi), (BLOCK_N, 128))  # BIAS + code, exact
+                # the activations in the same order: column 8 w + p + 4 c at element 8 w + 2 p + c
+                if BLOCK_M == 1 and EVEN:
+                    xr = _load_x(x_ptr, g * 128 + offs_c, offs_c < 128, K, PRO_SILU)[None, :]  # (1, 128)
+                else:
+                    xr = _load_x(x_ptr + offs_m[:, None] * stride_xm, g * 128 + offs_c[None, :],
+                                 xmask[:, None] & (offs_c < 128)[None, :], K, PRO_SILU)  # (BLOCK_M, 128)
+                xr = xr.to(dt)
+                xs = tl.sum(xr.to(tl.float32), axis=1)  # (BLOCK_M,) fp32 sums of the activations as the dot sees them
+                xr = tl.reshape(tl.permute(tl.reshape(xr, (BLOCK_M, 16, 2, 4)), (0, 1, 3, 2)), (BLOCK_M, 128))
+                xt = tl.trans(xr)  # (128, BLOCK_M)
+                if BLOCK_M == 1:
+                    xt = tl.broadcast_to(xt, (128, 16))
+                acc += s[:, None] * tl.dot(a, xt)  # (BLOCK_N, 16)
+                zt += (s * (z + BIAS))[:, None] * xs[None, :]
+        if BLOCK_M == 1:
+            out = tl.sum(tl.where(tl.arange(0, 16)[None, :] == 0, acc, 0.0), axis=1, keep_dims=True) - zt
+        else:
+            out = acc - zt
+        y_ptrs = y_ptr + pid_k * stride_ys + offs_m[None, :] * stride_ym + offs_n[:, None]
+        tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_m[None, :])
+
+    @triton.jit
     def _sum_splits_kernel(p_ptr, y_ptr, MN, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
         """y[i] = sum over s of p[s, i] (fp32 partials of a split-K GEMV), cast to y's dtype."""
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -509,7 +586,8 @@ class GemvConfig:
     block_k: int = 512
     num_warps: int = 4
     # "tile": any M, one weight tile reused by all rows; "acc": M = 1, element-wise accumulator (a hint: for
-    # M > 1 the tile kernel runs). A WordWeight always runs its own kernel (_wo_gemv_il_kernel); variant is ignored.
+    # M > 1 the tile kernel runs); "tc": Int4Weight on the tensor cores (_wo_gemv_tc_kernel, block_n >= 16,
+    # bf16/fp16 activations). A WordWeight always runs its own kernel (_wo_gemv_il_kernel); variant is ignored.
     variant: str = "tile"
     split: int = 1  # split-K: programs along K write fp32 partials, a second small kernel sums them
 
@@ -552,13 +630,22 @@ CANDIDATES_IL = {
 _TUNED: dict = {}
 
 
-def candidates_for(kind: int, M: int) -> list:
-    """The configs tune() tries for a weight kind (0 float, 1 int8, 2 int4, 3/4 WordWeight int8/int4) at M rows."""
+# Int4Weight on the tensor cores (kind 2, bf16/fp16 activations, groups of 128): 64 or 128 rows per program are the
+# shapes Triton maps to Hopper's warpgroup MMA; split-K keeps enough programs for the narrow layers.
+CANDIDATES_TC = [GemvConfig(64, 512, 4, "tc"), GemvConfig(64, 512, 4, "tc", 2), GemvConfig(64, 512, 4, "tc", 4),
+                 GemvConfig(64, 256, 4, "tc", 4), GemvConfig(128, 256, 8, "tc"), GemvConfig(128, 512, 8, "tc", 2),
+                 GemvConfig(64, 1024, 4, "tc")]
+
+
+def candidates_for(kind: int, M: int, dtype=torch.bfloat16, group: int = 128) -> list:
+    """The configs tune() tries for a weight kind (0 float, 1 int8, 2 int4, 3/4 WordWeight int8/int4) at M rows;
+    the first is the default when nothing was tuned."""
     if kind in CANDIDATES_IL:
         return CANDIDATES_IL[kind]
+    tc = CANDIDATES_TC if kind == 2 and group == 128 and dtype in (torch.bfloat16, torch.float16) else []
     if M == 1:
-        return CANDIDATES_M1[kind] + CANDIDATES[kind] + CANDIDATES_SPLIT[kind]
-    return CANDIDATES[kind] + CANDIDATES_SPLIT[kind]
+        return tc + CANDIDATES_M1[kind] + CANDIDATES[kind] + CANDIDATES_SPLIT[kind]
+    return tc + CANDIDATES[kind] + CANDIDATES_SPLIT[kind]
 
 
 def _kind(w) -> int:
@@ -609,7 +696,8 @@ def wo_matmul(x: torch.Tensor, w, silu_gate_up: bool = False, config: GemvConfig
         x = x.contiguous()
     if out is None:
         out = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    cfg = config or _TUNED.get(_key(kind, N, K, M, silu_gate_up, x.dtype, partials)) or candidates_for(kind, M)[0]
+    cfg = (config or _TUNED.get(_key(kind, N, K, M, silu_gate_up, x.dtype, partials))
+           or candidates_for(kind, M, x.dtype, getattr(w, "group", 128))[0])
     block_k = cfg.block_k
     if kind == 0:
         wp, sp, zp, stride_wn, stride_sn, group = w, w, w, w.stride(0), 0, 1
@@ -644,6 +732,15 @@ def wo_matmul(x: torch.Tensor, w, silu_gate_up: bool = False, config: GemvConfig
                                  N if nsplit > 1 else out.stride(0), M * N, k_chunk,
                                  0x3F800000 if kind == 4 else 0x3FC00000, BITS=8 if kind == 3 else 4,
                                  PRO_SILU=silu_gate_up, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
+                                 num_warps=cfg.num_warps)
+    elif cfg.variant == "tc":
+        if kind != 2 or w.group != 128 or x.dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError("the 'tc' GEMV takes an Int4Weight with groups of 128 and bf16/fp16 activations")
+        magic, bias = (0x43004300, 128.0) if x.dtype == torch.bfloat16 else (0x64006400, 1024.0)
+        _wo_gemv_tc_kernel[grid](x, w.packed.view(torch.int32), sp, zp, y, M, N, K, x.stride(0),
+                                 stride_wn // 4, stride_sn, N if nsplit > 1 else out.stride(0), M * N, k_chunk,
+                                 magic, bias, PRO_SILU=silu_gate_up, BLOCK_N=cfg.block_n, NG=block_k // 128,
+                                 BLOCK_M=1 if M == 1 else 16, EVEN=N % cfg.block_n == 0 and K % k_chunk == 0,
                                  num_warps=cfg.num_warps)
     elif cfg.variant == "acc" and M == 1:
         _wo_gemv1_kernel[grid](x, wp, sp, zp, y, N, K, stride_wn, stride_sn, M * N, k_chunk, KIND=kind, GROUP=group,
@@ -728,7 +825,7 @@ def tune(w, M: int = 1, dtype=torch.bfloat16, silu_gate_up: bool = False, candid
     dev = _device(w)
     x = torch.randn(M, K * (2 if silu_gate_up else 1), device=dev, dtype=dtype)
     best, best_t = None, float("inf")
-    for cfg in candidates or candidates_for(kind, M):
+    for cfg in candidates or candidates_for(kind, M, dtype, getattr(w, "group", 128)):
         if cfg.variant == "acc" and M != 1:
             continue
         if kind == 2 and (max(cfg.block_k, w.group) % w.group):
