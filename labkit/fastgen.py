@@ -288,16 +288,16 @@ class LayerWeights:
     mlp_norm: torch.Tensor
 
 
-def _quantize(w: torch.Tensor, fmt: str, group: int, for_kernel: str | None = None):
+def _quantize(w: torch.Tensor, fmt: str, group: int, for_kernel: bool = False):
     if fmt == "bf16":
         return w.contiguous()
     if fmt == "int8":
         return wo.quantize_int8(w)
     if fmt == "int4":
         q = wo.quantize_int4(w, group)
-        # int4_kernel="words": the CUDA-core kernel reads its interleaved word layout (same codes, wo.WordWeight);
-        # "tc" (default): the tensor-core kernel reads the packed bytes as they are
-        return wo.interleave(q) if for_kernel == "words" and group == 128 else q
+        # the Triton GEMVs read int4 in the interleaved word layout (same codes, wo.WordWeight): the CUDA-core
+        # kernel for one row, the tensor-core kernel for a batch (whichever wo.tune finds faster)
+        return wo.interleave(q) if for_kernel and group == 128 else q
     raise LabkitError(f"weights={fmt!r} is not one of {WEIGHT_FORMATS}")
 
 
@@ -307,12 +307,11 @@ class FastLlama:
     ``weights``: "bf16" (the model's dtype as is), "int8" (per-channel) or "int4" (group-wise, ``group``);
     every linear layer including the LM head is converted, the embedding table stays as it is (a step
     reads one row of it). ``kernels``: "triton" (default on CUDA) or "torch" (default and only choice on CPU
-    unless TRITON_INTERPRET=1 is set for tests). ``int4_kernel`` picks the Triton int4 GEMV: "tc" (tensor cores,
-    the packed bytes as stored) or "words" (CUDA cores, ``wo.interleave`` layout).
+    unless TRITON_INTERPRET=1 is set for tests).
     """
 
     def __init__(self, hf_model, *, weights: str = "bf16", kernels: str | None = None, max_seq_len: int = 1024,
-                 max_batch: int = 1, group: int = 128, int4_kernel: str = "tc", device=None):
+                 max_batch: int = 1, group: int = 128, device=None):
         if weights not in WEIGHT_FORMATS:
             raise LabkitError(f"weights={weights!r} is not one of {WEIGHT_FORMATS}")
         if getattr(hf_model.config, "model_type", "") != "llama" or any(
@@ -331,9 +330,6 @@ class FastLlama:
                               "use kernels='torch' on a CPU.")
         if weights != "bf16" and self.dtype == torch.float32 and kernels == "triton" and self.device.type == "cuda":
             raise LabkitError("quantized Triton GEMV expects bf16/fp16 activations: load the model in bf16.")
-        if int4_kernel not in ("tc", "words"):
-            raise LabkitError(f"int4_kernel={int4_kernel!r}: use 'tc' (tensor cores, packed bytes) or 'words' "
-                              "(CUDA cores, interleaved words)")
         self.weights, self.kernels, self.group = weights, kernels, group
         self.max_seq_len, self.max_batch = max_seq_len, max_batch
         dev = self.device
@@ -342,7 +338,7 @@ class FastLlama:
             return p.detach().to(dev)
 
         def qz(w):
-            return _quantize(w, weights, group, for_kernel=int4_kernel if kernels == "triton" else None)
+            return _quantize(w, weights, group, for_kernel=kernels == "triton")
 
         self.layers: list[LayerWeights] = []
         for layer in hf_model.model.layers:

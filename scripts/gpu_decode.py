@@ -7,7 +7,6 @@ kernels: every 7B-shape GEMV (bf16 / int8 / int4 Triton vs cuBLAS bf16 vs dequan
 decode:  labkit.fastgen.run_decode_benchmark on the 7B shape (HF generate in the same run) -> decode.json.
 smollm2: token equality of the fast loop with HF generate on SmolLM2 (bf16, GPU) -> smollm2_check.json.
 pipeline: labkit.pipeline.run_matrix on SmolLM2 and the 7B shape -> pipeline.json.
-int4:    the 7B-shape decode step with either int4 GEMV (tensor cores / CUDA cores), batch 1 and 4.
 Environment: GEMV_FORMATS, GEMV_SHAPES (subsets for kernels), GEMV_M (rows of x, default 1).
 """
 import json
@@ -120,28 +119,6 @@ def part_decode():
     fastgen.run_decode_benchmark("llama2-7b-shape", batches=(1, 4), out_dir=OUT, log=log)
 
 
-def part_int4_kernels():
-    """The decode step with each int4 GEMV (tensor cores on packed bytes vs CUDA cores on interleaved words)."""
-    from labkit import fastgen, models
-
-    dev = env.device()
-    read_bw = env.measure_read_bandwidth(dev)
-    model, _ = models.load("llama2-7b-shape", device=dev)
-    rows = []
-    for kern in ("tc", "words"):
-        fast = fastgen.FastLlama(model, weights="int4", kernels="triton", max_seq_len=256, max_batch=4, int4_kernel=kern)
-        for batch in (1, 4):
-            r = fastgen.time_decode(fast, batch, 32, 128)
-            floor = r["bytes_per_step"] / read_bw * 1e3
-            rows.append({"int4_kernel": kern, "batch": batch, **r, "floor_ms": floor,
-                         "fraction_of_floor": floor / r["decode_ms_per_token"]})
-            log(f"int4 {kern:5s} batch {batch}: {r['decode_ms_per_token']:.3f} ms/token, "
-                f"{floor / r['decode_ms_per_token']:.0%} of floor ({floor:.3f} ms)")
-        del fast
-        torch.cuda.empty_cache()
-    bench.write_results(OUT / "decode_int4_kernels.json", rows, {"read_bandwidth_Bps": read_bw})
-
-
 def part_smollm2():
     from labkit import fastgen, models
 
@@ -171,7 +148,7 @@ def part_pipeline():
     pipeline.run_all(out_dir=OUT, log=log)
 
 
-PARTS = {"int4": part_int4_kernels, "kernels": part_kernels, "sweep": part_sweep, "decode": part_decode, "smollm2": part_smollm2, "pipeline": part_pipeline}
+PARTS = {"kernels": part_kernels, "sweep": part_sweep, "decode": part_decode, "smollm2": part_smollm2, "pipeline": part_pipeline}
 
 if __name__ == "__main__":
     log(f"== {time.strftime('%H:%M:%S')} {env.device_name()} {json.dumps(env.versions())}")

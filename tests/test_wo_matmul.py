@@ -72,7 +72,7 @@ def test_interleave_roundtrip_and_errors():
         wo.interleave(w)
 
 
-@pytest.mark.parametrize("fmt", ["fp16", "int8", "int4", "int8-il", "int4-il", "int4-tc"])
+@pytest.mark.parametrize("fmt", ["fp16", "int8", "int4", "int8-il", "int4-il", "int4-tc", "int4-il-tc"])
 @pytest.mark.parametrize("M", [1, 3])
 @pytest.mark.parametrize("silu", [False, True])
 def test_kernel_matches_dequantize_then_matmul(fmt, M, silu):
@@ -83,7 +83,8 @@ def test_kernel_matches_dequantize_then_matmul(fmt, M, silu):
     w = (torch.randn(N, K, device=dev) * 0.05).half()
     qw = {"fp16": lambda: w, "int8": lambda: wo.quantize_int8(w), "int4": lambda: wo.quantize_int4(w, 128),
           "int4-tc": lambda: wo.quantize_int4(w, 128), "int8-il": lambda: wo.interleave(wo.quantize_int8(w)),
-          "int4-il": lambda: wo.interleave(wo.quantize_int4(w, 128))}[fmt]()
+          "int4-il": lambda: wo.interleave(wo.quantize_int4(w, 128)),
+          "int4-il-tc": lambda: wo.interleave(wo.quantize_int4(w, 128))}[fmt]()
     x = torch.randn(M, K * (2 if silu else 1), device=dev).half()
     ref32 = wo.matmul_reference(x.float(), wo.dequantize(qw, torch.float32), silu_gate_up=silu)
     err_torch = (wo.matmul_reference(x, qw, silu_gate_up=silu).float() - ref32).abs().max().item()

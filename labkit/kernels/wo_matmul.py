@@ -498,12 +498,14 @@ if triton is not None:
     def _wo_gemv_tc_kernel(
         x_ptr, w_ptr, s_ptr, z_ptr, y_ptr,
         M, N, K, stride_xm, stride_wn, stride_sn, stride_ym, stride_ys, K_CHUNK, MAGIC, BIAS,
-        PRO_SILU: tl.constexpr,
+        PRO_SILU: tl.constexpr, WORDS: tl.constexpr,
         BLOCK_N: tl.constexpr, NG: tl.constexpr, BLOCK_M: tl.constexpr, EVEN: tl.constexpr,
     ):
         """int4 (Int4Weight, groups of 128) on the tensor cores: codes become 16-bit floats with one masked OR per
         two codes, then ``tl.dot`` with the activations, fp32 accumulation. The packed bytes are read as int32
-        words: word w of a group holds columns 8w..8w+7, the code of column 8w + n in nibble n.
+        words: word w of a group holds columns 8w..8w+7, the code of column 8w + n in nibble n; with WORDS the
+        weight is a WordWeight (int4) and nibble n of word w holds column 16n + w. Only the order in which the
+        activations are gathered differs.
 
         ``(word >> 4p) & 0x000F000F | MAGIC`` puts nibbles p and p + 4 in the two halves of an int32 as the floats
         ``BIAS + code`` (MAGIC: the bits of BIAS twice; BIAS = 128 for bf16, 1024 for fp16, where the spacing of
@@ -545,7 +547,8 @@ if triton is not None:
                 lo = tl.join(tl.join(l0, l2), tl.join(l1, l3))  # (BLOCK_N, 16, 2, 2): p = 2 i + j
                 hi = tl.join(tl.join(h0, h2), tl.join(h1, h3))
                 a = tl.reshape(tl.join(lo, hi), (BLOCK_N, 128))  # BIAS + code, exact
-                # the activations in the same order: column 8 w + p + 4 c at element 8 w + 2 p + c
+                # the activations in the same order. Packed bytes: element 8 w + 2 p + c is column 8 w + p + 4 c;
+                # WORDS (wo.interleave layout, nibble n of word w is column 16 n + w): column 16 (p + 4 c) + w
                 if BLOCK_M == 1 and EVEN:
                     xr = _load_x(x_ptr, g * 128 + offs_c, offs_c < 128, K, PRO_SILU)[None, :]  # (1, 128)
                 else:
@@ -553,7 +556,10 @@ if triton is not None:
                                  xmask[:, None] & (offs_c < 128)[None, :], K, PRO_SILU)  # (BLOCK_M, 128)
                 xr = xr.to(dt)
                 xs = tl.sum(xr.to(tl.float32), axis=1)  # (BLOCK_M,) fp32 sums of the activations as the dot sees them
-                xr = tl.reshape(tl.permute(tl.reshape(xr, (BLOCK_M, 16, 2, 4)), (0, 1, 3, 2)), (BLOCK_M, 128))
+                if WORDS:
+                    xr = tl.reshape(tl.permute(tl.reshape(xr, (BLOCK_M, 2, 4, 16)), (0, 3, 2, 1)), (BLOCK_M, 128))
+                else:
+                    xr = tl.reshape(tl.permute(tl.reshape(xr, (BLOCK_M, 16, 2, 4)), (0, 1, 3, 2)), (BLOCK_M, 128))
                 xt = tl.trans(xr)  # (128, BLOCK_M)
                 if BLOCK_M == 1:
                     xt = tl.broadcast_to(xt, (128, 16))
@@ -586,8 +592,8 @@ class GemvConfig:
     block_k: int = 512
     num_warps: int = 4
     # "tile": any M, one weight tile reused by all rows; "acc": M = 1, element-wise accumulator (a hint: for
-    # M > 1 the tile kernel runs); "tc": Int4Weight on the tensor cores (_wo_gemv_tc_kernel, block_n >= 16,
-    # bf16/fp16 activations). A WordWeight always runs its own kernel (_wo_gemv_il_kernel); variant is ignored.
+    # M > 1 the tile kernel runs); "tc": int4 on the tensor cores (_wo_gemv_tc_kernel, block_n >= 16, bf16/fp16
+    # activations; Int4Weight or WordWeight). Otherwise a WordWeight runs _wo_gemv_il_kernel (variant ignored).
     variant: str = "tile"
     split: int = 1  # split-K: programs along K write fp32 partials, a second small kernel sums them
 
@@ -630,7 +636,7 @@ CANDIDATES_IL = {
 _TUNED: dict = {}
 
 
-# Int4Weight on the tensor cores (kind 2, bf16/fp16 activations, groups of 128): 64 or 128 rows per program are the
+# int4 on the tensor cores (kinds 2 and 4, bf16/fp16 activations, groups of 128): 64 or 128 rows per program are the
 # shapes Triton maps to Hopper's warpgroup MMA; split-K keeps enough programs for the narrow layers.
 CANDIDATES_TC = [GemvConfig(64, 512, 4, "tc"), GemvConfig(64, 512, 4, "tc", 2), GemvConfig(64, 512, 4, "tc", 4),
                  GemvConfig(64, 256, 4, "tc", 4), GemvConfig(128, 256, 8, "tc"), GemvConfig(128, 512, 8, "tc", 2),
@@ -640,9 +646,10 @@ CANDIDATES_TC = [GemvConfig(64, 512, 4, "tc"), GemvConfig(64, 512, 4, "tc", 2), 
 def candidates_for(kind: int, M: int, dtype=torch.bfloat16, group: int = 128) -> list:
     """The configs tune() tries for a weight kind (0 float, 1 int8, 2 int4, 3/4 WordWeight int8/int4) at M rows;
     the first is the default when nothing was tuned."""
+    tc = CANDIDATES_TC if kind in (2, 4) and group == 128 and dtype in (torch.bfloat16, torch.float16) else []
     if kind in CANDIDATES_IL:
-        return CANDIDATES_IL[kind]
-    tc = CANDIDATES_TC if kind == 2 and group == 128 and dtype in (torch.bfloat16, torch.float16) else []
+        # one word layout, two kernels: CUDA cores for a single row, the tensor cores for a batch
+        return CANDIDATES_IL[kind] + tc if M == 1 else tc + CANDIDATES_IL[kind]
     if M == 1:
         return tc + CANDIDATES_M1[kind] + CANDIDATES[kind] + CANDIDATES_SPLIT[kind]
     return tc + CANDIDATES[kind] + CANDIDATES_SPLIT[kind]
@@ -726,21 +733,23 @@ def wo_matmul(x: torch.Tensor, w, silu_gate_up: bool = False, config: GemvConfig
             raise ValueError("split-K needs a contiguous output")
     else:
         y = out
-    if kind >= 3:
+    if cfg.variant == "tc":
+        if kind not in (2, 4) or group != 128 or x.dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError("the 'tc' GEMV takes int4 (Int4Weight or WordWeight) with groups of 128 and bf16/fp16 "
+                             "activations")
+        magic, bias = (0x43004300, 128.0) if x.dtype == torch.bfloat16 else (0x64006400, 1024.0)
+        words = wp if kind == 4 else wp.view(torch.int32)
+        _wo_gemv_tc_kernel[grid](x, words, sp, zp, y, M, N, K, x.stride(0), words.stride(0), stride_sn,
+                                 N if nsplit > 1 else out.stride(0), M * N, k_chunk, magic, bias,
+                                 PRO_SILU=silu_gate_up, WORDS=kind == 4, BLOCK_N=cfg.block_n, NG=block_k // 128,
+                                 BLOCK_M=1 if M == 1 else 16, EVEN=N % cfg.block_n == 0 and K % k_chunk == 0,
+                                 num_warps=cfg.num_warps)
+    elif kind >= 3:
         block_m = max(1, triton.next_power_of_2(M))
         _wo_gemv_il_kernel[grid](x, wp, sp, zp, y, M, N, K, x.stride(0), stride_wn, stride_sn,
                                  N if nsplit > 1 else out.stride(0), M * N, k_chunk,
                                  0x3F800000 if kind == 4 else 0x3FC00000, BITS=8 if kind == 3 else 4,
                                  PRO_SILU=silu_gate_up, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
-                                 num_warps=cfg.num_warps)
-    elif cfg.variant == "tc":
-        if kind != 2 or w.group != 128 or x.dtype not in (torch.bfloat16, torch.float16):
-            raise ValueError("the 'tc' GEMV takes an Int4Weight with groups of 128 and bf16/fp16 activations")
-        magic, bias = (0x43004300, 128.0) if x.dtype == torch.bfloat16 else (0x64006400, 1024.0)
-        _wo_gemv_tc_kernel[grid](x, w.packed.view(torch.int32), sp, zp, y, M, N, K, x.stride(0),
-                                 stride_wn // 4, stride_sn, N if nsplit > 1 else out.stride(0), M * N, k_chunk,
-                                 magic, bias, PRO_SILU=silu_gate_up, BLOCK_N=cfg.block_n, NG=block_k // 128,
-                                 BLOCK_M=1 if M == 1 else 16, EVEN=N % cfg.block_n == 0 and K % k_chunk == 0,
                                  num_warps=cfg.num_warps)
     elif cfg.variant == "acc" and M == 1:
         _wo_gemv1_kernel[grid](x, wp, sp, zp, y, N, K, stride_wn, stride_sn, M * N, k_chunk, KIND=kind, GROUP=group,
