@@ -396,6 +396,12 @@ if triton is not None:
         return ((v & 0x780000) | one).to(tl.float32, bitcast=True)
 
     @triton.jit
+    def _load_x4(xr, kb, mask_w, K, PRO_SILU: tl.constexpr):
+        """The four activation vectors that meet bit positions 0..3 of a tile's words (columns kb + 16 i)."""
+        return (_load_x(xr, kb, mask_w, K, PRO_SILU), _load_x(xr, kb + 16, mask_w, K, PRO_SILU),
+                _load_x(xr, kb + 32, mask_w, K, PRO_SILU), _load_x(xr, kb + 48, mask_w, K, PRO_SILU))
+
+    @triton.jit
     def _wo_gemv_il_kernel(
         x_ptr, w_ptr, s_ptr, z_ptr, y_ptr,
         M, N, K, stride_xm, stride_wn, stride_sn, stride_ym, stride_ys, K_CHUNK, ONE,
@@ -444,14 +450,8 @@ if triton is not None:
                 z = tl.load(z_ptr + sz_off, mask=sz_mask, other=0.0).to(tl.float32)
                 for m in tl.static_range(BLOCK_M):
                     xr = x_ptr + tl.minimum(m, M - 1) * stride_xm
-                    x0 = _load_x(xr, kb, mask_w, K, PRO_SILU)
-                    x1 = _load_x(xr, kb + 16, mask_w, K, PRO_SILU)
-                    x2 = _load_x(xr, kb + 32, mask_w, K, PRO_SILU)
-                    x3 = _load_x(xr, kb + 48, mask_w, K, PRO_SILU)
-                    x4 = _load_x(xr, kb + 64, mask_w, K, PRO_SILU)
-                    x5 = _load_x(xr, kb + 80, mask_w, K, PRO_SILU)
-                    x6 = _load_x(xr, kb + 96, mask_w, K, PRO_SILU)
-                    x7 = _load_x(xr, kb + 112, mask_w, K, PRO_SILU)
+                    x0, x1, x2, x3 = _load_x4(xr, kb, mask_w, K, PRO_SILU)
+                    x4, x5, x6, x7 = _load_x4(xr, kb + 64, mask_w, K, PRO_SILU)
                     x_sum = tl.sum(tl.reshape(x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7, (NC, 16)), axis=1)  # (NC,)
                     x0 = x0 * 256.0
                     x1 = x1 * 16.0
@@ -477,10 +477,7 @@ if triton is not None:
                 f3 = (((wd >> 9) & 0x7F8000) ^ ONE).to(tl.float32, bitcast=True)
                 for m in tl.static_range(BLOCK_M):
                     xr = x_ptr + tl.minimum(m, M - 1) * stride_xm
-                    x0 = _load_x(xr, kb, mask_w, K, PRO_SILU)
-                    x1 = _load_x(xr, kb + 16, mask_w, K, PRO_SILU)
-                    x2 = _load_x(xr, kb + 32, mask_w, K, PRO_SILU)
-                    x3 = _load_x(xr, kb + 48, mask_w, K, PRO_SILU)
+                    x0, x1, x2, x3 = _load_x4(xr, kb, mask_w, K, PRO_SILU)
                     part = f0 * x0[None, :] + f1 * x1[None, :] + f2 * x2[None, :] + f3 * x3[None, :]
                     val = 256.0 * tl.sum(part, axis=1) - 384.0 * tl.sum(x0 + x1 + x2 + x3, axis=0)  # (BLOCK_N,)
                     acc += tl.where(offs_m[:, None] == m, val[None, :], 0.0)
