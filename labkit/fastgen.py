@@ -159,7 +159,9 @@ if triton is not None:
 
     @triton.jit
     def _add_rmsnorm_kernel(x_ptr, d_ptr, w_ptr, out_ptr, H, eps, stride_x, stride_d, stride_ds, stride_o,
-                            HAS_DELTA: tl.constexpr, SPLIT: tl.constexpr, BLOCK_H: tl.constexpr):
+                            HAS_DELTA: tl.constexpr, SPLIT: tl.constexpr, BLOCK_H: tl.constexpr,
+                            PDL: tl.constexpr = False):
+        wo._pdl_enter(PDL)
         row = tl.program_id(0)
         offs = tl.arange(0, BLOCK_H)
         mask = offs < H
@@ -182,13 +184,15 @@ if triton is not None:
     @triton.jit
     def _rope_attn_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, o_ptr, scale, REP, NQ, NKV,
                           stride_qkv, stride_cb, stride_ch, stride_cs, stride_ob,
-                          HD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
+                          HD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
+                          PDL: tl.constexpr = False):
         """One (batch row b, KV head j): rotate K_j and write K_j, V_j into the cache at pos, rotate the REP query
         heads that share KV head j, and attend over cache positions 0..pos (single-pass online softmax).
 
         RoPE and attention in one kernel: the rotated queries never leave registers, and a step has one kernel
         per layer for this instead of two. Every RoPE product is rounded to the dtype as torch rounds it.
         """
+        wo._pdl_enter(PDL)
         b = tl.program_id(0)
         j = tl.program_id(1)
         pos = tl.load(pos_ptr)
@@ -237,7 +241,7 @@ if triton is not None:
                  out.to(dt), mask=mask_r[:, None])
 
 
-def add_rmsnorm_triton(x: torch.Tensor, delta, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def add_rmsnorm_triton(x: torch.Tensor, delta, weight: torch.Tensor, eps: float, pdl: bool = False) -> torch.Tensor:
     """Same contract as add_rmsnorm_ref, one kernel: x (B, H) += delta in place; returns RMSNorm(x) * weight.
 
     ``delta`` may also be the (S, B, H) fp32 partial sums of a split-K GEMV (``wo.linear(..., partials=True)``):
@@ -251,7 +255,8 @@ def add_rmsnorm_triton(x: torch.Tensor, delta, weight: torch.Tensor, eps: float)
         raise ValueError(f"delta {tuple(d.shape)} does not match x {tuple(x.shape)}")
     _add_rmsnorm_kernel[(B,)](x, d, weight, out, H, eps, x.stride(0), d.stride(-2), d.stride(0) if split > 1 else 0,
                               out.stride(0), HAS_DELTA=delta is not None, SPLIT=split,
-                              BLOCK_H=triton.next_power_of_2(H), num_warps=4 if H <= 2048 else 8)
+                              BLOCK_H=triton.next_power_of_2(H), num_warps=4 if H <= 2048 else 8,
+                              **wo.pdl_kwargs(pdl, x.device))
     return out
 
 
@@ -263,7 +268,7 @@ def rope_attention_ref(qkv, pos, cos, sin, k_cache, v_cache, n_heads: int, n_kv_
 
 
 def rope_attention_triton(qkv, pos, cos, sin, k_cache, v_cache, n_heads: int, n_kv_heads: int,
-                          length: int | None = None) -> torch.Tensor:
+                          length: int | None = None, pdl: bool = False) -> torch.Tensor:
     """Same contract as rope_attention_ref in one kernel (``length`` is ignored: the kernel reads pos on the device)."""
     B = qkv.shape[0]
     hd = cos.shape[-1]
@@ -273,7 +278,8 @@ def rope_attention_triton(qkv, pos, cos, sin, k_cache, v_cache, n_heads: int, n_
                                        qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
                                        out.stride(0), HD=hd, BLOCK_R=max(16, triton.next_power_of_2(rep)),
                                        BLOCK_L=64, num_warps=4,
-                                       enable_fp_fusion=False)  # round every RoPE product, as torch does
+                                       enable_fp_fusion=False,  # round every RoPE product, as torch does
+                                       **wo.pdl_kwargs(pdl, qkv.device))
     return out
 
 
@@ -307,11 +313,13 @@ class FastLlama:
     ``weights``: "bf16" (the model's dtype as is), "int8" (per-channel) or "int4" (group-wise, ``group``);
     every linear layer including the LM head is converted, the embedding table stays as it is (a step
     reads one row of it). ``kernels``: "triton" (default on CUDA) or "torch" (default and only choice on CPU
-    unless TRITON_INTERPRET=1 is set for tests).
+    unless TRITON_INTERPRET=1 is set for tests). ``pdl``: launch the step's Triton kernels with programmatic
+    dependent launch, so each is scheduled while the one before it finishes (default: on for Triton kernels on
+    a GPU of compute capability 9.0+; the results are the same either way).
     """
 
     def __init__(self, hf_model, *, weights: str = "bf16", kernels: str | None = None, max_seq_len: int = 1024,
-                 max_batch: int = 1, group: int = 128, device=None):
+                 max_batch: int = 1, group: int = 128, device=None, pdl: bool | None = None):
         if weights not in WEIGHT_FORMATS:
             raise LabkitError(f"weights={weights!r} is not one of {WEIGHT_FORMATS}")
         if getattr(hf_model.config, "model_type", "") != "llama" or any(
@@ -331,6 +339,11 @@ class FastLlama:
         if weights != "bf16" and self.dtype == torch.float32 and kernels == "triton" and self.device.type == "cuda":
             raise LabkitError("quantized Triton GEMV expects bf16/fp16 activations: load the model in bf16.")
         self.weights, self.kernels, self.group = weights, kernels, group
+        hopper = self.device.type == "cuda" and torch.cuda.get_device_capability(self.device)[0] >= 9
+        self.pdl = (kernels == "triton" and hopper) if pdl is None else bool(pdl)
+        if self.pdl and not (kernels == "triton" and hopper):
+            raise LabkitError("pdl=True needs kernels='triton' on a GPU of compute capability 9.0+ (Hopper); "
+                              "pass pdl=False")
         self.max_seq_len, self.max_batch = max_seq_len, max_batch
         dev = self.device
 
@@ -375,11 +388,13 @@ class FastLlama:
     # ------------------------------------------------------------------ ops
     def _ops(self):
         if self.kernels == "triton":
-            return add_rmsnorm_triton, rope_attention_triton, True
+            pdl = self.pdl
+            return (lambda *a: add_rmsnorm_triton(*a, pdl=pdl)), (lambda *a: rope_attention_triton(*a, pdl=pdl)), True
         return add_rmsnorm_ref, rope_attention_ref, False
 
     def _lin(self, x, w, silu=False, use_kernel=False, partials=False):
-        return wo.linear(x, w, silu_gate_up=silu, use_kernel=use_kernel, partials=partials)
+        return wo.linear(x, w, silu_gate_up=silu, use_kernel=use_kernel, partials=partials,
+                         pdl=use_kernel and self.pdl)
 
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:

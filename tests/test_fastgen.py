@@ -143,3 +143,34 @@ def test_graph_replay_matches_eager_on_gpu():
     _, la = fast.generate(ids, 8, use_graph=True, return_logits=True)
     _, lb = fast.generate(ids, 8, use_graph=False, return_logits=True)
     assert (la[1] - lb[1]).abs().max() == 0  # the same kernels, replayed from the graph or launched one by one
+
+
+def test_pdl_needs_hopper():
+    """Programmatic dependent launch is a Hopper feature: asking for it elsewhere is an error, not a no-op."""
+    model, _ = models.load("tiny-llama-shape", dtype=torch.float16)
+    if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9:
+        pytest.skip("this GPU supports PDL")
+    with pytest.raises(LabkitError, match="compute capability 9.0"):
+        fastgen.FastLlama(model, kernels="torch", pdl=True)
+    with pytest.raises(LabkitError, match="compute capability 9.0"):
+        wo.pdl_kwargs(True, "cpu")
+    assert wo.pdl_kwargs(False, "cpu") == {}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("weights", ["bf16", "int8", "int4"])
+def test_pdl_graph_gives_the_same_logits(weights):
+    """The step launched with programmatic dependent launch (each kernel may start before the previous one
+    ends, and waits for its results) computes bit for bit what the serialized launches compute."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("needs a GPU of compute capability 9.0+")
+    model, _ = models.load("smollm2-135m-shape", device="cuda")
+    ids = torch.randint(3, 49152, (1, 12), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    runs = []
+    for pdl in (False, True):
+        fast = fastgen.FastLlama(model, weights=weights, max_seq_len=64, group=64, pdl=pdl)
+        assert fast.pdl is pdl
+        runs.append(fast.generate(ids, 12, use_graph=True, return_logits=True))
+    (ta, la), (tb, lb) = runs
+    assert torch.equal(ta, tb)
+    assert all(torch.equal(a, b) for a, b in zip(la, lb))

@@ -246,6 +246,15 @@ def matmul_reference(x: torch.Tensor, w, silu_gate_up: bool = False) -> torch.Te
 if triton is not None:
 
     @triton.jit
+    def _pdl_enter(PDL: tl.constexpr):
+        """Programmatic dependent launch (Hopper and later; the launch passes launch_pdl=True): let the next
+        kernel in the stream start launching now, then wait until the previous one has finished and its writes
+        are visible. Everything before this call may only read memory no earlier kernel writes."""
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
+
+    @triton.jit
     def _program_tile(N, K, K_CHUNK, BLOCK_N: tl.constexpr):
         """This program's split (axis 1), its K range [k_lo, k_hi), and its BLOCK_N output rows (axis 0)."""
         pid_k = tl.program_id(1)
@@ -264,6 +273,16 @@ if triton is not None:
         return tl.load(x_row + offs_k, mask=mask_k, other=0.0).to(tl.float32)
 
     @triton.jit
+    def _tile_rows(acc, w, x_ptr, kk, mask_k, M, K, stride_xm, PRO_SILU: tl.constexpr, BLOCK_M: tl.constexpr):
+        """acc (BLOCK_M, BLOCK_N) += every row of x at columns kk times the (BLOCK_N, BLOCK_K) fp32 tile w."""
+        offs_m = tl.arange(0, BLOCK_M)
+        for m in tl.static_range(BLOCK_M):
+            xk = _load_x(x_ptr + tl.minimum(m, M - 1) * stride_xm, kk, mask_k, K, PRO_SILU)  # (BLOCK_K,)
+            part = tl.sum(w * xk[None, :], axis=1)  # (BLOCK_N,)
+            acc += tl.where(offs_m[:, None] == m, part[None, :], 0.0)
+        return acc
+
+    @triton.jit
     def _wo_gemv_kernel(
         # tensors
         x_ptr, w_ptr, s_ptr, z_ptr, y_ptr,
@@ -274,7 +293,7 @@ if triton is not None:
         # what the weight is: 0 = float (bf16/fp16), 1 = int8 per channel, 2 = int4 group-wise
         KIND: tl.constexpr, GROUP: tl.constexpr, PRO_SILU: tl.constexpr,
         # tiling
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False,
     ):
         """y[m, n] = sum_k x[m, k] * W[n, k] for BLOCK_N rows n, all M <= BLOCK_M rows of x, fp32 accumulator.
 
@@ -284,6 +303,7 @@ if triton is not None:
         offs_m = tl.arange(0, BLOCK_M)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if KIND == 2:
+            _pdl_enter(PDL)
             # int4: a tile is (BLOCK_N, NG groups, GROUP // 2 bytes); byte j of a group holds k = 2j (low), 2j+1 (high)
             NG: tl.constexpr = BLOCK_K // GROUP
             HALF: tl.constexpr = GROUP // 2
@@ -315,15 +335,20 @@ if triton is not None:
                     acc += tl.where(offs_m[:, None] == m, part[None, :], 0.0)
         else:
             offs_k = tl.arange(0, BLOCK_K)
-            for k0 in range(k_lo, k_hi, BLOCK_K):
+            k_first = k_lo
+            if PDL:  # the first tile depends on no earlier kernel: load it before waiting for it
+                kk = k_lo + offs_k
+                w = tl.load(w_ptr + offs_n[:, None] * stride_wn + kk[None, :],
+                            mask=mask_n[:, None] & (kk < K)[None, :], other=0).to(tl.float32)
+                _pdl_enter(PDL)
+                acc = _tile_rows(acc, w, x_ptr, kk, kk < K, M, K, stride_xm, PRO_SILU, BLOCK_M)
+                k_first = k_lo + BLOCK_K
+            for k0 in range(k_first, k_hi, BLOCK_K):
                 kk = k0 + offs_k
                 mask_k = kk < K
                 w = tl.load(w_ptr + offs_n[:, None] * stride_wn + kk[None, :],
                             mask=mask_n[:, None] & mask_k[None, :], other=0).to(tl.float32)  # (BLOCK_N, BLOCK_K)
-                for m in tl.static_range(BLOCK_M):
-                    xk = _load_x(x_ptr + tl.minimum(m, M - 1) * stride_xm, kk, mask_k, K, PRO_SILU)  # (BLOCK_K,)
-                    part = tl.sum(w * xk[None, :], axis=1)  # (BLOCK_N,)
-                    acc += tl.where(offs_m[:, None] == m, part[None, :], 0.0)
+                acc = _tile_rows(acc, w, x_ptr, kk, mask_k, M, K, stride_xm, PRO_SILU, BLOCK_M)
             if KIND == 1:
                 scale = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
                 acc = acc * scale[None, :]
@@ -342,7 +367,7 @@ if triton is not None:
         # weight format, as in _wo_gemv_kernel
         KIND: tl.constexpr, GROUP: tl.constexpr, PRO_SILU: tl.constexpr,
         # tiling
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False,
     ):
         """M = 1: products accumulate element-wise in a (BLOCK_N, BLOCK_K) fp32 tile, reduced once at the end.
 
@@ -351,6 +376,7 @@ if triton is not None:
         """
         pid_k, k_lo, k_hi, offs_n, mask_n = _program_tile(N, K, K_CHUNK, BLOCK_N)
         if KIND == 2:
+            _pdl_enter(PDL)
             HALF: tl.constexpr = GROUP // 2
             offs_j = tl.arange(0, HALF)
             acc = tl.zeros((BLOCK_N, HALF), dtype=tl.float32)
@@ -373,7 +399,15 @@ if triton is not None:
         else:
             offs_k = tl.arange(0, BLOCK_K)
             acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-            for k0 in range(k_lo, k_hi, BLOCK_K):
+            k_first = k_lo
+            if PDL:  # the first tile depends on no earlier kernel: load it before waiting for it
+                kk = k_lo + offs_k
+                w = tl.load(w_ptr + offs_n[:, None] * stride_wn + kk[None, :],
+                            mask=mask_n[:, None] & (kk < K)[None, :], other=0).to(tl.float32)
+                _pdl_enter(PDL)
+                acc += w * _load_x(x_ptr, kk, kk < K, K, PRO_SILU)[None, :]
+                k_first = k_lo + BLOCK_K
+            for k0 in range(k_first, k_hi, BLOCK_K):
                 kk = k0 + offs_k
                 mask_k = kk < K
                 w = tl.load(w_ptr + offs_n[:, None] * stride_wn + kk[None, :],
@@ -402,11 +436,77 @@ if triton is not None:
                 _load_x(xr, kb + 32, mask_w, K, PRO_SILU), _load_x(xr, kb + 48, mask_w, K, PRO_SILU))
 
     @triton.jit
+    def _il_words(w_ptr, offs_n, mask_n, stride_wn, k0, K, CH: tl.constexpr, W: tl.constexpr):
+        """The (BLOCK_N, W) words of one K step of the word kernel and the mask of the words inside the row."""
+        offs_w = tl.arange(0, W)
+        w0 = (k0 // CH) * 16  # first word of this step
+        mask_w = (w0 + offs_w) < (K // CH) * 16
+        wd = tl.load(w_ptr + offs_n[:, None] * stride_wn + (w0 + offs_w)[None, :],
+                     mask=mask_n[:, None] & mask_w[None, :], other=0)  # (BLOCK_N, W) int32
+        return wd, mask_w
+
+    @triton.jit
+    def _il_step(acc, wd, mask_w, k0, x_ptr, s_ptr, z_ptr, offs_n, mask_n, M, K, stride_xm, stride_sn, ONE,
+                 BITS: tl.constexpr, PRO_SILU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 CH: tl.constexpr, NC: tl.constexpr, W: tl.constexpr):
+        """One K step of the word kernel: acc (BLOCK_M, BLOCK_N) += x[:, step] . dequantized words."""
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_w = tl.arange(0, W)
+        # the tile's words are contiguous along a row: the threads of a warp spread along the row and each thread
+        # keeps several rows, so one load of x serves all of them
+        xcol = (offs_w // 16) * CH + offs_w % 16  # (W,) column held at bit position 0 of each word
+        kb = k0 + xcol
+        if BITS == 4:
+            va = wd << 15  # nibbles 0 and 1 at bits 15..18 and 19..22
+            vb = wd << 7  # nibbles 2, 3
+            vc = wd >> 1  # nibbles 4, 5
+            vd = wd >> 9  # nibbles 6, 7
+            c_idx = k0 // CH + tl.arange(0, NC)
+            sz_off = offs_n[:, None] * stride_sn + c_idx[None, :]
+            sz_mask = mask_n[:, None] & (c_idx < K // CH)[None, :]
+            s = tl.load(s_ptr + sz_off, mask=sz_mask, other=0.0).to(tl.float32)  # (BLOCK_N, NC)
+            z = tl.load(z_ptr + sz_off, mask=sz_mask, other=0.0).to(tl.float32)
+            for m in tl.static_range(BLOCK_M):
+                xr = x_ptr + tl.minimum(m, M - 1) * stride_xm
+                x0, x1, x2, x3 = _load_x4(xr, kb, mask_w, K, PRO_SILU)
+                x4, x5, x6, x7 = _load_x4(xr, kb + 64, mask_w, K, PRO_SILU)
+                x_sum = tl.sum(tl.reshape(x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7, (NC, 16)), axis=1)  # (NC,)
+                x0 = x0 * 256.0
+                x1 = x1 * 16.0
+                x2 = x2 * 256.0
+                x3 = x3 * 16.0
+                x4 = x4 * 256.0
+                x5 = x5 * 16.0
+                x6 = x6 * 256.0
+                x7 = x7 * 16.0
+                a_sum = tl.sum(tl.reshape(x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7, (NC, 16)), axis=1)
+                part = (_nib_lo(va, ONE) * x0[None, :] + _nib_hi(va, ONE) * x1[None, :]
+                        + _nib_lo(vb, ONE) * x2[None, :] + _nib_hi(vb, ONE) * x3[None, :]
+                        + _nib_lo(vc, ONE) * x4[None, :] + _nib_hi(vc, ONE) * x5[None, :]
+                        + _nib_lo(vd, ONE) * x6[None, :] + _nib_hi(vd, ONE) * x7[None, :])  # (BLOCK_N, W)
+                gsum = tl.sum(tl.reshape(part, (BLOCK_N, NC, 16)), axis=2)  # (BLOCK_N, NC)
+                val = tl.sum(s * (gsum - a_sum[None, :] - z * x_sum[None, :]), axis=1)
+                acc += tl.where(offs_m[:, None] == m, val[None, :], 0.0)
+        else:
+            # byte b moved to bits 15..22 with its sign bit flipped, under the exponent of 1.0: 1 + u / 256
+            f0 = (((wd << 15) & 0x7F8000) ^ ONE).to(tl.float32, bitcast=True)
+            f1 = (((wd << 7) & 0x7F8000) ^ ONE).to(tl.float32, bitcast=True)
+            f2 = (((wd >> 1) & 0x7F8000) ^ ONE).to(tl.float32, bitcast=True)
+            f3 = (((wd >> 9) & 0x7F8000) ^ ONE).to(tl.float32, bitcast=True)
+            for m in tl.static_range(BLOCK_M):
+                xr = x_ptr + tl.minimum(m, M - 1) * stride_xm
+                x0, x1, x2, x3 = _load_x4(xr, kb, mask_w, K, PRO_SILU)
+                part = f0 * x0[None, :] + f1 * x1[None, :] + f2 * x2[None, :] + f3 * x3[None, :]
+                val = 256.0 * tl.sum(part, axis=1) - 384.0 * tl.sum(x0 + x1 + x2 + x3, axis=0)  # (BLOCK_N,)
+                acc += tl.where(offs_m[:, None] == m, val[None, :], 0.0)
+        return acc
+
+    @triton.jit
     def _wo_gemv_il_kernel(
         x_ptr, w_ptr, s_ptr, z_ptr, y_ptr,
         M, N, K, stride_xm, stride_wn, stride_sn, stride_ym, stride_ys, K_CHUNK, ONE,
         BITS: tl.constexpr, PRO_SILU: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False,
     ):
         """GEMV over a WordWeight (int8 or int4 codes in 32-bit words, ``interleave`` layout), M <= BLOCK_M.
 
@@ -427,60 +527,18 @@ if triton is not None:
         W: tl.constexpr = NC * 16  # words per row per step
         pid_k, k_lo, k_hi, offs_n, mask_n = _program_tile(N, K, K_CHUNK, BLOCK_N)
         offs_m = tl.arange(0, BLOCK_M)
-        offs_w = tl.arange(0, W)
-        # a (BLOCK_N, W) tile, words contiguous along a row: the threads of a warp spread along the row and each
-        # thread keeps several rows, so one load of x serves all of them
-        xcol = (offs_w // 16) * CH + offs_w % 16  # (W,) column held at bit position 0 of each word
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            w0 = (k0 // CH) * 16  # first word of this step
-            mask_w = (w0 + offs_w) < (K // CH) * 16
-            wd = tl.load(w_ptr + offs_n[:, None] * stride_wn + (w0 + offs_w)[None, :],
-                         mask=mask_n[:, None] & mask_w[None, :], other=0)  # (BLOCK_N, W) int32
-            kb = k0 + xcol
-            if BITS == 4:
-                va = wd << 15  # nibbles 0 and 1 at bits 15..18 and 19..22
-                vb = wd << 7  # nibbles 2, 3
-                vc = wd >> 1  # nibbles 4, 5
-                vd = wd >> 9  # nibbles 6, 7
-                c_idx = k0 // CH + tl.arange(0, NC)
-                sz_off = offs_n[:, None] * stride_sn + c_idx[None, :]
-                sz_mask = mask_n[:, None] & (c_idx < K // CH)[None, :]
-                s = tl.load(s_ptr + sz_off, mask=sz_mask, other=0.0).to(tl.float32)  # (BLOCK_N, NC)
-                z = tl.load(z_ptr + sz_off, mask=sz_mask, other=0.0).to(tl.float32)
-                for m in tl.static_range(BLOCK_M):
-                    xr = x_ptr + tl.minimum(m, M - 1) * stride_xm
-                    x0, x1, x2, x3 = _load_x4(xr, kb, mask_w, K, PRO_SILU)
-                    x4, x5, x6, x7 = _load_x4(xr, kb + 64, mask_w, K, PRO_SILU)
-                    x_sum = tl.sum(tl.reshape(x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7, (NC, 16)), axis=1)  # (NC,)
-                    x0 = x0 * 256.0
-                    x1 = x1 * 16.0
-                    x2 = x2 * 256.0
-                    x3 = x3 * 16.0
-                    x4 = x4 * 256.0
-                    x5 = x5 * 16.0
-                    x6 = x6 * 256.0
-                    x7 = x7 * 16.0
-                    a_sum = tl.sum(tl.reshape(x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7, (NC, 16)), axis=1)
-                    part = (_nib_lo(va, ONE) * x0[None, :] + _nib_hi(va, ONE) * x1[None, :]
-                            + _nib_lo(vb, ONE) * x2[None, :] + _nib_hi(vb, ONE) * x3[None, :]
-                            + _nib_lo(vc, ONE) * x4[None, :] + _nib_hi(vc, ONE) * x5[None, :]
-                            + _nib_lo(vd, ONE) * x6[None, :] + _nib_hi(vd, ONE) * x7[None, :])  # (BLOCK_N, W)
-                    gsum = tl.sum(tl.reshape(part, (BLOCK_N, NC, 16)), axis=2)  # (BLOCK_N, NC)
-                    val = tl.sum(s * (gsum - a_sum[None, :] - z * x_sum[None, :]), axis=1)
-                    acc += tl.where(offs_m[:, None] == m, val[None, :], 0.0)
-            else:
-                # byte b moved to bits 15..22 with its sign bit flipped, under the exponent of 1.0: 1 + u / 256
-                f0 = (((wd << 15) & 0x7F8000) ^ ONE).to(tl.float32, bitcast=True)
-                f1 = (((wd << 7) & 0x7F8000) ^ ONE).to(tl.float32, bitcast=True)
-                f2 = (((wd >> 1) & 0x7F8000) ^ ONE).to(tl.float32, bitcast=True)
-                f3 = (((wd >> 9) & 0x7F8000) ^ ONE).to(tl.float32, bitcast=True)
-                for m in tl.static_range(BLOCK_M):
-                    xr = x_ptr + tl.minimum(m, M - 1) * stride_xm
-                    x0, x1, x2, x3 = _load_x4(xr, kb, mask_w, K, PRO_SILU)
-                    part = f0 * x0[None, :] + f1 * x1[None, :] + f2 * x2[None, :] + f3 * x3[None, :]
-                    val = 256.0 * tl.sum(part, axis=1) - 384.0 * tl.sum(x0 + x1 + x2 + x3, axis=0)  # (BLOCK_N,)
-                    acc += tl.where(offs_m[:, None] == m, val[None, :], 0.0)
+        k_first = k_lo
+        if PDL:  # the first words depend on no earlier kernel: load them before waiting for it
+            wd, mask_w = _il_words(w_ptr, offs_n, mask_n, stride_wn, k_lo, K, CH, W)
+            _pdl_enter(PDL)
+            acc = _il_step(acc, wd, mask_w, k_lo, x_ptr, s_ptr, z_ptr, offs_n, mask_n, M, K, stride_xm, stride_sn,
+                           ONE, BITS, PRO_SILU, BLOCK_M, BLOCK_N, CH, NC, W)
+            k_first = k_lo + BLOCK_K
+        for k0 in range(k_first, k_hi, BLOCK_K):
+            wd, mask_w = _il_words(w_ptr, offs_n, mask_n, stride_wn, k0, K, CH, W)
+            acc = _il_step(acc, wd, mask_w, k0, x_ptr, s_ptr, z_ptr, offs_n, mask_n, M, K, stride_xm, stride_sn,
+                           ONE, BITS, PRO_SILU, BLOCK_M, BLOCK_N, CH, NC, W)
         if BITS == 8:
             acc = acc * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         y_ptrs = y_ptr + pid_k * stride_ys + offs_m[:, None] * stride_ym + offs_n[None, :]
@@ -496,7 +554,7 @@ if triton is not None:
         x_ptr, w_ptr, s_ptr, z_ptr, y_ptr,
         M, N, K, stride_xm, stride_wn, stride_sn, stride_ym, stride_ys, K_CHUNK, MAGIC, BIAS,
         PRO_SILU: tl.constexpr, WORDS: tl.constexpr,
-        BLOCK_N: tl.constexpr, NG: tl.constexpr, BLOCK_M: tl.constexpr, EVEN: tl.constexpr,
+        BLOCK_N: tl.constexpr, NG: tl.constexpr, BLOCK_M: tl.constexpr, EVEN: tl.constexpr, PDL: tl.constexpr = False,
     ):
         """int4 (Int4Weight, groups of 128) on the tensor cores: codes become 16-bit floats with one masked OR per
         two codes, then ``tl.dot`` with the activations, fp32 accumulation. The packed bytes are read as int32
@@ -513,6 +571,7 @@ if triton is not None:
         PRO_SILU: x is [gate | up], the kernel multiplies by silu(gate) * up on the fly (as the other kernels).
         """
         dt: tl.constexpr = x_ptr.dtype.element_ty
+        _pdl_enter(PDL)
         pid_k, k_lo, k_hi, offs_n, mask_n = _program_tile(N, K, K_CHUNK, BLOCK_N)
         offs_w = tl.arange(0, 16)
         offs_c = tl.arange(0, 128)
@@ -570,8 +629,9 @@ if triton is not None:
         tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_m[None, :])
 
     @triton.jit
-    def _sum_splits_kernel(p_ptr, y_ptr, MN, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+    def _sum_splits_kernel(p_ptr, y_ptr, MN, SPLIT: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
         """y[i] = sum over s of p[s, i] (fp32 partials of a split-K GEMV), cast to y's dtype."""
+        _pdl_enter(PDL)
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < MN
         acc = tl.zeros((BLOCK,), tl.float32)
@@ -673,13 +733,26 @@ def _key(kind, N, K, M, silu, dtype, partials=False):
     return (kind, N, K, min(triton.next_power_of_2(M), MAX_M) if triton else M, silu, str(dtype), partials)
 
 
+def pdl_kwargs(pdl: bool, device) -> dict:
+    """Launch arguments for a kernel with a ``PDL`` switch (``_pdl_enter``): programmatic dependent launch lets a
+    kernel be scheduled while the one before it in the stream is still running (compute capability 9.0+)."""
+    if not pdl:
+        return {}
+    dev = torch.device(device)
+    if dev.type != "cuda" or torch.cuda.get_device_capability(dev)[0] < 9:
+        raise LabkitError("pdl=True (programmatic dependent launch) needs an NVIDIA GPU of compute capability 9.0 "
+                          "or newer (Hopper); pass pdl=False")
+    return {"PDL": True, "launch_pdl": True}
+
+
 def wo_matmul(x: torch.Tensor, w, silu_gate_up: bool = False, config: GemvConfig | None = None,
-              out: torch.Tensor | None = None, partials: bool = False) -> torch.Tensor:
+              out: torch.Tensor | None = None, partials: bool = False, pdl: bool = False) -> torch.Tensor:
     """Triton GEMV: x (M, K) [or (M, 2K) = [gate | up] with silu_gate_up] times W^T -> (M, N) in x's dtype.
 
     w: (N, K) bf16/fp16 tensor, Int8Weight, Int4Weight or WordWeight. M must be at most 16 (use ``linear`` for
     any M). ``partials=True``: when the config splits K, return the (split, M, N) fp32 partial sums instead of
     reducing them (the consumer sums them, e.g. ``fastgen.add_rmsnorm_triton``); without a split, (M, N) as usual.
+    ``pdl=True``: launch with programmatic dependent launch (see ``pdl_kwargs``; Hopper and newer).
     """
     if triton is None:
         raise LabkitError("wo_matmul needs Triton: pip install triton (Linux)")
@@ -721,6 +794,7 @@ def wo_matmul(x: torch.Tensor, w, silu_gate_up: bool = False, config: GemvConfig
         block_k = max(block_k, group)
         if block_k % group:
             raise ValueError(f"block_k={block_k} must be a multiple of the group size {group}")
+    kw = pdl_kwargs(pdl, x.device)
     k_chunk = triton.cdiv(triton.cdiv(K, cfg.split), block_k) * block_k  # whole K blocks per split
     nsplit = triton.cdiv(K, k_chunk)
     grid = (triton.cdiv(N, cfg.block_n), nsplit)
@@ -740,40 +814,40 @@ def wo_matmul(x: torch.Tensor, w, silu_gate_up: bool = False, config: GemvConfig
                                  N if nsplit > 1 else out.stride(0), M * N, k_chunk, magic, bias,
                                  PRO_SILU=silu_gate_up, WORDS=kind == 4, BLOCK_N=cfg.block_n, NG=block_k // 128,
                                  BLOCK_M=1 if M == 1 else 16, EVEN=N % cfg.block_n == 0 and K % k_chunk == 0,
-                                 num_warps=cfg.num_warps)
+                                 num_warps=cfg.num_warps, **kw)
     elif kind >= 3:
         block_m = max(1, triton.next_power_of_2(M))
         _wo_gemv_il_kernel[grid](x, wp, sp, zp, y, M, N, K, x.stride(0), stride_wn, stride_sn,
                                  N if nsplit > 1 else out.stride(0), M * N, k_chunk,
                                  0x3F800000 if kind == 4 else 0x3FC00000, BITS=8 if kind == 3 else 4,
                                  PRO_SILU=silu_gate_up, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
-                                 num_warps=cfg.num_warps)
+                                 num_warps=cfg.num_warps, **kw)
     elif cfg.variant == "acc" and M == 1:
         _wo_gemv1_kernel[grid](x, wp, sp, zp, y, N, K, stride_wn, stride_sn, M * N, k_chunk, KIND=kind, GROUP=group,
-                               PRO_SILU=silu_gate_up, BLOCK_N=cfg.block_n, BLOCK_K=block_k, num_warps=cfg.num_warps)
+                               PRO_SILU=silu_gate_up, BLOCK_N=cfg.block_n, BLOCK_K=block_k, num_warps=cfg.num_warps, **kw)
     else:
         block_m = max(1, triton.next_power_of_2(M))
         _wo_gemv_kernel[grid](x, wp, sp, zp, y, M, N, K, x.stride(0), stride_wn, stride_sn, N if nsplit > 1 else out.stride(0),
                               M * N, k_chunk, KIND=kind, GROUP=group, PRO_SILU=silu_gate_up, BLOCK_M=block_m,
-                              BLOCK_N=cfg.block_n, BLOCK_K=block_k, num_warps=cfg.num_warps)
+                              BLOCK_N=cfg.block_n, BLOCK_K=block_k, num_warps=cfg.num_warps, **kw)
     if nsplit > 1 and partials:
         return y
     if nsplit > 1:
-        _sum_splits_kernel[(triton.cdiv(M * N, 1024),)](y, out, M * N, SPLIT=nsplit, BLOCK=1024, num_warps=4)
+        _sum_splits_kernel[(triton.cdiv(M * N, 1024),)](y, out, M * N, SPLIT=nsplit, BLOCK=1024, num_warps=4, **kw)
     return out
 
 
 def linear(x: torch.Tensor, w, silu_gate_up: bool = False, use_kernel: bool = True,
-           partials: bool = False) -> torch.Tensor:
+           partials: bool = False, pdl: bool = False) -> torch.Tensor:
     """x (..., K) @ W^T for any leading shape: the Triton GEMV for up to 16 rows, else dequantize + cuBLAS.
 
-    ``use_kernel=False`` always takes the reference path (what the CPU decode loop uses). ``partials``: as in
-    ``wo_matmul`` for a 2-D x on the kernel path (split-K partial sums may come back as (split, M, N) fp32).
+    ``use_kernel=False`` always takes the reference path (what the CPU decode loop uses). ``partials``, ``pdl``: as
+    in ``wo_matmul`` for a 2-D x on the kernel path (split-K partial sums may come back as (split, M, N) fp32).
     """
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])  # (M, K)
     if use_kernel and x2.shape[0] <= MAX_M:
-        y = wo_matmul(x2, w, silu_gate_up=silu_gate_up, partials=partials and x.dim() == 2)
+        y = wo_matmul(x2, w, silu_gate_up=silu_gate_up, partials=partials and x.dim() == 2, pdl=pdl)
         if y.dim() == 3:
             return y
     else:
