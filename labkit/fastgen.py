@@ -725,7 +725,7 @@ def run_decode_benchmark(model_name: str = "llama2-7b-shape", formats=WEIGHT_FOR
             floor_ms = r["bytes_per_step"] / read_bw * 1e3
             frac = floor_ms / r["decode_ms_per_token"]
             rec = {"model": info.label, "variant": f"our loop, Triton GEMV + CUDA graph ({fmt})", "weights": fmt,
-                   "batch": batch, **r, "floor_ms": floor_ms, "fraction_of_floor": frac,
+                   "batch": batch, "pdl": fast.pdl, **r, "floor_ms": floor_ms, "fraction_of_floor": frac,
                    "achieved_read_Bps": r["bytes_per_step"] / (r["decode_ms_per_token"] / 1e3)}
             records.append(rec)
             if batch == 1:
@@ -734,6 +734,15 @@ def run_decode_benchmark(model_name: str = "llama2-7b-shape", formats=WEIGHT_FOR
                     bf16_tps = r["tokens_per_s"]
             log(f"{fmt} batch {batch}: {r['decode_ms_per_token']:.3f} ms/token, {r['tokens_per_s']:.0f} tok/s, "
                 f"{frac:.0%} of floor ({floor_ms:.3f} ms)")
+        if fast.pdl:  # what programmatic dependent launch buys: the same step with serialized launches
+            del fast
+            fast = FastLlama(model, weights=fmt, kernels="triton", max_seq_len=max_seq, pdl=False)
+            r = time_decode(fast, 1, prompt_len, new_tokens)
+            floor_ms = r["bytes_per_step"] / read_bw * 1e3
+            records.append({"model": info.label, "variant": f"our loop, no PDL ({fmt})", "weights": fmt, "batch": 1,
+                            "pdl": False, **r, "floor_ms": floor_ms, "fraction_of_floor": floor_ms / r["decode_ms_per_token"]})
+            log(f"{fmt} batch 1 without PDL: {r['decode_ms_per_token']:.3f} ms/token, "
+                f"{floor_ms / r['decode_ms_per_token']:.0%} of floor")
         del fast
         torch.cuda.empty_cache()
     summary = {"fraction_of_floor": fractions,
