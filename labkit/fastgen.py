@@ -463,7 +463,8 @@ class FastLlama:
         lw = self.layers[0]
         for w, silu, part in ((lw.wqkv, False, False), (lw.wo, False, True), (lw.w13, False, False),
                               (lw.w2, True, True), (self.lm_head, False, False)):
-            wo.tune(w, M=batch, dtype=self.dtype, silu_gate_up=silu, partials=part)  # as _step calls each
+            # as _step calls each
+            wo.tune(w, M=batch, dtype=self.dtype, silu_gate_up=silu, partials=part, pdl=self.pdl)
 
     def capture(self, batch: int = 1) -> None:
         """Capture one decode step for ``batch`` rows as a CUDA graph (static token, position and output buffers).

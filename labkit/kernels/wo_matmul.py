@@ -729,8 +729,8 @@ def _device(w) -> torch.device:
                                                          w.packed if isinstance(w, Int4Weight) else w.words).device
 
 
-def _key(kind, N, K, M, silu, dtype, partials=False):
-    return (kind, N, K, min(triton.next_power_of_2(M), MAX_M) if triton else M, silu, str(dtype), partials)
+def _key(kind, N, K, M, silu, dtype, partials=False, pdl=False):
+    return (kind, N, K, min(triton.next_power_of_2(M), MAX_M) if triton else M, silu, str(dtype), partials, pdl)
 
 
 def pdl_kwargs(pdl: bool, device) -> dict:
@@ -773,7 +773,7 @@ def wo_matmul(x: torch.Tensor, w, silu_gate_up: bool = False, config: GemvConfig
         x = x.contiguous()
     if out is None:
         out = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    cfg = (config or _TUNED.get(_key(kind, N, K, M, silu_gate_up, x.dtype, partials))
+    cfg = (config or _TUNED.get(_key(kind, N, K, M, silu_gate_up, x.dtype, partials, pdl))
            or candidates_for(kind, M, x.dtype, getattr(w, "group", 128))[0])
     block_k = cfg.block_k
     if kind == 0:
@@ -875,28 +875,31 @@ def _copies(w, n: int) -> list:
 
 
 def time_gemv(x: torch.Tensor, w, silu_gate_up: bool = False, config: GemvConfig | None = None, calls: int = 32,
-              rounds: int = 7, cold_bytes: int = 256 << 20, partials: bool = False) -> float:
+              rounds: int = 7, cold_bytes: int = 256 << 20, partials: bool = False, pdl: bool = False) -> float:
     """Milliseconds per ``wo_matmul`` call as a decode step sees it: back-to-back launches inside a CUDA graph.
 
     Timing single calls from Python measures the launch (tens of microseconds), not a kernel that reads a few
     megabytes; and one weight timed over and over stays in L2. So the calls cycle over enough copies of the
     weight (``cold_bytes`` in all, beyond any L2) and are replayed as one graph; median over ``rounds``.
-    ``partials=True`` times the call as ``wo_matmul(..., partials=True)`` (no split-K reduction kernel).
+    ``partials=True`` times the call as ``wo_matmul(..., partials=True)`` (no split-K reduction kernel);
+    ``pdl=True`` launches every call with programmatic dependent launch, as a decode step with PDL does.
     """
     if x.device.type != "cuda":
         raise LabkitError("time_gemv times kernels on a CUDA GPU")
     n_copies = max(1, min(calls, -(-cold_bytes // max(1, weight_nbytes(w)))))
     ws = _copies(w, n_copies)
     out = torch.empty(x.shape[0], w.shape[0], device=x.device, dtype=x.dtype)
-    fns = [lambda wi=wi: wo_matmul(x, wi, silu_gate_up, config, out, partials) for wi in ws]
+    fns = [lambda wi=wi: wo_matmul(x, wi, silu_gate_up, config, out, partials, pdl) for wi in ws]
     return bench.graph_time_ms(fns, calls, rounds)
 
 
 def tune(w, M: int = 1, dtype=torch.bfloat16, silu_gate_up: bool = False, candidates=None,
-         partials: bool = False) -> GemvConfig:
+         partials: bool = False, pdl: bool = False) -> GemvConfig:
     """Time each candidate config for this weight and M on the GPU (random x, ``time_gemv``), keep the fastest.
 
-    ``partials=True`` tunes for callers that take split-K partial sums (the reduction costs nothing there).
+    ``partials=True`` tunes for callers that take split-K partial sums (the reduction costs nothing there);
+    ``pdl=True`` for callers that launch with programmatic dependent launch (a separate choice: PDL overlaps
+    the start of one call with the end of the one before, which favours other shapes).
     """
     if not torch.cuda.is_available():
         raise LabkitError("tune() times kernels on a CUDA GPU; on a CPU the default config is used.")
@@ -911,12 +914,12 @@ def tune(w, M: int = 1, dtype=torch.bfloat16, silu_gate_up: bool = False, candid
         if kind == 2 and (max(cfg.block_k, w.group) % w.group):
             continue
         try:
-            t = time_gemv(x, w, silu_gate_up, cfg, partials=partials)
+            t = time_gemv(x, w, silu_gate_up, cfg, partials=partials, pdl=pdl)
         except Exception:  # a config that does not compile (too many registers) is skipped
             continue
         if t < best_t:
             best, best_t = cfg, t
     if best is None:
         raise LabkitError(f"no GEMV config ran for weight {w.shape} kind {kind}")
-    _TUNED[_key(kind, N, K, M, silu_gate_up, dtype, partials)] = best
+    _TUNED[_key(kind, N, K, M, silu_gate_up, dtype, partials, pdl)] = best
     return best
