@@ -273,6 +273,12 @@ if triton is not None:
         return tl.load(x_row + offs_k, mask=mask_k, other=0.0).to(tl.float32)
 
     @triton.jit
+    def _row_tile(w_ptr, offs_n, mask_n, stride_wn, kk, mask_k):
+        """Rows offs_n, columns kk of a float or int8 weight, as fp32 (BLOCK_N, BLOCK_K)."""
+        return tl.load(w_ptr + offs_n[:, None] * stride_wn + kk[None, :],
+                       mask=mask_n[:, None] & mask_k[None, :], other=0).to(tl.float32)
+
+    @triton.jit
     def _tile_rows(acc, w, x_ptr, kk, mask_k, M, K, stride_xm, PRO_SILU: tl.constexpr, BLOCK_M: tl.constexpr):
         """acc (BLOCK_M, BLOCK_N) += every row of x at columns kk times the (BLOCK_N, BLOCK_K) fp32 tile w."""
         offs_m = tl.arange(0, BLOCK_M)
@@ -338,16 +344,14 @@ if triton is not None:
             k_first = k_lo
             if PDL:  # the first tile depends on no earlier kernel: load it before waiting for it
                 kk = k_lo + offs_k
-                w = tl.load(w_ptr + offs_n[:, None] * stride_wn + kk[None, :],
-                            mask=mask_n[:, None] & (kk < K)[None, :], other=0).to(tl.float32)
+                w = _row_tile(w_ptr, offs_n, mask_n, stride_wn, kk, kk < K)
                 _pdl_enter(PDL)
                 acc = _tile_rows(acc, w, x_ptr, kk, kk < K, M, K, stride_xm, PRO_SILU, BLOCK_M)
                 k_first = k_lo + BLOCK_K
             for k0 in range(k_first, k_hi, BLOCK_K):
                 kk = k0 + offs_k
                 mask_k = kk < K
-                w = tl.load(w_ptr + offs_n[:, None] * stride_wn + kk[None, :],
-                            mask=mask_n[:, None] & mask_k[None, :], other=0).to(tl.float32)  # (BLOCK_N, BLOCK_K)
+                w = _row_tile(w_ptr, offs_n, mask_n, stride_wn, kk, mask_k)  # (BLOCK_N, BLOCK_K)
                 acc = _tile_rows(acc, w, x_ptr, kk, mask_k, M, K, stride_xm, PRO_SILU, BLOCK_M)
             if KIND == 1:
                 scale = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
@@ -402,16 +406,14 @@ if triton is not None:
             k_first = k_lo
             if PDL:  # the first tile depends on no earlier kernel: load it before waiting for it
                 kk = k_lo + offs_k
-                w = tl.load(w_ptr + offs_n[:, None] * stride_wn + kk[None, :],
-                            mask=mask_n[:, None] & (kk < K)[None, :], other=0).to(tl.float32)
+                w = _row_tile(w_ptr, offs_n, mask_n, stride_wn, kk, kk < K)
                 _pdl_enter(PDL)
                 acc += w * _load_x(x_ptr, kk, kk < K, K, PRO_SILU)[None, :]
                 k_first = k_lo + BLOCK_K
             for k0 in range(k_first, k_hi, BLOCK_K):
                 kk = k0 + offs_k
                 mask_k = kk < K
-                w = tl.load(w_ptr + offs_n[:, None] * stride_wn + kk[None, :],
-                            mask=mask_n[:, None] & mask_k[None, :], other=0).to(tl.float32)
+                w = _row_tile(w_ptr, offs_n, mask_n, stride_wn, kk, mask_k)
                 acc += w * _load_x(x_ptr, kk, mask_k, K, PRO_SILU)[None, :]
             y = tl.sum(acc, axis=1)
             if KIND == 1:
