@@ -5,6 +5,7 @@
 kernels: every 7B-shape GEMV (bf16 / int8 / int4 Triton vs cuBLAS bf16 vs dequantize-then-matmul), checked
          against the reference on the GPU first, then timed (% of read bandwidth).
 decode:  labkit.fastgen.run_decode_benchmark on the 7B shape (HF generate in the same run) -> decode.json.
+pdl:     the 7B-shape decode step with and without programmatic dependent launch, twice each -> pdl.json.
 smollm2: token equality of the fast loop with HF generate on SmolLM2 (bf16, GPU) -> smollm2_check.json.
 pipeline: labkit.pipeline.run_matrix on SmolLM2 and the 7B shape -> pipeline.json.
 Environment: GEMV_FORMATS, GEMV_SHAPES (subsets for kernels), GEMV_M (rows of x, default 1).
