@@ -908,6 +908,7 @@ def tune(w, M: int = 1, dtype=torch.bfloat16, silu_gate_up: bool = False, candid
     kind = _kind(w)
     N, K = w.shape
     dev = _device(w)
+    pdl_kwargs(pdl, dev)  # a GPU without PDL fails here with the reason, not as "no config ran"
     x = torch.randn(M, K * (2 if silu_gate_up else 1), device=dev, dtype=dtype)
     best, best_t = None, float("inf")
     for cfg in candidates or candidates_for(kind, M, dtype, getattr(w, "group", 128)):
