@@ -766,19 +766,24 @@ def plot_decode(records: list[dict], path) -> None:
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401  (matplotlib.ticker below)
 
     rows = [r for r in records if r.get("batch") == 1 and "decode_ms_per_token" in r]
     if not rows:
         return
-    fig, ax = plt.subplots(figsize=(8, 0.5 * len(rows) + 1.5))
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(rows) + 2))
     names = [r["variant"] for r in rows]
     ax.barh(names, [r["decode_ms_per_token"] for r in rows], color="tab:blue", label="measured")
     ax.scatter([r["floor_ms"] for r in rows], names, color="tab:red", zorder=3, label="floor (bytes / read bandwidth)")
     for i, r in enumerate(rows):
         ax.text(r["decode_ms_per_token"], i, f" {r['fraction_of_floor']:.0%}", va="center")
     ax.set_xscale("log")
+    ticks = [t for t in (0.5, 1, 2, 5, 10, 20, 50, 100, 200) if
+             min(r["floor_ms"] for r in rows) / 2 <= t <= 2 * max(r["decode_ms_per_token"] for r in rows)]
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("ms per token (batch 1, log scale)")
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2, fontsize=8, frameon=False)
     ax.set_title(rows[0]["model"])
     fig.tight_layout()
     fig.savefig(path, dpi=120)
