@@ -177,9 +177,9 @@ def test_pdl_graph_gives_the_same_logits(weights):
 
 
 def test_plot_decode_writes_the_batch1_rows(tmp_path):
-    recs = [{"variant": "HF generate", "batch": 1, "decode_ms_per_token": 30.0, "floor_ms": 4.5, "fraction_of_floor": 0.15},
-            {"variant": "ours", "batch": 1, "decode_ms_per_token": 4.9, "floor_ms": 4.5, "fraction_of_floor": 0.92},
-            {"variant": "ours", "batch": 4, "decode_ms_per_token": 7.6, "floor_ms": 4.6, "fraction_of_floor": 0.6}]
+    recs = [{"model": "m", "variant": "HF generate", "batch": 1, "decode_ms_per_token": 30.0, "floor_ms": 4.5, "fraction_of_floor": 0.15},
+            {"model": "m", "variant": "ours", "batch": 1, "decode_ms_per_token": 4.9, "floor_ms": 4.5, "fraction_of_floor": 0.92},
+            {"model": "m", "variant": "ours", "batch": 4, "decode_ms_per_token": 7.6, "floor_ms": 4.6, "fraction_of_floor": 0.6}]
     fastgen.plot_decode(recs, tmp_path / "d.png")
     assert (tmp_path / "d.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     fastgen.plot_decode(recs[2:], tmp_path / "none.png")  # no batch-1 row: nothing to draw
