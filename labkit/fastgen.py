@@ -339,9 +339,9 @@ class FastLlama:
         if weights != "bf16" and self.dtype == torch.float32 and kernels == "triton" and self.device.type == "cuda":
             raise LabkitError("quantized Triton GEMV expects bf16/fp16 activations: load the model in bf16.")
         self.weights, self.kernels, self.group = weights, kernels, group
-        hopper = self.device.type == "cuda" and torch.cuda.get_device_capability(self.device)[0] >= 9
-        self.pdl = (kernels == "triton" and hopper) if pdl is None else bool(pdl)
-        if self.pdl and not (kernels == "triton" and hopper):
+        can_pdl = kernels == "triton" and wo.pdl_supported(self.device)
+        self.pdl = can_pdl if pdl is None else bool(pdl)
+        if self.pdl and not can_pdl:
             raise LabkitError("pdl=True needs kernels='triton' on a GPU of compute capability 9.0+ (Hopper); "
                               "pass pdl=False")
         self.max_seq_len, self.max_batch = max_seq_len, max_batch

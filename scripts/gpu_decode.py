@@ -5,7 +5,6 @@
 kernels: every 7B-shape GEMV (bf16 / int8 / int4 Triton vs cuBLAS bf16 vs dequantize-then-matmul), checked
          against the reference on the GPU first, then timed (% of read bandwidth).
 decode:  labkit.fastgen.run_decode_benchmark on the 7B shape (HF generate in the same run) -> decode.json.
-pdl:     the 7B-shape decode step with and without programmatic dependent launch, twice each -> pdl.json.
 smollm2: token equality of the fast loop with HF generate on SmolLM2 (bf16, GPU) -> smollm2_check.json.
 pipeline: labkit.pipeline.run_matrix on SmolLM2 and the 7B shape -> pipeline.json.
 Environment: GEMV_FORMATS, GEMV_SHAPES (subsets for kernels), GEMV_M (rows of x, default 1).
@@ -120,28 +119,6 @@ def part_decode():
     fastgen.run_decode_benchmark("llama2-7b-shape", batches=(1, 4), out_dir=OUT, log=log)
 
 
-def part_pdl():
-    """Decode step with and without programmatic dependent launch, same model, same run (7B shape, batch 1)."""
-    from labkit import fastgen, models
-
-    dev = env.device()
-    bw = env.measure_read_bandwidth(dev)
-    model, _ = models.load("llama2-7b-shape", device=dev)
-    recs = []
-    for fmt in os.environ.get("PDL_FORMATS", "bf16,int8,int4").split(","):
-        for pdl in (False, True, False, True):
-            fast = fastgen.FastLlama(model, weights=fmt, max_seq_len=256, pdl=pdl)
-            r = fastgen.time_decode(fast, 1, 32, 128)
-            floor = r["bytes_per_step"] / bw * 1e3
-            recs.append({"weights": fmt, "pdl": pdl, **r, "floor_ms": floor})
-            log(f"pdl {fmt} {pdl}: {r['decode_ms_per_token']:.3f} ms/token, {floor / r['decode_ms_per_token']:.1%} of floor "
-                f"(read {bw / 1e12:.2f} TB/s)")
-            del fast
-            torch.cuda.empty_cache()
-    (OUT / "pdl.json").write_text(json.dumps({"meta": bench.run_metadata(), "read_bandwidth_Bps": bw, "records": recs},
-                                             indent=1, default=str))
-
-
 def part_smollm2():
     from labkit import fastgen, models
 
@@ -171,7 +148,7 @@ def part_pipeline():
     pipeline.run_all(out_dir=OUT, log=log)
 
 
-PARTS = {"kernels": part_kernels, "sweep": part_sweep, "decode": part_decode, "pdl": part_pdl, "smollm2": part_smollm2, "pipeline": part_pipeline}
+PARTS = {"kernels": part_kernels, "sweep": part_sweep, "decode": part_decode, "smollm2": part_smollm2, "pipeline": part_pipeline}
 
 if __name__ == "__main__":
     log(f"== {time.strftime('%H:%M:%S')} {env.device_name()} {json.dumps(env.versions())}")

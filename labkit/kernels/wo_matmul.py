@@ -735,13 +735,18 @@ def _key(kind, N, K, M, silu, dtype, partials=False, pdl=False):
     return (kind, N, K, min(triton.next_power_of_2(M), MAX_M) if triton else M, silu, str(dtype), partials, pdl)
 
 
+def pdl_supported(device) -> bool:
+    """Whether kernels on ``device`` can use programmatic dependent launch (a CUDA GPU of compute capability 9.0+)."""
+    dev = torch.device(device)
+    return dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] >= 9
+
+
 def pdl_kwargs(pdl: bool, device) -> dict:
     """Launch arguments for a kernel with a ``PDL`` switch (``_pdl_enter``): programmatic dependent launch lets a
     kernel be scheduled while the one before it in the stream is still running (compute capability 9.0+)."""
     if not pdl:
         return {}
-    dev = torch.device(device)
-    if dev.type != "cuda" or torch.cuda.get_device_capability(dev)[0] < 9:
+    if not pdl_supported(device):
         raise LabkitError("pdl=True (programmatic dependent launch) needs an NVIDIA GPU of compute capability 9.0 "
                           "or newer (Hopper); pass pdl=False")
     return {"PDL": True, "launch_pdl": True}
