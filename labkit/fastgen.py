@@ -749,7 +749,8 @@ def run_decode_benchmark(model_name: str = "llama2-7b-shape", formats=WEIGHT_FOR
     summary = {"fraction_of_floor": fractions,
                "speedup_vs_hf_generate_bf16": (bf16_tps / hf_tps) if (bf16_tps and hf_tps) else None,
                "model": info.label, "prompt_len": prompt_len, "new_tokens": new_tokens, "checks": checks,
-               "ceilings": ceilings}
+               "ceilings": ceilings,
+               "tune_failures": [{**f, "config": str(f["config"])} for f in wo.TUNE_FAILURES]}
     doc = {"records": records, "summary": summary}
     if out_dir is not None:
         from pathlib import Path

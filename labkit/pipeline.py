@@ -85,9 +85,9 @@ def measure_cell(model, tokenizer, *, batch: int, prompt_len: int, new_tokens: i
             "fraction_of_floor": floor / r["decode_ms_per_token"], "status": "ok"}
 
 
-def _free(*objs):
-    for o in objs:
-        del o
+def _free():
+    """Return the memory of objects the caller has already deleted (``del model`` first: a function cannot
+    drop its caller's references)."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -126,10 +126,9 @@ def run_matrix(model_name: str, quants=QUANTS, attns=ATTNS, *, prompt_len: int =
                 log(f"{model_name:18s} {quant:7s} {attn:18s} -- {skip[(quant, attn)][:90]}")
                 continue
             try:
-                if attn == "flash_attention_2":
-                    # models.load checks the request first (GPU, flash-attn installed, dtype): its error is the row
-                    flash_model, _ = models.load(model_name, quant=q, attn=attn, dtype=dtype)
-                    _free(flash_model)
+                # the checks models.load makes (GPU, flash-attn installed, dtype), on the model already loaded:
+                # their error is the row; no second copy of the model is loaded to find out
+                models.check_request(model_name, quant=q, attn=attn, device=model.device, dtype=model.dtype)
                 model.set_attn_implementation(attn)
                 rec = {**base, **measure_cell(model, tok, batch=1, prompt_len=prompt_len, new_tokens=new_tokens,
                                               read_bw=read_bw, iters=iters)}
@@ -158,7 +157,8 @@ def run_matrix(model_name: str, quants=QUANTS, attns=ATTNS, *, prompt_len: int =
                 rec = {**base, "status": f"out of memory: {exc!s:.100}"}
             records.append(rec)
         if not (loaded and quant in loaded):
-            _free(model)
+            del model, tok
+            _free()
     return records
 
 

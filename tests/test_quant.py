@@ -160,3 +160,19 @@ def test_bad_granularity_raises():
         Q.absmax_quantize(torch.randn(4, 4), 8, "row")
     with pytest.raises(ValueError, match="2-D"):
         Q.absmax_quantize(torch.randn(4, 4, 4), 8, "channel")
+
+
+@pytest.mark.parametrize("x, pos, code", [
+    # a partial last block: bitsandbytes divides by the absmax there -> code 4 (multiplying gives 3)
+    ([1.0] * 64 + [3.0, -1.019038200378418], 65, 4),
+    # the same pair in a full block: bitsandbytes multiplies by 1/absmax -> code 3
+    ([3.0, -1.019038200378418] + [1.0] * 62, 1, 3),
+])
+def test_nf4_near_tie_in_full_and_partial_blocks(x, pos, code):
+    x = torch.tensor(x)
+    packed, _ = Q.nf4_quantize(x, 64)
+    byte = int(packed.reshape(-1)[pos // 2])
+    assert (byte >> 4 if pos % 2 == 0 else byte & 15) == code
+    F = pytest.importorskip("bitsandbytes.functional")
+    ref, _ = F.quantize_4bit(x, blocksize=64, quant_type="nf4")
+    assert torch.equal(packed.reshape(-1), ref.reshape(-1))  # the installed bitsandbytes, bit for bit
