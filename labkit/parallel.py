@@ -286,6 +286,17 @@ def offload_decode(budget_bytes: int, new_tokens: int = 4, prompt_len: int = 8, 
     forward); on a GPU the budget is GPU 0's and the rest stays in CPU memory. Same tokens both ways (checked).
     """
     import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread, like every rank of the parallel runs (and no oversubscribed cores)
+    try:
+        return _offload_decode(budget_bytes, new_tokens, prompt_len, iters, name)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _offload_decode(budget_bytes, new_tokens, prompt_len, iters, name) -> dict:
+    import torch
     from accelerate import dispatch_model
     from accelerate.utils import compute_module_sizes
 
@@ -340,8 +351,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_raw(tasks, nproc: int, *, backend: str = "gloo", model: str = "smollm2-135m", timeout_s: float = 240,
-               pg_timeout_s: float = DEFAULT_TIMEOUT_S, extra: list[str] | None = None) -> Launch:
+def launch_raw(tasks, nproc: int, *, backend: str = "gloo", model: str = "smollm2-135m", pp_model: str = "smollm2-135m",
+               timeout_s: float = 240, pg_timeout_s: float = DEFAULT_TIMEOUT_S, extra: list[str] | None = None) -> Launch:
     """Start ``nproc`` processes with torchrun running ``tasks`` and wait (at most ``timeout_s``).
 
     Validates the request first (world size vs heads for ``tp``, NCCL vs GPUs): nothing starts when it is bad.
@@ -355,11 +366,11 @@ def launch_raw(tasks, nproc: int, *, backend: str = "gloo", model: str = "smollm
     if "tp" in tasks or "hf_tp" in tasks:
         check_tp(model_shape(model), nproc)
     if "pp" in tasks:
-        check_pp(model_shape(model).num_hidden_layers, nproc, 1, 1)
+        check_pp(model_shape(pp_model).num_hidden_layers, nproc, 1, 1)
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
                "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "--max-restarts", "0",
-               "-m", "labkit.parallel", "--tasks", ",".join(tasks), "--backend", backend, "--model", model,
+               "-m", "labkit.parallel", "--tasks", ",".join(tasks), "--backend", backend, "--model", model, "--pp-model", pp_model,
                "--out", out, "--pg-timeout", str(pg_timeout_s), *(extra or [])]
         envv = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
                     PYTHONPATH=os.pathsep.join([str(env.repo_root()), os.environ.get("PYTHONPATH", "")]),
@@ -425,8 +436,7 @@ def _task_tp(args, rank, world, dev, hf: bool = False) -> dict:
             ref_logits = model(ids).logits
         ref_tokens = _greedy(model, ids, args.new_tokens)
         if args.time_decode:
-            out["single_decode"] = bench.time_generate(model, ids, args.new_tokens, warmup=1, iters=args.iters,
-                                                       device="cpu")
+            out["single_decode"] = bench.time_generate(model, ids, args.new_tokens, warmup=1, iters=args.iters)
     dist.barrier()
     if hf:
         del model
@@ -448,8 +458,7 @@ def _task_tp(args, rank, world, dev, hf: bool = False) -> dict:
                                if hasattr(tp_model.model.layers[0].self_attn.q_proj.weight, "to_local")
                                else tp_model.model.layers[0].self_attn.q_proj.weight.shape[0]))
     if args.time_decode:
-        out["tp_decode"] = bench.time_generate(tp_model, ids_d, args.new_tokens, warmup=1, iters=args.iters,
-                                               device=dev)
+        out["tp_decode"] = bench.time_generate(tp_model, ids_d, args.new_tokens, warmup=1, iters=args.iters)
     if rank == 0:
         ref = ref_logits.float()
         diff = (logits.float().cpu() - ref).abs().max().item()
@@ -497,8 +506,8 @@ def _task_pp(args, rank, world, dev) -> dict:
     import torch.distributed as dist
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
-    model, tok = load_model(args.model)
-    shape = model_shape(args.model)
+    model, tok = load_model(args.pp_model)
+    shape = model_shape(args.pp_model)
     bounds = [0, shape.num_hidden_layers // 2, shape.num_hidden_layers] if world == 2 and not args.balanced \
         else balanced_split(shape, world)
     lo, hi = bounds[rank], bounds[rank + 1]
@@ -523,12 +532,14 @@ def _task_pp(args, rank, world, dev) -> dict:
         return f
 
     stage_mod.forward = timed_forward(stage_mod, stage_mod.forward)
-    out = {"model": args.model, "stages": world, "bounds": bounds, "batch": batch, "prompt_len": ids.shape[1],
+    out = {"model": args.pp_model, "random_weights": tok is None, "stages": world, "bounds": bounds, "batch": batch, "prompt_len": ids.shape[1],
            "rows": []}
     schedules = {"GPipe": ScheduleGPipe, "1F1B": Schedule1F1B}
     with torch.no_grad():
         for sched_name, cls in schedules.items():
             for m in args.microbatches:
+                if cls is Schedule1F1B and m < world:
+                    continue  # 1F1B needs at least one micro-batch per stage (torch raises otherwise)
                 stage = PipelineStage(stage_mod, rank, world, dev)
                 sched = cls(stage, n_microbatches=m)
                 x = ids.to(dev)
@@ -587,6 +598,7 @@ def worker_main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasks", required=True)
     p.add_argument("--backend", default="gloo", choices=BACKENDS)
     p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--pp-model", default="smollm2-135m", help="model of the pp task")
     p.add_argument("--out", required=True)
     p.add_argument("--pg-timeout", type=float, default=DEFAULT_TIMEOUT_S)
     p.add_argument("--prompt-len", type=int, default=8)
@@ -671,12 +683,13 @@ def ring_allreduce_seconds(nbytes: float, p: int, alpha: float, beta: float) -> 
 
 
 def tp_decode_model(shape, p: int, *, bytes_per_element: float, read_bw: float, alpha: float, beta: float,
-                    batch: int = 1) -> dict:
-    """MODEL of one batch-``batch`` decode step at TP ``p``: weights / (p · bandwidth) + 2L all-reduces.
+                    batch: int = 1, overhead_s: float = 0.0) -> dict:
+    """MODEL of one batch-``batch`` decode step at TP ``p``: overhead + weights / (p · bandwidth) + 2L all-reduces.
 
-    Each rank reads 1/p of the layer weights (embedding and head replicated: read by all) at ``read_bw``; then
-    2 all-reduces per layer of batch·hidden elements, each costing the ring model. Ignores kernel launch costs
-    and the overlap of the two; it is a model, not a measurement.
+    Each rank reads 1/p of the layer weights (LM head replicated: read by every rank) at ``read_bw``; then
+    2 all-reduces per layer of batch·hidden elements, each costing the ring model; ``overhead_s`` is the part of a
+    step that does not shrink with p (Python, launches). No overlap of compute and communication is assumed.
+    It is a model, not a measurement.
     """
     from labkit import roofline
 
@@ -685,7 +698,9 @@ def tp_decode_model(shape, p: int, *, bytes_per_element: float, read_bw: float, 
     compute = (layer_w / p + head_w) / read_bw
     msg = batch * shape.hidden_size * bytes_per_element
     comm = 2 * shape.num_hidden_layers * ring_allreduce_seconds(msg, p, alpha, beta)
-    return {"p": p, "compute_ms": compute * 1e3, "comm_ms": comm * 1e3, "total_ms": (compute + comm) * 1e3}
+    total = overhead_s + compute + comm
+    return {"p": p, "overhead_ms": overhead_s * 1e3, "compute_ms": compute * 1e3, "comm_ms": comm * 1e3,
+            "total_ms": total * 1e3}
 
 
 # ---------------------------------------------------------------------------------------------- CLI
