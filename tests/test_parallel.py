@@ -131,3 +131,14 @@ def test_a_killed_rank_ends_the_run_with_an_error():
     assert run.seconds < timeout
     assert run.result is None
     assert "Signal 9 (SIGKILL)" in run.output or "exitcode  : -9" in run.output, run.output[-2000:]
+
+
+def test_cli_refuses_nccl_without_gpus(capsys):
+    from labkit import cli
+
+    if torch.cuda.is_available() and torch.cuda.device_count() >= 2:
+        pytest.skip("this machine has 2 GPUs: NCCL is allowed")
+    assert cli.main(["bench", "parallel", "--backend", "nccl"]) == 1
+    assert "NCCL over 2 processes needs 2 GPUs" in capsys.readouterr().err
+    assert cli.main(["bench", "parallel", "--tp", "3"]) == 1  # the 7B layout's 32 heads do not split over 3
+    assert "splits over" in capsys.readouterr().err
