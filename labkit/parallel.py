@@ -365,11 +365,15 @@ def _free_port() -> int:
 
 
 def launch_raw(tasks, nproc: int, *, backend: str = "gloo", model: str = "smollm2-135m", pp_model: str = "smollm2-135m",
-               timeout_s: float = 240, pg_timeout_s: float = DEFAULT_TIMEOUT_S, extra: list[str] | None = None) -> Launch:
+               timeout_s: float = 240, pg_timeout_s: float = DEFAULT_TIMEOUT_S, extra: list[str] | None = None,
+               monitor_interval_s: float | None = None) -> Launch:
     """Start ``nproc`` processes with torchrun running ``tasks`` and wait (at most ``timeout_s``).
 
     Validates the request first (world size vs heads for ``tp``, NCCL vs GPUs): nothing starts when it is bad.
     Each process uses one thread (OMP_NUM_THREADS=1): on a CPU, processes rather than threads share the cores.
+    A failed rank ends the run: torchrun stops the others when it notices (every ``monitor_interval_s``), and a
+    rank waiting in a collective on a dead peer raises by itself (gloo: connection closed; at the latest after
+    the process-group timeout ``pg_timeout_s``).
     """
     tasks = [tasks] if isinstance(tasks, str) else list(tasks)
     unknown = [t for t in tasks if t not in TASKS]
@@ -383,6 +387,7 @@ def launch_raw(tasks, nproc: int, *, backend: str = "gloo", model: str = "smollm
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
                "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "--max-restarts", "0",
+               *(["--monitor-interval", str(monitor_interval_s)] if monitor_interval_s else []),
                "-m", "labkit.parallel", "--tasks", ",".join(tasks), "--backend", backend, "--model", model, "--pp-model", pp_model,
                "--out", out, "--pg-timeout", str(pg_timeout_s), *(extra or [])]
         envv = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
@@ -601,7 +606,6 @@ def _task_die(args, rank, world, dev) -> dict:
     dist.all_reduce(x)
     if rank == args.kill_rank:
         os.kill(os.getpid(), signal.SIGKILL)
-    time.sleep(0.5)
     for _ in range(1000):
         dist.all_reduce(x)  # raises once the peer is gone (or the process-group timeout passes)
     return {"unexpected": "the collectives went on without a peer"}
