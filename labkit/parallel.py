@@ -448,7 +448,8 @@ def _task_tp(args, rank, world, dev, hf: bool = False) -> dict:
     model, tok = load_model(args.model)
     model = model.to(dev)  # the one-process reference runs on the same kind of device as the split model
     ids = _prompt_ids(tok, model.config.vocab_size, 1, args.prompt_len).to(dev)
-    out = {"model": args.model, "random_weights": tok is None, "world": world, "prompt_len": ids.shape[1],
+    out = {"model": args.model, "random_weights": tok is None, "world": world, "device": str(dev),
+           "backend": dist.get_backend(), "prompt_len": ids.shape[1],
            "new_tokens": args.new_tokens, "split": "transformers tp_plan='auto'" if hf else "labkit tp_plan()"}
     if rank == 0:  # the one-process reference, computed on rank 0 while the others wait
         with torch.inference_mode():
@@ -765,7 +766,7 @@ def cli_main(argv: list[str] | None = None) -> int:
     summary = {
         "tp2_matches_single": bool(t["tokens_equal"] and t["max_abs_logit_diff"] <= 1e-5 * t["logit_scale"]),
         "tp2_decode_speedup": t["decode_speedup"],
-        "tp2_model": SMALL_7B_LAYOUT + " (random weights)", "tp_backend": backend,
+        "tp2_model": SMALL_7B_LAYOUT + " (random weights)", "tp_backend": backend, "tp_device": t["device"],
         "allreduce_bytes_per_token": t["allreduce_bytes"] / t["prompt_len"],
         "allreduce_bytes_per_token_per_layer_predicted": allreduce_bytes_per_token_per_layer(shape, 4),
         "pp_bubble_measured": sum(r["bubble"] for r in gpipe8) / len(gpipe8),
