@@ -767,7 +767,8 @@ def cli_main(argv: list[str] | None = None) -> int:
         "tp2_matches_single": bool(t["tokens_equal"] and t["max_abs_logit_diff"] <= 1e-5 * t["logit_scale"]),
         "tp2_decode_speedup": t["decode_speedup"],
         "tp2_model": SMALL_7B_LAYOUT + " (random weights)", "tp_backend": backend, "tp_device": t["device"],
-        "allreduce_bytes_per_token": t["allreduce_bytes"] / t["prompt_len"],
+        "allreduce_bytes_per_token": t["allreduce_bytes"] / t["prompt_len"],  # all layers, counted
+        "allreduce_bytes_per_token_per_layer_measured": t["allreduce_bytes"] / t["prompt_len"] / t["layers"],
         "allreduce_bytes_per_token_per_layer_predicted": allreduce_bytes_per_token_per_layer(shape, 4),
         "pp_bubble_measured": sum(r["bubble"] for r in gpipe8) / len(gpipe8),
         "pp_bubble_predicted": bubble_fraction(2, 8),
