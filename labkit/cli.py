@@ -2,7 +2,7 @@
 
     labkit doctor [--json] [--no-measure]     what this machine has, and its measured ceilings
     labkit bench ceilings                      copy bandwidth and matmul rate, written to results/<device>/
-    labkit bench attention|decode|pipeline …   the notebooks' benchmarks from the command line
+    labkit bench attention|decode|pipeline|parallel …   the notebooks' benchmarks from the command line
     labkit quality --methods …                 the quantization quality table (notebook 02)
     labkit report                              results/RESULTS.md from every results/<device>/*.json
     labkit student [--out DIR]                 student copies of the notebooks, solutions replaced by stubs
@@ -22,6 +22,7 @@ DELEGATED = {
     ("bench", "attention"): "labkit.attention:cli_main",
     ("bench", "decode"): "labkit.fastgen:cli_main",
     ("bench", "pipeline"): "labkit.pipeline:cli_main",
+    ("bench", "parallel"): "labkit.parallel:cli_main",
     ("quality",): "labkit.ptq:cli_main",
 }
 

@@ -12,7 +12,7 @@ repo=$PWD
 ready() {  # is every package the tests import available to interpreter $1 (checked outside the checkout)?
   (cd / && "$1" - "$repo" <<'PY'
 import importlib.metadata as md, importlib.util, sys
-mods = ["torch", "transformers", "gguf", "bitsandbytes", "triton", "nbval", "pytest", "ipykernel", "ipywidgets",
+mods = ["torch", "transformers", "accelerate", "gguf", "bitsandbytes", "triton", "nbval", "pytest", "ipykernel", "ipywidgets",
         "matplotlib", "nbformat", "labkit"]
 missing = [m for m in mods if importlib.util.find_spec(m) is None]
 try:
