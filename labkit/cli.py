@@ -22,6 +22,7 @@ DELEGATED = {
     ("bench", "attention"): "labkit.attention:cli_main",
     ("bench", "decode"): "labkit.fastgen:cli_main",
     ("bench", "pipeline"): "labkit.pipeline:cli_main",
+    ("bench", "rag"): "labkit.rag:cli_main",
     ("quality",): "labkit.ptq:cli_main",
 }
 
