@@ -252,3 +252,39 @@ def project(rec: Record, shape, label: str, read_bandwidth: float | None = None,
 
 def to_json(plans: dict) -> str:
     return json.dumps({k: (v.__dict__ if isinstance(v, Plan) else v) for k, v in plans.items()}, indent=1)
+
+
+def show(traffic: Traffic, records: dict, price_per_gpu_hour: float) -> dict:
+    """Print the plan table for one setting (what each slider move redraws); returns the plans."""
+    plans = plan_all(traffic, records, price_per_gpu_hour)
+    print(f"{traffic.messages_per_day:,.0f} messages/day, peak x{traffic.peak_to_average:g}, prompt "
+          f"{traffic.prompt_tokens} + answer {traffic.answer_tokens} tokens, <= {traffic.latency_ms:g} ms/token, "
+          f"${price_per_gpu_hour:g}/GPU-hour")
+    print(f"records: {next(iter(records.values())).label}")
+    print(table(plans))
+    return plans
+
+
+def sliders(records: dict, traffic: Traffic, price_per_gpu_hour: float):
+    """ipywidgets sliders over ``show``; without ipywidgets (or headless) the default table is printed once."""
+    try:
+        import ipywidgets as W
+    except ImportError:
+        show(traffic, records, price_per_gpu_hour)
+        return None
+
+    def redraw(messages_per_day, peak_to_average, prompt_tokens, answer_tokens, latency_ms, price):
+        try:
+            show(Traffic(messages_per_day, peak_to_average, prompt_tokens, answer_tokens, latency_ms), records, price)
+        except LabkitError as exc:
+            print(exc)
+
+    return W.interact(redraw,
+                      messages_per_day=W.FloatLogSlider(value=traffic.messages_per_day, base=10, min=4, max=9,
+                                                        description="msgs/day"),
+                      peak_to_average=W.FloatSlider(value=traffic.peak_to_average, min=1, max=10, step=0.5,
+                                                    description="peak/avg"),
+                      prompt_tokens=W.IntSlider(value=traffic.prompt_tokens, min=1, max=4096, description="prompt"),
+                      answer_tokens=W.IntSlider(value=traffic.answer_tokens, min=1, max=2048, description="answer"),
+                      latency_ms=W.FloatSlider(value=traffic.latency_ms, min=1, max=500, step=1, description="ms/token"),
+                      price=W.FloatSlider(value=price_per_gpu_hour, min=0.1, max=20, step=0.1, description="$/GPU-h"))

