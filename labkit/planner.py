@@ -266,11 +266,11 @@ def show(traffic: Traffic, records: dict, price_per_gpu_hour: float) -> dict:
 
 
 def sliders(records: dict, traffic: Traffic, price_per_gpu_hour: float):
-    """ipywidgets sliders over ``show``; without ipywidgets (or headless) the default table is printed once."""
+    """The default table, printed, then ipywidgets sliders over ``show`` that redraw it in a live notebook."""
+    show(traffic, records, price_per_gpu_hour)  # printed, so a headless run (nbval, nbconvert) shows the table
     try:
         import ipywidgets as W
     except ImportError:
-        show(traffic, records, price_per_gpu_hour)
         return None
 
     def redraw(messages_per_day, peak_to_average, prompt_tokens, answer_tokens, latency_ms, price):
@@ -279,7 +279,7 @@ def sliders(records: dict, traffic: Traffic, price_per_gpu_hour: float):
         except LabkitError as exc:
             print(exc)
 
-    return W.interact(redraw,
+    return W.interactive(redraw,
                       messages_per_day=W.FloatLogSlider(value=traffic.messages_per_day, base=10, min=4, max=9,
                                                         description="msgs/day"),
                       peak_to_average=W.FloatSlider(value=traffic.peak_to_average, min=1, max=10, step=0.5,
@@ -288,3 +288,4 @@ def sliders(records: dict, traffic: Traffic, price_per_gpu_hour: float):
                       answer_tokens=W.IntSlider(value=traffic.answer_tokens, min=1, max=2048, description="answer"),
                       latency_ms=W.FloatSlider(value=traffic.latency_ms, min=1, max=500, step=1, description="ms/token"),
                       price=W.FloatSlider(value=price_per_gpu_hour, min=0.1, max=20, step=0.1, description="$/GPU-h"))
+

