@@ -2,7 +2,7 @@
 
     labkit doctor [--json] [--no-measure]     what this machine has, and its measured ceilings
     labkit bench ceilings                      copy bandwidth and matmul rate, written to results/<device>/
-    labkit bench attention|decode|pipeline|parallel …   the notebooks' benchmarks from the command line
+    labkit bench attention|decode|pipeline|parallel|rag …   the notebooks' benchmarks from the command line
     labkit quality --methods …                 the quantization quality table (notebook 02)
     labkit report                              results/RESULTS.md from every results/<device>/*.json
     labkit student [--out DIR]                 student copies of the notebooks, solutions replaced by stubs
@@ -23,6 +23,7 @@ DELEGATED = {
     ("bench", "decode"): "labkit.fastgen:cli_main",
     ("bench", "pipeline"): "labkit.pipeline:cli_main",
     ("bench", "parallel"): "labkit.parallel:cli_main",
+    ("bench", "rag"): "labkit.rag:cli_main",
     ("quality",): "labkit.ptq:cli_main",
 }
 
@@ -80,7 +81,7 @@ def doctor(argv: list[str]) -> int:
 def bench(argv: list[str]) -> int:
     if argv and ("bench", argv[0]) in DELEGATED:
         return _delegate(DELEGATED[("bench", argv[0])], argv[1:])
-    p = argparse.ArgumentParser(prog="labkit bench", description="Benchmarks: ceilings | attention | decode | pipeline")
+    p = argparse.ArgumentParser(prog="labkit bench", description="Benchmarks: ceilings | attention | decode | pipeline | rag")
     p.add_argument("what", choices=["ceilings"], help="ceilings: copy bandwidth and matmul rate of this device")
     p.add_argument("--out", help="JSON path (default results/<device>/ceilings.json)")
     args = p.parse_args(argv)

@@ -107,6 +107,7 @@ INSTALL_HINTS = {
     "torch": "pip install torch  (CPU only: pip install torch --index-url https://download.pytorch.org/whl/cpu)",
     "transformers": "pip install -e '.[dev]'",
     "gguf": "pip install gguf",
+    "faiss": "pip install faiss-cpu",
     "bitsandbytes": "pip install bitsandbytes",
     "triton": "pip install triton",
     "flash_attn": "pip install -e '.[flash]'  (needs a CUDA GPU and a matching compiler)",

