@@ -294,6 +294,43 @@ class LayerWeights:
     mlp_norm: torch.Tensor
 
 
+def _from_quantlinear(mods: list, fmt: str, for_kernel: bool, device):
+    """The stored codes of ``quant.QuantLinear`` layers (GPTQ, RTN or QAT of ``labkit.gptq``/``labkit.qat``) that read
+    the same input, stacked along the output rows, as our weight format, without re-quantizing.
+
+    int4: ``Int4Weight`` with the layers' own codes, fp32 scales and zero points (a ragged last group padded with
+    its zero point), interleaved for the kernels when the group is 128. GPTQ's act-order uses static groups, so its
+    codes are stored in column order with contiguous groups and need no permutation. int8: only per-row *symmetric*
+    8-bit codes map onto ``Int8Weight`` (``q - 128`` with zero point 128); other 8-bit layouts are an error.
+    Either way the weights dequantize to exactly ``QuantLinear.dequantized_weight()``.
+    """
+    from labkit import quant
+
+    bad = [type(m).__name__ for m in mods if not isinstance(m, quant.QuantLinear)]
+    if bad:
+        raise LabkitError(f"a layer mixes quantized and unquantized projections ({bad}); quantize all of a decoder "
+                          "layer's linear layers (labkit.gptq.gptq_quantize_model does)")
+    if len({(m.bits, m.group_size, m.in_features) for m in mods}) != 1:
+        raise LabkitError("projections that read the same input must share bits and group size to be stacked")
+    bits, g = mods[0].bits, mods[0].group_size
+    q = torch.cat([m.q for m in mods]).to(device)  # (rows, K) uint8 codes
+    scale = torch.cat([m.scale for m in mods]).to(device)  # (rows, G) fp32
+    zero = torch.cat([m.zero for m in mods]).to(device)
+    if fmt == "int4":
+        if bits != 4:
+            raise LabkitError(f"weights='int4' takes 4-bit QuantLinear layers; these hold {bits}-bit codes")
+        w = wo.int4_from_codes(q, scale, zero, g)
+        return wo.interleave(w) if for_kernel and g == 128 else w
+    if fmt == "int8":
+        if bits != 8 or scale.shape[1] != 1 or not bool((zero == 128).all()):
+            raise LabkitError("weights='int8' takes 8-bit per-channel symmetric QuantLinear layers (zero point 128, "
+                              "e.g. gptq_quantize_model(..., bits=8, groupsize=None, sym=True)); these are "
+                              f"{bits}-bit, {scale.shape[1]} group(s) per row, asymmetric={not bool((zero == 128).all())}")
+        return wo.Int8Weight((q.to(torch.int16) - 128).to(torch.int8), scale[:, 0].contiguous())
+    raise LabkitError(f"the model's linear layers are quantized ({bits}-bit QuantLinear): pass weights='int4' "
+                      f"or 'int8' to serve their codes, not weights={fmt!r}")
+
+
 def _quantize(w: torch.Tensor, fmt: str, group: int, for_kernel: bool = False):
     if fmt == "bf16":
         return w.contiguous()
@@ -312,7 +349,9 @@ class FastLlama:
 
     ``weights``: "bf16" (the model's dtype as is), "int8" (per-channel) or "int4" (group-wise, ``group``);
     every linear layer including the LM head is converted, the embedding table stays as it is (a step
-    reads one row of it). ``kernels``: "triton" (default on CUDA) or "torch" (default and only choice on CPU
+    reads one row of it). A model whose linear layers are ``quant.QuantLinear`` (from ``labkit.gptq``: GPTQ or RTN)
+    is served from its own codes instead (``weights`` must name their format, see ``_from_quantlinear``); its
+    LM head, which GPTQ leaves unquantized, stays in the model dtype. ``kernels``: "triton" (default on CUDA) or "torch" (default and only choice on CPU
     unless TRITON_INTERPRET=1 is set for tests). ``pdl``: launch the step's Triton kernels with programmatic
     dependent launch, so each is scheduled while the one before it finishes (default: on for Triton kernels on
     a GPU of compute capability 9.0+; the results are the same either way).
@@ -326,7 +365,13 @@ class FastLlama:
                 type(m).__name__.startswith(("Linear8bit", "Linear4bit")) for m in hf_model.modules()):
             raise LabkitError("FastLlama takes an unquantized transformers LlamaForCausalLM (bf16/fp16/fp32); "
                               "pass weights='int8'/'int4' to quantize it here instead of loading with bitsandbytes.")
+        from labkit import quant
+
         self.cfg = cfg = FastConfig.from_hf(hf_model.config)
+        self.prequantized = any(isinstance(m, quant.QuantLinear) for m in hf_model.modules())
+        if self.prequantized and weights == "bf16":
+            raise LabkitError("the model's linear layers are already quantized (QuantLinear): pass weights='int4' "
+                              "(4-bit codes) or weights='int8' (8-bit symmetric per channel) to serve their codes")
         emb = hf_model.get_input_embeddings().weight
         self.device = torch.device(device) if device is not None else emb.device
         self.dtype = emb.dtype
@@ -353,16 +398,26 @@ class FastLlama:
         def qz(w):
             return _quantize(w, weights, group, for_kernel=kernels == "triton")
 
+        def stack(*mods):
+            if self.prequantized:
+                return _from_quantlinear(list(mods), weights, kernels == "triton", dev)
+            return qz(torch.cat([t(m.weight) for m in mods], dim=0))
+
         self.layers: list[LayerWeights] = []
         for layer in hf_model.model.layers:
             a, m = layer.self_attn, layer.mlp
-            wqkv = torch.cat([t(a.q_proj.weight), t(a.k_proj.weight), t(a.v_proj.weight)], dim=0)
-            w13 = torch.cat([t(m.gate_proj.weight), t(m.up_proj.weight)], dim=0)
-            self.layers.append(LayerWeights(qz(wqkv), qz(t(a.o_proj.weight)), qz(w13), qz(t(m.down_proj.weight)),
+            self.layers.append(LayerWeights(stack(a.q_proj, a.k_proj, a.v_proj), stack(a.o_proj),
+                                            stack(m.gate_proj, m.up_proj), stack(m.down_proj),
                                             t(layer.input_layernorm.weight), t(layer.post_attention_layernorm.weight)))
         self.embed = t(emb)
         self.norm = t(hf_model.model.norm.weight)
-        self.lm_head = qz(t(hf_model.get_output_embeddings().weight))
+        head = hf_model.get_output_embeddings()
+        if isinstance(head, quant.QuantLinear):
+            self.lm_head = _from_quantlinear([head], weights, kernels == "triton", dev)
+        elif self.prequantized:
+            self.lm_head = t(head.weight).contiguous()  # left unquantized by the quantizer: served as it is
+        else:
+            self.lm_head = qz(t(head.weight))
         self.cos, self.sin = rope_tables(cfg, max_seq_len, self.dtype, dev)
         shape = (cfg.n_layers, max_batch, cfg.n_kv_heads, max_seq_len, cfg.head_dim)
         self.k_cache = torch.zeros(shape, device=dev, dtype=self.dtype)  # (L, B, nkv, S, hd)
@@ -550,6 +605,28 @@ class FastLlama:
         st["pos"].fill_(start)
         for _ in range(n):
             g.replay()
+
+
+@torch.no_grad()
+def decode_logits(fast: FastLlama, ids: torch.Tensor) -> torch.Tensor:
+    """Logits (B, T, V) fp32 for every position of ids (B, T), one position at a time through the decode step from
+    position 0 (teacher forcing, no graph): the kernels ``generate`` uses after the prompt (with kernels="triton" the
+    Triton GEMVs, add+RMSNorm and RoPE + decode attention), over a whole text instead of a few greedy tokens."""
+    B, T = ids.shape
+    if B > fast.max_batch or T > fast.max_seq_len:
+        raise LabkitError(f"ids {tuple(ids.shape)} exceed max_batch={fast.max_batch} / max_seq_len={fast.max_seq_len}")
+    ids = ids.to(fast.device)
+    return torch.stack([fast.decode_step(ids[:, t], t).float() for t in range(T)], dim=1)
+
+
+def decode_perplexity(fast: FastLlama, ids: torch.Tensor) -> float:
+    """exp(mean next-token NLL) of a 1-D token stream ids (T,) scored through the decode step (``decode_logits``):
+    the T - 1 predictions of one window from position 0, the same tokens ``evaluate.perplexity(model, ids,
+    ctx_len=T, stride=T - 1)`` scores with the model's own forward."""
+    if ids.dim() != 1 or ids.numel() < 2:
+        raise ValueError(f"expected a 1-D token stream of at least 2 tokens, got shape {tuple(ids.shape)}")
+    logits = decode_logits(fast, ids[None, :-1])[0]  # (T-1, V)
+    return math.exp(F.cross_entropy(logits, ids[1:].to(logits.device)).item())
 
 
 def _interpreting() -> bool:
