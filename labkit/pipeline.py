@@ -28,7 +28,7 @@ from labkit import bench, env, models
 from labkit.env import LabkitError
 
 QUANTS = ("none", "int8", "nf4-dq")
-ATTNS = ("eager", "sdpa", "flash_attention_2")
+ATTNS = ("eager", "sdpa", "flash_attention_2", "flash_attention_4")
 A100_40GB_BW = 1.555e12  # bytes/s, datasheet
 # Commonly quoted figures for Llama-2-7B on an A100 40GB, batch 1 (weights GB, ms/token, tokens/s).
 QUOTED_A100 = {
@@ -127,11 +127,15 @@ def run_matrix(model_name: str, quants=QUANTS, attns=ATTNS, *, prompt_len: int =
                 log(f"{model_name:18s} {quant:7s} {attn:18s} -- {skip[(quant, attn)][:90]}")
                 continue
             try:
-                if attn == "flash_attention_2":
-                    # models.load checks the request first (GPU, flash-attn installed, dtype): its error is the row
-                    flash_model, _ = models.load(model_name, quant=q, attn=attn, dtype=dtype)
-                    _free(flash_model)
-                model.set_attn_implementation(attn)
+                if attn in models.FLASH_PACKAGES:
+                    # the check models.load makes (GPU and its compute capability, the package, dtype): its error
+                    # is the row
+                    models.check_flash_attn(attn, next(model.parameters()).device, next(model.parameters()).dtype)
+                try:
+                    model.set_attn_implementation(attn)
+                except (ImportError, ValueError) as exc:  # transformers refuses the implementation: say why
+                    raise LabkitError(f"transformers cannot use attn_implementation={attn!r} here: "
+                                      f"{str(exc).splitlines()[0][:160]}") from exc
                 rec = {**base, **measure_cell(model, tok, batch=1, prompt_len=prompt_len, new_tokens=new_tokens,
                                               read_bw=read_bw, iters=iters)}
             except LabkitError as exc:
