@@ -947,6 +947,15 @@ def time_gemv(x: torch.Tensor, w, silu_gate_up: bool = False, config: GemvConfig
     return bench.graph_time_ms(fns, calls, rounds)
 
 
+def pin_config(w, config: GemvConfig, M: int = 1, dtype=torch.bfloat16, silu_gate_up: bool = False,
+               partials: bool = False, pdl: bool = False) -> None:
+    """Use ``config`` for this weight's shape and call (as ``tune`` would after timing), without timing anything.
+
+    For the Triton interpreter (CPU tests): one program there costs about the same whatever its block, so the largest
+    blocks run a GEMV in a few programs instead of thousands; the results are the same up to summation order."""
+    _TUNED[_key(_kind(w), *w.shape, M, silu_gate_up, dtype, partials, pdl)] = config
+
+
 def tune(w, M: int = 1, dtype=torch.bfloat16, silu_gate_up: bool = False, candidates=None,
          partials: bool = False, pdl: bool = False) -> GemvConfig:
     """Time each candidate config for this weight and M on the GPU (random x, ``time_gemv``), keep the fastest.
