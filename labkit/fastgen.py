@@ -706,6 +706,8 @@ def torchao_weight(w: torch.Tensor, fmt: str) -> tuple[torch.Tensor, str]:
     bf16 only), falling back to the version-1 config (tensor-core tiled layout: the same kernel) on an older torchao.
     ``F.linear(x, w_ao)`` then runs torchao's kernel.
     """
+    if fmt not in TORCHAO_FORMATS:
+        raise LabkitError(f"torchao comparison formats are {TORCHAO_FORMATS}, not {fmt!r}")
     ao = env.require_package("torchao", "the torchao comparison of the decode benchmark")
     from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
 

@@ -193,6 +193,8 @@ def test_torchao_peer_needs_package_and_gpu():
     w = torch.randn(256, 256)
     with pytest.raises(LabkitError, match="torchao|CUDA"):
         fastgen.torchao_weight(w, "int4")
-    if importlib.util.find_spec("torchao") is not None:
-        with pytest.raises(LabkitError, match="formats"):
-            fastgen.torchao_weight(w.cuda().bfloat16() if torch.cuda.is_available() else w, "int3")
+    with pytest.raises(LabkitError, match="formats"):
+        fastgen.torchao_weight(w, "int3")
+    if importlib.util.find_spec("torchao") is not None and not torch.cuda.is_available():
+        with pytest.raises(LabkitError, match="CUDA"):
+            fastgen.torchao_weight(w, "int8")
