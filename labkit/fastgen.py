@@ -739,6 +739,12 @@ def torchao_linear(x: torch.Tensor, w) -> torch.Tensor:
     the int8 dequantization into the matmul; tinygemm is one kernel either way)."""
     global _AO_LINEAR
     if _AO_LINEAR is None:
+        import torch._dynamo
+
+        # one compiled graph per weight shape and format (10 for the 7B shape): above dynamo's default limit of 8
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
         _AO_LINEAR = torch.compile(lambda a, b: F.linear(a, b), dynamic=False)
     return _AO_LINEAR(x, w)
 

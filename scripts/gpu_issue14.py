@@ -164,7 +164,8 @@ def step_gptq(out: Path, commit) -> tuple[dict, list]:
         r = fastgen.time_decode(fl, 1, 32, 128)
         speed[label] = r["decode_ms_per_token"]
         records.append({"model": "SmolLM2-135M-Instruct (real weights)", "variant": f"our loop, Triton + graph ({label})",
-                        "weights": label, "batch": 1, **r})
+                        "weights": label, "batch": 1, **r,
+                        "lm_head": "bf16 (GPTQ leaves it unquantized)" if label == "gptq_int4" else label})
         log(f"SmolLM2 {label}: {r['decode_ms_per_token']:.3f} ms/token, {r['tokens_per_s']:.0f} tok/s")
         del fl
     summary = {"gptq_int4_ppl_vs_reference": ratio, "ppl_tolerance_bf16": PPL_TOLERANCE_BF16, "perplexity": ppl,
