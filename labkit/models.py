@@ -35,7 +35,7 @@ QUANT_CHOICES = (None, "none", "int8", "nf4", "nf4-dq")
 ATTN_CHOICES = ("eager", "sdpa", "flash_attention_2", "flash_attention_4")
 # attn choice -> (distribution that must be installed, module it provides, lowest compute capability, install hint)
 FLASH_PACKAGES = {
-    "flash_attention_2": ("flash-attn", "flash_attn", (8, 0), "pip install flash-attn --no-build-isolation"),
+    "flash_attention_2": ("flash-attn", "flash_attn", (8, 0), "pip install -e '.[flash2]' (needs a CUDA GPU and a matching compiler)"),
     "flash_attention_4": ("flash-attn-4", "flash_attn.cute", (9, 0),
                           "pip install 'labkit[flash]' (offline: the wheels of scripts/gpu_wheelhouse.sh)"),
 }
@@ -245,7 +245,7 @@ def _cuda_capability(dev) -> tuple[int, int]:
     return torch.cuda.get_device_capability(dev)
 
 
-def _distribution_installed(dist: str) -> bool:
+def distribution_installed(dist: str) -> bool:
     try:
         md.version(dist)
         return True
@@ -265,7 +265,7 @@ def check_flash_attn(attn: str, dev, dtype) -> None:
     if torch.device(dev).type != "cuda":
         raise LabkitError(f"attn={attn!r} needs a CUDA GPU ({dist} has no CPU kernels); use attn='sdpa' on this "
                           "machine.")
-    if not _distribution_installed(dist) or importlib.util.find_spec(module.split(".")[0]) is None:
+    if not distribution_installed(dist) or importlib.util.find_spec(module.split(".")[0]) is None:
         raise LabkitError(f"{dist} is not installed (needed for attn={attn!r}). Install it: {hint}")
     have = _cuda_capability(dev)
     if tuple(have) < cap:

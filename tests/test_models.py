@@ -105,15 +105,15 @@ def test_flash_attention_package_gpu_and_dtype(monkeypatch, attn, dist):
     """Each check in turn, on a pretend CUDA device: the package (by distribution: both provide ``flash_attn``),
     the compute capability (flash-attn-4 is Hopper/Blackwell only), the dtype."""
     cuda = torch.device("cuda")
-    monkeypatch.setattr(models, "_distribution_installed", lambda d: False)
+    monkeypatch.setattr(models, "distribution_installed", lambda d: False)
     with pytest.raises(LabkitError, match=f"{dist} is not installed"):
         models._check_request("x", None, attn, cuda, torch.bfloat16)
     # the other flash package installed is not enough: flash-attn-4 does not serve flash_attention_2, nor the reverse
     other = {"flash-attn": "flash-attn-4", "flash-attn-4": "flash-attn"}[dist]
-    monkeypatch.setattr(models, "_distribution_installed", lambda d: d == other)
+    monkeypatch.setattr(models, "distribution_installed", lambda d: d == other)
     with pytest.raises(LabkitError, match="not installed"):
         models._check_request("x", None, attn, cuda, torch.bfloat16)
-    monkeypatch.setattr(models, "_distribution_installed", lambda d: d == dist)
+    monkeypatch.setattr(models, "distribution_installed", lambda d: d == dist)
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: object())
     monkeypatch.setattr(models, "_cuda_capability", lambda dev: (8, 0))
     if attn == "flash_attention_4":
