@@ -35,9 +35,10 @@ QUANT_CHOICES = (None, "none", "int8", "nf4", "nf4-dq")
 ATTN_CHOICES = ("eager", "sdpa", "flash_attention_2", "flash_attention_4")
 # attn choice -> (distribution that must be installed, module it provides, lowest compute capability, install hint)
 FLASH_PACKAGES = {
-    "flash_attention_2": ("flash-attn", "flash_attn", (8, 0), "pip install -e '.[flash2]' (needs a CUDA GPU and a matching compiler)"),
+    "flash_attention_2": ("flash-attn", "flash_attn", (8, 0),
+                          "pip install -e '.[flash2]' (needs a CUDA GPU and a matching compiler)"),
     "flash_attention_4": ("flash-attn-4", "flash_attn.cute", (9, 0),
-                          "pip install 'labkit[flash]' (offline: the wheels of scripts/gpu_wheelhouse.sh)"),
+                          "pip install -e '.[flash]' (offline: the wheels of scripts/gpu_wheelhouse.sh)"),
 }
 
 
