@@ -3,7 +3,7 @@ decode GEMVs, GPTQ weights of SmolLM2 served by the fast decode loop. Installs n
 scripts/gpu_wheelhouse.sh must already be importable, e.g. from /root/site on PYTHONPATH).
 
     export PYTHONPATH=/root/site:$PWD PYTHONUNBUFFERED=1
-    python3 scripts/gpu_issue14.py --out $OUT [--commit SHA] [--steps attention,decode,gptq]
+    python3 scripts/gpu_issue14.py --out $OUT [--commit SHA] [--steps attention,gptq,decode]
 
 Writes under --out: attention.json (+ .png), decode.json (+ .png), gptq.json, issue14.json (the summaries, the package
 versions) and issue14.log. Every step records its failure and the run goes on with the next one.
@@ -182,7 +182,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--commit", default=None, help="the commit of the checkout (recorded when git is unavailable)")
-    p.add_argument("--steps", default="attention,decode,gptq")
+    p.add_argument("--steps", default="attention,gptq,decode", help="in this order by default: the longest last")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     LOG = args.out / "issue14.log"
@@ -211,6 +211,8 @@ def main(argv=None) -> int:
             result[step] = {"status": f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"}
             log(f"step {step} FAILED:\n{traceback.format_exc()}")
         torch.cuda.empty_cache()
+        result["seconds"] = time.time() - t_all  # written after every step: a run cut short keeps what it measured
+        bench.write_results(args.out / "issue14.json", [], result, meta(args.commit))
     if decode_doc is not None:  # decode.json carries the GPTQ figures of the same run beside the 7B-shape rows
         from labkit import fastgen
 
