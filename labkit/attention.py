@@ -438,10 +438,13 @@ def _variant_fn(name: str, q, k, v, causal: bool, triton_kwargs: dict | None = N
         status = flash_package_status(name, q)
         if status:
             return status
-        if name == "flash_attn":
-            from flash_attn import flash_attn_func  # FlashAttention-2, (batch, seqlen, heads, head_dim) layout
-        else:
-            from flash_attn.cute import flash_attn_func  # FlashAttention-4 (CuTe DSL), the same layout
+        try:
+            if name == "flash_attn":
+                from flash_attn import flash_attn_func  # FlashAttention-2, (batch, seqlen, heads, head_dim) layout
+            else:
+                from flash_attn.cute import flash_attn_func  # FlashAttention-4 (CuTe DSL), the same layout
+        except ImportError as exc:  # installed but not importable here (a missing CUDA library, say): the row says so
+            return f"unsupported: import failed: {str(exc).splitlines()[0][:160]}"
         qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))  # copied once, outside the timed call
         return lambda: flash_attn_func(qt, kt, vt, causal=causal)
     raise ValueError(f"unknown variant {name!r}; choose from {VARIANTS}")
@@ -517,8 +520,9 @@ def run_benchmark(seqlens=FULL_SEQLENS, *, causal_modes=(True, False), head_dim:
                 except torch.OutOfMemoryError:
                     rec["status"] = "oom"
                     oom_at[name] = n
-                except RuntimeError as exc:
-                    rec["status"] = f"unsupported: {str(exc).splitlines()[0][:160]}"
+                except Exception as exc:  # a peer library refusing this size or layout: the row carries why
+                    msg = str(exc).splitlines()[0][:160] if str(exc) else ""
+                    rec["status"] = f"unsupported: {type(exc).__name__}: {msg}"
                 finally:
                     fn = first = None
                     gc.collect()
