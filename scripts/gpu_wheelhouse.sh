@@ -10,8 +10,8 @@
 #                      DSL front end and its base and core libraries, torchao)
 #   cu13-a/ .. cu13-d/ the CUTLASS DSL CUDA 13 library wheel (~92 MB) cut in four parts of ~23 MB, so that no send
 #                      to the runner carries more than about 60 MB (each is limited to 64 MiB)
-#   bin/install.sh     run on the runner after each send: installs what has arrived into /root/site, keeps the parts
-#                      in /root/flash-parts and, once all four are there, joins them, checks the sha256, installs
+#   bin/install.sh     run on the runner after each send: keeps what arrived in /root/flash-parts and, once everything
+#                      is there, joins the parts, checks the sha256 and installs all wheels into /root/site-flash
 # The CUTLASS DSL front end asks for its CUDA 12 library too; the runner has CUDA 13, so only the cu13 library is
 # shipped and every wheel is installed with --no-deps (what they need besides these, the runner has: cuda-bindings,
 # protobuf, einops, typing-extensions).
@@ -40,25 +40,27 @@ for p in "$out"/cu13-?/part0?; do
 done
 cat > "$out/bin/install.sh" <<S1
 #!/usr/bin/env bash
-# On the runner, after each send (the machine kept warm in between): install what arrived, join the CUDA 13 library.
-set -e; mkdir -p /root/site /root/flash-parts
-if ls .gpu-flash/wheels/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /root/site .gpu-flash/wheels/*.whl
-  echo "small wheels installed into /root/site"
-fi
+# On the runner, after each send (the machine kept warm in between): keep what arrived in /root/flash-parts; once the
+# small wheels and all four parts are there, join the CUDA 13 library, check its sha256 and install every wheel in ONE
+# pip call into /root/site-flash (the CUTLASS DSL wheels share one top-level package, which separate --target installs
+# would overwrite; a target of its own leaves /root/site of the other bundle untouched). Then put /root/site-flash on
+# PYTHONPATH.
+set -e; mkdir -p /root/flash-parts/wheels /root/site-flash
+if ls .gpu-flash/wheels/*.whl >/dev/null 2>&1; then cp .gpu-flash/wheels/*.whl /root/flash-parts/wheels/; fi
 for p in .gpu-flash/cu13-?/part0?; do [ -f "\$p" ] && cp "\$p" /root/flash-parts/; done
-n=\$(ls /root/flash-parts/part0? 2>/dev/null | wc -l)
-if [ "\$n" -eq 4 ]; then
+n=\$(ls /root/flash-parts/part0? 2>/dev/null | wc -l); w=\$(ls /root/flash-parts/wheels/*.whl 2>/dev/null | wc -l)
+if [ "\$n" -eq 4 ] && [ "\$w" -gt 0 ]; then
   cat /root/flash-parts/part00 /root/flash-parts/part01 /root/flash-parts/part02 /root/flash-parts/part03 > /root/flash-parts/$base
   echo "$sha  /root/flash-parts/$base" | sha256sum -c --quiet
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /root/site /root/flash-parts/$base
-  rm -f /root/flash-parts/part0?; echo "CUTLASS DSL CUDA 13 library installed"
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /root/site-flash \\
+    /root/flash-parts/wheels/*.whl /root/flash-parts/$base
+  rm -f /root/flash-parts/part0?; echo "flash-attn-4, the CUTLASS DSL (CUDA 13) and torchao installed into /root/site-flash"
 else
-  echo "\$n of 4 parts of $base on the runner; send the others"
+  echo "on the runner: \$w small wheels, \$n of 4 parts of $base; send the rest"
 fi
 S1
 chmod +x "$out/bin/install.sh"
 du -cb "$out"/wheels/*.whl "$out"/cu13-?/part0? | tail -1 | awk '{printf "wheelhouse: %.1f MB in all\n", $1 / 1e6}'
 du -sb "$out"/wheels "$out"/cu13-? | awk '{printf "  %-50s %6.1f MB\n", $2, $1 / 1e6}'
 echo "send 1: carry .gpu-flash/wheels .gpu-flash/cu13-a .gpu-flash/cu13-b .gpu-flash/bin -> bash .gpu-flash/bin/install.sh"
-echo "send 2: carry .gpu-flash/cu13-c .gpu-flash/cu13-d .gpu-flash/bin -> bash .gpu-flash/bin/install.sh && <command>"
+echo "send 2: carry .gpu-flash/cu13-c .gpu-flash/cu13-d .gpu-flash/bin -> bash .gpu-flash/bin/install.sh && export PYTHONPATH=/root/site-flash:\$PYTHONPATH && <command>"
