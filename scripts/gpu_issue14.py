@@ -2,7 +2,7 @@
 decode GEMVs, GPTQ weights of SmolLM2 served by the fast decode loop. Installs nothing (the wheels of
 scripts/gpu_wheelhouse.sh must already be importable, e.g. from /root/site on PYTHONPATH).
 
-    export PYTHONPATH=/root/site:$PWD PYTHONUNBUFFERED=1
+    . .gpu/bin/env.sh && . /root/site-flash/env.sh     # the two bundles' paths (scripts/gpu_wheelhouse.sh)
     python3 scripts/gpu_issue14.py --out $OUT [--commit SHA] [--steps attention,gptq,decode]
 
 Writes under --out: attention.json (+ .png), decode.json (+ .png), gptq.json, issue14.json (the summaries, the package

@@ -43,8 +43,8 @@ cat > "$out/bin/install.sh" <<S1
 # On the runner, after each send (the machine kept warm in between): keep what arrived in /root/flash-parts; once the
 # small wheels and all four parts are there, join the CUDA 13 library, check its sha256 and install every wheel in ONE
 # pip call into /root/site-flash (the CUTLASS DSL wheels share one top-level package, which separate --target installs
-# would overwrite; a target of its own leaves /root/site of the other bundle untouched). Then put /root/site-flash on
-# PYTHONPATH.
+# would overwrite; a target of its own leaves /root/site of the other bundle untouched). Then source
+# /root/site-flash/env.sh (after the other bundle's env.sh).
 set -e; mkdir -p /root/flash-parts/wheels /root/site-flash
 if ls .gpu-flash/wheels/*.whl >/dev/null 2>&1; then cp .gpu-flash/wheels/*.whl /root/flash-parts/wheels/; fi
 for p in .gpu-flash/cu13-?/part0?; do [ -f "\$p" ] && cp "\$p" /root/flash-parts/; done
@@ -54,7 +54,10 @@ if [ "\$n" -eq 4 ] && [ "\$w" -gt 0 ]; then
   echo "$sha  /root/flash-parts/$base" | sha256sum -c --quiet
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /root/site-flash \\
     /root/flash-parts/wheels/*.whl /root/flash-parts/$base
-  rm -f /root/flash-parts/part0?; echo "flash-attn-4, the CUTLASS DSL (CUDA 13) and torchao installed into /root/site-flash"
+  # a target directory is no site-packages: Python skips its .pth files, so the one that puts the CUTLASS DSL's
+  # packages on sys.path becomes a PYTHONPATH entry
+  echo 'export PYTHONPATH=/root/site-flash:/root/site-flash/nvidia_cutlass_dsl/dsl_packages\${PYTHONPATH:+:\$PYTHONPATH}' > /root/site-flash/env.sh
+  rm -f /root/flash-parts/part0?; echo "flash-attn-4, the CUTLASS DSL (CUDA 13) and torchao installed into /root/site-flash; . /root/site-flash/env.sh"
 else
   echo "on the runner: \$w small wheels, \$n of 4 parts of $base; send the rest"
 fi
@@ -63,4 +66,4 @@ chmod +x "$out/bin/install.sh"
 du -cb "$out"/wheels/*.whl "$out"/cu13-?/part0? | tail -1 | awk '{printf "wheelhouse: %.1f MB in all\n", $1 / 1e6}'
 du -sb "$out"/wheels "$out"/cu13-? | awk '{printf "  %-50s %6.1f MB\n", $2, $1 / 1e6}'
 echo "send 1: carry .gpu-flash/wheels .gpu-flash/cu13-a .gpu-flash/cu13-b .gpu-flash/bin -> bash .gpu-flash/bin/install.sh"
-echo "send 2: carry .gpu-flash/cu13-c .gpu-flash/cu13-d .gpu-flash/bin -> bash .gpu-flash/bin/install.sh && export PYTHONPATH=/root/site-flash:\$PYTHONPATH && <command>"
+echo "send 2: carry .gpu-flash/cu13-c .gpu-flash/cu13-d .gpu-flash/bin -> bash .gpu-flash/bin/install.sh && . /root/site-flash/env.sh && <command>"
