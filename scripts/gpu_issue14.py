@@ -1,6 +1,6 @@
 """One GPU run for the peer comparisons: flash-attn-4 and SDPA's cuDNN beside our Triton attention, torchao beside our
 decode GEMVs, GPTQ weights of SmolLM2 served by the fast decode loop. Installs nothing (the wheels of
-scripts/gpu_wheelhouse.sh must already be importable, e.g. from /root/site on PYTHONPATH).
+scripts/gpu_wheelhouse.sh must already be importable: /root/site-flash on PYTHONPATH).
 
     . .gpu/bin/env.sh && . /root/site-flash/env.sh     # the two bundles' paths (scripts/gpu_wheelhouse.sh)
     python3 scripts/gpu_issue14.py --out $OUT [--commit SHA] [--steps attention,gptq,decode]
