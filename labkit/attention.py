@@ -411,7 +411,7 @@ def use_triton_attention(model, name: str = HF_ATTENTION_NAME):
 
 # ---------------------------------------------------------------------------------------------- benchmark
 VARIANTS = ("naive", "tiled_torch", "triton", "sdpa_math", "sdpa_efficient", "sdpa_flash", "sdpa_cudnn",
-            "flash_attn")
+            "flash_attn", "flash_attn_4")
 FULL_SEQLENS = (512, 1024, 2048, 4096, 8192, 16384)
 QUICK_SEQLENS = (128, 256, 512)
 # the slow variants stop here: the Python loops of the tiled reference and the math backend's fp32 N x N
@@ -434,16 +434,36 @@ def _variant_fn(name: str, q, k, v, causal: bool, triton_kwargs: dict | None = N
     if name.startswith("sdpa_"):
         backend = name[len("sdpa_"):]
         return lambda: sdpa_attention(q, k, v, causal, backend=backend)
-    if name == "flash_attn":
-        if env.package_version("flash_attn") is None:
-            return "not installed"
-        if q.device.type != "cuda":
-            return "needs a GPU"
-        from flash_attn import flash_attn_func  # (batch, seqlen, heads, head_dim) layout
-
-        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    if name in ("flash_attn", "flash_attn_4"):
+        status = flash_package_status(name, q)
+        if status:
+            return status
+        try:
+            if name == "flash_attn":
+                from flash_attn import flash_attn_func  # FlashAttention-2, (batch, seqlen, heads, head_dim) layout
+            else:
+                from flash_attn.cute import flash_attn_func  # FlashAttention-4 (CuTe DSL), the same layout
+        except ImportError as exc:  # installed but not importable here (a missing CUDA library, say): the row says so
+            return f"unsupported: import failed: {str(exc).splitlines()[0][:160]}"
+        qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))  # copied once, outside the timed call
         return lambda: flash_attn_func(qt, kt, vt, causal=causal)
     raise ValueError(f"unknown variant {name!r}; choose from {VARIANTS}")
+
+
+def flash_package_status(name: str, q) -> str | None:
+    """Why the flash-attn variant ``name`` ("flash_attn": FlashAttention-2, "flash_attn_4": the CuTe-DSL
+    FlashAttention-4) cannot run on q, or None when it can: the package by its distribution name (both install the
+    module ``flash_attn``), a CUDA GPU of the compute capability it needs (8.0 / 9.0), fp16/bf16."""
+    from labkit import models
+
+    attn = {"flash_attn": "flash_attention_2", "flash_attn_4": "flash_attention_4"}[name]
+    try:
+        models.check_flash_attn(attn, q.device, q.dtype)
+    except env.LabkitError as exc:
+        msg = str(exc)
+        return ("not installed" if "not installed" in msg else "needs a GPU" if "CUDA GPU" in msg
+                else f"unsupported: {msg.split(';')[0]}")
+    return None
 
 
 def _first_tensor(x):
@@ -500,8 +520,9 @@ def run_benchmark(seqlens=FULL_SEQLENS, *, causal_modes=(True, False), head_dim:
                 except torch.OutOfMemoryError:
                     rec["status"] = "oom"
                     oom_at[name] = n
-                except RuntimeError as exc:
-                    rec["status"] = f"unsupported: {str(exc).splitlines()[0][:160]}"
+                except Exception as exc:  # a peer library refusing this size or layout: the row carries why
+                    msg = str(exc).splitlines()[0][:160] if str(exc) else ""
+                    rec["status"] = f"unsupported: {type(exc).__name__}: {msg}"
                 finally:
                     fn = first = None
                     gc.collect()
@@ -524,7 +545,8 @@ def run_benchmark(seqlens=FULL_SEQLENS, *, causal_modes=(True, False), head_dim:
 
 
 def summarize(records: list[dict], seqlens=(4096, 16384), dtype: str = "bfloat16", head_dim: int = 128) -> dict:
-    """The headline: our kernel's TFLOP/s over SDPA's flash backend (FlashAttention-2) in the same run."""
+    """The headline: our kernel's TFLOP/s over SDPA's flash backend (FlashAttention-2), SDPA's cuDNN backend and
+    the flash-attn-4 package (FlashAttention-4), each measured in the same run (None where a peer did not run)."""
     def tf(variant, causal, n):
         for r in records:
             if (r["variant"], r["causal"], r["seqlen"], r["dtype"], r["head_dim"]) == (variant, causal, n, dtype,
@@ -532,14 +554,20 @@ def summarize(records: list[dict], seqlens=(4096, 16384), dtype: str = "bfloat16
                 return r.get("tflops")
         return None
 
-    ratios, table = {}, {}
+    peers = {"ratio_vs_sdpa_flash": "sdpa_flash", "ratio_vs_sdpa_cudnn": "sdpa_cudnn",
+             "ratio_vs_flash_attn_4": "flash_attn_4"}
+    out = {k: {} for k in peers}
+    table = {}
     for causal in (True, False):
         for n in seqlens:
             key = f"{'causal' if causal else 'noncausal'}_{n}"
-            ours, fa2, cudnn = tf("triton", causal, n), tf("sdpa_flash", causal, n), tf("sdpa_cudnn", causal, n)
-            ratios[key] = ours / fa2 if ours and fa2 else None
-            table[key] = {"triton": ours, "sdpa_flash": fa2, "sdpa_cudnn": cudnn}
-    return {"ratio_vs_sdpa_flash": ratios, "tflops": table, "dtype": dtype, "head_dim": head_dim}
+            ours = tf("triton", causal, n)
+            table[key] = {v: tf(v, causal, n) for v in ("triton", "sdpa_flash", "sdpa_cudnn", "flash_attn",
+                                                        "flash_attn_4")}
+            for rk, peer in peers.items():
+                p = table[key][peer]
+                out[rk][key] = ours / p if ours and p else None
+    return {**out, "tflops": table, "dtype": dtype, "head_dim": head_dim}
 
 
 def plot_benchmark(doc: dict, path=None, title: str | None = None):
@@ -616,7 +644,9 @@ def cli_main(argv: list[str] | None = None) -> int:
     doc = bench.read_results(path)
     plot_benchmark(doc, path.with_suffix(".png"))
     print(f"wrote {path} and {path.with_suffix('.png')}")
-    for key, ratio in summary["ratio_vs_sdpa_flash"].items():
-        if ratio is not None:
-            print(f"  ours / SDPA flash, {key}: {ratio:.2f}x")
+    for rk, label in (("ratio_vs_sdpa_flash", "SDPA flash"), ("ratio_vs_sdpa_cudnn", "SDPA cuDNN"),
+                      ("ratio_vs_flash_attn_4", "flash-attn-4")):
+        for key, ratio in summary[rk].items():
+            if ratio is not None:
+                print(f"  ours / {label}, {key}: {ratio:.2f}x")
     return 0

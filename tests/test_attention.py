@@ -96,9 +96,9 @@ def test_naive_memory_grows_quadratically():
 
 def test_benchmark_records_and_summary(tmp_path):
     recs = A.run_benchmark([64, 96], head_dim=64, n_heads=2, dtype=torch.float32, tokens=128,
-                           variants=("naive", "tiled_torch", "sdpa_math", "flash_attn"), device="cpu",
+                           variants=("naive", "tiled_torch", "sdpa_math", "flash_attn", "flash_attn_4"), device="cpu",
                            max_seqlen={"tiled_torch": 64}, time_budget_s=0.01, log=lambda *a: None)
-    assert len(recs) == 2 * 2 * 4
+    assert len(recs) == 2 * 2 * 5
     by = {(r["variant"], r["causal"], r["seqlen"]): r for r in recs}
     ok = by[("naive", True, 96)]
     assert ok["status"] == "ok" and ok["tflops"] > 0 and ok["batch"] == 1
@@ -106,8 +106,10 @@ def test_benchmark_records_and_summary(tmp_path):
     assert ok["max_abs_diff_vs_sdpa"] < 1e-4
     assert by[("tiled_torch", False, 96)]["status"].startswith("skipped")
     assert by[("flash_attn", False, 64)]["status"] in ("not installed", "needs a GPU")
+    assert by[("flash_attn_4", True, 96)]["status"] in ("not installed", "needs a GPU")
     s = A.summarize(recs, seqlens=(64,), dtype="float32", head_dim=64)
-    assert s["ratio_vs_sdpa_flash"] == {"causal_64": None, "noncausal_64": None}  # no triton/flash timings on CPU
+    for peer in ("sdpa_flash", "sdpa_cudnn", "flash_attn_4"):  # no triton/flash timings on CPU
+        assert s[f"ratio_vs_{peer}"] == {"causal_64": None, "noncausal_64": None}
     from labkit import bench
 
     path = bench.write_results(tmp_path / "attention.json", recs, s)

@@ -49,7 +49,7 @@ def test_versions_and_capabilities():
     v = env.versions()
     assert v["torch"] and v["python"]
     names = {c.name for c in env.capabilities()}
-    for needed in ("torch", "transformers", "bitsandbytes", "triton", "flash-attn", "sdpa backends",
+    for needed in ("torch", "transformers", "bitsandbytes", "triton", "flash-attn", "flash-attn-4", "sdpa backends",
                    "smollm2-135m (embedded model)"):
         assert needed in names
 

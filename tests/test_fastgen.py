@@ -184,3 +184,17 @@ def test_plot_decode_writes_the_batch1_rows(tmp_path):
     assert (tmp_path / "d.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     fastgen.plot_decode(recs[2:], tmp_path / "none.png")  # no batch-1 row: nothing to draw
     assert not (tmp_path / "none.png").exists()
+
+
+def test_torchao_peer_needs_package_and_gpu():
+    """The torchao comparison fails with a one-line reason without torchao, a GPU or bf16, never silently."""
+    import importlib.util
+
+    w = torch.randn(256, 256)
+    with pytest.raises(LabkitError, match="torchao|CUDA"):
+        fastgen.torchao_weight(w, "int4")
+    with pytest.raises(LabkitError, match="formats"):
+        fastgen.torchao_weight(w, "int3")
+    if importlib.util.find_spec("torchao") is not None and not torch.cuda.is_available():
+        with pytest.raises(LabkitError, match="CUDA"):
+            fastgen.torchao_weight(w, "int8")

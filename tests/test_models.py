@@ -92,11 +92,37 @@ def test_bad_quant_attn_dtype():
 
 def test_flash_attention_requests():
     if not torch.cuda.is_available():
-        with pytest.raises(LabkitError, match="CUDA GPU"):
-            models.load("tiny-llama-shape", attn="flash_attention_2")
+        for attn in ("flash_attention_2", "flash_attention_4"):
+            with pytest.raises(LabkitError, match="CUDA GPU"):
+                models.load("tiny-llama-shape", attn=attn)
     # fp32 into flash-attn is refused even where a GPU and flash-attn exist
     with pytest.raises(LabkitError, match="fp16/bf16|not installed"):
         models._check_request("x", None, "flash_attention_2", torch.device("cuda"), torch.float32)
+
+
+@pytest.mark.parametrize("attn, dist", [("flash_attention_2", "flash-attn"), ("flash_attention_4", "flash-attn-4")])
+def test_flash_attention_package_gpu_and_dtype(monkeypatch, attn, dist):
+    """Each check in turn, on a pretend CUDA device: the package (by distribution: both provide ``flash_attn``),
+    the compute capability (flash-attn-4 is Hopper/Blackwell only), the dtype."""
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(models, "distribution_installed", lambda d: False)
+    with pytest.raises(LabkitError, match=f"{dist} is not installed"):
+        models._check_request("x", None, attn, cuda, torch.bfloat16)
+    # the other flash package installed is not enough: flash-attn-4 does not serve flash_attention_2, nor the reverse
+    other = {"flash-attn": "flash-attn-4", "flash-attn-4": "flash-attn"}[dist]
+    monkeypatch.setattr(models, "distribution_installed", lambda d: d == other)
+    with pytest.raises(LabkitError, match="not installed"):
+        models._check_request("x", None, attn, cuda, torch.bfloat16)
+    monkeypatch.setattr(models, "distribution_installed", lambda d: d == dist)
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: object())
+    monkeypatch.setattr(models, "_cuda_capability", lambda dev: (8, 0))
+    if attn == "flash_attention_4":
+        with pytest.raises(LabkitError, match="compute capability 9.0"):
+            models._check_request("x", None, attn, cuda, torch.bfloat16)
+    monkeypatch.setattr(models, "_cuda_capability", lambda dev: (9, 0))
+    with pytest.raises(LabkitError, match="fp16/bf16"):
+        models._check_request("x", None, attn, cuda, torch.float32)
+    models._check_request("x", None, attn, cuda, torch.bfloat16)  # everything in place: no error
 
 
 def test_missing_model_package(monkeypatch):

@@ -14,10 +14,11 @@ def test_kv_bytes_and_floor():
 
 
 def test_matrix_records_and_unavailable_cells():
-    recs = pipeline.run_matrix("tiny-llama-shape", quants=("none",), attns=("sdpa", "flash_attention_2"),
+    recs = pipeline.run_matrix("tiny-llama-shape", quants=("none",),
+                               attns=("sdpa", "flash_attention_2", "flash_attention_4"),
                                prompt_len=16, new_tokens=12, read_bw=1e11, iters=2, log=lambda *a: None)
-    assert len(recs) == 2
-    sdpa, flash = recs
+    assert len(recs) == 3
+    sdpa, flash, flash4 = recs
     model, _ = models.load("tiny-llama-shape")
     assert sdpa["weight_bytes"] == models.weight_bytes(model)
     kv = pipeline.kv_bytes_per_step(model.config, 16 + 6, 1, model.dtype.itemsize)  # fp32 on CPU, bf16 on GPU
@@ -29,6 +30,7 @@ def test_matrix_records_and_unavailable_cells():
         assert sdpa["fraction_of_floor"] == pytest.approx(sdpa["floor_ms"] / sdpa["decode_ms_per_token"])
     if not torch.cuda.is_available():
         assert "needs a CUDA GPU" in flash["status"]  # the real LabkitError from labkit.models
+        assert "needs a CUDA GPU" in flash4["status"] and "flash-attn-4" in flash4["status"]
     assert "tiny-llama-shape" in pipeline.table(recs)
 
 

@@ -29,7 +29,9 @@ def test_quantize_roundtrip_sqnr():
 
 def test_bad_input():
     with pytest.raises(ValueError):
-        wo.quantize_int4(torch.randn(4, 100), 128)  # K not a multiple of the group
+        wo.int4_from_codes(torch.zeros(4, 100, dtype=torch.uint8), torch.ones(4, 2), torch.zeros(4, 2), 128)  # 1 group, not 2
+    with pytest.raises(ValueError):
+        wo.int4_from_codes(torch.zeros(4, 100, dtype=torch.uint8), torch.ones(4, 1), torch.full((4, 1), 0.5), 100)
     with pytest.raises(ValueError):
         wo.pack_int4(torch.full((2, 4), 16))
     w = wo.quantize_int8(torch.randn(8, 64))
@@ -93,6 +95,49 @@ def test_kernel_matches_dequantize_then_matmul(fmt, M, silu):
             continue
         y = wo.wo_matmul(x, qw, silu_gate_up=silu, config=cfg)
         assert y.shape == (M, N) and y.dtype == torch.float16
+        err = (y.float() - ref32).abs().max().item()
+        assert err <= 2 * err_torch + 1e-3 * ref32.abs().max().item(), (cfg, err, err_torch)
+
+
+def test_ragged_last_group_from_codes():
+    """K = 320 = 2 x 128 + 64 (SmolLM2's 576 is 4 x 128 + 64): codes taken as given, padding dequantizes to 0."""
+    torch.manual_seed(4)
+    N, K = 8, 320
+    q = torch.randint(0, 16, (N, K), dtype=torch.uint8)
+    scale, zero = torch.rand(N, 3) + 0.1, torch.randint(0, 16, (N, 3)).float()
+    w = wo.int4_from_codes(q, scale, zero, 128)
+    assert w.shape == (N, K) and w.in_features == K and w.packed.shape == (N, 192)
+    ref = (q.float() - zero.repeat_interleave(128, 1)[:, :K]) * scale.repeat_interleave(128, 1)[:, :K]
+    assert torch.equal(wo.dequantize(w, torch.float32), ref)  # exact: the same fp32 arithmetic
+    assert torch.equal(wo.unpack_int4(w.packed)[:, K:], zero[:, 2:].to(torch.uint8).expand(N, 64))
+    ww = wo.interleave(w)
+    assert ww.shape == (N, K) and torch.equal(wo.dequantize(ww, torch.float32), ref)
+    assert wo.deinterleave(ww).in_features == K
+    # quantize_int4 pads the same way: a short last group, min/max of its real values
+    wq = wo.quantize_int4(torch.randn(N, K), 128)
+    assert wq.shape == (N, K) and wo.dequantize(wq).shape == (N, K)
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int4-il", "int4-tc", "int4-il-tc"])
+@pytest.mark.parametrize("M", [1, 3])
+@pytest.mark.parametrize("silu", [True])  # the harder case: past K, x holds the ``up`` half
+def test_kernel_ragged_k(fmt, M, silu):
+    """Every int4 kernel with K not a multiple of the group (stored padded): it reads activations only below K,
+    so with silu_gate_up it never mixes the ``up`` half into the ``gate`` columns."""
+    torch.manual_seed(M + 10 * silu + 100)
+    dev = env.device()
+    N, K = 40, 320
+    w = (torch.randn(N, K, device=dev) * 0.05).half()
+    q4 = wo.quantize_int4(w, 128)
+    qw = wo.interleave(q4) if "il" in fmt else q4
+    x = torch.randn(M, K * (2 if silu else 1), device=dev).half()
+    ref32 = wo.matmul_reference(x.float(), wo.dequantize(qw, torch.float32), silu_gate_up=silu)
+    err_torch = (wo.matmul_reference(x, qw, silu_gate_up=silu).float() - ref32).abs().max().item()
+    configs = TC_CONFIGS if fmt.endswith("tc") else IL_CONFIGS if "il" in fmt else CONFIGS
+    for cfg in configs:
+        if cfg.variant == "acc" and M != 1:
+            continue
+        y = wo.wo_matmul(x, qw, silu_gate_up=silu, config=cfg)
         err = (y.float() - ref32).abs().max().item()
         assert err <= 2 * err_torch + 1e-3 * ref32.abs().max().item(), (cfg, err, err_torch)
 

@@ -68,24 +68,28 @@ class Int8Weight:
 class Int4Weight:
     """Group-wise asymmetric int4, two codes per byte: ``W[n, k] ~ (q[n, k] - zero[n, g]) * scale[n, g]``.
 
-    packed: (N, K // 2) uint8 (even k in the low nibble); scale, zero: (N, K // group) float (zero holds the
-    integer zero point 0..15 as a float).
+    packed: (N, Kp // 2) uint8 (even k in the low nibble); scale, zero: (N, Kp // group) float (zero holds the
+    integer zero point 0..15 as a float). ``in_features``: K when it is not a multiple of the group (SmolLM2's 576 =
+    4 x 128 + 64): the rows are stored padded to Kp, the next multiple, the padding holding the zero point (weight
+    exactly 0); the kernels read activations only at k < K. None: K = Kp.
     """
 
     packed: torch.Tensor
     scale: torch.Tensor
     zero: torch.Tensor
     group: int = 128
+    in_features: int | None = None
 
     @property
     def shape(self):
-        return (self.packed.shape[0], self.packed.shape[1] * 2)
+        return (self.packed.shape[0], self.in_features or self.packed.shape[1] * 2)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.packed, self.scale, self.zero))
 
     def to(self, device):
-        return Int4Weight(self.packed.to(device), self.scale.to(device), self.zero.to(device), self.group)
+        return Int4Weight(self.packed.to(device), self.scale.to(device), self.zero.to(device), self.group,
+                          self.in_features)
 
 
 @dataclass
@@ -104,17 +108,19 @@ class WordWeight:
     zero: torch.Tensor | None
     bits: int
     group: int = 128
+    in_features: int | None = None  # int4: K when the rows are stored padded (as Int4Weight.in_features)
 
     @property
     def shape(self):
-        return (self.words.shape[0], self.words.shape[1] * (32 // self.bits))
+        return (self.words.shape[0], self.in_features or self.words.shape[1] * (32 // self.bits))
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.words, self.scale, self.zero) if t is not None)
 
     def to(self, device):
         return WordWeight(self.words.to(device), self.scale.to(device),
-                          None if self.zero is None else self.zero.to(device), self.bits, self.group)
+                          None if self.zero is None else self.zero.to(device), self.bits, self.group,
+                          self.in_features)
 
 
 def _to_int32(v: torch.Tensor) -> torch.Tensor:
@@ -131,7 +137,7 @@ def interleave(w) -> WordWeight:
             raise ValueError(f"the word layout takes int4 groups of 128 columns, got {w.group}")
         q = q.view(N, K // 128, 8, 16)  # (N, group, nibble i, word j)
         words = sum(q[:, :, i] << (4 * i) for i in range(8))  # (N, G, 16)
-        return WordWeight(_to_int32(words).reshape(N, K // 8), w.scale, w.zero, 4, 128)
+        return WordWeight(_to_int32(words).reshape(N, K // 8), w.scale, w.zero, 4, 128, w.in_features)
     if isinstance(w, Int8Weight):
         N, K = w.q.shape
         if K % 64:
@@ -149,7 +155,7 @@ def deinterleave(w: WordWeight):
     if w.bits == 4:
         v = v.view(N, -1, 16)
         q = torch.stack([(v >> (4 * i)) & 0xF for i in range(8)], dim=2)  # (N, G, 8, 16)
-        return Int4Weight(pack_int4(q.reshape(N, -1)), w.scale, w.zero, w.group)
+        return Int4Weight(pack_int4(q.reshape(N, -1)), w.scale, w.zero, w.group, w.in_features)
     v = v.view(N, -1, 16)
     u = torch.stack([(v >> (8 * b)) & 0xFF for b in range(4)], dim=2)  # (N, C, 4, 16)
     return Int8Weight(u.reshape(N, -1).to(torch.uint8).view(torch.int8), w.scale)
@@ -199,27 +205,59 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_int4(w: torch.Tensor, group: int = 128) -> Int4Weight:
-    """w: (N, K) float -> Int4Weight, asymmetric min/max per group of ``group`` input columns."""
+    """w: (N, K) float -> Int4Weight, asymmetric min/max per group of ``group`` input columns.
+
+    A K that is not a multiple of ``group`` leaves a shorter last group: the row is padded with zeros to the next
+    multiple (zeros change no min/max range, which always contains 0) and ``in_features`` records K.
+    """
     _check_2d(w)
     N, K = w.shape
-    if K % group:
-        raise ValueError(f"K={K} is not a multiple of the group size {group}; pick a group that divides K")
-    wg = w.float().reshape(N, K // group, group)  # (N, G, group)
+    Kp = -(-K // group) * group
+    if Kp % 2:
+        raise ValueError(f"int4 packing needs an even number of columns, got group={group}")
+    wg = torch.nn.functional.pad(w.float(), (0, Kp - K)).reshape(N, Kp // group, group)  # (N, G, group)
     lo = wg.amin(dim=2).clamp(max=0.0)
     hi = wg.amax(dim=2).clamp(min=0.0)
     scale = ((hi - lo) / 15.0).clamp(min=1e-8)  # (N, G)
     zero = torch.round(-lo / scale).clamp(0, 15)  # (N, G), an integer zero point
     q = torch.round(wg / scale[..., None] + zero[..., None]).clamp(0, 15)  # (N, G, group)
-    return Int4Weight(pack_int4(q.reshape(N, K)), scale.to(w.dtype), zero.to(w.dtype), group)
+    return Int4Weight(pack_int4(q.reshape(N, Kp)), scale.to(w.dtype), zero.to(w.dtype), group,
+                      K if Kp != K else None)
+
+
+def int4_from_codes(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int) -> Int4Weight:
+    """Integer codes ``q (N, K)`` in [0, 15] with per-group ``scale, zero (N, ceil(K / group))`` (the layout of
+    ``labkit.gptq`` and ``quant.QuantLinear``: groups ``[0, g), [g, 2g), ...``, the last one possibly shorter)
+    -> the Int4Weight that dequantizes to exactly ``(q - zero) * scale`` in fp32.
+
+    The codes are stored as given (no re-quantization) and scale/zero keep their dtype; a ragged last group is
+    padded with its zero point, so the padding is exactly 0 and ``in_features`` keeps K.
+    """
+    _check_2d(q)
+    N, K = q.shape
+    G = -(-K // group)
+    if scale.shape != (N, G) or zero.shape != (N, G):
+        raise ValueError(f"scale and zero must be (N, ceil(K / group)) = {(N, G)}, got {tuple(scale.shape)}, "
+                         f"{tuple(zero.shape)}")
+    if not torch.equal(zero, zero.round()) or zero.min() < 0 or zero.max() > 15:
+        raise ValueError("int4 zero points must be integers in [0, 15]")
+    Kp = G * group
+    if Kp % 2:
+        raise ValueError(f"int4 packing needs an even number of columns, got group={group}")
+    codes = q.to(torch.int64)
+    if Kp != K:
+        pad = zero[:, -1:].to(torch.int64).expand(N, Kp - K)  # the last group's zero point: value (z - z) s = 0
+        codes = torch.cat([codes, pad], dim=1)
+    return Int4Weight(pack_int4(codes), scale, zero, group, K if Kp != K else None)
 
 
 def dequantize_int4(w: Int4Weight, dtype=None) -> torch.Tensor:
     """Int4Weight -> (N, K) in ``dtype`` (default: the scale's dtype); computed in fp32, rounded once."""
-    q = unpack_int4(w.packed).float()  # (N, K)
-    N, K = q.shape
-    qg = q.reshape(N, K // w.group, w.group)
+    q = unpack_int4(w.packed).float()  # (N, Kp)
+    N, Kp = q.shape
+    qg = q.reshape(N, Kp // w.group, w.group)
     deq = (qg - w.zero.float()[..., None]) * w.scale.float()[..., None]
-    return deq.reshape(N, K).to(dtype or w.scale.dtype)
+    return deq.reshape(N, Kp)[:, :w.shape[1]].to(dtype or w.scale.dtype)
 
 
 def dequantize(w, dtype=None) -> torch.Tensor:
@@ -318,7 +356,7 @@ if triton is not None:
             offs_j = tl.arange(0, HALF)
             for k0 in range(k_lo, k_hi, BLOCK_K):
                 g_idx = k0 // GROUP + offs_g  # (NG,)
-                mask_g = g_idx < K // GROUP
+                mask_g = g_idx < (K + GROUP - 1) // GROUP  # a ragged last group is read, its columns masked
                 wptr = (w_ptr + offs_n[:, None, None] * stride_wn + g_idx[None, :, None] * HALF
                         + offs_j[None, None, :])
                 wmask = mask_n[:, None, None] & mask_g[None, :, None]
@@ -433,8 +471,16 @@ if triton is not None:
         return ((v & 0x780000) | one).to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _load_x4(xr, kb, mask_w, K, PRO_SILU: tl.constexpr):
-        """The four activation vectors that meet bit positions 0..3 of a tile's words (columns kb + 16 i)."""
+    def _load_x4(xr, kb, mask_w, K, PRO_SILU: tl.constexpr, RAGGED: tl.constexpr = False):
+        """The four activation vectors that meet bit positions 0..3 of a tile's words (columns kb + 16 i).
+
+        RAGGED: K is not a multiple of the 128-column chunk, and the columns of the last chunk past K are masked
+        (their codes are padding; with PRO_SILU the memory past K holds the ``up`` half)."""
+        if RAGGED:
+            return (_load_x(xr, kb, mask_w & (kb < K), K, PRO_SILU),
+                    _load_x(xr, kb + 16, mask_w & (kb + 16 < K), K, PRO_SILU),
+                    _load_x(xr, kb + 32, mask_w & (kb + 32 < K), K, PRO_SILU),
+                    _load_x(xr, kb + 48, mask_w & (kb + 48 < K), K, PRO_SILU))
         return (_load_x(xr, kb, mask_w, K, PRO_SILU), _load_x(xr, kb + 16, mask_w, K, PRO_SILU),
                 _load_x(xr, kb + 32, mask_w, K, PRO_SILU), _load_x(xr, kb + 48, mask_w, K, PRO_SILU))
 
@@ -443,7 +489,7 @@ if triton is not None:
         """The (BLOCK_N, W) words of one K step of the word kernel and the mask of the words inside the row."""
         offs_w = tl.arange(0, W)
         w0 = (k0 // CH) * 16  # first word of this step
-        mask_w = (w0 + offs_w) < (K // CH) * 16
+        mask_w = (w0 + offs_w) < ((K + CH - 1) // CH) * 16
         wd = tl.load(w_ptr + offs_n[:, None] * stride_wn + (w0 + offs_w)[None, :],
                      mask=mask_n[:, None] & mask_w[None, :], other=0)  # (BLOCK_N, W) int32
         return wd, mask_w
@@ -451,7 +497,7 @@ if triton is not None:
     @triton.jit
     def _il_step(acc, wd, mask_w, k0, x_ptr, s_ptr, z_ptr, offs_n, mask_n, M, K, stride_xm, stride_sn, ONE,
                  BITS: tl.constexpr, PRO_SILU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 CH: tl.constexpr, NC: tl.constexpr, W: tl.constexpr):
+                 CH: tl.constexpr, NC: tl.constexpr, W: tl.constexpr, RAGGED: tl.constexpr = False):
         """One K step of the word kernel: acc (BLOCK_M, BLOCK_N) += x[:, step] . dequantized words."""
         offs_m = tl.arange(0, BLOCK_M)
         offs_w = tl.arange(0, W)
@@ -466,13 +512,13 @@ if triton is not None:
             vd = wd >> 9  # nibbles 6, 7
             c_idx = k0 // CH + tl.arange(0, NC)
             sz_off = offs_n[:, None] * stride_sn + c_idx[None, :]
-            sz_mask = mask_n[:, None] & (c_idx < K // CH)[None, :]
+            sz_mask = mask_n[:, None] & (c_idx < (K + CH - 1) // CH)[None, :]
             s = tl.load(s_ptr + sz_off, mask=sz_mask, other=0.0).to(tl.float32)  # (BLOCK_N, NC)
             z = tl.load(z_ptr + sz_off, mask=sz_mask, other=0.0).to(tl.float32)
             for m in tl.static_range(BLOCK_M):
                 xr = x_ptr + tl.minimum(m, M - 1) * stride_xm
-                x0, x1, x2, x3 = _load_x4(xr, kb, mask_w, K, PRO_SILU)
-                x4, x5, x6, x7 = _load_x4(xr, kb + 64, mask_w, K, PRO_SILU)
+                x0, x1, x2, x3 = _load_x4(xr, kb, mask_w, K, PRO_SILU, RAGGED)
+                x4, x5, x6, x7 = _load_x4(xr, kb + 64, mask_w, K, PRO_SILU, RAGGED)
                 x_sum = tl.sum(tl.reshape(x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7, (NC, 16)), axis=1)  # (NC,)
                 x0 = x0 * 256.0
                 x1 = x1 * 16.0
@@ -510,6 +556,7 @@ if triton is not None:
         M, N, K, stride_xm, stride_wn, stride_sn, stride_ym, stride_ys, K_CHUNK, ONE,
         BITS: tl.constexpr, PRO_SILU: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False,
+        RAGGED: tl.constexpr = False,
     ):
         """GEMV over a WordWeight (int8 or int4 codes in 32-bit words, ``interleave`` layout), M <= BLOCK_M.
 
@@ -536,12 +583,12 @@ if triton is not None:
             wd, mask_w = _il_words(w_ptr, offs_n, mask_n, stride_wn, k_lo, K, CH, W)
             _pdl_enter(PDL)
             acc = _il_step(acc, wd, mask_w, k_lo, x_ptr, s_ptr, z_ptr, offs_n, mask_n, M, K, stride_xm, stride_sn,
-                           ONE, BITS, PRO_SILU, BLOCK_M, BLOCK_N, CH, NC, W)
+                           ONE, BITS, PRO_SILU, BLOCK_M, BLOCK_N, CH, NC, W, RAGGED)
             k_first = k_lo + BLOCK_K
         for k0 in range(k_first, k_hi, BLOCK_K):
             wd, mask_w = _il_words(w_ptr, offs_n, mask_n, stride_wn, k0, K, CH, W)
             acc = _il_step(acc, wd, mask_w, k0, x_ptr, s_ptr, z_ptr, offs_n, mask_n, M, K, stride_xm, stride_sn,
-                           ONE, BITS, PRO_SILU, BLOCK_M, BLOCK_N, CH, NC, W)
+                           ONE, BITS, PRO_SILU, BLOCK_M, BLOCK_N, CH, NC, W, RAGGED)
         if BITS == 8:
             acc = acc * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         y_ptrs = y_ptr + pid_k * stride_ys + offs_m[:, None] * stride_ym + offs_n[None, :]
@@ -592,11 +639,11 @@ if triton is not None:
                     s = tl.load(s_ptr + offs_n * stride_sn + g).to(tl.float32)
                     xmask = mask_m
                 else:  # rows past N, groups past K: zero scale and activations
-                    live = mask_n & ((tl.zeros_like(offs_n) + g) < K // 128)
+                    live = mask_n & ((tl.zeros_like(offs_n) + g) < (K + 127) // 128)
                     wd = tl.load(wp, mask=live[:, None], other=0)
                     z = tl.load(z_ptr + offs_n * stride_sn + g, mask=live, other=0.0).to(tl.float32)
                     s = tl.load(s_ptr + offs_n * stride_sn + g, mask=live, other=0.0).to(tl.float32)
-                    xmask = mask_m & ((tl.zeros_like(offs_m) + g) < K // 128)
+                    xmask = mask_m & ((tl.zeros_like(offs_m) + g) < (K + 127) // 128)
                 l0, h0 = _half_pair((wd & 0x000F000F) | MAGIC, dt)
                 l1, h1 = _half_pair(((wd >> 4) & 0x000F000F) | MAGIC, dt)
                 l2, h2 = _half_pair(((wd >> 8) & 0x000F000F) | MAGIC, dt)
@@ -612,7 +659,7 @@ if triton is not None:
                     xr = _load_x(x_ptr, g * 128 + offs_c, offs_c < 128, K, PRO_SILU)[None, :]  # (1, 128)
                 else:
                     xr = _load_x(x_ptr + offs_m[:, None] * stride_xm, g * 128 + offs_c[None, :],
-                                 xmask[:, None] & (offs_c < 128)[None, :], K, PRO_SILU)  # (BLOCK_M, 128)
+                                 xmask[:, None] & (g * 128 + offs_c < K)[None, :], K, PRO_SILU)  # (BLOCK_M, 128)
                 xr = xr.to(dt)
                 xs = tl.sum(xr.to(tl.float32), axis=1)  # (BLOCK_M,) fp32 sums of the activations as the dot sees them
                 if WORDS:
@@ -830,7 +877,7 @@ def wo_matmul(x: torch.Tensor, w, silu_gate_up: bool = False, config: GemvConfig
                                  N if nsplit > 1 else out.stride(0), M * N, k_chunk,
                                  0x3F800000 if kind == 4 else 0x3FC00000, BITS=8 if kind == 3 else 4,
                                  PRO_SILU=silu_gate_up, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
-                                 num_warps=cfg.num_warps, **kw)
+                                 num_warps=cfg.num_warps, RAGGED=K % group != 0, **kw)
     elif cfg.variant == "acc" and M == 1:
         _wo_gemv1_kernel[grid](x, wp, sp, zp, y, N, K, stride_wn, stride_sn, M * N, k_chunk, KIND=kind, GROUP=group,
                                PRO_SILU=silu_gate_up, BLOCK_N=cfg.block_n, BLOCK_K=block_k, num_warps=cfg.num_warps, **kw)
@@ -877,9 +924,9 @@ def _copies(w, n: int) -> list:
             out.append(Int8Weight(w.q.clone(), w.scale.clone()))
         elif isinstance(w, WordWeight):
             out.append(WordWeight(w.words.clone(), w.scale.clone(), None if w.zero is None else w.zero.clone(),
-                                  w.bits, w.group))
+                                  w.bits, w.group, w.in_features))
         else:
-            out.append(Int4Weight(w.packed.clone(), w.scale.clone(), w.zero.clone(), w.group))
+            out.append(Int4Weight(w.packed.clone(), w.scale.clone(), w.zero.clone(), w.group, w.in_features))
     return out
 
 
@@ -905,6 +952,15 @@ def time_gemv(x: torch.Tensor, w, silu_gate_up: bool = False, config: GemvConfig
 def _out_of_resources(exc: BaseException) -> bool:
     """True for Triton's "this config needs more registers / shared memory than the GPU has"."""
     return type(exc).__name__ in ("OutOfResources", "OutOfResourcesError") or "out of resource" in str(exc).lower()
+
+
+def pin_config(w, config: GemvConfig, M: int = 1, dtype=torch.bfloat16, silu_gate_up: bool = False,
+               partials: bool = False, pdl: bool = False) -> None:
+    """Use ``config`` for this weight's shape and call (as ``tune`` would after timing), without timing anything.
+
+    For the Triton interpreter (CPU tests): one program there costs about the same whatever its block, so the largest
+    blocks run a GEMV in a few programs instead of thousands; the results are the same up to summation order."""
+    _TUNED[_key(_kind(w), *w.shape, M, silu_gate_up, dtype, partials, pdl)] = config
 
 
 def tune(w, M: int = 1, dtype=torch.bfloat16, silu_gate_up: bool = False, candidates=None,
