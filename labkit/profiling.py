@@ -28,6 +28,7 @@ CATEGORIES = ("attention", "mlp", "norm", "lm_head", "embedding", "other")
 HOST_ONLY = ("overhead",)     # host time in a step with no operator running
 DEVICE_ONLY = ("idle",)       # device time in a step with no kernel running
 KERNEL_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
+LAUNCH_CATS = ("cuda_runtime", "cuda_driver")   # cudaLaunchKernel (runtime) or cuLaunchKernel (driver, e.g. Triton)
 
 # what to try first when a category dominates (read off the chart by ``advice``)
 ADVICE = {
@@ -241,7 +242,7 @@ def breakdown(events: list[dict], step: str) -> Breakdown:
     module_ranges = [e for e in events if _is_range(e) and e["name"][len(PREFIX):] in CATEGORIES]
     ops = [e for e in events if e.get("cat") == "cpu_op"]
     launches = {e["args"]["correlation"]: e for e in events
-                if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
+                if e.get("cat") in LAUNCH_CATS and "correlation" in e.get("args", {})}
     kernels = [e for e in events if e.get("cat") in KERNEL_CATS]
 
     host = dict.fromkeys(CATEGORIES + HOST_ONLY, 0.0)

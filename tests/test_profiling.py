@@ -24,7 +24,7 @@ def synthetic_trace():
         X("cuda_runtime", "cudaLaunchKernel", 14, 2, correlation=7),
         X("cpu_op", "aten::linear", 55, 20),                    # mlp: 20
         X("cuda_runtime", "cudaLaunchKernel", 60, 2, correlation=8),
-        X("cuda_runtime", "cudaLaunchKernel", 70, 2, correlation=9),
+        X("cuda_driver", "cuLaunchKernel", 70, 2, correlation=9),             # Triton launches through the driver
         X("cpu_op", "aten::argmax", 90, 5),                     # other: 5
         X("kernel", "gemm_attn", 20, 10, tid=7, correlation=7),   # device: attention 10
         X("kernel", "gemm_mlp", 40, 10, tid=7, correlation=8),    # device: mlp 10 + 7, overlapping
