@@ -3,7 +3,8 @@
 ``measure(fn)`` warms up, then times ``fn`` repeatedly with CUDA events on a GPU (``perf_counter`` on a CPU)
 and returns a ``Measurement``: median and spread, plus peak device memory. ``time_generate`` measures the two
 numbers a chat user feels, time to first token (TTFT) and per-token decode latency, of a Hugging Face
-``generate()``. ``record``/``write_results`` turn measurements into JSON records that carry the device, the
+``generate()``, from a timestamp per generated token (``TokenClock``); ``article_streamer_benchmark``
+reproduces a commonly copied benchmark (a printing streamer timed with the work) so its errors can be measured. ``record``/``write_results`` turn measurements into JSON records that carry the device, the
 versions and the git commit, so a number is never separated from where it was measured.
 
 Physical units always sit beside the times: ``tflops(flops, m)`` and ``gbps(nbytes, m)``, and a fraction of a
@@ -115,42 +116,161 @@ def gbps(nbytes: float, m: Measurement) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- generate()
+class TokenClock:
+    """A ``generate`` streamer that timestamps every new token: ``put`` is HF's per-token hook.
+
+    ``generate`` calls ``put`` once with the prompt, then once per step with that step's tokens (batch,),
+    already copied to the host. On a GPU we also synchronize before reading the clock, so a stamp is the
+    moment the token exists, not the moment its kernels were queued. ``stamps`` holds ``perf_counter``
+    seconds, one per generated token; ``start()`` sets the zero (just before calling ``generate``).
+    """
+
+    def __init__(self, device=None):
+        import torch
+
+        self.device = torch.device(device) if device is not None else None
+        self.t0 = None
+        self.stamps: list[float] = []
+        self._prompt_seen = False
+
+    def _now(self) -> float:
+        import torch
+
+        if self.device is not None and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def start(self) -> None:
+        self.t0 = self._now()
+        self.stamps = []
+        self._prompt_seen = False
+
+    def put(self, value) -> None:
+        if not self._prompt_seen:  # the first call carries the prompt, not a generated token
+            self._prompt_seen = True
+            return
+        self.stamps.append(self._now())
+
+    def end(self) -> None:
+        pass
+
+    @property
+    def ttft_s(self) -> float:
+        """Seconds from ``start()`` to the first generated token (prefill + first sampling)."""
+        return self.stamps[0] - self.t0
+
+    @property
+    def gaps_s(self) -> list[float]:
+        """Seconds between consecutive tokens: one decode step each (len(stamps) - 1 of them)."""
+        return [b - a for a, b in zip(self.stamps, self.stamps[1:])]
+
+
 def time_generate(model, input_ids, new_tokens: int = 32, *, warmup: int = 1, iters: int = 5,
                   attention_mask=None, **generate_kwargs) -> dict:
     """TTFT and per-token decode latency of ``model.generate`` (greedy, exactly ``new_tokens`` new tokens).
 
-    TTFT is the median time of a ``generate`` that makes one token (prefill + first token). Per-token decode
-    latency is (T(new_tokens) - T(1)) / (new_tokens - 1): the cost of each further step, with prefill removed.
+    Every run timestamps each token as ``generate`` hands it out (``TokenClock``, HF's streamer hook), so
+    both numbers come from the same runs: TTFT is the median over runs of (first token - call), the
+    per-token decode latency is the median of every inter-token gap of every run ((new_tokens - 1) x iters
+    gaps). No difference of two noisy totals: a gap is one measured step, always > 0.
     ``input_ids``: (batch, prompt_len) on the model's device.
     """
     import torch
 
     if new_tokens < 2:
         raise ValueError("new_tokens must be at least 2 to separate decode from prefill")
+    if iters < 1:
+        raise ValueError("iters must be at least 1")
+    if "streamer" in generate_kwargs:
+        raise ValueError("time_generate installs its own streamer (the token clock); do not pass one")
     dev = input_ids.device
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     kwargs = dict(do_sample=False, attention_mask=attention_mask, pad_token_id=generate_kwargs.pop("pad_token_id", 0),
-                  **generate_kwargs)
-
-    def gen(n):
-        return model.generate(input_ids, max_new_tokens=n, min_new_tokens=n, **kwargs)
-
+                  max_new_tokens=new_tokens, min_new_tokens=new_tokens, **generate_kwargs)
+    clock = TokenClock(dev)
+    ttfts, gaps, totals = [], [], []
     with torch.inference_mode():
-        first = measure(lambda: gen(1), warmup=warmup, iters=iters, device=dev)
-        full = measure(lambda: gen(new_tokens), warmup=warmup, iters=iters, device=dev)
-    per_token = max(full.median_s - first.median_s, 0.0) / (new_tokens - 1)
+        for _ in range(warmup):
+            model.generate(input_ids, **kwargs)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+        for _ in range(iters):
+            clock.start()
+            model.generate(input_ids, streamer=clock, **kwargs)
+            end = clock._now()
+            if len(clock.stamps) != new_tokens:
+                raise RuntimeError(f"generate produced {len(clock.stamps)} tokens, expected {new_tokens}")
+            ttfts.append(clock.ttft_s)
+            gaps.extend(clock.gaps_s)
+            totals.append(end - clock.t0)
+    peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
+    first, step, total = summarize(ttfts), summarize(gaps), summarize(totals)
     batch = input_ids.shape[0]
     return {
         "batch": batch,
         "prompt_len": input_ids.shape[1],
         "new_tokens": new_tokens,
+        "iters": iters,
         "ttft_ms": first.median_ms,
         "ttft_spread": first.spread,
-        "total_ms": full.median_ms,
-        "decode_ms_per_token": per_token * 1e3,
-        "tokens_per_s": batch / per_token if per_token > 0 else float("inf"),
-        "peak_mem_bytes": full.peak_mem_bytes,
+        "total_ms": total.median_ms,
+        "decode_ms_per_token": step.median_ms,
+        "decode_p10_ms": step.p10_s * 1e3,
+        "decode_p90_ms": step.p90_s * 1e3,
+        "decode_spread": step.spread,
+        "tokens_per_s": batch / step.median_s,
+        "peak_mem_bytes": peak,
+    }
+
+
+def article_streamer_benchmark(model, tokenizer, prompt: str, max_new_tokens: int = 128, repeats: int = 30,
+                               stream=None) -> dict:
+    """The source article's benchmark, reproduced so that its numbers can be compared with ``time_generate``.
+
+    As there: no warm-up run, a fresh ``TextStreamer`` per run that decodes and prints every token *inside*
+    the timed region, wall-clock ``time.time()`` around ``generate`` (synchronized on a GPU, as there), the
+    mean over runs, and tokens/s = ``max_new_tokens`` / mean time, i.e. prefill folded into the per-token
+    figure and every run assumed to reach ``max_new_tokens`` (an early EOS makes fewer). ``stream`` is where
+    the streamer's text goes (default ``sys.stdout``, as there; pass a ``StringIO`` to keep a notebook short).
+    The attention mask and pad id are passed only to silence transformers' warnings (it builds the same mask).
+
+    Returned beside the article's two figures: every run's time and token count, so that what it folds
+    together can be taken apart (the first, cold run; the tokens really made).
+    """
+    import contextlib
+    import sys
+
+    import torch
+    from transformers import TextStreamer
+
+    dev = model.device
+    input_ids = tokenizer(prompt, return_tensors="pt").input_ids.to(dev)
+    timings, made = [], []
+    with contextlib.redirect_stdout(stream or sys.stdout):
+        for _ in range(repeats):
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.time()
+            out = model.generate(input_ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                 attention_mask=torch.ones_like(input_ids),
+                                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+                                 streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True))
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            timings.append(time.time() - start)
+            made.append(out.shape[1] - input_ids.shape[1])
+    avg = sum(timings) / repeats
+    return {
+        "prompt_len": input_ids.shape[1],
+        "max_new_tokens": max_new_tokens,
+        "repeats": repeats,
+        "timings_s": timings,
+        "tokens_made": made,
+        "avg_latency_ms": avg * 1e3,  # the article's "avg latency per generation"
+        "ms_per_token": avg * 1e3 / max_new_tokens,  # its "avg token latency": prefill and printing included
+        "tokens_per_s": max_new_tokens / avg,  # its throughput, counting max_new_tokens whatever was made
     }
 
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from labkit import env
+from labkit import env, roofline
 from labkit.env import LabkitError
 from labkit.kernels import wo_matmul as wo
 
@@ -372,7 +372,8 @@ class FastLlama:
 
     # ------------------------------------------------------------------ sizes
     def weight_bytes_per_step(self) -> int:
-        """Bytes of weights one decode step reads: every linear layer as stored, norms, one embedding row per token."""
+        """Bytes of weights one decode step reads: every linear layer as stored (LM head included) and the norms;
+        the embedding rows it looks up count as zero (``labkit.roofline``'s rule)."""
         n = sum(wo.weight_nbytes(w) for lw in self.layers for w in (lw.wqkv, lw.wo, lw.w13, lw.w2))
         n += sum(lw.attn_norm.numel() + lw.mlp_norm.numel() for lw in self.layers) * self.dtype.itemsize
         return n + wo.weight_nbytes(self.lm_head) + self.norm.numel() * self.dtype.itemsize
@@ -380,7 +381,7 @@ class FastLlama:
     def kv_bytes_per_step(self, context_len: int, batch: int = 1) -> int:
         """Bytes of KV cache a decode step reads at ``context_len`` cached positions (K and V, all layers)."""
         c = self.cfg
-        return 2 * c.n_layers * batch * c.n_kv_heads * context_len * c.head_dim * self.dtype.itemsize
+        return int(roofline.kv_bytes(c.n_layers, c.n_kv_heads, c.head_dim, context_len, batch, self.dtype.itemsize))
 
     def bytes_per_step(self, context_len: int, batch: int = 1) -> int:
         return self.weight_bytes_per_step() + self.kv_bytes_per_step(context_len, batch)
@@ -679,7 +680,7 @@ def run_decode_benchmark(model_name: str = "llama2-7b-shape", formats=WEIGHT_FOR
         fl = FastLlama(model, weights="bf16", kernels="torch", max_seq_len=max_seq)
         nbytes = fl.bytes_per_step(prompt_len + 32)
         del fl
-        floor_ms = nbytes / read_bw * 1e3
+        floor_ms = roofline.decode_floor_ms(nbytes, 0, read_bw)
         hf_tps = r["tokens_per_s"]
         records.append({"model": info.label, "variant": "HF generate (bf16, sdpa)", "weights": "bf16", "batch": 1,
                         "decode_ms_per_token": r["decode_ms_per_token"], "tokens_per_s": r["tokens_per_s"],
@@ -711,7 +712,7 @@ def run_decode_benchmark(model_name: str = "llama2-7b-shape", formats=WEIGHT_FOR
             nb = eager.bytes_per_step(prompt_len + 8)
             records.append({"model": info.label, "variant": "our loop, torch ops, no graph (bf16)", "weights": "bf16",
                             "batch": 1, "decode_ms_per_token": per * 1e3, "tokens_per_s": 1 / per,
-                            "floor_ms": nb / read_bw * 1e3, "fraction_of_floor": nb / read_bw / per, "bytes_per_step": nb})
+                            "floor_ms": roofline.decode_floor_ms(nb, 0, read_bw), "fraction_of_floor": nb / read_bw / per, "bytes_per_step": nb})
             del eager
         else:
             ref = FastLlama(model, weights=fmt, kernels="torch", max_seq_len=max_seq)
@@ -723,7 +724,7 @@ def run_decode_benchmark(model_name: str = "llama2-7b-shape", formats=WEIGHT_FOR
             del ref
         for batch in batches:
             r = time_decode(fast, batch, prompt_len, new_tokens)
-            floor_ms = r["bytes_per_step"] / read_bw * 1e3
+            floor_ms = roofline.decode_floor_ms(r["bytes_per_step"], 0, read_bw)
             frac = floor_ms / r["decode_ms_per_token"]
             rec = {"model": info.label, "variant": f"our loop, Triton GEMV + CUDA graph ({fmt})", "weights": fmt,
                    "batch": batch, "pdl": fast.pdl, **r, "floor_ms": floor_ms, "fraction_of_floor": frac,
@@ -739,7 +740,7 @@ def run_decode_benchmark(model_name: str = "llama2-7b-shape", formats=WEIGHT_FOR
             del fast
             fast = FastLlama(model, weights=fmt, kernels="triton", max_seq_len=max_seq, pdl=False)
             r = time_decode(fast, 1, prompt_len, new_tokens)
-            floor_ms = r["bytes_per_step"] / read_bw * 1e3
+            floor_ms = roofline.decode_floor_ms(r["bytes_per_step"], 0, read_bw)
             records.append({"model": info.label, "variant": f"our loop, no PDL ({fmt})", "weights": fmt, "batch": 1,
                             "pdl": False, **r, "floor_ms": floor_ms, "fraction_of_floor": floor_ms / r["decode_ms_per_token"]})
             log(f"{fmt} batch 1 without PDL: {r['decode_ms_per_token']:.3f} ms/token, "
@@ -749,7 +750,8 @@ def run_decode_benchmark(model_name: str = "llama2-7b-shape", formats=WEIGHT_FOR
     summary = {"fraction_of_floor": fractions,
                "speedup_vs_hf_generate_bf16": (bf16_tps / hf_tps) if (bf16_tps and hf_tps) else None,
                "model": info.label, "prompt_len": prompt_len, "new_tokens": new_tokens, "checks": checks,
-               "ceilings": ceilings}
+               "ceilings": ceilings,
+               "tune_failures": [{**f, "config": str(f["config"])} for f in wo.TUNE_FAILURES]}
     doc = {"records": records, "summary": summary}
     if out_dir is not None:
         from pathlib import Path

@@ -237,6 +237,15 @@ def _check_request(name, quant, attn, dev, dtype):
                               "with attn='flash_attention_2'.")
 
 
+def check_request(name: str = EMBEDDED, quant=None, attn: str | None = None, device=None, dtype=None) -> None:
+    """Raise the ``LabkitError`` that ``load`` would raise for this request, without loading anything."""
+    import torch
+
+    dev = torch.device(device) if device is not None else env.device()
+    dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    _check_request(name, quant, attn or "sdpa", dev, dtype)
+
+
 def load(name: str = EMBEDDED, quant=None, attn: str | None = None, device=None, dtype=None):
     """Load a causal LM and its tokenizer. See the module docstring for names, quant and attn choices.
 

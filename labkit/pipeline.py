@@ -5,10 +5,12 @@ for int8 = LLM.int8 and for NF4 with double quantization and bf16/fp16 compute; 
 switched with ``model.set_attn_implementation``), then times ``generate`` with ``labkit.bench.time_generate``:
 
 - TTFT: a ``generate`` of one token after a ``prompt_len``-token prompt (512 on a GPU);
-- per-token decode latency: (T(n tokens) - T(1 token)) / (n - 1), and tokens/s = batch / that;
+- per-token decode latency: the median gap between consecutive tokens, each stamped as ``generate`` hands it
+  out (TTFT from the same runs), and tokens/s = batch / that;
 - weight memory as stored (``models.weight_bytes``) and the allocator's peak during generate;
-- the **decode floor**: bytes one step must read (weights as stored + the KV cache at the mean context)
-  divided by the read bandwidth measured in the same run; every row shows floor / measured.
+- the **decode floor** (``labkit.roofline``): bytes one step must read (weights as stored, an untied embedding
+  table left out, + the KV cache at the mean context) divided by the read bandwidth measured in the same run;
+  every row shows floor / measured.
 
 A cell that cannot run here (flash-attn not installed, no GPU) becomes a row whose ``status`` holds the
 LabkitError's message, never a made-up number. ``run_all`` runs the GPU matrix on SmolLM2 and on the 7B
@@ -24,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from labkit import bench, env, models
+from labkit import bench, env, models, roofline
 from labkit.env import LabkitError
 
 QUANTS = ("none", "int8", "nf4-dq")
@@ -39,14 +41,20 @@ QUOTED_A100 = {
 
 
 def kv_bytes_per_step(config, context_len: int, batch: int, dtype_bytes: int) -> int:
-    """K and V of every layer, ``context_len`` cached positions, ``batch`` rows: what one decode step reads."""
-    hd = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 2 * config.num_hidden_layers * batch * config.num_key_value_heads * context_len * hd * dtype_bytes
+    """K and V of every layer, ``context_len`` cached positions, ``batch`` rows (``roofline.kv_bytes``)."""
+    return roofline.kv_bytes(config.num_hidden_layers, config.num_key_value_heads, roofline.head_dim(config),
+                             context_len, batch, dtype_bytes)
 
 
-def decode_floor_ms(weight_bytes: int, kv_bytes: int, read_bw: float) -> float:
-    """The decode floor: bytes read per step / measured read bandwidth, in ms."""
-    return (weight_bytes + kv_bytes) / read_bw * 1e3
+decode_floor_ms = roofline.decode_floor_ms  # the one definition of the floor
+
+
+def step_weight_bytes(model) -> int:
+    """Weight bytes a decode step of ``model`` reads: as stored, minus an untied embedding table
+    (``roofline``'s rule: one row of it per sequence is read, counted as zero)."""
+    emb = model.get_input_embeddings().weight
+    tied = emb.data_ptr() == model.get_output_embeddings().weight.data_ptr()
+    return int(roofline.step_weight_bytes(models.weight_bytes(model), emb.numel() * emb.element_size(), tied))
 
 
 measure_read_bandwidth = env.measure_read_bandwidth  # the decode ceiling lives with the others in labkit.env
@@ -77,18 +85,17 @@ def measure_cell(model, tokenizer, *, batch: int, prompt_len: int, new_tokens: i
         torch.cuda.reset_peak_memory_stats(dev)
     r = bench.time_generate(model, ids, new_tokens, warmup=1, iters=iters)
     wbytes = models.weight_bytes(model)
+    read_bytes = step_weight_bytes(model)
     dtype_bytes = 2 if dev.type == "cuda" else 4
     kv = kv_bytes_per_step(model.config, prompt_len + new_tokens // 2, batch, dtype_bytes)
-    floor = decode_floor_ms(wbytes, kv, read_bw)
-    ok = r["decode_ms_per_token"] > 0
-    return {**r, "weight_bytes": wbytes, "kv_bytes_per_step": kv, "floor_ms": floor,
-            "fraction_of_floor": floor / r["decode_ms_per_token"] if ok else None,
-            "status": "ok" if ok else "decode time not resolved (T(n) <= T(1)): use more new_tokens or iters"}
+    floor = decode_floor_ms(read_bytes, kv, read_bw)
+    return {**r, "weight_bytes": wbytes, "weight_bytes_read": read_bytes, "kv_bytes_per_step": kv, "floor_ms": floor,
+            "fraction_of_floor": floor / r["decode_ms_per_token"], "status": "ok"}
 
 
-def _free(*objs):
-    for o in objs:
-        del o
+def _free():
+    """Return the memory of objects the caller has already deleted (``del model`` first: a function cannot
+    drop its caller's references)."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -127,10 +134,9 @@ def run_matrix(model_name: str, quants=QUANTS, attns=ATTNS, *, prompt_len: int =
                 log(f"{model_name:18s} {quant:7s} {attn:18s} -- {skip[(quant, attn)][:90]}")
                 continue
             try:
-                if attn == "flash_attention_2":
-                    # models.load checks the request first (GPU, flash-attn installed, dtype): its error is the row
-                    flash_model, _ = models.load(model_name, quant=q, attn=attn, dtype=dtype)
-                    _free(flash_model)
+                # the checks models.load makes (GPU, flash-attn installed, dtype), on the model already loaded:
+                # their error is the row; no second copy of the model is loaded to find out
+                models.check_request(model_name, quant=q, attn=attn, device=model.device, dtype=model.dtype)
                 model.set_attn_implementation(attn)
                 rec = {**base, **measure_cell(model, tok, batch=1, prompt_len=prompt_len, new_tokens=new_tokens,
                                               read_bw=read_bw, iters=iters)}
@@ -159,7 +165,8 @@ def run_matrix(model_name: str, quants=QUANTS, attns=ATTNS, *, prompt_len: int =
                 rec = {**base, "status": f"out of memory: {exc!s:.100}"}
             records.append(rec)
         if not (loaded and quant in loaded):
-            _free(model)
+            del model, tok
+            _free()
     return records
 
 

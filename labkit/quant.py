@@ -299,7 +299,7 @@ def nf4_quantize(x: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tensor, to
     """Blockwise NF4 over the flattened tensor, in bitsandbytes' layout.
 
     Blocks of ``blocksize`` consecutive elements (of ``x.reshape(-1)``) are scaled by their absmax (fp32) to
-    [-1, 1] and snapped to the nearest ``NF4_CODE`` value (ties to the lower one). Two 4-bit indices per byte,
+    [-1, 1] (times 1/absmax in a full block, divided by absmax in a partial last one, as bitsandbytes) and snapped to the nearest ``NF4_CODE`` value (ties to the lower one). Two 4-bit indices per byte,
     the first in the high nibble. Returns ``(packed uint8 (ceil(n/2), 1), absmax float32 (n_blocks,))``.
     """
     flat = x.reshape(-1).float()
@@ -308,8 +308,13 @@ def nf4_quantize(x: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tensor, to
     pad = n_blocks * blocksize - n
     blocks = torch.nn.functional.pad(flat, (0, pad)).view(n_blocks, blocksize)  # (n_blocks, blocksize)
     absmax = blocks.abs().amax(dim=-1)  # (n_blocks,)
-    # multiply by the reciprocal (not divide): that is what bitsandbytes does, and it decides ties bit for bit
-    scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1), -1, 1).reshape(-1)[:n]
+    # bitsandbytes multiplies a full block by the reciprocal of its absmax but divides the partial last block by
+    # it; the two differ in the last bit, which decides near-ties between two codes, so we do the same
+    safe = absmax.clamp(min=1e-38).unsqueeze(1)  # (n_blocks, 1)
+    scaled = blocks * (1.0 / safe)
+    if pad:
+        scaled[-1] = blocks[-1] / safe[-1]
+    scaled = torch.clamp(scaled, -1, 1).reshape(-1)[:n]
     if n % 2:
         scaled = torch.nn.functional.pad(scaled, (0, 1))
     idx = codebook_quantize(scaled, NF4_CODE.to(x.device)).to(torch.uint8)  # (n_even,)

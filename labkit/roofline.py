@@ -8,6 +8,15 @@ For a Llama-family decoder of shape ``labkit.models.ModelShape``:
 - the decode floor: one token at batch 1 must read every weight (and the KV cache) once, so
   time/token ≥ bytes read / memory bandwidth. At batch B the weights are read once for B tokens.
 
+These are the workbook's only definitions of the KV bytes (``kv_bytes``) and of the floor (``decode_floor``,
+``decode_floor_ms``); ``pipeline`` and ``fastgen`` and the notebooks call them.
+
+**How the embedding table is counted** (everywhere, once): a decode step reads every matmul weight once, the
+LM head included, and of the embedding table only one row per sequence. Those rows are counted as zero
+(for Llama-2-7B at batch 1, 8 KiB of a 13 GB step). So an *untied* embedding table (Llama-2-7B) is stored
+but not read (``step_weight_bytes`` leaves it out), while a *tied* one (SmolLM2: the LM head is the
+embedding table) is read whole, as the LM head, and counted once.
+
 All functions are pure arithmetic (no torch), so the numbers can be checked by hand.
 """
 from __future__ import annotations
@@ -37,9 +46,26 @@ def bits_per_weight(bits: float, group_size: int | None = None, scale_bits: int 
     return bits + ((scale_bits + zero_bits) / group_size if group_size else 0.0)
 
 
+def kv_bytes(n_layers: int, n_kv_heads: int, head_dim: int, context_len: float, batch: int = 1,
+             bytes_per_element: float = 2) -> float:
+    """Bytes of KV cache a decode step reads: K and V, every layer, ``context_len`` cached positions per row."""
+    return 2 * n_layers * batch * n_kv_heads * context_len * head_dim * bytes_per_element
+
+
+def head_dim(config) -> int:
+    """``config.head_dim`` where the config has one, else hidden / heads (HF configs and ``ModelShape``)."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def kv_bytes_per_token(shape, bytes_per_element: float = 2) -> float:
-    """K and V of one token across all layers."""
-    return 2 * shape.num_hidden_layers * shape.num_key_value_heads * shape.head_dim * bytes_per_element
+    """K and V of one token across all layers (``shape``: a ``ModelShape`` or an HF Llama config)."""
+    return kv_bytes(shape.num_hidden_layers, shape.num_key_value_heads, head_dim(shape), 1, 1, bytes_per_element)
+
+
+def step_weight_bytes(stored_bytes: float, embedding_bytes: float, tied: bool) -> float:
+    """Weight bytes one decode step reads, from the bytes stored (see the module docstring on the embedding):
+    an untied embedding table is stored but not read; a tied one is the LM head and is read."""
+    return stored_bytes if tied else stored_bytes - embedding_bytes
 
 
 def prefill_flops(shape, n_tokens: int, causal: bool = True) -> float:
@@ -74,6 +100,11 @@ def decode_floor(weight_bytes_: float, bandwidth: float, kv_bytes_per_tok: float
                  batch: int = 1) -> DecodeFloor:
     """The memory-bandwidth floor of one decode step: weights once, plus each sequence's KV cache."""
     return DecodeFloor(weight_bytes_, kv_bytes_per_tok * context * batch, bandwidth)
+
+
+def decode_floor_ms(weight_bytes_: float, kv_bytes_: float, bandwidth: float) -> float:
+    """The decode floor in ms: (weight bytes read + KV bytes read) / bandwidth (bytes/s)."""
+    return DecodeFloor(weight_bytes_, kv_bytes_, bandwidth).ms
 
 
 def implied_bandwidth(bytes_per_step: float, seconds_per_step: float) -> float:

@@ -22,7 +22,8 @@ def test_matrix_records_and_unavailable_cells():
     assert sdpa["weight_bytes"] == models.weight_bytes(model)
     kv = pipeline.kv_bytes_per_step(model.config, 16 + 6, 1, model.dtype.itemsize)  # fp32 on CPU, bf16 on GPU
     assert sdpa["kv_bytes_per_step"] == kv
-    assert sdpa["floor_ms"] == pytest.approx((sdpa["weight_bytes"] + kv) / 1e11 * 1e3)
+    assert sdpa["weight_bytes_read"] == pipeline.step_weight_bytes(model) <= sdpa["weight_bytes"]
+    assert sdpa["floor_ms"] == pytest.approx((sdpa["weight_bytes_read"] + kv) / 1e11 * 1e3)
     assert sdpa["ttft_ms"] > 0
     if sdpa["status"] == "ok":
         assert sdpa["fraction_of_floor"] == pytest.approx(sdpa["floor_ms"] / sdpa["decode_ms_per_token"])
@@ -49,3 +50,26 @@ def test_skipped_cells_carry_their_reason():
     assert recs == [{**{k: recs[0][k] for k in ("model", "label", "random_weights", "quant", "dtype", "attn", "batch")},
                      "status": "not run: reason"}]
     assert "ttft_ms" not in recs[0]
+
+
+def test_matrix_loads_each_model_once_and_releases_it(monkeypatch):
+    """The flash-attention cell checks the request on the model in hand (no second load), and the model of one
+    quantization is freed before the next one is loaded."""
+    import weakref
+
+    loads, alive_at_load, alive = [], [], []
+    real_load = models.load
+
+    def counting_load(*a, **k):
+        loads.append(k.get("attn"))
+        alive_at_load.append(sum(r() is not None for r in alive))
+        m, t = real_load(*a, **k)
+        alive.append(weakref.ref(m))
+        return m, t
+
+    monkeypatch.setattr(models, "load", counting_load)
+    recs = pipeline.run_matrix("tiny-llama-shape", quants=("none", "none"), attns=("sdpa", "flash_attention_2"),
+                               prompt_len=8, new_tokens=3, read_bw=1e11, iters=1, log=lambda *a: None)
+    assert len(recs) == 4 and loads == ["sdpa", "sdpa"], loads
+    assert alive_at_load == [0, 0], "the previous model was still alive when the next one was loaded"
+    assert all(r() is None for r in alive)

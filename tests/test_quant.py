@@ -171,3 +171,19 @@ def test_kv_quantize_round_trip_per_token():
     rel = ((y - x).norm(dim=-1) / x.norm(dim=-1)).max().item()
     assert rel < 0.02
     assert Q.sqnr_db(x, y) > 35
+
+
+@pytest.mark.parametrize("x, pos, code", [
+    # a partial last block: bitsandbytes divides by the absmax there -> code 4 (multiplying gives 3)
+    ([1.0] * 64 + [3.0, -1.019038200378418], 65, 4),
+    # the same pair in a full block: bitsandbytes multiplies by 1/absmax -> code 3
+    ([3.0, -1.019038200378418] + [1.0] * 62, 1, 3),
+])
+def test_nf4_near_tie_in_full_and_partial_blocks(x, pos, code):
+    x = torch.tensor(x)
+    packed, _ = Q.nf4_quantize(x, 64)
+    byte = int(packed.reshape(-1)[pos // 2])
+    assert (byte >> 4 if pos % 2 == 0 else byte & 15) == code
+    F = pytest.importorskip("bitsandbytes.functional")
+    ref, _ = F.quantize_4bit(x, blocksize=64, quant_type="nf4")
+    assert torch.equal(packed.reshape(-1), ref.reshape(-1))  # the installed bitsandbytes, bit for bit

@@ -35,3 +35,41 @@ def test_decode_floor():
     assert f.bytes_per_step == pytest.approx(13.48e9 + 2 * 1000 * 524288)
     assert f.ms == pytest.approx(f.bytes_per_step / 1.555e12 * 1e3)
     assert roofline.implied_bandwidth(14e9, 0.012) == pytest.approx(1.1667e12, rel=1e-3)
+
+
+def test_one_kv_formula_everywhere():
+    """pipeline and fastgen count the KV bytes with roofline.kv_bytes: same numbers for the same shape."""
+    import torch
+
+    from labkit import fastgen, pipeline
+
+    cfg = models.PRESETS["tiny-llama-shape"].to_config()
+    model, _ = models.load("tiny-llama-shape", device="cpu")
+    fast = fastgen.FastLlama(model, max_seq_len=64)
+    want = roofline.kv_bytes(cfg.num_hidden_layers, cfg.num_key_value_heads, roofline.head_dim(cfg), 40, 3, 4)
+    assert pipeline.kv_bytes_per_step(cfg, 40, 3, 4) == want
+    assert fast.kv_bytes_per_step(40, 3) == want and model.dtype == torch.float32
+    assert roofline.kv_bytes_per_token(cfg, 4) * 40 * 3 == want
+    assert pipeline.decode_floor_ms(3e9, 1e9, 4e12) == roofline.decode_floor(3e9, 4e12, 1e9, 1).ms == pytest.approx(1.0)
+
+
+def test_embedding_rule():
+    """An untied table is stored but not read by a decode step; a tied one is the LM head and is read."""
+    emb = LLAMA7B.vocab_size * LLAMA7B.hidden_size * 2
+    stored = roofline.weight_bytes(LLAMA7B.n_params(), 16)
+    read = roofline.step_weight_bytes(stored, emb, tied=False)
+    assert read == stored - emb
+    assert roofline.step_weight_bytes(stored, emb, tied=True) == stored
+    # what a step reads is the matmul weights (LM head included) and the norms
+    norms = (2 * LLAMA7B.num_hidden_layers + 1) * LLAMA7B.hidden_size * 2
+    assert read == pytest.approx(roofline.weight_bytes(roofline.linear_params(LLAMA7B), 16) + norms)
+
+
+def test_pipeline_floor_leaves_out_an_untied_table():
+    from labkit import pipeline
+
+    model, _ = models.load("tiny-llama-shape", device="cpu")
+    emb = model.get_input_embeddings().weight
+    tied = emb.data_ptr() == model.get_output_embeddings().weight.data_ptr()
+    expect = models.weight_bytes(model) - (0 if tied else emb.numel() * emb.element_size())
+    assert pipeline.step_weight_bytes(model) == expect

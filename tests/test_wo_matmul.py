@@ -132,3 +132,36 @@ def test_partials_are_the_split_k_sums():
     assert wo.linear(x, w, partials=True).dim() in (2, 3)
     one = wo.wo_matmul(x, w, config=wo.GemvConfig(8, 128, 1), partials=True)  # no split: the plain output
     assert one.shape == (1, 24) and one.dtype == torch.float16
+
+
+def test_tune_records_failing_configs(monkeypatch):
+    """tune() keeps going past a config that fails, but records it with its config, and warns unless it is a
+    resource limit (registers / shared memory); with every config failing, the error names the failures."""
+    w = wo.quantize_int8(torch.randn(32, 256))
+    cands = wo.candidates_for(1, 1, torch.float16)[:3]
+    assert len(cands) >= 2
+
+    class OutOfResources(Exception):
+        pass
+
+    def fake_time(x, w_, silu, cfg, partials=False, pdl=False):
+        if cfg is cands[0]:
+            raise OutOfResources("out of resource: shared memory")
+        if cfg is cands[1]:
+            raise ValueError("bad pointer arithmetic")
+        return 1.0
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(wo, "pdl_kwargs", lambda pdl, dev: {})
+    monkeypatch.setattr(wo, "time_gemv", fake_time)
+    monkeypatch.setattr(wo, "TUNE_FAILURES", [])
+    monkeypatch.setattr(wo, "_TUNED", {})
+    with pytest.warns(RuntimeWarning, match="bad pointer arithmetic"):
+        best = wo.tune(w, 1, torch.float16, candidates=cands)
+    assert best is cands[2]
+    fails = wo.TUNE_FAILURES
+    assert [f["config"] for f in fails] == cands[:2]
+    assert fails[0]["resources"] and not fails[1]["resources"] and "ValueError" in fails[1]["error"]
+    monkeypatch.setattr(wo, "time_gemv", lambda *a, **k: (_ for _ in ()).throw(OutOfResources("out of resource")))
+    with pytest.raises(env.LabkitError, match="no GEMV config ran"):
+        wo.tune(w, 1, torch.float16, candidates=cands)

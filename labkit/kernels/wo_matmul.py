@@ -26,6 +26,7 @@ Layout: weights are ``(N, K)`` = (out_features, in_features), row-major, like ``
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -693,6 +694,7 @@ CANDIDATES_IL = {
         GemvConfig(16, 2048, 4, split=4)],
 }
 _TUNED: dict = {}
+TUNE_FAILURES: list[dict] = []  # every config ``tune`` could not time: {"config", "weight", "M", "error", "resources"}
 
 
 # int4 on the tensor cores (kinds 2 and 4, bf16/fp16 activations, groups of 128): 64 or 128 rows per program are the
@@ -900,6 +902,11 @@ def time_gemv(x: torch.Tensor, w, silu_gate_up: bool = False, config: GemvConfig
     return bench.graph_time_ms(fns, calls, rounds)
 
 
+def _out_of_resources(exc: BaseException) -> bool:
+    """True for Triton's "this config needs more registers / shared memory than the GPU has"."""
+    return type(exc).__name__ in ("OutOfResources", "OutOfResourcesError") or "out of resource" in str(exc).lower()
+
+
 def tune(w, M: int = 1, dtype=torch.bfloat16, silu_gate_up: bool = False, candidates=None,
          partials: bool = False, pdl: bool = False) -> GemvConfig:
     """Time each candidate config for this weight and M on the GPU (random x, ``time_gemv``), keep the fastest.
@@ -907,6 +914,8 @@ def tune(w, M: int = 1, dtype=torch.bfloat16, silu_gate_up: bool = False, candid
     ``partials=True`` tunes for callers that take split-K partial sums (the reduction costs nothing there);
     ``pdl=True`` for callers that launch with programmatic dependent launch (a separate choice: PDL overlaps
     the start of one call with the end of the one before, which favours other shapes).
+    A config that fails is appended to ``TUNE_FAILURES`` with its error; one that fails for another reason
+    than running out of registers or shared memory also raises a ``RuntimeWarning`` naming it.
     """
     if not torch.cuda.is_available():
         raise LabkitError("tune() times kernels on a CUDA GPU; on a CPU the default config is used.")
@@ -923,11 +932,18 @@ def tune(w, M: int = 1, dtype=torch.bfloat16, silu_gate_up: bool = False, candid
             continue
         try:
             t = time_gemv(x, w, silu_gate_up, cfg, partials=partials, pdl=pdl)
-        except Exception:  # a config that does not compile (too many registers) is skipped
+        except Exception as exc:  # recorded with its config, never silently dropped
+            resources = _out_of_resources(exc)
+            TUNE_FAILURES.append({"config": cfg, "weight": tuple(w.shape), "kind": kind, "M": M,
+                                  "error": f"{type(exc).__name__}: {str(exc)[:300]}", "resources": resources})
+            if not resources:  # a config over the registers/shared memory is expected; anything else is a bug
+                warnings.warn(f"wo_matmul.tune: config {cfg} failed on weight {tuple(w.shape)} M={M}: "
+                              f"{type(exc).__name__}: {str(exc)[:200]}", RuntimeWarning, stacklevel=2)
             continue
         if t < best_t:
             best, best_t = cfg, t
     if best is None:
-        raise LabkitError(f"no GEMV config ran for weight {w.shape} kind {kind}")
+        errs = "; ".join(f"{f['config']}: {f['error'][:80]}" for f in TUNE_FAILURES[-3:])
+        raise LabkitError(f"no GEMV config ran for weight {tuple(w.shape)} kind {kind} (last failures: {errs})")
     _TUNED[_key(kind, N, K, M, silu_gate_up, dtype, partials, pdl)] = best
     return best
