@@ -109,6 +109,10 @@ def profile_prefill_decode(model, input_ids, decode_steps: int = 4, trace_path=N
     import torch
     from torch.profiler import ProfilerActivity, profile, record_function
 
+    if decode_steps < 1:
+        raise ValueError(f"decode_steps must be at least 1, got {decode_steps}")
+    if input_ids.dim() != 2 or input_ids.shape[1] < 1:
+        raise ValueError(f"input_ids must be (batch, prompt_len) with prompt_len >= 1, got {tuple(input_ids.shape)}")
     dev = input_ids.device
     # newer transformers name the cache argument ``cache`` (``past_key_values`` is deprecated there)
     cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

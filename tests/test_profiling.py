@@ -97,3 +97,7 @@ def test_real_trace_of_tiny_model(tmp_path):
         assert b.host["attention"] > 0 and b.host["mlp"] > 0 and b.host["norm"] > 0 and b.host["lm_head"] > 0
     # hooks are gone afterwards
     assert not any(m._forward_pre_hooks for m in model.modules())
+    with pytest.raises(ValueError, match="decode_steps"):
+        P.profile_prefill_decode(model, ids, decode_steps=0)
+    with pytest.raises(ValueError, match="prompt_len"):
+        P.profile_prefill_decode(model, ids[0])
