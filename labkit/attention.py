@@ -352,6 +352,105 @@ def peak_memory(fn, device=None) -> int:
     return tracker.peak_bytes
 
 
+
+class MemoryBudget(TensorMemoryTracker):
+    """Run a block as if the device had only ``budget_bytes`` for tensors created inside it.
+
+    Before each op runs, its outputs' sizes are worked out on the meta device (no memory is touched); when
+    those bytes plus the live bytes would pass the budget, it raises ``torch.OutOfMemoryError`` — the error a GPU
+    raises — instead of allocating. So an out-of-memory can be shown, and its fixes checked, on a CPU with a
+    small budget. Tensors created before the block, and views of them, are not counted.
+    """
+
+    def __init__(self, budget_bytes: int):
+        super().__init__()
+        if budget_bytes <= 0:
+            raise ValueError(f"budget_bytes must be positive, got {budget_bytes}")
+        self.budget_bytes = int(budget_bytes)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        new = 0
+        try:
+            meta_args, meta_kwargs = torch.utils._pytree.tree_map_only(
+                torch.Tensor, lambda t: torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta"),
+                (args, kwargs))
+            meta_out = func(*meta_args, **meta_kwargs)
+            inputs = {t.untyped_storage()._cdata for t in torch.utils._pytree.tree_leaves((meta_args, meta_kwargs))
+                      if isinstance(t, torch.Tensor)}
+            new = sum(t.untyped_storage().nbytes() for t in torch.utils._pytree.tree_leaves(meta_out)
+                      if isinstance(t, torch.Tensor) and t.untyped_storage()._cdata not in inputs)  # not a view
+        except (NotImplementedError, RuntimeError):   # an op without a meta kernel: judged after it ran
+            pass
+        live = self._live_bytes()
+        if live + new > self.budget_bytes:
+            raise torch.OutOfMemoryError(
+                f"Out of memory (budget {self.budget_bytes / 2**20:.2f} MiB): {func.__name__} tried to allocate "
+                f"{new / 2**20:.2f} MiB with {live / 2**20:.2f} MiB already in use.")
+        out = func(*args, **kwargs)
+        # record new storages only: a view of a tensor made before the block costs nothing here
+        seen = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                if isinstance(t, torch.Tensor)}
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                st = t.untyped_storage()
+                if st.data_ptr() in seen and st.data_ptr() not in self._live:
+                    continue
+                entry = self._live.setdefault(st.data_ptr(), (st.nbytes(), []))
+                entry[1].append(weakref.ref(t))
+        self.peak_bytes = max(self.peak_bytes, self._live_bytes())
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- long prompts
+def windowed_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None = None,
+                                 scale: float | None = None) -> torch.Tensor:
+    """Causal attention where query i sees only the last ``window`` keys (j in (i' - window, i'], i' = i + n_kv -
+    n_q); ``window=None``: plain causal. Materialises the (n_q, n_kv) matrix: the reference.
+
+    q: (b, h, n_q, d), k, v: (b, h_kv, n_kv, d) -> o: (b, h, n_q, d).
+    """
+    k, v = _expand_kv(q, k, v)
+    n_q, n_kv = q.shape[2], k.shape[2]
+    s = torch.matmul(q, k.transpose(-2, -1)) * _scale(q, scale)              # (b, h, n_q, n_kv)
+    allowed = causal_mask(n_q, n_kv, q.device)
+    if window is not None:
+        i = torch.arange(n_q, device=q.device)[:, None] + (n_kv - n_q)
+        allowed &= torch.arange(n_kv, device=q.device)[None, :] > i - window
+    return torch.matmul(torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1), v)
+
+
+def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int, window: int | None = None,
+                      scale: float | None = None) -> torch.Tensor:
+    """Causal attention computed ``chunk`` queries at a time (chunked prefill); with ``window``, each chunk reads
+    only the keys its queries can see, so the score matrix is (chunk, chunk + window) instead of (n_q, n_kv).
+
+    Same result as ``windowed_attention_reference``. q: (b, h, n_q, d), k, v: (b, h_kv, n_kv, d), n_kv >= n_q.
+    """
+    if chunk < 1:
+        raise ValueError(f"chunk must be at least 1, got {chunk}")
+    n_q, n_kv = q.shape[2], k.shape[2]
+    off = n_kv - n_q
+    o = torch.empty_like(q)
+    for i0 in range(0, n_q, chunk):
+        i1 = min(i0 + chunk, n_q)
+        j1 = i1 + off                                                          # keys up to the chunk's last query
+        j0 = 0 if window is None else max(0, i0 + off - window + 1)
+        o[:, :, i0:i1] = windowed_attention_reference(q[:, :, i0:i1], k[:, :, j0:j1], v[:, :, j0:j1], window, scale)
+    return o
+
+
+def prefill_attention_bytes(n_q: int, n_kv: int, n_heads: int, n_kv_heads: int, head_dim: int, elem_bytes: int = 4,
+                            chunk: int | None = None, window: int | None = None) -> int:
+    """Peak bytes that ``chunked_attention`` (or the unchunked reference: ``chunk=None``) creates: the output, the
+    K/V heads repeated for GQA, and three score-sized matrices of one chunk (S, S masked, P are alive together in
+    the reference). A model, checked against ``MemoryBudget``'s count in the tests."""
+    rows = n_q if chunk is None else min(chunk, n_q)
+    cols = n_kv if window is None else min(n_kv, rows + window - 1)
+    out = n_heads * n_q * head_dim
+    kv = 2 * n_heads * cols * head_dim if n_heads != n_kv_heads else 0
+    return elem_bytes * (out + kv + 3 * n_heads * rows * cols)
+
 # ---------------------------------------------------------------------------------------------- Hugging Face
 HF_ATTENTION_NAME = "labkit_triton"
 

@@ -226,6 +226,57 @@ def triton_status() -> tuple[bool, str]:
     return True, f"{package_version('triton')}, {mode}"
 
 
+# the packages whose versions must fit together for the workbook (distribution names)
+LAB_PACKAGES = ("torch", "transformers", "accelerate", "bitsandbytes", "triton", "flash-attn", "gguf", "datasets",
+                "safetensors", "tokenizers", "huggingface-hub", "numpy")
+
+
+def requirement_conflicts(installed: dict[str, str], requires: dict[str, list[str]]) -> list[str]:
+    """Requirements that one installed package declares on another and that the installed version breaks.
+
+    ``installed``: distribution name -> version; ``requires``: name -> its ``Requires-Dist`` lines (as
+    ``importlib.metadata.requires`` gives them). Requirements of extras and on packages that are not installed
+    are skipped. Returns lines like ``"bitsandbytes 0.50.2 needs torch<3,>=2.4; torch 2.3.1 is installed"``.
+    """
+    from packaging.requirements import InvalidRequirement, Requirement
+    from packaging.utils import canonicalize_name
+    from packaging.version import InvalidVersion, Version
+
+    have = {canonicalize_name(k): v for k, v in installed.items()}
+    out = []
+    for name, lines in requires.items():
+        for line in lines or []:
+            try:
+                req = Requirement(line)
+            except InvalidRequirement:
+                continue
+            if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+                continue   # an optional extra, or a platform this is not
+            other = canonicalize_name(req.name)
+            if other not in have or not req.specifier:
+                continue
+            try:
+                ok = req.specifier.contains(Version(have[other].split("+")[0]), prereleases=True)
+            except InvalidVersion:
+                continue
+            if not ok:
+                out.append(f"{name} {installed.get(name, '?')} needs {req.name}{req.specifier}; "
+                           f"{req.name} {have[other]} is installed")
+    return out
+
+
+def installed_requirement_conflicts(packages=LAB_PACKAGES) -> list[str]:
+    """``requirement_conflicts`` among this environment's installed ``packages`` (read from their metadata)."""
+    installed, requires = {}, {}
+    for dist in packages:
+        try:
+            installed[dist] = md.version(dist)
+            requires[dist] = md.requires(dist) or []
+        except md.PackageNotFoundError:
+            continue
+    return requirement_conflicts(installed, requires)
+
+
 def capabilities() -> list[Check]:
     """Everything ``labkit doctor`` reports, as a list of checks (cheap: no model is loaded)."""
     import torch
@@ -238,6 +289,11 @@ def capabilities() -> list[Check]:
                            ("matplotlib", True), ("datasets", False)):
         ver = package_version(mod)
         checks.append(Check(mod, ver is not None, ver or "not installed", essential, INSTALL_HINTS.get(mod, "")))
+    conflicts = installed_requirement_conflicts()
+    checks.append(Check("package versions fit together", not conflicts,
+                        "; ".join(conflicts) if conflicts else "every declared requirement among "
+                        f"{', '.join(LAB_PACKAGES[:5])}, ... holds", False,
+                        "install the versions named above (pip install 'NAME==VERSION'), then rerun labkit doctor"))
     ok, detail = _bnb_status()
     checks.append(Check("bitsandbytes", ok, detail, False, INSTALL_HINTS["bitsandbytes"]))
     ok, detail = triton_status()

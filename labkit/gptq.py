@@ -289,6 +289,34 @@ def layer_inputs(model: nn.Module, calib: torch.Tensor, batch_size: int = 8):
 
 
 @torch.no_grad()
+def linear_inputs(model: nn.Module, name: str, ids: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+    """The inputs that the linear layer ``name`` receives on token ids ``(n, seq_len)``: ``(n * seq_len, in)`` fp32.
+
+    The forward stops as soon as the layer has its input, so an early layer costs a few decoder layers only.
+    """
+    layer = model.get_submodule(name)
+    dev = next(model.parameters()).device
+    got = []
+
+    def hook(module, args):
+        got.append(args[0].detach().float().reshape(-1, args[0].shape[-1]).cpu())
+        raise _Captured
+
+    handle = layer.register_forward_pre_hook(hook)
+    try:
+        for i in range(0, ids.shape[0], batch_size):
+            try:
+                model(input_ids=ids[i:i + batch_size].to(dev), use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+    if not got:
+        raise ValueError(f"{name} did not run in the forward pass; is it a layer of this model?")
+    return torch.cat(got)
+
+
+@torch.no_grad()
 def gptq_quantize_model(model: nn.Module, calib: torch.Tensor, bits: int, groupsize: int | None = 128,
                         blocksize: int = 128, percdamp: float = 0.01, actorder: bool = True, sym: bool = False,
                         batch_size: int = 8, progress: bool = True, skip=("lm_head",)) -> dict:

@@ -363,6 +363,21 @@ def fp8_dequantize(q: torch.Tensor, scale: torch.Tensor, group_size: int | None 
     return _apply(lambda q2, s: q2 * s, q.float(), scale.shape[0], scale.shape[1], group_size, scale)
 
 
+
+# ---------------------------------------------------------------------------------------------- KV cache
+def kv_quantize(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Absmax quantization of a K or V cache, one scale per token and head (the rows of head_dim values).
+
+    x: (batch, n_kv_heads, seqlen, head_dim) -> q: int8 of x's shape, scale: fp32 (batch, n_kv_heads, seqlen, 1).
+    """
+    q, scale = absmax_quantize(x.reshape(-1, x.shape[-1]), bits, granularity="channel")
+    return q.reshape(x.shape), scale.reshape(*x.shape[:-1], 1)
+
+
+def kv_dequantize(q: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """Inverse of ``kv_quantize``: (batch, n_kv_heads, seqlen, head_dim) in ``dtype``."""
+    return (q.to(torch.float32) * scale).to(dtype)
+
 # ---------------------------------------------------------------------------------------------- metrics
 def mse(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(((x.detach().float() - y.detach().float()) ** 2).mean())

@@ -151,3 +151,34 @@ def test_committed_reference_results_meet_the_target():
         recs = {(r["variant"], r["causal"], r["seqlen"]): r for r in doc["records"]}
         r = recs[("triton", True, 4096)]["tflops"] / recs[("sdpa_flash", True, 4096)]["tflops"]
         assert r == pytest.approx(ratios["causal_4096"])
+
+
+# ---------------------------------------------------------------------------------------------- long prompts
+@pytest.mark.parametrize("n_q,n_kv,chunk,window", [(97, 97, 16, None), (97, 97, 32, 20), (40, 70, 7, 9),
+                                                   (33, 33, 64, 1)])
+def test_chunked_attention_matches_windowed_reference(n_q, n_kv, chunk, window):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 6, n_q, 16, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(2, 3, n_kv, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    ref = A.windowed_attention_reference(q, k, v, window)
+    assert torch.allclose(A.chunked_attention(q, k, v, chunk, window), ref, atol=1e-12)
+    if window is None:   # the windowed reference without a window is plain causal attention
+        assert torch.allclose(ref, A.naive_attention(q, k, v, causal=True), atol=1e-12)
+    else:                # a window hides keys: the result differs from full causal attention
+        assert not torch.allclose(ref, A.naive_attention(q, k, v, causal=True), atol=1e-6)
+
+
+def test_memory_budget_raises_before_allocating_and_model_matches_count():
+    q = torch.randn(1, 4, 256, 32)
+    k, v = torch.randn(1, 2, 256, 32), torch.randn(1, 2, 256, 32)
+    full = A.prefill_attention_bytes(256, 256, 4, 2, 32)
+    with pytest.raises(torch.OutOfMemoryError, match="tried to allocate"):
+        with A.MemoryBudget(full // 2):
+            A.windowed_attention_reference(q, k, v)
+    for chunk, window in ((None, None), (64, None), (32, 48)):
+        predicted = A.prefill_attention_bytes(256, 256, 4, 2, 32, chunk=chunk, window=window)
+        with A.MemoryBudget(predicted + 64 * 1024) as budget:   # slack: masks and index tensors
+            A.chunked_attention(q, k, v, chunk or 256, window)
+        assert predicted <= budget.peak_bytes <= predicted + 64 * 1024, (chunk, window, budget.peak_bytes)
+    with pytest.raises(ValueError, match="positive"):
+        A.MemoryBudget(0)

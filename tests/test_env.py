@@ -60,3 +60,23 @@ def test_measured_ceilings_are_plausible():
     read = env.measure_read_bandwidth(nbytes=1 << 24, iters=3)
     assert 1e8 < bw < 1e13 and 1e8 < read < 1e13  # between 0.1 GB/s and 10 TB/s
     assert 1e8 < rate < 2e15
+
+
+def test_requirement_conflicts_finds_an_incompatible_pair():
+    requires = {"bitsandbytes": ["torch<3,>=2.4", "numpy>=1.17", 'pytest~=8.3; extra == "test"'],
+                "torch": ['triton==3.6.0; platform_system == "Linux"', "filelock"]}
+    bad = env.requirement_conflicts({"bitsandbytes": "0.50.2", "torch": "2.3.1+cu121", "numpy": "2.1.0",
+                                     "pytest": "7.0"}, requires)
+    assert bad == ["bitsandbytes 0.50.2 needs torch<3,>=2.4; torch 2.3.1+cu121 is installed"]
+    assert env.requirement_conflicts({"bitsandbytes": "0.50.2", "torch": "2.11.0"}, requires) == []
+    import platform
+
+    if platform.system() == "Linux":   # the marker holds here, so a wrong triton is caught
+        clash = env.requirement_conflicts({"torch": "2.11.0", "triton": "3.9.0"}, requires)
+        assert clash == ["torch 2.11.0 needs triton==3.6.0; triton 3.9.0 is installed"]
+
+
+def test_installed_packages_checked_in_doctor():
+    names = [c.name for c in env.capabilities()]
+    assert "package versions fit together" in names
+    assert isinstance(env.installed_requirement_conflicts(), list)

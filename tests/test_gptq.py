@@ -101,3 +101,19 @@ def test_gptq_quantize_model_tiny():
     assert info["linears"] == 2 * 7
     assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 14
     assert torch.isfinite(model(input_ids=calib).logits).all()
+
+
+def test_linear_inputs_stops_early_and_matches_a_full_forward():
+    from labkit import models
+
+    model, _ = models.load("tiny-llama-shape", device="cpu")
+    ids = torch.randint(0, 256, (3, 10), generator=torch.Generator().manual_seed(0))
+    name = "model.layers.1.mlp.down_proj"
+    seen = []
+    h = model.get_submodule(name).register_forward_hook(lambda m, i, o: seen.append(i[0].reshape(-1, i[0].shape[-1])))
+    with torch.no_grad():
+        model(input_ids=ids)
+    h.remove()
+    X = G.linear_inputs(model, name, ids, batch_size=2)
+    assert X.shape == (30, 128) and torch.allclose(X, seen[0])
+    assert not any(m._forward_pre_hooks for m in model.modules())
