@@ -545,7 +545,11 @@ def _variant_fn(name: str, q, k, v, causal: bool, triton_kwargs: dict | None = N
         except ImportError as exc:  # installed but not importable here (a missing CUDA library, say): the row says so
             return f"unsupported: import failed: {str(exc).splitlines()[0][:160]}"
         qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))  # copied once, outside the timed call
-        return lambda: flash_attn_func(qt, kt, vt, causal=causal)
+
+        def call():  # back to this module's (batch, heads, seqlen, head_dim): a view, no copy
+            return _first_tensor(flash_attn_func(qt, kt, vt, causal=causal)).transpose(1, 2)
+
+        return call
     raise ValueError(f"unknown variant {name!r}; choose from {VARIANTS}")
 
 

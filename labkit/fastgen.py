@@ -948,13 +948,15 @@ def run_decode_benchmark(model_name: str = "llama2-7b-shape", formats=WEIGHT_FOR
                 records += [{"model": info.label, "variant": f"GEMV {g['gemv']} ours vs torchao ({fmt})", **g}
                             for g in grecs]
                 gemv_ao[fmt] = {g["gemv"]: g["ratio_vs_torchao"] for g in grecs}
-                ours_ms = next(r["decode_ms_per_token"] for r in records if r.get("weights") == fmt
-                               and r.get("batch") == 1 and r["variant"].startswith("our loop, Triton"))
+                ours = next(r for r in records if r.get("weights") == fmt
+                            and r.get("batch") == 1 and r["variant"].startswith("our loop, Triton"))
+                ours_ms, floor1_ms = ours["decode_ms_per_token"], ours["floor_ms"]
                 tao = TorchaoLlama(model, fmt, max_seq_len=max_seq)
                 r = time_decode(tao, 1, prompt_len, new_tokens)
                 records.append({"model": info.label, "variant": f"our step, torchao GEMVs + CUDA graph ({fmt})",
                                 "weights": fmt, "batch": 1, "decode_ms_per_token": r["decode_ms_per_token"],
-                                "tokens_per_s": r["tokens_per_s"], "torchao_config": tao.ao_config})
+                                "tokens_per_s": r["tokens_per_s"], "torchao_config": tao.ao_config,
+                                "floor_ms": floor1_ms, "fraction_of_floor": floor1_ms / r["decode_ms_per_token"]})
                 ratio_ao[fmt] = r["decode_ms_per_token"] / ours_ms
                 log(f"{fmt} step with torchao GEMVs: {r['decode_ms_per_token']:.3f} ms/token; ours "
                     f"{ours_ms:.3f} -> ratio vs torchao {ratio_ao[fmt]:.2f}x")
@@ -1003,7 +1005,7 @@ def plot_decode(records: list[dict], path) -> None:
     import matplotlib.pyplot as plt
     import matplotlib.ticker  # noqa: F401  (matplotlib.ticker below)
 
-    rows = [r for r in records if r.get("batch") == 1 and "decode_ms_per_token" in r]
+    rows = [r for r in records if r.get("batch") == 1 and "decode_ms_per_token" in r and r.get("floor_ms")]
     if not rows:
         return
     fig, ax = plt.subplots(figsize=(8, 0.5 * len(rows) + 2))
