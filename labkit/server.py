@@ -26,6 +26,10 @@ try:
     from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 except ImportError:  # pragma: no cover
     BaseModel = object
+try:  # at module level: FastAPI resolves the handlers' (string) annotations in this module's globals
+    from fastapi import Request as HttpRequest
+except ImportError:  # pragma: no cover
+    HttpRequest = None
 
 
 # ---------------------------------------------------------------------------------------------- request schema
@@ -123,7 +127,7 @@ class AsyncEngine:
 # ---------------------------------------------------------------------------------------------- the app
 def create_app(engine, tokenizer, model_name: str):
     """The FastAPI app over ``engine`` (a ``labkit.serving.Engine``) and its tokenizer."""
-    from fastapi import FastAPI, Request as HttpRequest
+    from fastapi import FastAPI
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
     from labkit import serving
