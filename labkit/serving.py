@@ -375,9 +375,13 @@ class PagedRunner:
 
     def __init__(self, hf_model, num_blocks: int, block_size: int, max_model_len: int, kernels: str = "torch",
                  weights: str = "bf16", device=None):
-        self.fast = fastgen.FastLlama(hf_model, weights=weights, kernels="torch", max_seq_len=max_model_len,
-                                      max_batch=1, device=device)
-        self.fast.k_cache = self.fast.v_cache = None  # FastLlama's contiguous cache is not used here
+        if isinstance(hf_model, fastgen.FastLlama):  # weights already converted: engines can share them
+            self.fast = hf_model
+            if hf_model.max_seq_len < max_model_len:
+                raise LabkitError(f"the FastLlama was built for {hf_model.max_seq_len} positions, the engine needs "
+                                  f"max_model_len={max_model_len}; build it with max_seq_len >= that")
+        else:
+            self.fast = shared_weights(hf_model, max_model_len, weights, device)
         c = self.cfg = self.fast.cfg
         self.device, self.dtype, self.kernels = self.fast.device, self.fast.dtype, kernels
         if kernels == "triton" and self.device.type != "cuda" and not fastgen._interpreting():
@@ -443,6 +447,15 @@ class PagedRunner:
         return wo.linear(h, self.fast.lm_head, use_kernel=False).float()  # (len(work), V)
 
 
+def shared_weights(hf_model, max_model_len: int, weights: str = "bf16", device=None) -> fastgen.FastLlama:
+    """fastgen's converted weights and RoPE tables for the engine (no contiguous cache): build once, pass to engines."""
+    fast = fastgen.FastLlama(hf_model, weights=weights, kernels="torch", max_seq_len=1, max_batch=1, device=device)
+    fast.k_cache = fast.v_cache = None  # FastLlama's contiguous cache is not used here
+    fast.max_seq_len = max_model_len
+    fast.cos, fast.sin = fastgen.rope_tables(fast.cfg, max_model_len, fast.dtype, fast.device)
+    return fast
+
+
 def block_tables_tensor(seqs: list[Sequence], device) -> torch.Tensor:
     """(B, max blocks) int32 block tables, padded with 0 (never read: the lengths bound every walk)."""
     width = max(len(s.block_table) for s in seqs)
@@ -452,7 +465,10 @@ def block_tables_tensor(seqs: list[Sequence], device) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------- engine
 class Engine:
-    """Requests in, tokens out: ``add`` requests, call ``step()`` until ``has_work()`` is False."""
+    """Requests in, tokens out: ``add`` requests, call ``step()`` until ``has_work()`` is False.
+
+    ``hf_model``: a transformers LlamaForCausalLM, or the ``shared_weights(...)`` of one (engines then share them).
+    """
 
     def __init__(self, hf_model, cfg: EngineConfig | None = None, eos_token_id=None, weights: str = "bf16",
                  device=None):
@@ -460,7 +476,8 @@ class Engine:
         self.runner = PagedRunner(hf_model, self.cfg.num_blocks, self.cfg.block_size, self.cfg.max_model_len,
                                   self.cfg.kernels, weights, device)
         self.scheduler = Scheduler(self.cfg)
-        eos = eos_token_id if eos_token_id is not None else getattr(hf_model.generation_config, "eos_token_id", None)
+        gen_cfg = getattr(hf_model, "generation_config", None)
+        eos = eos_token_id if eos_token_id is not None else getattr(gen_cfg, "eos_token_id", None)
         self.eos = set(eos if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else []))
         self.steps = 0
         self.tokens_served = 0
@@ -654,13 +671,14 @@ def compare_outputs(runs: dict[str, list[list[int]]], alone: list[list[int]], al
     return report
 
 
-def run_alone(hf_model, cfg: EngineConfig, trace: list[Request], progress: bool = False):
+def run_alone(hf_model, cfg: EngineConfig, trace: list[Request], progress: bool = False, eos_token_id=None):
     """Every request of the trace on its own (batch of one, no prefix cache): answers and logit gaps."""
     from dataclasses import replace
     from tqdm.auto import tqdm
 
     outs, gaps = [], []
-    eng = Engine(hf_model, replace(cfg, scheduler="continuous", prefix_caching=False, chunk_size=None, max_batch=1))
+    eng = Engine(hf_model, replace(cfg, scheduler="continuous", prefix_caching=False, chunk_size=None, max_batch=1),
+                 eos_token_id)
     for r in tqdm(trace, desc="alone", disable=not progress, leave=False):
         seq = eng.add(Request(list(r.prompt), r.max_tokens, ignore_eos=r.ignore_eos))
         while eng.has_work():
@@ -819,10 +837,11 @@ def run_serving_benchmark(model_name: str = "smollm2-135m", sizes: BenchSizes | 
 
     sizes = sizes or BenchSizes.for_profile(env.profile())
     dev = env.device()
-    model, tok = models.load(model_name, device=dev)
-    info = model.labkit_info
+    hf, tok = models.load(model_name, device=dev)
+    info = hf.labkit_info
+    eos = getattr(hf.generation_config, "eos_token_id", None)
     kernels = "triton" if dev.type == "cuda" else "torch"
-    vocab = model.config.vocab_size
+    vocab = hf.config.vocab_size
     system = (tok("You are a helpful assistant. Answer the question briefly and politely, in plain English.")
               ["input_ids"] if tok is not None else list(range(100, 132)))
     max_len = sizes.prompt_len[1] + sizes.answer_len[1] + len(system) + 8
@@ -832,18 +851,19 @@ def run_serving_benchmark(model_name: str = "smollm2-135m", sizes: BenchSizes | 
     base = EngineConfig(max_batch=sizes.max_batch, block_size=bs, num_blocks=num_blocks, max_model_len=max_len,
                         prefix_caching=True, kernels=kernels)
     trace = make_trace(sizes.n_requests, sizes.rate, sizes.prompt_len, sizes.answer_len, system, 0.5, vocab, seed=0)
-    records, engines, outs = [], {}, {}
+    model = shared_weights(hf, max_len)  # one copy of the converted weights for every engine below
+    records, outs = [], {}
     target = tpot_target_ms / 1e3 if tpot_target_ms else None
-    warm = Engine(model, base)  # first-call costs (allocator, kernels) stay out of the timed runs
-    warm.replay(trace[:2], progress=False)
-    del warm
+    eng = Engine(model, base, eos)  # first-call costs (allocator, kernels) stay out of the timed runs
+    eng.replay(trace[:2], progress=False)
     for name, cfg in (("static", dataclasses_replace(base, scheduler="static")), ("continuous", base)):
-        eng = Engine(model, cfg)
+        eng = None  # drop the previous engine's KV pool before the next one is built
+        eng = Engine(model, cfg, eos)
         seqs = eng.replay(trace, progress=progress, desc=name)
         s = summarize_run(seqs, eng, target)
         s["kv_waste_contiguous"] = kv_waste_contiguous(seqs, eng)
         records.append({"model": info.label, "trace": "mixed", "scheduler": name, **s})
-        engines[name], outs[name] = eng, [q.output for q in _in_order(seqs)]
+        outs[name] = [q.output for q in _in_order(seqs)]
         log(f"{name:>10}: {s['throughput_tok_s']:.1f} tok/s, TTFT p50 {s['ttft_p50_ms']:.0f} ms, "
             f"TPOT p99 {s['tpot_p99_ms']:.0f} ms, {s['steps']} steps")
     thr = {r["scheduler"]: r["throughput_tok_s"] for r in records}
@@ -854,7 +874,8 @@ def run_serving_benchmark(model_name: str = "smollm2-135m", sizes: BenchSizes | 
     chunk_p99 = {}
     for name, chunk in (("no chunking", None), ("chunked", sizes.chunk_size)):
         cfg = dataclasses_replace(base, chunk_size=chunk, prefix_caching=False)
-        eng = Engine(model, cfg)
+        eng = None  # drop the previous engine's KV pool before the next one is built
+        eng = Engine(model, cfg, eos)
         seqs = eng.replay(long_trace, progress=progress, desc=name)
         s = summarize_run(seqs, eng, target)
         records.append({"model": info.label, "trace": "long prompts", "scheduler": f"continuous, {name}", **s})
@@ -863,9 +884,10 @@ def run_serving_benchmark(model_name: str = "smollm2-135m", sizes: BenchSizes | 
         log(f"{name:>12}: inter-token p99 {s['itl_p99_ms']:.0f} ms, TTFT p50 {s['ttft_p50_ms']:.0f} ms")
     # the answers against each request run alone (a subset: alone is one sequence per step)
     n = sizes.n_alone
-    alone, gaps = run_alone(model, base, trace[:n], progress=progress)
+    eng = None
+    alone, gaps = run_alone(model, base, trace[:n], progress, eos)
     check = compare_outputs({k: outs[k][:n] for k in ("static", "continuous")}, alone, gaps)
-    alone_l, gaps_l = run_alone(model, base, long_trace[:n], progress=progress)
+    alone_l, gaps_l = run_alone(model, base, long_trace[:n], progress, eos)
     check_l = compare_outputs({k: outs[k][:n] for k in ("no chunking", "chunked")}, alone_l, gaps_l)
     summary = {
         "model": info.label, "device": env.device_name(), "profile": env.profile(),
@@ -882,7 +904,8 @@ def run_serving_benchmark(model_name: str = "smollm2-135m", sizes: BenchSizes | 
                   "block_size": bs, "long_prompt_len": sizes.long_len, "chunk_size": sizes.chunk_size},
     }
     if dev.type == "cuda":
-        summary["decode_batch64"] = gpu_decode_floor(model, kernels, log=log)
+        del model
+        summary["decode_batch64"] = gpu_decode_floor(hf, kernels, log=log)
         summary["vllm"] = vllm_comparison(model_name, trace, thr["continuous"], log=log)
     log(f"continuous / static throughput {summary['continuous_vs_static_throughput']:.2f}x; chunked prefill "
         f"p99 ratio {summary['chunked_prefill_tpot_p99_ratio']:.2f}; KV waste paged "
