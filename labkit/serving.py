@@ -611,6 +611,22 @@ def make_trace(n: int, rate: float, prompt_len=(16, 64), answer_len=(2, 24), sha
     return trace
 
 
+def make_long_prompt_trace(n_short: int, n_long: int, short_len=(8, 24), answer_len=(12, 16), long_len: int = 192,
+                           vocab: int = 49152, seed: int = 1) -> list[Request]:
+    """What chunked prefill is for: ``n_short`` requests arrive at once and start decoding; right after the first
+    step, ``n_long`` prompts of ``long_len`` tokens arrive (2-token answers). Without chunking their prefill lands in
+    one step and every decoding request waits for it."""
+    g = torch.Generator().manual_seed(seed)
+    trace = []
+    for i in range(n_short + n_long):
+        long = i >= n_short
+        plen = long_len if long else int(torch.randint(short_len[0], short_len[1] + 1, (), generator=g))
+        alen = 2 if long else int(torch.randint(answer_len[0], answer_len[1] + 1, (), generator=g))
+        ids = torch.randint(10, vocab, (plen,), generator=g).tolist()
+        trace.append(Request(ids, alen, 1e-9 if long else 0.0, True, f"req-{i}"))  # 1e-9: joins at step 2
+    return trace
+
+
 def percentile(xs: list[float], q: float) -> float:
     if not xs:
         return float("nan")
@@ -815,9 +831,11 @@ class BenchSizes:
     prompt_len: tuple = (8, 32)
     answer_len: tuple = (1, 32)
     max_batch: int = 16
-    n_chunk: int = 12
-    long_len: int = 160
-    chunk_size: int = 32
+    n_chunk: int = 8  # short requests decoding when the long prompts arrive
+    n_long: int = 2
+    chunk_answer_len: tuple = (12, 16)
+    long_len: int = 192
+    chunk_size: int = 16
     n_alone: int = 6
     rate: float = 400.0
 
@@ -825,8 +843,8 @@ class BenchSizes:
     def for_profile(cls, profile: str) -> "BenchSizes":
         if profile == "quick":
             return cls()
-        return cls(n_requests=256, prompt_len=(32, 512), answer_len=(4, 256), max_batch=64, n_chunk=64,
-                   long_len=2048, chunk_size=256, n_alone=16, rate=1e4)
+        return cls(n_requests=256, prompt_len=(32, 512), answer_len=(4, 256), max_batch=64, n_chunk=48, n_long=4,
+                   chunk_answer_len=(32, 64), long_len=2048, chunk_size=256, n_alone=16, rate=1e4)
 
 
 def run_serving_benchmark(model_name: str = "smollm2-135m", sizes: BenchSizes | None = None, out_dir=None,
@@ -869,8 +887,8 @@ def run_serving_benchmark(model_name: str = "smollm2-135m", sizes: BenchSizes | 
     thr = {r["scheduler"]: r["throughput_tok_s"] for r in records}
     cont = records[-1]
     # chunked prefill: a few long prompts among short ones; the per-token interval p99 with and without chunks
-    long_trace = make_trace(sizes.n_chunk, sizes.rate / 4, sizes.prompt_len, (4, 16), None, 0, vocab, seed=1,
-                            long_prompts=max(2, sizes.n_chunk // 6), long_len=sizes.long_len)
+    long_trace = make_long_prompt_trace(sizes.n_chunk, sizes.n_long, (8, 24), sizes.chunk_answer_len, sizes.long_len,
+                                        vocab)
     chunk_p99 = {}
     for name, chunk in (("no chunking", None), ("chunked", sizes.chunk_size)):
         cfg = dataclasses_replace(base, chunk_size=chunk, prefix_caching=False)
