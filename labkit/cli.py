@@ -23,7 +23,7 @@ DELEGATED = {
     ("bench", "attention"): "labkit.attention:cli_main",
     ("bench", "decode"): "labkit.fastgen:cli_main",
     ("bench", "pipeline"): "labkit.pipeline:cli_main",
-    ("bench", "serving"): "labkit.serving:cli_main",
+    ("bench", "serving"): "labkit.serving_bench:cli_main",
     ("serve",): "labkit.server:cli_main",
     ("quality",): "labkit.ptq:cli_main",
 }
