@@ -411,9 +411,17 @@ class PagedRunner:
         pos_t = torch.tensor(pos, device=dev)
         slot_t = torch.tensor(slots, device=dev)
         N = len(ids)
-        decode_only = all(n == 1 for _, n in spans)
-        if decode_only:
-            tables, lens = block_tables_tensor([s for s, _ in work], dev), torch.tensor([a + 1 for a, _ in spans], device=dev)
+        # rows of single-token (decode) sequences go through the Triton kernel in one launch; prompt chunks through
+        # the reference, one sequence at a time, with their block tables moved to the device once per step
+        starts = [sum(n for _, n in spans[:i]) for i in range(len(spans))]
+        fused = self.kernels == "triton"
+        dec = [i for i, (_, n) in enumerate(spans) if n == 1] if fused else []
+        if dec:
+            dec_rows = torch.tensor([starts[i] for i in dec], device=dev)
+            tables = block_tables_tensor([work[i][0] for i in dec], dev)
+            lens = torch.tensor([spans[i][0] + 1 for i in dec], device=dev)
+        dset = set(dec)
+        others = [(i, torch.tensor(work[i][0].block_table, device=dev)) for i in range(len(work)) if i not in dset]
         cos, sin = self.fast.cos[pos_t][:, None], self.fast.sin[pos_t][:, None]  # (N, 1, hd)
         hd, nq, nkv = c.head_dim, c.n_heads, c.n_kv_heads
         x = F.embedding(ids_t, self.fast.embed)  # (N, H): the residual stream of every token of the step
@@ -428,14 +436,12 @@ class PagedRunner:
             kc, vc = self.k_cache[li], self.v_cache[li]  # (NB, bs, nkv, hd)
             kc.view(-1, nkv, hd)[slot_t] = k
             vc.view(-1, nkv, hd)[slot_t] = v
-            if decode_only and self.kernels == "triton":
-                o = paged_decode_attention(q, kc, vc, tables, lens).reshape(N, nq * hd)
-            else:
-                o = torch.empty(N, nq * hd, device=dev, dtype=self.dtype)
-                row = 0
-                for (seq, _), (start, n) in zip(work, spans):
-                    o[row:row + n] = paged_attention_ref(q[row:row + n], kc, vc, seq.block_table, start)
-                    row += n
+            o = torch.empty(N, nq * hd, device=dev, dtype=self.dtype)
+            if dec:
+                o[dec_rows] = paged_decode_attention(q[dec_rows], kc, vc, tables, lens).reshape(len(dec), nq * hd)
+            for i, table in others:
+                start, n = spans[i]
+                o[starts[i]:starts[i] + n] = paged_attention_ref(q[starts[i]:starts[i] + n], kc, vc, table, start)
             delta = wo.linear(o, lw.wo, use_kernel=False)
             h = fastgen.add_rmsnorm_ref(x, delta, lw.mlp_norm, c.rms_eps)
             delta = wo.linear(wo.linear(h, lw.w13, use_kernel=False), lw.w2, silu_gate_up=True, use_kernel=False)
@@ -720,14 +726,14 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     """Causal attention of one sequence's n new queries at positions start..start+n-1 over its paged K/V.
 
     q: (n, nq, hd), already rotated; k_cache, v_cache: (num_blocks, block_size, nkv, hd) with the new K/V written;
-    block_table: the sequence's block ids. Returns (n, nq * hd). Computed like fastgen's decode_attention_ref:
+    block_table: the sequence's block ids (a list or a 1-D tensor). Returns (n, nq * hd). Computed like fastgen's decode_attention_ref:
     scores in the dtype, softmax in fp32, rounded back, then times V.
     """
     n, nq, hd = q.shape
     bs, nkv = k_cache.shape[1], k_cache.shape[2]
     ctx = start + n
     nblk = -(-ctx // bs)
-    idx = torch.tensor(block_table[:nblk], device=q.device)
+    idx = torch.as_tensor(block_table[:nblk], device=q.device)
     k = k_cache[idx].reshape(nblk * bs, nkv, hd)[:ctx]  # (ctx, nkv, hd): the sequence's keys, in order
     v = v_cache[idx].reshape(nblk * bs, nkv, hd)[:ctx]
     qg = q.view(n, nkv, nq // nkv, hd).permute(1, 2, 0, 3)  # (nkv, rep, n, hd)
