@@ -766,7 +766,7 @@ if triton is not None:
     @triton.jit
     def _paged_decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, len_ptr, o_ptr, scale, REP,
                              stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt, stride_ob, stride_oh,
-                             HD: tl.constexpr, BS: tl.constexpr, BLOCK_R: tl.constexpr):
+                             HD: tl.constexpr, BS: tl.constexpr, BLOCK_R: tl.constexpr, FP32: tl.constexpr):
         """Program (b, j): the REP query heads of sequence b that share KV head j, over its blocks, online softmax."""
         b = tl.program_id(0)
         j = tl.program_id(1)
@@ -786,13 +786,19 @@ if triton is not None:
             kv_off = blk * stride_kb + offs_s[:, None] * stride_ks + j * stride_kh + offs_d[None, :]
             k = tl.load(kc_ptr + kv_off, mask=mask_s[:, None], other=0.0)  # (BS, HD)
             v = tl.load(vc_ptr + kv_off, mask=mask_s[:, None], other=0.0)
-            sc = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # (BLOCK_R, BS) fp32
+            if FP32:  # fp32 inputs: full-precision products (the default would be TF32 on a GPU)
+                sc = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # (BLOCK_R, BS) fp32
+            else:
+                sc = tl.dot(q, tl.trans(k)) * scale
             sc = tl.where(mask_s[None, :], sc, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(sc, axis=1))
             p = tl.exp(sc - m_new[:, None])
             alpha = tl.exp(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            if FP32:
+                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
         out = acc / l_i[:, None]
         tl.store(o_ptr + b * stride_ob + (j * REP + offs_r)[:, None] * stride_oh + offs_d[None, :],
@@ -822,5 +828,6 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     lens = context_lens.to(device=q.device, dtype=torch.int32).contiguous()
     _paged_decode_kernel[(B, nkv)](q, kc, vc, bt, lens, out, hd**-0.5, rep, q.stride(0), q.stride(1), kc.stride(0),
                                    kc.stride(1), kc.stride(2), bt.stride(0), out.stride(0), out.stride(1),
-                                   HD=hd, BS=bs, BLOCK_R=max(16, triton.next_power_of_2(rep)), num_warps=4)
+                                   HD=hd, BS=bs, BLOCK_R=max(16, triton.next_power_of_2(rep)),
+                                   FP32=q.dtype == torch.float32, num_warps=4)
     return out
