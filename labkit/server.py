@@ -165,9 +165,14 @@ def create_app(engine, tokenizer, model_name: str):
                            param="temperature")
         return body
 
+    vocab = engine.runner.cfg.vocab
+
     def check_tokens(prompt_ids: list, max_tokens: int) -> None:
         if not prompt_ids:
             raise ApiError(400, "The prompt is empty.", param="prompt")
+        bad = [t for t in prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise ApiError(400, f"Token ids must lie in [0, {vocab}); got {bad[:3]}.", param="prompt")
         if max_tokens < 1:
             raise ApiError(400, f"max_tokens must be at least 1, got {max_tokens}.", param="max_tokens")
         if len(prompt_ids) + max_tokens > max_len:

@@ -15,6 +15,7 @@ This module builds that in the shape of nano-vllm / vLLM, one job per class:
                      of tokens from many sequences, reading and writing K/V through block tables;
 - ``Engine``         add requests, ``step()``, ``replay(trace)`` on a clock that advances by each measured step.
 
+The benchmark (``labkit bench serving``) lives in ``labkit.serving_bench``, the HTTP server in ``labkit.server``.
 Pure tensor functions at the bottom: ``paged_attention_ref`` (PyTorch, the reference) and ``paged_decode_attention``
 (a Triton kernel, one program per (sequence, KV head), walking the block table). KV layout per layer:
 ``(num_blocks, block_size, kv_heads, head_dim)``; a token's slot is ``block_table[pos // bs] * bs + pos % bs``.

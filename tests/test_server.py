@@ -145,6 +145,7 @@ BAD = [
      {"model": MODEL, "prompt": list(range(100, 800)), "max_tokens": 4}, 400),
     ("max_tokens a string", "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": "ten"}, 400),
     ("prompt a number", "/v1/completions", {"model": MODEL, "prompt": 42}, 400),
+    ("token id outside the vocabulary", "/v1/completions", {"model": MODEL, "prompt": [5, 10**6]}, 400),
     ("messages not a list", "/v1/chat/completions", {"model": MODEL, "messages": "hello"}, 400),
     ("empty message list", "/v1/chat/completions", {"model": MODEL, "messages": []}, 400),
     ("sampling asked for", "/v1/completions", {"model": MODEL, "prompt": "hi", "temperature": 0.8}, 400),
