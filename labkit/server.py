@@ -110,7 +110,19 @@ class AsyncEngine:
         while not self.stopped:
             with self.lock:
                 busy = self.engine.has_work()
-                events = self.engine.step() if busy else []
+                try:
+                    events = self.engine.step() if busy else []
+                except Exception:  # a bug must not leave every client waiting: end all requests with an error
+                    import traceback
+
+                    traceback.print_exc()
+                    sch = self.engine.scheduler
+                    for seq in list(sch.running) + list(sch.waiting):
+                        sch.remove(seq, "error")
+                    events = []
+                    for loop, q in self.queues.values():
+                        loop.call_soon_threadsafe(q.put_nowait, (None, "error"))
+                    self.queues.clear()
                 out = [(self.queues.get(seq.id), seq, tok) for seq, tok in events]
                 for _, seq, _ in out:
                     if seq.finish_reason is not None:
@@ -192,6 +204,8 @@ def create_app(engine, tokenizer, model_name: str):
         try:
             while True:
                 tok, reason = await q.get()
+                if tok is None:  # the engine failed (its traceback is in the server's log)
+                    raise ApiError(500, "The engine failed on this request; see the server log.", kind="server_error")
                 yield tok, reason
                 if reason is not None:
                     return
