@@ -30,8 +30,8 @@ class BenchSizes:
     n_requests: int = 32
     prompt_len: tuple = (8, 32)
     answer_len: tuple = (1, 40)
-    max_batch: int = 16
-    n_chunk: int = 8  # short requests decoding when the long prompts arrive
+    max_batch: int = 8
+    n_chunk: int = 6  # short requests decoding when the long prompts arrive (n_chunk + n_long <= max_batch)
     n_long: int = 2
     chunk_answer_len: tuple = (12, 16)
     long_len: int = 192
@@ -201,7 +201,8 @@ def vllm_comparison(model_name: str, trace: list[Request], ours_tok_s: float, lo
     from labkit import models
 
     path = str(models.smollm2_checkpoint()) if model_name == "smollm2-135m" else model_name
-    llm = vllm.LLM(model=path, dtype="bfloat16", enforce_eager=False)
+    torch.cuda.empty_cache()
+    llm = vllm.LLM(model=path, dtype="bfloat16", gpu_memory_utilization=0.4)  # our engine's pools still hold memory
     prompts = [{"prompt_token_ids": r.prompt} for r in trace]
     params = [vllm.SamplingParams(temperature=0, max_tokens=r.max_tokens, ignore_eos=True) for r in trace]
     t0 = time.perf_counter()
