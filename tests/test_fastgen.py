@@ -184,3 +184,12 @@ def test_plot_decode_writes_the_batch1_rows(tmp_path):
     assert (tmp_path / "d.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     fastgen.plot_decode(recs[2:], tmp_path / "none.png")  # no batch-1 row: nothing to draw
     assert not (tmp_path / "none.png").exists()
+
+
+def test_check_targets():
+    summ = {"fraction_of_floor": {"bf16": 0.84, "int8": 0.58, "int4": 0.51}, "speedup_vs_hf_generate_bf16": 5.7}
+    rows = {r["target"]: r for r in fastgen.check_targets(summ)}
+    assert rows["bf16 fraction of the floor"]["met"] and not rows["int8 fraction of the floor"]["met"]
+    assert rows["int4 fraction of the floor"]["met"] and rows["bf16 speed-up over HF generate"]["met"]
+    missing = fastgen.check_targets({"fraction_of_floor": {"bf16": 0.9}})
+    assert [r["met"] for r in missing] == [True, False, False, False] and missing[1]["measured"] is None
