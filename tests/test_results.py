@@ -153,6 +153,7 @@ def test_reference_heading_and_folders(tmp_path, monkeypatch):
     h = refs[0].heading()
     assert "not this run" in h and "GPU X" in h and "abc1234" in h and "2026-11-21" in h
     assert results.reference("missing") is None
+    assert "commit not recorded" in results.Reference(tmp_path / "x.json", {"meta": {"device": "GPU X"}}).heading()
     assert results.output_dir(False, "gpu-x") == tmp_path / "results" / "local" / "gpu-x"
     assert results.output_dir(True, "gpu-x") == tmp_path / "results" / "gpu-x"
 
