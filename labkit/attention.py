@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from labkit import env
+from labkit import env, results
 from labkit import kernels as _kernels  # noqa: F401  sets TRITON_INTERPRET=1 without a GPU, before triton loads
 
 LOG2E = 1.0 / math.log(2.0)
@@ -724,7 +724,10 @@ def cli_main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="labkit bench attention",
                                 description="TFLOP/s and peak memory of attention variants against sequence length")
-    p.add_argument("--out", type=Path, default=None, help="JSON path (default results/<device>/attention.json)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="JSON path (default results/local/<device>/attention.json, not tracked by git)")
+    p.add_argument("--reference", action="store_true",
+                   help="write to results/<device>/ (a committed reference run) instead of results/local/<device>/")
     p.add_argument("--seqlens", default=None, help="comma-separated; default by profile "
                                                    f"(full {FULL_SEQLENS}, quick {QUICK_SEQLENS})")
     p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="default bf16 on GPU, fp32 on CPU")
@@ -741,7 +744,7 @@ def cli_main(argv: list[str] | None = None) -> int:
     records = run_benchmark(seqlens, head_dim=args.head_dim, n_heads=args.heads or (32 if gpu else 4), dtype=dtype,
                             tokens=args.tokens or (16384 if gpu else 512), variants=args.variants.split(","),
                             device=dev)
-    out = args.out or bench.results_dir() / "attention.json"
+    out = args.out or results.output_dir(args.reference) / "attention.json"
     summary = summarize(records, dtype=str(dtype).replace("torch.", ""), head_dim=args.head_dim)
     path = bench.write_results(out, records, summary)
     doc = bench.read_results(path)

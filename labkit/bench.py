@@ -217,6 +217,7 @@ def time_generate(model, input_ids, new_tokens: int = 32, *, warmup: int = 1, it
         "ttft_spread": first.spread,
         "total_ms": total.median_ms,
         "decode_ms_per_token": step.median_ms,
+        "decode_min_ms": step.min_s * 1e3,
         "decode_p10_ms": step.p10_s * 1e3,
         "decode_p90_ms": step.p90_s * 1e3,
         "decode_spread": step.spread,

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from labkit import env, roofline
+from labkit import env, results, roofline
 from labkit.env import LabkitError
 from labkit.kernels import wo_matmul as wo
 
@@ -997,6 +997,28 @@ def run_decode_benchmark(model_name: str = "llama2-7b-shape", formats=WEIGHT_FOR
     return doc
 
 
+DECODE_TARGETS = {"bf16": 0.80, "int8": 0.60, "int4": 0.50}  # fraction of the floor, batch 1
+SPEEDUP_TARGET = 5.0  # bf16 loop over HF generate (bf16, sdpa), batch 1
+
+
+def check_targets(summary: dict) -> list[dict]:
+    """The workbook's decode targets against a benchmark summary (``run_decode_benchmark(...)["summary"]``).
+
+    Returns one row per target: ``{"target", "goal", "measured", "met"}``; a format the run did not measure
+    is a row with ``measured`` None and ``met`` False.
+    """
+    rows = []
+    frac = summary.get("fraction_of_floor", {})
+    for fmt, goal in DECODE_TARGETS.items():
+        v = frac.get(fmt)
+        rows.append({"target": f"{fmt} fraction of the floor", "goal": goal, "measured": v,
+                     "met": v is not None and v >= goal})
+    sp = summary.get("speedup_vs_hf_generate_bf16")
+    rows.append({"target": "bf16 speed-up over HF generate", "goal": SPEEDUP_TARGET, "measured": sp,
+                 "met": sp is not None and sp >= SPEEDUP_TARGET})
+    return rows
+
+
 def plot_decode(records: list[dict], path) -> None:
     """Bar chart: ms/token of each batch-1 variant against its floor."""
     import matplotlib
@@ -1039,7 +1061,10 @@ def cli_main(argv: list[str]) -> int:
     p.add_argument("--no-hf", action="store_true", help="skip the HF generate baseline")
     p.add_argument("--torchao", action="store_true",
                    help="also time torchao's weight-only int8/int4 (tinygemm) GEMVs and a step with them (needs torchao)")
-    p.add_argument("--out", default=None, help="directory for decode.json and decode.png (default results/<device>/)")
+    p.add_argument("--out", default=None, help="directory for decode.json and decode.png "
+                   "(default results/local/<device>/, not tracked by git)")
+    p.add_argument("--reference", action="store_true",
+                   help="write to results/<device>/ (a committed reference run) instead of results/local/<device>/")
     args = p.parse_args(argv)
     from labkit import bench
 
@@ -1048,8 +1073,8 @@ def cli_main(argv: list[str]) -> int:
     if bad:
         raise LabkitError(f"--weights {bad} not in {WEIGHT_FORMATS}")
     doc = run_decode_benchmark(args.model, formats, tuple(int(b) for b in args.batch.split(",")), args.prompt_len,
-                               args.new_tokens, hf_generate=not args.no_hf, out_dir=args.out or bench.results_dir(),
-                               torchao=args.torchao)
+                               args.new_tokens, hf_generate=not args.no_hf,
+                               out_dir=args.out or results.output_dir(args.reference), torchao=args.torchao)
     print(json.dumps(doc["summary"]["fraction_of_floor"]), "speedup vs HF generate:",
           doc["summary"]["speedup_vs_hf_generate_bf16"])
     return 0

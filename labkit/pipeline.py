@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from labkit import bench, env, models, roofline
+from labkit import bench, env, models, results, roofline
 from labkit.env import LabkitError
 
 QUANTS = ("none", "int8", "nf4-dq")
@@ -277,12 +277,15 @@ def cli_main(argv: list[str]) -> int:
     p.add_argument("--prompt-len", type=int, default=None, help="default 512 on a GPU, 64 on a CPU")
     p.add_argument("--new-tokens", type=int, default=None, help="default 16 on a GPU, 8 on a CPU")
     p.add_argument("--batch", default="1,4,16", help="comma list: batch sizes for the sdpa sweep")
-    p.add_argument("--out", default=None, help="directory for pipeline.json and pipeline.png (default results/<device>/)")
+    p.add_argument("--out", default=None, help="directory for pipeline.json and pipeline.png "
+                   "(default results/local/<device>/, not tracked by git)")
+    p.add_argument("--reference", action="store_true",
+                   help="write to results/<device>/ (a committed reference run) instead of results/local/<device>/")
     args = p.parse_args(argv)
     gpu = env.has_cuda()
     batches = tuple(int(b) for b in args.batch.split(","))
     if args.model is None and gpu and args.prompt_len is None and args.new_tokens is None:
-        doc = run_all(args.out or bench.results_dir(), batches=batches)
+        doc = run_all(args.out or results.output_dir(args.reference), batches=batches)
         print(table(doc["records"]))
         return 0
     names = [args.model] if args.model else (["smollm2-135m", "llama2-7b-shape"] if gpu else ["smollm2-135m"])
@@ -292,7 +295,7 @@ def cli_main(argv: list[str]) -> int:
         records += run_matrix(name, tuple(args.quant.split(",")), tuple(args.attn.split(",")),
                               prompt_len=args.prompt_len or (512 if gpu else 64),
                               new_tokens=args.new_tokens or (16 if gpu else 8), batches=batches, read_bw=read_bw)
-    out = Path(args.out or bench.results_dir())
+    out = Path(args.out or results.output_dir(args.reference))
     bench.write_results(out / "pipeline.json", records, {"read_bandwidth_Bps": read_bw, "floor_uses": "read bandwidth",
                                                          "quoted_a100": quoted_comparison(records, read_bw)})
     print(table(records))

@@ -81,7 +81,8 @@ class Reference:
 
     def heading(self) -> str:
         """The label printed above a reference figure: not this run, and where and when it was measured."""
-        return f"Reference run (not this run): {self.device}, commit {self.commit}, {self.date}"
+        commit = f"commit {self.commit}" if self.meta.get("git_commit") else "commit not recorded"
+        return f"Reference run (not this run): {self.device}, {commit}, {self.date}"
 
 
 def references(name: str, devices: list[str] | None = None) -> list[Reference]:

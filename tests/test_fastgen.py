@@ -198,3 +198,12 @@ def test_torchao_peer_needs_package_and_gpu():
     if importlib.util.find_spec("torchao") is not None and not torch.cuda.is_available():
         with pytest.raises(LabkitError, match="CUDA"):
             fastgen.torchao_weight(w, "int8")
+
+
+def test_check_targets():
+    summ = {"fraction_of_floor": {"bf16": 0.84, "int8": 0.58, "int4": 0.51}, "speedup_vs_hf_generate_bf16": 5.7}
+    rows = {r["target"]: r for r in fastgen.check_targets(summ)}
+    assert rows["bf16 fraction of the floor"]["met"] and not rows["int8 fraction of the floor"]["met"]
+    assert rows["int4 fraction of the floor"]["met"] and rows["bf16 speed-up over HF generate"]["met"]
+    missing = fastgen.check_targets({"fraction_of_floor": {"bf16": 0.9}})
+    assert [r["met"] for r in missing] == [True, False, False, False] and missing[1]["measured"] is None
