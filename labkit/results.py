@@ -79,10 +79,13 @@ class Reference:
     def date(self) -> str:
         return (self.meta.get("utc") or "unknown date")[:10]
 
+    local: bool = False  # a run of this machine's from results/local/ (not committed), not a reference run
+
     def heading(self) -> str:
         """The label printed above a reference figure: not this run, and where and when it was measured."""
         commit = f"commit {self.commit}" if self.meta.get("git_commit") else "commit not recorded"
-        return f"Reference run (not this run): {self.device}, {commit}, {self.date}"
+        kind = "Earlier run on this machine (not this run)" if self.local else "Reference run (not this run)"
+        return f"{kind}: {self.device}, {commit}, {self.date}"
 
 
 def references(name: str, devices: list[str] | None = None) -> list[Reference]:
@@ -102,6 +105,12 @@ def reference(name: str, device: str | None = None) -> Reference | None:
     """The committed ``<name>.json`` of ``device`` (a slug; default: the first device that has one), or None."""
     refs = references(name, [device] if device else None)
     return refs[0] if refs else None
+
+
+def local_run(name: str) -> Reference | None:
+    """This machine's own earlier ``results/local/<device>/<name>.json`` (written by ``labkit bench ...``), or None."""
+    path = root() / LOCAL / env.device_slug() / f"{name}.json"
+    return Reference(path, json.loads(path.read_text()), local=True) if path.exists() else None
 
 
 def print_reference(ref: Reference, lines: list[str] | str) -> None:
