@@ -14,7 +14,7 @@ LAB_UID ?= $(shell id -u)
 LAB_FLAGS = $(if $(filter 0,$(LAB_UID)),--allow-root) $(if $(DISPLAY)$(WAYLAND_DISPLAY),,--no-browser)
 LAB_ARGS ?=
 
-.PHONY: lab test setup doctor student report strip clean
+.PHONY: lab test setup doctor student report strip clean workshop-check
 
 setup:
 	@bash scripts/bootstrap.sh >/dev/null
@@ -31,6 +31,10 @@ doctor:
 
 student:
 	@PY=$$(bash scripts/bootstrap.sh) && $$PY -m labkit student --out student
+
+# before a workshop: every notebook's student copy fails only at its exercise checks (runs every notebook)
+workshop-check:
+	@PY=$$(bash scripts/bootstrap.sh) && LABKIT_WORKSHOP=all $$PY -m pytest tests/test_workshop.py -p no:cacheprovider -v
 
 report:
 	@PY=$$(bash scripts/bootstrap.sh) && $$PY -m labkit report
