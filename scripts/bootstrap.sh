@@ -72,6 +72,6 @@ if ! ready "$py" 2>/dev/null; then
   ready "$py" >&2 || { echo "set-up incomplete; see the messages above" >&2; exit 1; }
   # strip notebook outputs on commit (the filter .gitattributes names); harmless outside a git checkout
   if [ -e .git ]; then "$py" -m nbstripout --install >&2 || true; fi
-  "$py" -c "import torch; print('torch', torch.__version__, '(CUDA', torch.version.cuda, 'build)' if torch.version.cuda else '(CPU build)')" >&2
+  "$py" -c "import torch; v = torch.version.cuda; print('installed torch', torch.__version__, f'(CUDA {v} build)' if v else '(CPU build)')" >&2
 fi
 echo "$py"
