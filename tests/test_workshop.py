@@ -9,9 +9,10 @@ For every notebook in notebooks/ (new ones are picked up without editing this fi
   the stub's NotImplementedError), then goes on with the stub in place: every later cell must pass. So the
   solution passes, the stub fails only its own check, and nothing after it depends on the exercise.
 
-The executing test costs one notebook run each, so by default it runs on the notebooks that are cheap on a CPU
-(``CHEAP``, a few minutes together); ``LABKIT_WORKSHOP=all`` runs every notebook (``make workshop-check``:
-what an instructor runs before a workshop; on a GPU, gpu-tagged cells run too).
+The executing test costs about one notebook run each (00: 814 s, 01: 402 s measured on a 2-core machine shared with
+other jobs, load average ~19), so by default (and in CI) it runs on ``CHEAP`` only, notebook 01, the cheaper of the
+two there; ``LABKIT_WORKSHOP=all`` runs every notebook (``make workshop-check``: what an instructor runs before a
+workshop; on a GPU, gpu-tagged cells run too), ``LABKIT_WORKSHOP=00,02`` the notebooks whose names start so.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import pytest
 from labkit import exercises
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
-CHEAP = ("00_setup_and_roofline.ipynb", "01_quantization_basics.ipynb")
+CHEAP = ("01_quantization_basics.ipynb",)
 
 
 def _has_cuda() -> bool:
@@ -71,7 +72,10 @@ def _selected():
     which = os.environ.get("LABKIT_WORKSHOP", "cheap")
     if which == "all":
         return NOTEBOOKS
-    return [p for p in NOTEBOOKS if p.name in CHEAP]
+    if which == "cheap":
+        return [p for p in NOTEBOOKS if p.name in CHEAP]
+    prefixes = tuple(w.strip() for w in which.split(",") if w.strip())
+    return [p for p in NOTEBOOKS if p.name.startswith(prefixes)]
 
 
 @pytest.mark.parametrize("path", _selected(), ids=[p.stem for p in _selected()])
