@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from labkit import cli, env, models, results
+from labkit import cli, env, models
 
 
 def _labkit(*args, **kw):
