@@ -8,13 +8,20 @@ TEST_PATHS ?= tests notebooks
 TEST_CMD = -m pytest $(TEST_PATHS) --nbval-lax --nbval-current-env --nbval-sanitize-with tests/sanitize.cfg \
 	-p no:cacheprovider --durations=12 $(PYTEST_ARGS)
 
-.PHONY: lab test setup doctor student report strip clean
+# JupyterLab refuses to run as root without --allow-root (containers and cloud notebooks run as root), and without a
+# display there is no browser to open: it prints the URL with its token instead. LAB_ARGS adds options (e.g. --port).
+LAB_UID ?= $(shell id -u)
+LAB_FLAGS = $(if $(filter 0,$(LAB_UID)),--allow-root) $(if $(DISPLAY)$(WAYLAND_DISPLAY),,--no-browser)
+LAB_ARGS ?=
+
+.PHONY: lab test setup doctor student report strip clean workshop-check
 
 setup:
 	@bash scripts/bootstrap.sh >/dev/null
 
 lab:
-	@PY=$$(bash scripts/bootstrap.sh) && $$PY -m jupyter lab notebooks/
+	@PY=$$(bash scripts/bootstrap.sh) && echo "jupyter lab $(strip $(LAB_FLAGS) $(LAB_ARGS)) (stop with Ctrl-C)" >&2 \
+		&& exec $$PY -m jupyter lab $(LAB_FLAGS) $(LAB_ARGS) --ServerApp.root_dir=notebooks
 
 test:
 	@PY=$$(bash scripts/bootstrap.sh) && $$PY -m labkit doctor --no-measure && $$PY $(TEST_CMD)
@@ -24,6 +31,10 @@ doctor:
 
 student:
 	@PY=$$(bash scripts/bootstrap.sh) && $$PY -m labkit student --out student
+
+# before a workshop: every notebook's student copy fails only at its exercise checks (runs every notebook)
+workshop-check:
+	@PY=$$(bash scripts/bootstrap.sh) && LABKIT_WORKSHOP=all $$PY -m pytest tests/test_workshop.py -p no:cacheprovider -v
 
 report:
 	@PY=$$(bash scripts/bootstrap.sh) && $$PY -m labkit report

@@ -721,6 +721,7 @@ def plot_benchmark(doc: dict, path=None, title: str | None = None):
 def cli_main(argv: list[str] | None = None) -> int:
     """``labkit bench attention [--out PATH] [--seqlens 512,1024] [--dtype bf16] [--head-dim 128] ...``"""
     from labkit import bench
+    from labkit.cli import choice_list, int_list, positive_int
 
     p = argparse.ArgumentParser(prog="labkit bench attention",
                                 description="TFLOP/s and peak memory of attention variants against sequence length")
@@ -728,21 +729,24 @@ def cli_main(argv: list[str] | None = None) -> int:
                    help="JSON path (default results/local/<device>/attention.json, not tracked by git)")
     p.add_argument("--reference", action="store_true",
                    help="write to results/<device>/ (a committed reference run) instead of results/local/<device>/")
-    p.add_argument("--seqlens", default=None, help="comma-separated; default by profile "
+    p.add_argument("--seqlens", type=int_list, default=None, help="comma-separated; default by profile "
                                                    f"(full {FULL_SEQLENS}, quick {QUICK_SEQLENS})")
     p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="default bf16 on GPU, fp32 on CPU")
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--heads", type=int, default=None, help="default 32 on GPU, 4 on CPU")
-    p.add_argument("--tokens", type=int, default=None, help="batch * seqlen (default 16384 on GPU, 512 on CPU)")
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--head-dim", type=positive_int, default=128)
+    p.add_argument("--heads", type=positive_int, default=None, help="default 32 on GPU, 4 on CPU")
+    p.add_argument("--tokens", type=positive_int, default=None, help="batch * seqlen (default 16384 on GPU, 512 on CPU)")
+    p.add_argument("--variants", type=choice_list(VARIANTS), default=list(VARIANTS),
+                   help=f"comma list of {','.join(VARIANTS)}")
     args = p.parse_args(argv)
+    if args.out is not None:
+        env.writable_dir(args.out.parent)
     dev = env.device()
     gpu = dev.type == "cuda"
-    seqlens = [int(x) for x in args.seqlens.split(",")] if args.seqlens else list(
+    seqlens = args.seqlens if args.seqlens else list(
         FULL_SEQLENS if env.profile() == "full" else QUICK_SEQLENS)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype or ("bf16" if gpu else "fp32")]
     records = run_benchmark(seqlens, head_dim=args.head_dim, n_heads=args.heads or (32 if gpu else 4), dtype=dtype,
-                            tokens=args.tokens or (16384 if gpu else 512), variants=args.variants.split(","),
+                            tokens=args.tokens or (16384 if gpu else 512), variants=args.variants,
                             device=dev)
     out = args.out or results.output_dir(args.reference) / "attention.json"
     summary = summarize(records, dtype=str(dtype).replace("torch.", ""), head_dim=args.head_dim)

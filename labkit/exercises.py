@@ -11,7 +11,7 @@ from pathlib import Path
 
 BEGIN = "# BEGIN SOLUTION"
 END = "# END SOLUTION"
-STUB = 'raise NotImplementedError("Exercise: write your solution here")'
+STUB = 'raise NotImplementedError("Exercise: replace this line with your solution, then run the check cell below it")'
 
 
 def strip_solutions(source: str) -> tuple[str, int]:

@@ -1052,12 +1052,15 @@ def plot_decode(records: list[dict], path) -> None:
 # ---------------------------------------------------------------------------------------------- CLI
 def cli_main(argv: list[str]) -> int:
     """``labkit bench decode``: the 06 table from the command line (needs a CUDA GPU)."""
+    from labkit.cli import choice_list, int_list, positive_int
+
     p = argparse.ArgumentParser(prog="labkit bench decode", description="Decode speed vs the memory-bandwidth floor")
     p.add_argument("--model", default="llama2-7b-shape", help="a labkit model name (default: the 7B shape, random weights)")
-    p.add_argument("--weights", default="bf16,int8,int4", help="comma list of bf16,int8,int4")
-    p.add_argument("--batch", default="1", help="comma list of batch sizes")
-    p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--weights", type=choice_list(WEIGHT_FORMATS), default=list(WEIGHT_FORMATS),
+                   help="comma list of bf16,int8,int4")
+    p.add_argument("--batch", type=int_list, default=[1], help="comma list of batch sizes")
+    p.add_argument("--prompt-len", type=positive_int, default=32)
+    p.add_argument("--new-tokens", type=positive_int, default=128)
     p.add_argument("--no-hf", action="store_true", help="skip the HF generate baseline")
     p.add_argument("--torchao", action="store_true",
                    help="also time torchao's weight-only int8/int4 (tinygemm) GEMVs and a step with them (needs torchao)")
@@ -1068,11 +1071,10 @@ def cli_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     from labkit import bench
 
-    formats = [f for f in args.weights.split(",") if f]
-    bad = [f for f in formats if f not in WEIGHT_FORMATS]
-    if bad:
-        raise LabkitError(f"--weights {bad} not in {WEIGHT_FORMATS}")
-    doc = run_decode_benchmark(args.model, formats, tuple(int(b) for b in args.batch.split(",")), args.prompt_len,
+    formats = args.weights
+    if args.out is not None:
+        env.writable_dir(args.out)
+    doc = run_decode_benchmark(args.model, formats, tuple(args.batch), args.prompt_len,
                                args.new_tokens, hf_generate=not args.no_hf,
                                out_dir=args.out or results.output_dir(args.reference), torchao=args.torchao)
     print(json.dumps(doc["summary"]["fraction_of_floor"]), "speedup vs HF generate:",

