@@ -269,23 +269,28 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 def layer_inputs(model: nn.Module, calib: torch.Tensor, batch_size: int = 8):
     """Run the model up to its first decoder layer: the ``(hidden_states, args, kwargs)`` it receives, per batch."""
     layers = decoder_layers(model)
-    dev = next(model.parameters()).device
     captured = []
 
     def hook(module, args, kwargs):
         captured.append((args[0] if args else kwargs.pop("hidden_states"), args[1:], kwargs))
         raise _Captured
 
-    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    _forward_until_hook(model, layers[0].register_forward_pre_hook(hook, with_kwargs=True), calib, batch_size)
+    return captured
+
+
+def _forward_until_hook(model: nn.Module, handle, ids: torch.Tensor, batch_size: int) -> None:
+    """Run ``model`` on ``ids (n, seq_len)`` batch by batch; the hook behind ``handle`` ends each forward by raising
+    ``_Captured`` once it has what it wants. The hook is removed afterwards."""
+    dev = next(model.parameters()).device
     try:
-        for i in range(0, calib.shape[0], batch_size):
+        for i in range(0, ids.shape[0], batch_size):
             try:
-                model(input_ids=calib[i:i + batch_size].to(dev), use_cache=False)
+                model(input_ids=ids[i:i + batch_size].to(dev), use_cache=False)
             except _Captured:
                 pass
     finally:
         handle.remove()
-    return captured
 
 
 @torch.no_grad()
@@ -295,22 +300,13 @@ def linear_inputs(model: nn.Module, name: str, ids: torch.Tensor, batch_size: in
     The forward stops as soon as the layer has its input, so an early layer costs a few decoder layers only.
     """
     layer = model.get_submodule(name)
-    dev = next(model.parameters()).device
     got = []
 
     def hook(module, args):
         got.append(args[0].detach().float().reshape(-1, args[0].shape[-1]).cpu())
         raise _Captured
 
-    handle = layer.register_forward_pre_hook(hook)
-    try:
-        for i in range(0, ids.shape[0], batch_size):
-            try:
-                model(input_ids=ids[i:i + batch_size].to(dev), use_cache=False)
-            except _Captured:
-                pass
-    finally:
-        handle.remove()
+    _forward_until_hook(model, layer.register_forward_pre_hook(hook), ids, batch_size)
     if not got:
         raise ValueError(f"{name} did not run in the forward pass; is it a layer of this model?")
     return torch.cat(got)

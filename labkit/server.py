@@ -254,6 +254,19 @@ def create_app(engine, tokenizer, model_name: str):
             lines += [f"# HELP labkit_{key} {doc}", f"# TYPE labkit_{key} {kind}", f"labkit_{key} {s[key]}"]
         return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
+    def event_stream(seq, chunks) -> StreamingResponse:
+        """Server-sent events of ``chunks`` (dicts) ending in ``[DONE]``; a client that goes away mid-stream has its
+        sequence cancelled, which frees its blocks at once."""
+        async def stream():
+            try:
+                async for chunk in chunks:
+                    yield sse(chunk)
+                yield "data: [DONE]\n\n"
+            finally:
+                if seq.finish_reason is None:
+                    core.cancel(seq)
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
     @app.post("/v1/completions")
     async def completions(request: HttpRequest):
         body = await parse(request, CompletionRequest)
@@ -263,16 +276,10 @@ def create_app(engine, tokenizer, model_name: str):
         head = {"id": rid, "object": "text_completion", "created": now, "model": model_name}
         deltas = text_deltas(tokens(seq, q))
         if body.stream:
-            async def stream():
-                try:
-                    async for delta, reason, _ in deltas:
-                        yield sse({**head, "choices": [{"index": 0, "text": delta, "finish_reason": reason,
-                                                        "logprobs": None}]})
-                    yield "data: [DONE]\n\n"
-                finally:  # the client went away: free its blocks now
-                    if seq.finish_reason is None:
-                        core.cancel(seq)
-            return StreamingResponse(stream(), media_type="text/event-stream")
+            async def chunks():
+                async for delta, reason, _ in deltas:
+                    yield {**head, "choices": [{"index": 0, "text": delta, "finish_reason": reason, "logprobs": None}]}
+            return event_stream(seq, chunks())
         text, reason, n = "", None, 0
         async for delta, reason, n in deltas:
             text += delta
@@ -292,20 +299,14 @@ def create_app(engine, tokenizer, model_name: str):
         head = {"id": rid, "created": now, "model": model_name}
         deltas = text_deltas(tokens(seq, q))
         if body.stream:
-            async def stream():
-                try:
-                    yield sse({**head, "object": "chat.completion.chunk",
-                               "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                            "finish_reason": None}]})
-                    async for delta, reason, _ in deltas:
-                        yield sse({**head, "object": "chat.completion.chunk",
-                                   "choices": [{"index": 0, "delta": {"content": delta} if delta else {},
-                                                "finish_reason": reason}]})
-                    yield "data: [DONE]\n\n"
-                finally:  # the client went away: free its blocks now
-                    if seq.finish_reason is None:
-                        core.cancel(seq)
-            return StreamingResponse(stream(), media_type="text/event-stream")
+            async def chunks():
+                yield {**head, "object": "chat.completion.chunk",
+                       "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
+                async for delta, reason, _ in deltas:
+                    yield {**head, "object": "chat.completion.chunk",
+                           "choices": [{"index": 0, "delta": {"content": delta} if delta else {},
+                                        "finish_reason": reason}]}
+            return event_stream(seq, chunks())
         text, reason, n = "", None, 0
         async for delta, reason, n in deltas:
             text += delta
