@@ -727,19 +727,22 @@ def tp_decode_model(shape, p: int, *, bytes_per_element: float, read_bw: float, 
 def cli_main(argv: list[str] | None = None) -> int:
     """``labkit bench parallel``: TP, collectives, pipeline and offload; writes parallel.json."""
     from labkit import bench, models, results
+    from labkit.cli import positive_int
 
     p = argparse.ArgumentParser(prog="labkit bench parallel",
                                 description="Tensor and pipeline parallelism over torchrun processes, all-reduce "
                                             "latency, CPU/disk offload; writes results/<device>/parallel.json.")
     p.add_argument("--backend", default=None, choices=BACKENDS, help="gloo (CPU processes) or nccl (one GPU each); "
                    "default nccl when 2+ GPUs are visible, else gloo")
-    p.add_argument("--tp", type=int, default=2, help="processes for the small 7B-layout model (default 2)")
-    p.add_argument("--new-tokens", type=int, default=None, help="decode tokens timed (default 8 CPU, 32 GPU)")
+    p.add_argument("--tp", type=positive_int, default=2, help="processes for the small 7B-layout model (default 2)")
+    p.add_argument("--new-tokens", type=positive_int, default=None, help="decode tokens timed (default 8 CPU, 32 GPU)")
     p.add_argument("--offload-budget-mb", type=float, default=200.0,
                    help="max_memory on the main device for the offload run (SmolLM2 fp32 is ~540 MB)")
     p.add_argument("--reference", action="store_true", help="write results/<device>/ (committed) instead of "
                    "results/local/<device>/")
     args = p.parse_args(argv)
+    if args.offload_budget_mb <= 0:
+        p.error(f"--offload-budget-mb {args.offload_budget_mb:g}: give a positive budget in MB")
     import torch
 
     ngpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -748,16 +751,22 @@ def cli_main(argv: list[str] | None = None) -> int:
     check_tp(small_7b_layout_shape(), args.tp)
     new_tokens = args.new_tokens or (32 if backend == "nccl" else 8)
     records, summary = [], {}
+    print(f"[1/4] tensor parallelism of {SMALL_7B_LAYOUT} over {args.tp} {backend} processes, all-reduce sweep",
+          flush=True)
     tp = launch(["tp", "allreduce"], args.tp, backend=backend, model=SMALL_7B_LAYOUT,
                 extra=["--time-decode", "--new-tokens", str(new_tokens), "--iters", "3",
                        "--sizes", "1,64,1024,16384,262144,1048576"])
     records += [{"what": "tp", **tp["tp"]}, {"what": "allreduce", **tp["allreduce"]}]
+    print("[2/4] tensor parallelism of SmolLM2 over 3 gloo processes" if backend == "gloo" else
+          "[2/4] SmolLM2 TP 3 runs on gloo only: skipped", flush=True)
     smol = launch(["tp"], 3, backend="gloo", model=models.EMBEDDED) if backend == "gloo" else None
     if smol:
         records.append({"what": "tp", **smol["tp"]})
+    print("[3/4] pipeline parallelism of SmolLM2 over 2 stages, 1-8 micro-batches", flush=True)
     pp = launch(["pp"], 2, backend="gloo", model=models.EMBEDDED,
                 extra=["--microbatches", "1,2,4,8", "--balanced", "--pp-reps", "2"])
     records.append({"what": "pp", **pp["pp"]})
+    print(f"[4/4] accelerate offload under a {args.offload_budget_mb:g} MB budget", flush=True)
     off = offload_decode(int(args.offload_budget_mb * 2**20))
     records.append({"what": "offload", **off})
     shape = small_7b_layout_shape()

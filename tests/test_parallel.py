@@ -148,3 +148,17 @@ def test_cli_refuses_nccl_without_gpus(capsys):
     assert "NCCL over 2 processes needs 2 GPUs" in capsys.readouterr().err
     assert cli.main(["bench", "parallel", "--tp", "3"]) == 1  # the 7B layout's 32 heads do not split over 3
     assert "splits over" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, says", [(["--new-tokens", "-1"], "must be at least 1"),
+                                        (["--tp", "0"], "must be at least 1"),
+                                        (["--offload-budget-mb", "0"], "positive budget")])
+def test_cli_refuses_bad_counts_before_launching(args, says, capsys):
+    """Counts and budgets are checked by argparse, before any torchrun process starts (exit status 2, one line)."""
+    from labkit import cli
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "parallel", *args])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err
