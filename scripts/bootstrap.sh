@@ -32,6 +32,10 @@ PY
   )
 }
 
+if [ "${1:-}" = "--check" ]; then  # only say whether interpreter $2 (default python3) has everything; exit 1 if not
+  ready "${2:-python3}"
+  exit $?
+fi
 if [ ! -x "$VENV/bin/python" ] && [ -z "${LABKIT_FORCE_VENV:-}" ] && ready python3 2>/dev/null; then
   echo "using python3 as it is (everything is installed)" >&2
   command -v python3

@@ -20,7 +20,7 @@ TEXT = ("The cat sat on the mat. The dog ran in the park, and the children playe
 
 @pytest.fixture(scope="module")
 def smol():
-    """SmolLM2-135M cut to 1 layer and 4096 tokens (fp32, CPU), and a token stream of TEXT inside that vocabulary."""
+    """SmolLM2-135M cut to 1 layer and 4096 tokens (fp32; on the GPU where there is one), and a token stream of TEXT inside that vocabulary."""
     from transformers import LlamaForCausalLM
 
     full, tok = models.load("smollm2-135m", device="cpu", dtype=torch.float32)
@@ -39,11 +39,15 @@ def smol():
     ids = ids[ids < VOCAB][:24]
     assert ids.numel() >= 20
     del full
-    return model, ids
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # Triton compiled on a GPU, interpreted on a CPU
+    return model.to(dev), ids.to(dev)
 
 
 def _pin_big_blocks(fast):
-    """Large-block GEMV configs for every weight shape of the step: a few interpreter programs per GEMV."""
+    """Large-block GEMV configs for every weight shape of the step: a few interpreter programs per GEMV (on a GPU the
+    compiled kernels keep the tuner's configs)."""
+    if not fastgen._interpreting():
+        return
     lw = fast.layers[0]
     for w, silu, part in ((lw.wqkv, False, False), (lw.wo, False, True), (lw.w13, False, False),
                           (lw.w2, True, True), (fast.lm_head, False, False)):

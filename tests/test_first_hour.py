@@ -188,11 +188,12 @@ def test_ceilings_write_local_unless_reference(tmp_path, monkeypatch):
     monkeypatch.setattr(env, "repo_root", lambda: tmp_path)
     monkeypatch.setattr(env, "measure_copy_bandwidth", lambda dev: 1e10)
     monkeypatch.setattr(env, "measure_matmul_rate", lambda dev, dtype: 1e11)
+    slug = env.device_slug()  # "cpu" here, e.g. "nvidia-h200" on a GPU machine
     assert cli.main(["bench", "ceilings"]) == 0
-    assert (tmp_path / "results" / "local" / "cpu" / "ceilings.json").exists()
-    assert not (tmp_path / "results" / "cpu").exists()
+    assert (tmp_path / "results" / "local" / slug / "ceilings.json").exists()
+    assert not (tmp_path / "results" / slug).exists()
     assert cli.main(["bench", "ceilings", "--reference"]) == 0
-    assert (tmp_path / "results" / "cpu" / "ceilings.json").exists()
+    assert (tmp_path / "results" / slug / "ceilings.json").exists()
 
 
 def test_report_leaves_reference_summary_alone(tmp_path, capsys):

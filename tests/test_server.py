@@ -38,7 +38,8 @@ def server():
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "labkit", "serve", "--port", str(port), *SERVER_ARGS],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONPATH": str(env.repo_root())})
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                p for p in (str(env.repo_root()), os.environ.get("PYTHONPATH")) if p)})
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 180

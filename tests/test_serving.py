@@ -118,7 +118,8 @@ def test_preemption_recomputes_and_finishes_correctly(tiny):
 # ---------------------------------------------------------------------------------------------- attention
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
 def test_paged_decode_kernel_matches_reference(dtype, tol):
-    """The Triton kernel (interpreted on a CPU) against the PyTorch reference, SmolLM2's 9/3 heads, odd lengths."""
+    """The Triton kernel (compiled on a GPU, interpreted on a CPU) against the PyTorch reference, SmolLM2's 9/3 heads,
+    odd lengths."""
     g = torch.Generator().manual_seed(0)
     nb, bs, nkv, nq, hd = 12, 16, 3, 9, 64
     kc = torch.randn(nb, bs, nkv, hd, generator=g).to(dtype)
@@ -127,7 +128,8 @@ def test_paged_decode_kernel_matches_reference(dtype, tol):
     tables = torch.tensor([[5, 2, 9, 0], [1, 0, 0, 0], [11, 3, 7, 4]], dtype=torch.int32)
     lens = torch.tensor([37, 1, 64], dtype=torch.int32)
     ref = S.paged_decode_attention_ref(q, kc, vc, tables, lens)
-    out = S.paged_decode_attention(q, kc, vc, tables, lens)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # compiled on a GPU, interpreted on a CPU
+    out = S.paged_decode_attention(*(t.to(dev) for t in (q, kc, vc, tables, lens))).cpu()
     exact = S.paged_decode_attention_ref(q.double(), kc.double(), vc.double(), tables, lens)
     err, ref_err = (out.double() - exact).abs().max().item(), (ref.double() - exact).abs().max().item()
     assert err <= max(2 * ref_err, tol), (err, ref_err)
@@ -151,12 +153,15 @@ def test_paged_reference_equals_contiguous_attention():
 
 
 def test_engine_with_triton_decode_attention_matches_torch(tiny):
-    """Mixed steps (prompt chunks + decodes) with the decode rows through the Triton kernel (interpreted on a CPU)."""
+    """Mixed steps (prompt chunks + decodes) with the decode rows through the Triton kernel."""
     cfg = S.EngineConfig(max_batch=4, num_blocks=24, block_size=16, max_model_len=64, chunk_size=8)
     trace = [_req(5 + 7 * i, 6, seed=i, arrival=0.0 if i < 2 else 1e-9) for i in range(4)]
-    want = S.Engine(tiny, cfg)
+    model = tiny  # interpreted on a CPU; on a GPU both engines run there, the kernel compiled
+    if torch.cuda.is_available():
+        model = models.load("tiny-llama-shape", device="cuda", dtype=torch.float32)[0]
+    want = S.Engine(model, cfg)
     want_seqs = want.replay(trace, progress=False)
-    got = S.Engine(tiny, dataclasses.replace(cfg, kernels="triton"))
+    got = S.Engine(model, dataclasses.replace(cfg, kernels="triton"))
     got_seqs = got.replay(trace, progress=False)
     rep = S.compare_outputs({"triton": [s.output for s in got_seqs]}, [s.output for s in want_seqs],
                             [s.gaps for s in want_seqs])
