@@ -63,6 +63,7 @@ class EngineConfig:
     chunk_size: int | None = None  # chunked prefill: at most this many prompt tokens of a sequence per step
     prefix_caching: bool = False
     kernels: str = "torch"  # decode attention: "torch" (reference) or "triton"
+    cuda_graphs: bool = True  # with kernels="triton" on a GPU: decode-only steps replay a captured CUDA graph
 
     def __post_init__(self):
         if self.scheduler not in SCHEDULERS:
@@ -373,7 +374,7 @@ class PagedRunner:
     """
 
     def __init__(self, hf_model, num_blocks: int, block_size: int, max_model_len: int, kernels: str = "torch",
-                 weights: str = "bf16", device=None):
+                 weights: str = "bf16", device=None, cuda_graphs: bool = False):
         if isinstance(hf_model, fastgen.FastLlama):  # weights already converted: engines can share them
             self.fast = hf_model
             if hf_model.max_seq_len < max_model_len:
@@ -386,13 +387,22 @@ class PagedRunner:
         if kernels == "triton" and self.device.type != "cuda" and not fastgen._interpreting():
             raise LabkitError("kernels='triton' needs a CUDA GPU (or TRITON_INTERPRET=1 for tiny tests); "
                               "use kernels='torch' on a CPU.")
-        self.block_size = block_size
-        shape = (c.n_layers, num_blocks, block_size, c.n_kv_heads, c.head_dim)
-        self.k_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)  # (L, NB, bs, nkv, hd)
+        self.block_size, self.num_blocks = block_size, num_blocks
+        # one block more than the pool: the scratch block that the padding rows of a captured step write to
+        shape = (c.n_layers, num_blocks + 1, block_size, c.n_kv_heads, c.head_dim)
+        self.k_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)  # (L, NB + 1, bs, nkv, hd)
         self.v_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        self.norm = fastgen.add_rmsnorm_triton if kernels == "triton" else fastgen.add_rmsnorm_ref
+        # decode-only steps through CUDA graphs: one graph per batch bucket, captured on first use
+        self.cuda_graphs = cuda_graphs and kernels == "triton" and self.device.type == "cuda"
+        self.table_width = -(-max_model_len // block_size) + 1
+        self.graphs: dict[int, tuple] = {}
+        self._pool = None
 
     def kv_cache_bytes(self) -> int:
-        return 2 * self.k_cache.numel() * self.k_cache.element_size()
+        """Bytes of the pool's K and V blocks (the scratch block is not counted)."""
+        per_block = self.k_cache[:, 0].numel() * self.k_cache.element_size()
+        return 2 * self.num_blocks * per_block
 
     @torch.no_grad()
     def forward(self, work: list[tuple[Sequence, int]]) -> torch.Tensor:
@@ -408,10 +418,12 @@ class PagedRunner:
             pos += p
             slots += [seq.block_table[q // bs] * bs + q % bs for q in p]
             spans.append((start, n))
+        if self.cuda_graphs and len(ids) == len(work) and len(work) <= GRAPH_BATCHES[-1] \
+                and all(len(seq.block_table) <= self.table_width for seq, _ in work):
+            return self._graph_step(work, ids, pos, slots, spans)
         ids_t = torch.tensor(ids, device=dev)
         pos_t = torch.tensor(pos, device=dev)
         slot_t = torch.tensor(slots, device=dev)
-        N = len(ids)
         # rows of single-token (decode) sequences go through the Triton kernel in one launch; prompt chunks through
         # the reference, one sequence at a time, with their block tables moved to the device once per step
         starts = [sum(n for _, n in spans[:i]) for i in range(len(spans))]
@@ -423,33 +435,104 @@ class PagedRunner:
             lens = torch.tensor([spans[i][0] + 1 for i in dec], device=dev)
         dset = set(dec)
         others = [(i, torch.tensor(work[i][0].block_table, device=dev)) for i in range(len(work)) if i not in dset]
-        cos, sin = self.fast.cos[pos_t][:, None], self.fast.sin[pos_t][:, None]  # (N, 1, hd)
-        hd, nq, nkv = c.head_dim, c.n_heads, c.n_kv_heads
-        x = F.embedding(ids_t, self.fast.embed)  # (N, H): the residual stream of every token of the step
-        delta = None
-        for li, lw in enumerate(self.fast.layers):
-            h = fastgen.add_rmsnorm_ref(x, delta, lw.attn_norm, c.rms_eps)
-            qkv = wo.linear(h, lw.wqkv, use_kernel=False)
-            q, k, v = qkv.split([nq * hd, nkv * hd, nkv * hd], dim=-1)
-            q, k, v = q.view(N, nq, hd), k.view(N, nkv, hd), v.view(N, nkv, hd)
-            q = q * cos + fastgen._rotate_half(q) * sin
-            k = k * cos + fastgen._rotate_half(k) * sin
-            kc, vc = self.k_cache[li], self.v_cache[li]  # (NB, bs, nkv, hd)
-            kc.view(-1, nkv, hd)[slot_t] = k
-            vc.view(-1, nkv, hd)[slot_t] = v
-            o = torch.empty(N, nq * hd, device=dev, dtype=self.dtype)
+        nq, hd = c.n_heads, c.head_dim
+
+        def attend(q, kc, vc):
+            o = torch.empty(q.shape[0], nq * hd, device=dev, dtype=self.dtype)
             if dec:
                 o[dec_rows] = paged_decode_attention(q[dec_rows], kc, vc, tables, lens).reshape(len(dec), nq * hd)
             for i, table in others:
                 start, n = spans[i]
                 o[starts[i]:starts[i] + n] = paged_attention_ref(q[starts[i]:starts[i] + n], kc, vc, table, start)
-            delta = wo.linear(o, lw.wo, use_kernel=False)
-            h = fastgen.add_rmsnorm_ref(x, delta, lw.mlp_norm, c.rms_eps)
-            delta = wo.linear(wo.linear(h, lw.w13, use_kernel=False), lw.w2, silu_gate_up=True, use_kernel=False)
+            return o
+
         last = torch.tensor([sum(n for _, n in spans[:i + 1]) - 1 for i in range(len(spans))], device=dev)
-        x = x[last]
-        h = fastgen.add_rmsnorm_ref(x, delta[last], self.fast.norm, c.rms_eps)
-        return wo.linear(h, self.fast.lm_head, use_kernel=False).float()  # (len(work), V)
+        return self._layers(ids_t, pos_t, slot_t, attend, last)
+
+    def _layers(self, ids_t, pos_t, slot_t, attend, last=None) -> torch.Tensor:
+        """Embedding, every decoder layer, final norm and LM head over the step's N tokens; K/V of each token written
+        to its slot; ``attend(q (N, nq, hd), k_cache, v_cache) -> (N, nq * hd)``. Logits of the rows ``last``
+        (all rows when None), fp32. No host synchronisation and no tensor built from Python values: capturable."""
+        c = self.cfg
+        N = ids_t.shape[0]
+        cos, sin = self.fast.cos[pos_t][:, None], self.fast.sin[pos_t][:, None]  # (N, 1, hd)
+        hd, nq, nkv = c.head_dim, c.n_heads, c.n_kv_heads
+        x = F.embedding(ids_t, self.fast.embed)  # (N, H): the residual stream of every token of the step
+        delta = None
+        for li, lw in enumerate(self.fast.layers):
+            h = self.norm(x, delta, lw.attn_norm, c.rms_eps)
+            qkv = wo.linear(h, lw.wqkv, use_kernel=False)
+            q, k, v = qkv.split([nq * hd, nkv * hd, nkv * hd], dim=-1)
+            q, k, v = q.view(N, nq, hd), k.view(N, nkv, hd), v.view(N, nkv, hd)
+            q = q * cos + fastgen._rotate_half(q) * sin
+            k = k * cos + fastgen._rotate_half(k) * sin
+            kc, vc = self.k_cache[li], self.v_cache[li]  # (NB + 1, bs, nkv, hd)
+            kc.view(-1, nkv, hd)[slot_t] = k
+            vc.view(-1, nkv, hd)[slot_t] = v
+            delta = wo.linear(attend(q, kc, vc), lw.wo, use_kernel=False)
+            h = self.norm(x, delta, lw.mlp_norm, c.rms_eps)
+            delta = wo.linear(wo.linear(h, lw.w13, use_kernel=False), lw.w2, silu_gate_up=True, use_kernel=False)
+        if last is not None:
+            x, delta = x[last], delta[last]
+        h = self.norm(x, delta, self.fast.norm, c.rms_eps)
+        return wo.linear(h, self.fast.lm_head, use_kernel=False).float()  # (rows, V)
+
+    # ------------------------------------------------------------------------------------------ CUDA graphs
+    def _graph_step(self, work, ids, pos, slots, spans) -> torch.Tensor:
+        """A decode-only step (one token per sequence) as the replay of the graph of the smallest batch bucket that
+        holds it; the rows past the batch are padding: token 0 at position 0 in the scratch block, length 1."""
+        B, W = len(work), self.table_width
+        G = next(g for g in GRAPH_BATCHES if g >= B)
+        graph, buf, out = self.graphs.get(G) or self._capture(G)
+        host = self._padding(G)  # (4G + G*W,) int64: ids | positions | slots | lengths | block tables
+        host[:B] = torch.tensor(ids)
+        host[G:G + B] = torch.tensor(pos)
+        host[2 * G:2 * G + B] = torch.tensor(slots)
+        host[3 * G:3 * G + B] = torch.tensor([start + 1 for start, _ in spans])
+        host[4 * G:4 * G + B * W] = torch.tensor([t + [0] * (W - len(t)) for t in (seq.block_table for seq, _ in work)
+                                                  ]).view(-1)
+        buf.copy_(host)  # one host-to-device copy per step
+        graph.replay()
+        return out[:B]
+
+    def _padding(self, G: int) -> torch.Tensor:
+        """Every row a padding row (token 0, position 0, the scratch slot, length 1, the scratch block's table)."""
+        W, scratch = self.table_width, self.num_blocks
+        host = torch.zeros(4 * G + G * W, dtype=torch.long)
+        host[2 * G:3 * G] = scratch * self.block_size
+        host[3 * G:4 * G] = 1
+        host[4 * G:] = scratch
+        return host
+
+    def _capture(self, G: int) -> tuple:
+        """Capture the decode forward of G rows into a CUDA graph (warm-up on a side stream first, as torch asks)."""
+        W, dev = self.table_width, self.device
+        buf = self._padding(G).to(dev)  # capture and warm-up see padding rows only: no real block is written
+        ids, pos, slot, lens = (buf[i * G:(i + 1) * G] for i in range(4))
+        tables = buf[4 * G:].view(G, W)
+        nqhd = self.cfg.n_heads * self.cfg.head_dim
+
+        def run():
+            return self._layers(ids, pos, slot, lambda q, kc, vc: paged_decode_attention(
+                q, kc, vc, tables, lens).reshape(G, nqhd))
+
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.no_grad(), torch.cuda.stream(side):
+            for _ in range(2):
+                run()
+        torch.cuda.current_stream(dev).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(graph, pool=self._pool):
+            out = run()
+        self.graphs[G] = (graph, buf, out)
+        return self.graphs[G]
+
+
+# a decode-only step of B sequences replays the graph of the smallest bucket >= B (larger batches run eagerly)
+GRAPH_BATCHES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
 
 
 def shared_weights(hf_model, max_model_len: int, weights: str = "bf16", device=None) -> fastgen.FastLlama:
@@ -479,7 +562,7 @@ class Engine:
                  device=None):
         self.cfg = cfg or EngineConfig()
         self.runner = PagedRunner(hf_model, self.cfg.num_blocks, self.cfg.block_size, self.cfg.max_model_len,
-                                  self.cfg.kernels, weights, device)
+                                  self.cfg.kernels, weights, device, cuda_graphs=self.cfg.cuda_graphs)
         self.scheduler = Scheduler(self.cfg)
         gen_cfg = getattr(hf_model, "generation_config", None)
         eos = eos_token_id if eos_token_id is not None else getattr(gen_cfg, "eos_token_id", None)
@@ -519,6 +602,7 @@ class Engine:
         logits = self.runner.forward(work)
         now = time.perf_counter() if now is None else now
         top2 = torch.topk(logits, 2, dim=-1)
+        best, values = top2.indices[:, 0].tolist(), top2.values.tolist()  # one transfer each, not two per row
         events = []
         used = reserved = 0
         for i, (seq, n) in enumerate(work):
@@ -528,8 +612,8 @@ class Engine:
             if seq.num_computed < seq.n_tokens:  # a prompt chunk that did not reach the last token yet
                 bm.register_full_blocks(seq)
                 continue
-            tok = int(top2.indices[i, 0])
-            seq.gaps.append(float(top2.values[i, 0] - top2.values[i, 1]))
+            tok = best[i]
+            seq.gaps.append(values[i][0] - values[i][1])
             seq.tokens.append(tok)
             seq.token_times.append(now)
             self.tokens_served += 1
