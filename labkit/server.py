@@ -134,6 +134,8 @@ class AsyncEngine:
             if not busy:
                 self.wake.wait(0.05)
                 self.wake.clear()
+            else:  # a lock is not fair: without a pause between steps, a fast device starves /metrics and cancels
+                time.sleep(2e-4)
 
 
 # ---------------------------------------------------------------------------------------------- the app
