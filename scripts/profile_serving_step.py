@@ -7,6 +7,7 @@ from labkit import models, env, bench
 from labkit.serving import Engine, EngineConfig, Request
 from torch.profiler import profile, ProfilerActivity
 
+env.require_cuda("the serving step profile")
 dev = env.device()
 model, _ = models.load("llama2-7b-shape", device=dev)
 batch, context, new, bs = 64, 512, 40, 16
