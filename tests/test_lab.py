@@ -183,13 +183,18 @@ def _other_user_skip_reason(user: str = "nobody") -> str | None:
 
 
 @pytest.mark.skipif(_other_user_skip_reason() is not None, reason=str(_other_user_skip_reason()))
-def test_make_lab_opens_as_an_ordinary_user(tmp_path):
-    server = Lab(tmp_path / "home", user="nobody")
+def test_make_lab_opens_as_an_ordinary_user():
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="labkit-lab-"))  # pytest's tmp_path sits in a folder only root may enter
+    os.chmod(base, 0o755)
+    server = Lab(base / "home", user="nobody")
     try:
         _check_lab(server, int(subprocess.check_output(["id", "-u", "nobody"])))
         assert "--allow-root" not in server.log.read_text()
     finally:
         server.stop()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.mark.parametrize("uid, display, flags", [
