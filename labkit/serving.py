@@ -370,7 +370,9 @@ class PagedRunner:
     """fastgen's Llama forward over a flat batch of tokens from many sequences, K/V in a paged cache.
 
     The linear layers see all the step's tokens at once (that is what batching buys: the weights are read once per
-    step); attention runs per sequence over its own blocks.
+    step); attention runs per sequence over its own blocks. With ``kernels="triton"`` on a GPU, RMSNorm and
+    RoPE + the K/V writes are one kernel each, and a decode-only step replays a CUDA graph captured for its batch
+    bucket (launching a 7B step's ~1,200 kernels one by one from Python costs more than the GPU's work).
     """
 
     def __init__(self, hf_model, num_blocks: int, block_size: int, max_model_len: int, kernels: str = "torch",
@@ -392,7 +394,11 @@ class PagedRunner:
         shape = (c.n_layers, num_blocks + 1, block_size, c.n_kv_heads, c.head_dim)
         self.k_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)  # (L, NB + 1, bs, nkv, hd)
         self.v_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
-        self.norm = fastgen.add_rmsnorm_triton if kernels == "triton" else fastgen.add_rmsnorm_ref
+        # on a GPU the Triton kernels also fuse RMSNorm and RoPE + the K/V writes (each equal to its reference, tested
+        # on its own); under the CPU interpreter only the attention kernel runs there, the rest would just be slow
+        fused = kernels == "triton" and self.device.type == "cuda"
+        self.norm = fastgen.add_rmsnorm_triton if fused else fastgen.add_rmsnorm_ref
+        self.rope_write = rope_write_paged if fused else rope_write_paged_ref
         # decode-only steps through CUDA graphs: one graph per batch bucket, captured on first use
         self.cuda_graphs = cuda_graphs and kernels == "triton" and self.device.type == "cuda"
         self.table_width = -(-max_model_len // block_size) + 1
@@ -450,25 +456,20 @@ class PagedRunner:
         return self._layers(ids_t, pos_t, slot_t, attend, last)
 
     def _layers(self, ids_t, pos_t, slot_t, attend, last=None) -> torch.Tensor:
-        """Embedding, every decoder layer, final norm and LM head over the step's N tokens; K/V of each token written
-        to its slot; ``attend(q (N, nq, hd), k_cache, v_cache) -> (N, nq * hd)``. Logits of the rows ``last``
-        (all rows when None), fp32. No host synchronisation and no tensor built from Python values: capturable."""
+        """Embedding, every decoder layer, final norm and LM head over the step's N tokens; RoPE, and K/V of each token
+        written to its slot (``rope_write_paged``); ``attend(q (N, nq, hd), k_cache, v_cache) -> (N, nq * hd)``.
+        Logits of the rows ``last`` (all rows when None), fp32. No host synchronisation and no tensor built from
+        Python values: capturable."""
         c = self.cfg
-        N = ids_t.shape[0]
-        cos, sin = self.fast.cos[pos_t][:, None], self.fast.sin[pos_t][:, None]  # (N, 1, hd)
-        hd, nq, nkv = c.head_dim, c.n_heads, c.n_kv_heads
+        cos, sin = self.fast.cos, self.fast.sin  # (positions, hd)
+        nq, nkv = c.n_heads, c.n_kv_heads
         x = F.embedding(ids_t, self.fast.embed)  # (N, H): the residual stream of every token of the step
         delta = None
         for li, lw in enumerate(self.fast.layers):
             h = self.norm(x, delta, lw.attn_norm, c.rms_eps)
             qkv = wo.linear(h, lw.wqkv, use_kernel=False)
-            q, k, v = qkv.split([nq * hd, nkv * hd, nkv * hd], dim=-1)
-            q, k, v = q.view(N, nq, hd), k.view(N, nkv, hd), v.view(N, nkv, hd)
-            q = q * cos + fastgen._rotate_half(q) * sin
-            k = k * cos + fastgen._rotate_half(k) * sin
             kc, vc = self.k_cache[li], self.v_cache[li]  # (NB + 1, bs, nkv, hd)
-            kc.view(-1, nkv, hd)[slot_t] = k
-            vc.view(-1, nkv, hd)[slot_t] = v
+            q = self.rope_write(qkv, pos_t, slot_t, cos, sin, kc, vc, nq, nkv)  # (N, nq, hd); K, V in their slots
             delta = wo.linear(attend(q, kc, vc), lw.wo, use_kernel=False)
             h = self.norm(x, delta, lw.mlp_norm, c.rms_eps)
             delta = wo.linear(wo.linear(h, lw.w13, use_kernel=False), lw.w2, silu_gate_up=True, use_kernel=False)
@@ -840,6 +841,25 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     return o.permute(2, 0, 1, 3).reshape(n, nq * hd)
 
 
+def rope_write_paged_ref(qkv: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, cos: torch.Tensor,
+                         sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int,
+                         n_kv_heads: int) -> torch.Tensor:
+    """RoPE for a flat batch of tokens, K and V written to each token's slot of a paged cache.
+
+    qkv: (N, (nq + 2 nkv) * hd); pos, slots: (N,) long; cos, sin: (positions, hd); k_cache, v_cache: (num_blocks,
+    block_size, nkv, hd), written in place. Returns the rotated queries (N, nq, hd). Rounded as HF's Llama rounds.
+    """
+    N, hd = qkv.shape[0], cos.shape[-1]
+    q, k, v = qkv.split([n_heads * hd, n_kv_heads * hd, n_kv_heads * hd], dim=-1)
+    q, k, v = q.view(N, n_heads, hd), k.view(N, n_kv_heads, hd), v.view(N, n_kv_heads, hd)
+    c, s = cos[pos][:, None], sin[pos][:, None]  # (N, 1, hd)
+    q = q * c + fastgen._rotate_half(q) * s
+    k = k * c + fastgen._rotate_half(k) * s
+    k_cache.view(-1, n_kv_heads, hd)[slots] = k
+    v_cache.view(-1, n_kv_heads, hd)[slots] = v
+    return q
+
+
 def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                block_tables: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
     """One query per sequence: q (B, nq, hd) over context_lens[b] cached tokens through block_tables (B, max_blocks).
@@ -853,6 +873,62 @@ def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
         table = block_tables[b].tolist()
         out[b] = paged_attention_ref(q[b:b + 1], k_cache, v_cache, table, L - 1).view(nq, hd)
     return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rope_write_kernel(qkv_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, q_ptr, NQ, NKV,
+                           stride_qkv, stride_ks, stride_kh, stride_qn, stride_qh, HD: tl.constexpr,
+                           BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr):
+        """Program n (one token): rotate its NQ query heads into q, rotate its NKV key heads and write them, and its
+        value heads, into the token's cache slot. Every product rounded to the dtype as torch rounds it."""
+        n = tl.program_id(0)
+        pos = tl.load(pos_ptr + n)
+        slot = tl.load(slot_ptr + n).to(tl.int64)
+        HALF: tl.constexpr = HD // 2
+        offs_d = tl.arange(0, HD)
+        rot = (offs_d + HALF) % HD  # rotate_half(x)[d] = -x[d + HALF] for d < HALF, x[d - HALF] after
+        sign = tl.where(offs_d < HALF, -1.0, 1.0)[None, :]
+        c = tl.load(cos_ptr + pos * HD + offs_d).to(tl.float32)[None, :]
+        s = tl.load(sin_ptr + pos * HD + offs_d).to(tl.float32)[None, :]
+        dt = q_ptr.dtype.element_ty
+        row = qkv_ptr + n * stride_qkv
+        hq = tl.arange(0, BLOCK_Q)[:, None]
+        mq = hq < NQ
+        x = tl.load(row + hq * HD + offs_d[None, :], mask=mq, other=0.0).to(tl.float32)
+        xr = tl.load(row + hq * HD + rot[None, :], mask=mq, other=0.0).to(tl.float32)
+        y = ((x * c).to(dt).to(tl.float32) + (sign * xr * s).to(dt).to(tl.float32)).to(dt)
+        tl.store(q_ptr + n * stride_qn + hq * stride_qh + offs_d[None, :], y, mask=mq)
+        hk = tl.arange(0, BLOCK_KV)[:, None]
+        mk = hk < NKV
+        kx = tl.load(row + (NQ + hk) * HD + offs_d[None, :], mask=mk, other=0.0).to(tl.float32)
+        kr = tl.load(row + (NQ + hk) * HD + rot[None, :], mask=mk, other=0.0).to(tl.float32)
+        ky = ((kx * c).to(dt).to(tl.float32) + (sign * kr * s).to(dt).to(tl.float32)).to(dt)
+        dst = slot * stride_ks + hk * stride_kh + offs_d[None, :]
+        tl.store(kc_ptr + dst, ky, mask=mk)
+        tl.store(vc_ptr + dst, tl.load(row + (NQ + NKV + hk) * HD + offs_d[None, :], mask=mk, other=0.0), mask=mk)
+
+
+def rope_write_paged(qkv: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int, n_kv_heads: int) -> torch.Tensor:
+    """Same contract as ``rope_write_paged_ref``: one Triton launch, a program per token (instead of about a dozen
+    torch kernels per layer)."""
+    if triton is None:
+        raise LabkitError("rope_write_paged needs triton (pip install triton); use rope_write_paged_ref")
+    N, hd = qkv.shape[0], cos.shape[-1]
+    nb, bs, nkv, hd2 = k_cache.shape
+    if hd2 != hd or nkv != n_kv_heads or qkv.shape[1] != (n_heads + 2 * n_kv_heads) * hd or hd & (hd - 1) \
+            or not (k_cache.is_contiguous() and v_cache.is_contiguous() and qkv.stride(1) == 1):
+        raise LabkitError(f"rope_write_paged: qkv {tuple(qkv.shape)}, cache {tuple(k_cache.shape)}, head_dim {hd}: "
+                          "need contiguous caches, qkv rows of (nq + 2 nkv) * head_dim, head_dim a power of two")
+    q = torch.empty(N, n_heads, hd, device=qkv.device, dtype=qkv.dtype)
+    if N:
+        _rope_write_kernel[(N,)](qkv, pos, slots, cos, sin, k_cache, v_cache, q, n_heads, n_kv_heads, qkv.stride(0),
+                                 k_cache.stride(1), k_cache.stride(2), q.stride(0), q.stride(1), HD=hd,
+                                 BLOCK_Q=triton.next_power_of_2(n_heads), BLOCK_KV=triton.next_power_of_2(n_kv_heads),
+                                 num_warps=4)
+    return q
 
 
 if triton is not None:

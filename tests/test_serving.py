@@ -135,6 +135,27 @@ def test_paged_decode_kernel_matches_reference(dtype, tol):
     assert err <= max(2 * ref_err, tol), (err, ref_err)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rope_write_kernel_equals_reference(dtype):
+    """RoPE + the K/V slot writes in one Triton launch give the torch reference's queries and caches bit for bit
+    (every product rounded where torch rounds it); GQA heads 9/3, slots scattered over blocks."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # compiled on a GPU, interpreted on a CPU
+    g = torch.Generator().manual_seed(2)
+    N, nq, nkv, hd, nb, bs = 7, 9, 3, 64, 6, 16
+    qkv = torch.randn(N, (nq + 2 * nkv) * hd, generator=g).to(dtype).to(dev)
+    pos = torch.tensor([0, 5, 17, 3, 40, 41, 9], device=dev)
+    slots = torch.tensor([3, 20, 77, 16, 50, 51, 95], device=dev)
+    cos, sin = fastgen.rope_tables(fastgen.FastConfig(hidden=nq * hd, n_layers=1, n_heads=nq, n_kv_heads=nkv,
+                                                      head_dim=hd, intermediate=8, vocab=8, rms_eps=1e-5,
+                                                      rope_theta=10000.0), 64, dtype, dev)
+    caches = [torch.zeros(nb, bs, nkv, hd, dtype=dtype, device=dev) for _ in range(4)]
+    want = S.rope_write_paged_ref(qkv, pos, slots, cos, sin, caches[0], caches[1], nq, nkv)
+    got = S.rope_write_paged(qkv, pos, slots, cos, sin, caches[2], caches[3], nq, nkv)
+    assert torch.equal(got, want)
+    assert torch.equal(caches[2], caches[0]) and torch.equal(caches[3], caches[1])
+    assert caches[0].view(-1, nkv, hd)[slots].abs().sum() > 0  # the slots were written
+
+
 def test_paged_reference_equals_contiguous_attention():
     """Reading K/V through a shuffled block table gives fastgen's contiguous decode attention."""
     g = torch.Generator().manual_seed(1)
