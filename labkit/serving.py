@@ -927,7 +927,7 @@ def rope_write_paged(qkv: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, 
         _rope_write_kernel[(N,)](qkv, pos, slots, cos, sin, k_cache, v_cache, q, n_heads, n_kv_heads, qkv.stride(0),
                                  k_cache.stride(1), k_cache.stride(2), q.stride(0), q.stride(1), HD=hd,
                                  BLOCK_Q=triton.next_power_of_2(n_heads), BLOCK_KV=triton.next_power_of_2(n_kv_heads),
-                                 num_warps=4)
+                                 num_warps=4, enable_fp_fusion=False)  # no FMA: rounded where torch rounds
     return q
 
 
