@@ -16,8 +16,10 @@ from labkit.env import LabkitError
 from labkit.kernels import wo_matmul as wo
 
 N_LAYERS, VOCAB = 1, 4096
-# a bf16 path may change the argmax only where fp32's top-2 gap is below this many times its RMS logit error
-NEAR_TIE_RMS = 3.0
+# bf16 against an fp32 dequantization of the same codes (test_own_quantization_on_gpu_against_fp32_dequant): the
+# Triton path's RMS logit error may be this many times the torch reference's, and either may change the argmax only
+# where fp32's top-2 gap is below NEAR_TIE_RMS times the reference's RMS error
+TRITON_RMS_FACTOR, NEAR_TIE_RMS = 2.0, 3.0
 TEXT = ("The cat sat on the mat. The dog ran in the park, and the children played with a red ball until the sun "
         "went down over the hills.")
 
@@ -172,13 +174,18 @@ def test_own_quantization_on_gpu_against_fp32_dequant(fmt):
     against an fp32 dequantization of the same codes (``FastLlama.dequantized``), teacher-forced along the fp32
     model's greedy continuation.
 
-    The bf16 paths need not agree with each other token for token (int8 on an H200 parted after 7 of 32 greedy
-    tokens) because the torch path rounds every dequantized weight ``code * scale`` to bf16, 8 significant bits (most int8 products need
-    more; fewer int4 ones do), while the Triton GEMV multiplies the exact codes in fp32 and scales the sum: of the
-    two, the reference is the less exact. So the check is against fp32: the Triton logits are at least as close to
-    them (RMS over every position and token) as the bf16 reference's, and where its argmax differs from fp32's, the
-    fp32 top-2 gap there is a near-tie, below NEAR_TIE_RMS times the path's own RMS error (a rounding-sized
-    difference can flip only such a position; a wrong kernel flips decisive ones and moves the RMS).
+    The two bf16 paths need not agree token for token (int8 on an H200 parted after 7 of 32 greedy tokens): the
+    torch path rounds every dequantized weight ``code * scale`` to bf16's 8 significant bits (most int8 products
+    need more, fewer int4 ones), the Triton GEMV multiplies the exact codes in fp32 and scales the sum, and both
+    round every activation to bf16. Each is one bf16 rounding of the fp32 computation, and the activation
+    rounding, which they share in kind, moves the logits about as much as the weight rounding does (a CPU
+    emulation of both paths: RMS 0.13 to 0.17 logits against fp32, either one closer), so which path lands
+    nearer fp32 is chance, and a greedy continuation parts at the first near-tie. What can be demanded:
+
+    - the Triton logits are within TRITON_RMS_FACTOR x the reference's RMS distance from fp32 (a wrong scale,
+      zero point, sign or K range moves them by whole logits);
+    - wherever either path's argmax differs from fp32's, fp32's top-2 gap there is below NEAR_TIE_RMS x the
+      reference's RMS distance: a near-tie that a rounding-sized difference can turn.
     """
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
@@ -201,13 +208,13 @@ def test_own_quantization_on_gpu_against_fp32_dequant(fmt):
     def prefix(a, b):
         return int((a == b).long().cumprod(dim=1).sum())
 
-    print(f"{fmt}: fp32 top-2 gap min {r['min_gap']:.3f}, median {r['median_gap']:.3f} over {n} positions; "
-          f"vs fp32, torch bf16: rms {r['rms']:.4f} max {r['max_abs']:.3f} flips {r['flips']} at gaps "
+    print(f"{fmt}: fp32 top-2 gap min {r['min_gap']:.4f}, median {r['median_gap']:.3f} over {n} positions; "
+          f"against fp32, torch bf16: rms {r['rms']:.4f} max {r['max_abs']:.3f} flips {r['flips']} at gaps "
           f"{[round(g, 4) for g in r['flip_gaps']]}; triton: rms {t['rms']:.4f} max {t['max_abs']:.3f} flips "
           f"{t['flips']} at gaps {[round(g, 4) for g in t['flip_gaps']]}; greedy prefixes of {n}: triton vs torch bf16 "
           f"{prefix(greedy['triton'], greedy['torch_bf16'])}, triton vs fp32 {prefix(greedy['triton'], seq[:, P:])}, "
           f"torch bf16 vs fp32 {prefix(greedy['torch_bf16'], seq[:, P:])}")
-    assert r["rms"] > 0 and t["rms"] > 0  # bf16 paths: rounding must show
-    assert t["rms"] <= r["rms"], (fmt, t, r)
+    assert r["rms"] > 0 and t["rms"] > 0  # bf16 paths: the rounding must show, or the comparison compared nothing
+    assert t["rms"] <= TRITON_RMS_FACTOR * r["rms"], (fmt, t, r)
     for res in (t, r):
-        assert all(g < NEAR_TIE_RMS * res["rms"] for g in res["flip_gaps"]), (fmt, res)
+        assert all(g < NEAR_TIE_RMS * r["rms"] for g in res["flip_gaps"]), (fmt, res, r["rms"])

@@ -909,6 +909,11 @@ def linear(x: torch.Tensor, w, silu_gate_up: bool = False, use_kernel: bool = Tr
         if silu_gate_up:
             gate, up = x2.chunk(2, dim=-1)
             x2 = torch.nn.functional.silu(gate) * up
+        # dequantized in x's dtype: in bf16 every code * scale is rounded to 8 significant bits (an int8 code alone
+        # has up to 7), which the kernels never do (exact codes times x in fp32, the scale applied to the fp32 sum).
+        # In bf16 it and the kernels are two different roundings of the same codes, neither exact, and a model's
+        # greedy tokens through the two can part at a near-tie; fastgen.FastLlama.dequantized(torch.float32) is the
+        # exact reference of a quantized model.
         y = torch.nn.functional.linear(x2, dequantize(w, x2.dtype))
     return y.reshape(*lead, y.shape[-1])
 
