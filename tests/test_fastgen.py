@@ -59,10 +59,11 @@ def test_logit_agreement():
         fastgen.logit_agreement(ref, out[:2])
 
 
-def test_pinned_gemv_configs(tiny, monkeypatch):
+def test_pinned_gemv_configs(monkeypatch):
     """pin_gemv_configs sets the config of each of the step's five GEMVs (what capture() then keeps)."""
     monkeypatch.setattr(wo, "_TUNED", {})
-    fast = fastgen.FastLlama(tiny, weights="int8", kernels="triton", max_seq_len=16)
+    model, _ = models.load("tiny-llama-shape", dtype=torch.float16)  # on the GPU if there is one
+    fast = fastgen.FastLlama(model, weights="int8", kernels="triton", max_seq_len=16)
     names = [c[0] for c in fast.gemv_calls()]
     assert names == ["wqkv", "wo", "w13", "w2", "lm_head"] and set(fast.gemv_configs()) == set(names)
     cfgs = {name: wo.GemvConfig(8, 1024, 4, split=i % 2 + 1) for i, name in enumerate(names)}
