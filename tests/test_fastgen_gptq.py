@@ -18,8 +18,12 @@ from labkit.kernels import wo_matmul as wo
 N_LAYERS, VOCAB = 1, 4096
 # bf16 against an fp32 dequantization of the same codes (test_own_quantization_on_gpu_against_fp32_dequant): the
 # Triton path's RMS logit error may be this many times the torch reference's, and either may change the argmax only
-# where fp32's top-2 gap is below NEAR_TIE_RMS times the reference's RMS error
-TRITON_RMS_FACTOR, NEAR_TIE_RMS = 2.0, 3.0
+# where fp32's top-2 gap is below NEAR_TIE_RMS times the reference's RMS error. In a CPU emulation of the two GEMVs
+# (the fused attention and RMSNorm kernels not emulated) the ratio was 0.88 (int8) and 1.23 (int4); emulated kernel
+# bugs (a 64-column chunk of K skipped, the scale of the next row, the ragged group's zero point taken from the group
+# before) gave 31x to 69x; argmax changes of the correct paths came at fp32 gaps of 0.005 to 0.08 logits, with
+# RMS errors of 0.13 to 0.17
+TRITON_RMS_FACTOR, NEAR_TIE_RMS = 3.0, 3.0
 TEXT = ("The cat sat on the mat. The dog ran in the park, and the children played with a red ball until the sun "
         "went down over the hills.")
 
