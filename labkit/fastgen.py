@@ -354,7 +354,8 @@ class FastLlama:
     LM head, which GPTQ leaves unquantized, stays in the model dtype. ``kernels``: "triton" (default on CUDA) or "torch" (default and only choice on CPU
     unless TRITON_INTERPRET=1 is set for tests). ``pdl``: launch the step's Triton kernels with programmatic
     dependent launch, so each is scheduled while the one before it finishes (default: on for Triton kernels on
-    a GPU of compute capability 9.0+; the results are the same either way).
+    a GPU of compute capability 9.0+). With the same GEMV configs (``pin_gemv_configs``) the logits are bit for bit
+    those without PDL; ``tune`` times PDL launches separately and may pick other configs, which sum in another order.
     """
 
     def __init__(self, hf_model, *, weights: str = "bf16", kernels: str | None = None, max_seq_len: int = 1024,
@@ -424,6 +425,28 @@ class FastLlama:
         self.v_cache = torch.zeros(shape, device=dev, dtype=self.dtype)
         self._graphs: dict = {}
         self._static: dict = {}
+        self._pinned: set = set()  # batch sizes whose GEMV configs were pinned: capture() does not re-tune them
+
+    def dequantized(self, dtype=torch.float32) -> "FastLlama":
+        """A copy whose linear layers are dense ``wo.dequantize(w, dtype)`` of this build's codes and whose
+        activations, norms, RoPE tables and cache are ``dtype``; torch kernels, no graphs.
+
+        In fp32 this is the precise reference of a quantized build: the codes are the same, only the arithmetic is
+        wider. The bf16 reference path (``kernels="torch"``) rounds every dequantized weight ``code * scale`` to
+        bf16's 8 significant bits before the matmul (an int8 code alone has up to 7), while the Triton GEMVs
+        multiply the exact codes with the activations in fp32 and apply the scale to the fp32 sum."""
+        import copy
+
+        ref = copy.copy(self)
+        ref.dtype, ref.kernels, ref.pdl = dtype, "torch", False
+        ref.layers = [LayerWeights(*(wo.dequantize(w, dtype) for w in (lw.wqkv, lw.wo, lw.w13, lw.w2)),
+                                   lw.attn_norm.to(dtype), lw.mlp_norm.to(dtype)) for lw in self.layers]
+        ref.lm_head = wo.dequantize(self.lm_head, dtype)
+        ref.embed, ref.norm = self.embed.to(dtype), self.norm.to(dtype)
+        ref.cos, ref.sin = rope_tables(self.cfg, self.max_seq_len, dtype, self.device)
+        ref.k_cache, ref.v_cache = torch.zeros_like(self.k_cache, dtype=dtype), torch.zeros_like(self.v_cache, dtype=dtype)
+        ref._graphs, ref._static, ref._pinned = {}, {}, set()
+        return ref
 
     # ------------------------------------------------------------------ sizes
     def weight_bytes_per_step(self) -> int:
@@ -512,15 +535,39 @@ class FastLlama:
         return self._step(tok.to(self.device), p, pos + 1 if self.kernels == "torch" else None)
 
     # ------------------------------------------------------------------ CUDA graph
+    def gemv_calls(self) -> tuple:
+        """The step's distinct GEMVs as ``_step`` calls them: (name, weight, silu_gate_up, partials); every layer
+        has the shapes of the first, so these five calls are all a launch config is chosen for."""
+        lw = self.layers[0]
+        return (("wqkv", lw.wqkv, False, False), ("wo", lw.wo, False, True), ("w13", lw.w13, False, False),
+                ("w2", lw.w2, True, True), ("lm_head", self.lm_head, False, False))
+
     def tune(self, batch: int = 1) -> None:
-        """Pick the fastest GEMV launch config for every distinct weight shape at this batch (GPU, triton only)."""
+        """Pick the fastest GEMV launch config for every distinct weight shape at this batch (GPU, triton only).
+
+        ``capture`` calls it unless configs were pinned (``pin_gemv_configs``). The choice is by timing, so two
+        builds of the same model (or one with and one without PDL, which are timed separately) can pick different
+        configs, hence sum in a different order: their logits may then differ in the last bits."""
         if self.kernels != "triton" or self.device.type != "cuda":
             return
-        lw = self.layers[0]
-        for w, silu, part in ((lw.wqkv, False, False), (lw.wo, False, True), (lw.w13, False, False),
-                              (lw.w2, True, True), (self.lm_head, False, False)):
-            # as _step calls each
+        for _, w, silu, part in self.gemv_calls():
             wo.tune(w, M=batch, dtype=self.dtype, silu_gate_up=silu, partials=part, pdl=self.pdl)
+
+    def gemv_configs(self, batch: int = 1) -> dict:
+        """{name: GemvConfig} the step's Triton GEMVs launch with at this batch (tuned, pinned or the default)."""
+        return {name: wo.config_for(w, batch, self.dtype, silu, part, self.pdl)
+                for name, w, silu, part in self.gemv_calls()}
+
+    def pin_gemv_configs(self, configs: dict, batch: int = 1) -> None:
+        """Launch the step's GEMVs with ``configs`` ({name: GemvConfig}, e.g. another build's ``gemv_configs()``)
+        and stop ``capture`` from re-tuning them: two builds then sum in the same order."""
+        calls = self.gemv_calls()
+        missing = sorted({name for name, *_ in calls} - set(configs))
+        if missing:
+            raise LabkitError(f"pin_gemv_configs needs a config for every GEMV of the step; missing {missing}")
+        for name, w, silu, part in calls:
+            wo.pin_config(w, configs[name], M=batch, dtype=self.dtype, silu_gate_up=silu, partials=part, pdl=self.pdl)
+        self._pinned.add(batch)
 
     def capture(self, batch: int = 1) -> None:
         """Capture one decode step for ``batch`` rows as a CUDA graph (static token, position and output buffers).
@@ -532,7 +579,8 @@ class FastLlama:
         if self.device.type != "cuda":
             raise LabkitError("capture() needs the model on a CUDA device")
         dev = self.device
-        self.tune(batch)  # launch configs must be fixed before they are baked into the graph
+        if batch not in self._pinned:
+            self.tune(batch)  # launch configs must be fixed before they are baked into the graph
         st = {
             "tok": torch.zeros(batch, dtype=torch.long, device=dev),
             "pos": torch.zeros(1, dtype=torch.long, device=dev),
@@ -628,6 +676,24 @@ def decode_perplexity(fast: FastLlama, ids: torch.Tensor) -> float:
         raise ValueError(f"expected a 1-D token stream of at least 2 tokens, got shape {tuple(ids.shape)}")
     logits = decode_logits(fast, ids[None, :-1])[0]  # (T-1, V)
     return math.exp(F.cross_entropy(logits, ids[1:].to(logits.device)).item())
+
+
+def logit_agreement(ref: torch.Tensor, logits: torch.Tensor) -> dict:
+    """How close ``logits`` (T, V) are to reference logits ``ref`` (T, V) at the same T positions (teacher forcing).
+
+    Returns the RMS and max absolute difference, the positions where the argmax differs (``flips``) with the
+    reference's top-2 gap there (``flip_gaps``: a flip at a small gap is a near-tie that any rounding can turn),
+    the number of positions whose argmax agrees, and the reference's smallest and median top-2 gap."""
+    if ref.shape != logits.shape or ref.dim() != 2:
+        raise ValueError(f"expected two (T, V) logit tensors of one shape, got {tuple(ref.shape)}, {tuple(logits.shape)}")
+    ref, logits = ref.float(), logits.float()
+    top2 = ref.topk(2, dim=-1).values
+    gap = top2[:, 0] - top2[:, 1]  # (T,)
+    d = logits - ref
+    flips = (logits.argmax(-1) != ref.argmax(-1)).nonzero().flatten().tolist()
+    return {"rms": d.pow(2).mean().sqrt().item(), "max_abs": d.abs().amax().item(), "positions": ref.shape[0],
+            "top1_agree": ref.shape[0] - len(flips), "flips": flips, "flip_gaps": [gap[i].item() for i in flips],
+            "min_gap": gap.min().item(), "median_gap": gap.median().item()}
 
 
 def _interpreting() -> bool:

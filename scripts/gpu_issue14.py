@@ -150,9 +150,15 @@ def step_gptq(out: Path, commit) -> tuple[dict, list]:
     checks["gptq_int4_triton_vs_torch_dequant"] = int((a == b).long().cumprod(dim=1).sum())
     del torch_path
     for fmt in ("int8", "int4"):  # FastLlama's own quantization of the real weights (int4: ragged groups at K=576)
-        r = fastgen.FastLlama(model, weights=fmt, kernels="torch", max_seq_len=128).generate(prompt, 32, use_graph=False)
+        ref_fl = fastgen.FastLlama(model, weights=fmt, kernels="torch", max_seq_len=128)
+        r = ref_fl.generate(prompt, 32, use_graph=False)
         f = fastgen.FastLlama(model, weights=fmt, kernels="triton", max_seq_len=128).generate(prompt, 32)
+        # both bf16 paths are roundings of the same codes (the torch one rounds each dequantized weight to bf16): the
+        # exact value is the fp32 dequantization, and a bf16 continuation parts from it at the first near-tie
+        e = ref_fl.dequantized(torch.float32).generate(prompt, 32, use_graph=False)
         checks[f"{fmt}_triton_vs_torch_dequant"] = int((r == f).long().cumprod(dim=1).sum())
+        checks[f"{fmt}_triton_vs_fp32_dequant"] = int((e == f).long().cumprod(dim=1).sum())
+        checks[f"{fmt}_torch_dequant_vs_fp32_dequant"] = int((e == r).long().cumprod(dim=1).sum())
     log(f"greedy token prefixes (of 32), Triton vs torch dequant on real SmolLM2: {json.dumps(checks)}")
     records = []
     speed = {}

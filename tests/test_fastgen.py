@@ -32,6 +32,47 @@ def test_quantized_formats_run_and_stay_close(tiny):
         assert rel < tol, (fmt, rel)
 
 
+def test_dequantized_copy_is_the_torch_path_in_another_dtype(tiny):
+    """FastLlama.dequantized(fp32) of an fp32 int8 build: dense weights equal to what the torch path dequantizes on
+    every call, so its logits are bit for bit the build's; its own cache (the build's stays untouched)."""
+    ids = torch.randint(3, 256, (1, 5), generator=torch.Generator().manual_seed(4))
+    fast = fastgen.FastLlama(tiny, weights="int8", max_seq_len=16)
+    ref = fast.dequantized(torch.float32)
+    assert ref.k_cache is not fast.k_cache and isinstance(ref.layers[0].w2, torch.Tensor)
+    ta, la = fast.generate(ids, 4, return_logits=True)
+    tb, lb = ref.generate(ids, 4, return_logits=True)
+    assert torch.equal(ta, tb) and all(torch.equal(a, b) for a, b in zip(la, lb))
+    r64 = fast.dequantized(torch.float64)
+    assert r64.dtype == torch.float64 and r64.layers[0].wqkv.dtype == torch.float64
+    l64 = r64.prefill(ids)
+    assert l64.dtype == torch.float64 and torch.allclose(l64.float(), la[0], rtol=1e-4, atol=1e-4)
+
+
+def test_logit_agreement():
+    ref = torch.tensor([[3.0, 1.0, 0.0], [2.0, 1.9, 0.0], [0.0, 5.0, 1.0]])
+    out = torch.tensor([[3.0, 1.0, 0.5], [1.8, 2.0, 0.0], [0.0, 5.0, 1.0]])
+    a = fastgen.logit_agreement(ref, out)
+    assert a["flips"] == [1] and a["top1_agree"] == 2 and a["positions"] == 3
+    assert a["flip_gaps"] == pytest.approx([0.1]) and a["min_gap"] == pytest.approx(0.1)
+    assert a["max_abs"] == pytest.approx(0.5) and a["rms"] == pytest.approx(((0.25 + 0.04 + 0.01) / 9) ** 0.5)
+    with pytest.raises(ValueError):
+        fastgen.logit_agreement(ref, out[:2])
+
+
+def test_pinned_gemv_configs(monkeypatch):
+    """pin_gemv_configs sets the config of each of the step's five GEMVs (what capture() then keeps)."""
+    monkeypatch.setattr(wo, "_TUNED", {})
+    model, _ = models.load("tiny-llama-shape", dtype=torch.float16)  # on the GPU if there is one
+    fast = fastgen.FastLlama(model, weights="int8", kernels="triton", max_seq_len=16)
+    names = [c[0] for c in fast.gemv_calls()]
+    assert names == ["wqkv", "wo", "w13", "w2", "lm_head"] and set(fast.gemv_configs()) == set(names)
+    cfgs = {name: wo.GemvConfig(8, 1024, 4, split=i % 2 + 1) for i, name in enumerate(names)}
+    fast.pin_gemv_configs(cfgs)
+    assert fast.gemv_configs() == cfgs and 1 in fast._pinned
+    with pytest.raises(LabkitError, match="missing"):
+        fast.pin_gemv_configs({"wqkv": cfgs["wqkv"]})
+
+
 def test_errors(tiny):
     with pytest.raises(LabkitError):
         fastgen.FastLlama(tiny, weights="int3")
@@ -161,19 +202,36 @@ def test_pdl_needs_hopper():
 @pytest.mark.parametrize("weights", ["bf16", "int8", "int4"])
 def test_pdl_graph_gives_the_same_logits(weights):
     """The step launched with programmatic dependent launch (each kernel may start before the previous one
-    ends, and waits for its results) computes bit for bit what the serialized launches compute."""
+    ends, and waits for its results) computes bit for bit what the serialized launches compute, given the same
+    GEMV configs.
+
+    The configs are chosen once (tuned with PDL) and pinned in both builds: left to itself, each build's capture()
+    times the candidates again (PDL and non-PDL keys apart), and two timing runs can pick configs with another
+    split-K or K step, i.e. another fp32 summation order, so the logits could differ with PDL playing no part. No
+    kernel uses atomics, so with equal configs a difference in the bits can only come from PDL itself (a kernel
+    reading memory before its wait). The configs the non-PDL build picks by itself are printed beside them."""
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("needs a GPU of compute capability 9.0+")
     model, _ = models.load("smollm2-135m-shape", device="cuda")
     ids = torch.randint(3, 49152, (1, 12), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    builds = {pdl: fastgen.FastLlama(model, weights=weights, max_seq_len=64, group=64, pdl=pdl) for pdl in (False, True)}
+    builds[False].tune(1)
+    builds[True].tune(1)
+    configs = builds[True].gemv_configs(1)
+    own = builds[False].gemv_configs(1)
+    print(f"{weights}: tuned with PDL {configs}; tuned without {own}; "
+          f"{sum(configs[k] != own[k] for k in configs)} of {len(configs)} GEMVs differ")
     runs = []
-    for pdl in (False, True):
-        fast = fastgen.FastLlama(model, weights=weights, max_seq_len=64, group=64, pdl=pdl)
+    for pdl, fast in builds.items():
         assert fast.pdl is pdl
+        fast.pin_gemv_configs(configs, 1)
         runs.append(fast.generate(ids, 12, use_graph=True, return_logits=True))
+        assert fast.gemv_configs(1) == configs  # capture() kept the pinned configs
     (ta, la), (tb, lb) = runs
     assert torch.equal(ta, tb)
-    assert all(torch.equal(a, b) for a, b in zip(la, lb))
+    assert len(la) == 12 and all(torch.isfinite(a).all() for a in la)
+    same = [torch.equal(a, b) for a, b in zip(la, lb)]
+    assert all(same), (configs, same, [(a - b).abs().max().item() for a, b in zip(la, lb)])
 
 
 def test_plot_decode_writes_the_batch1_rows(tmp_path):

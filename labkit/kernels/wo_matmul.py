@@ -829,8 +829,7 @@ def wo_matmul(x: torch.Tensor, w, silu_gate_up: bool = False, config: GemvConfig
         x = x.contiguous()
     if out is None:
         out = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    cfg = (config or _TUNED.get(_key(kind, N, K, M, silu_gate_up, x.dtype, partials, pdl))
-           or candidates_for(kind, M, x.dtype, getattr(w, "group", 128))[0])
+    cfg = config or config_for(w, M, x.dtype, silu_gate_up, partials, pdl)
     block_k = cfg.block_k
     if kind == 0:
         wp, sp, zp, stride_wn, stride_sn, group = w, w, w, w.stride(0), 0, 1
@@ -910,6 +909,11 @@ def linear(x: torch.Tensor, w, silu_gate_up: bool = False, use_kernel: bool = Tr
         if silu_gate_up:
             gate, up = x2.chunk(2, dim=-1)
             x2 = torch.nn.functional.silu(gate) * up
+        # dequantized in x's dtype: in bf16 every code * scale is rounded to 8 significant bits (an int8 code alone
+        # has up to 7), which the kernels never do (exact codes times x in fp32, the scale applied to the fp32 sum).
+        # In bf16 it and the kernels are two different roundings of the same codes, neither exact, and a model's
+        # greedy tokens through the two can part at a near-tie; fastgen.FastLlama.dequantized(torch.float32) is the
+        # exact reference of a quantized model.
         y = torch.nn.functional.linear(x2, dequantize(w, x2.dtype))
     return y.reshape(*lead, y.shape[-1])
 
@@ -952,6 +956,18 @@ def time_gemv(x: torch.Tensor, w, silu_gate_up: bool = False, config: GemvConfig
 def _out_of_resources(exc: BaseException) -> bool:
     """True for Triton's "this config needs more registers / shared memory than the GPU has"."""
     return type(exc).__name__ in ("OutOfResources", "OutOfResourcesError") or "out of resource" in str(exc).lower()
+
+
+def config_for(w, M: int = 1, dtype=torch.bfloat16, silu_gate_up: bool = False, partials: bool = False,
+               pdl: bool = False) -> GemvConfig:
+    """The config ``wo_matmul`` launches for this weight and call when none is passed: the one ``tune`` or
+    ``pin_config`` recorded for it, else the first candidate.
+
+    The config fixes the summation order (rows per program, K per step, split-K), so two calls with different
+    configs may differ in the last bits of their outputs; ``pdl`` is part of the key (``tune`` times PDL launches
+    separately), so the same shape can get different configs with and without PDL."""
+    return (_TUNED.get(_key(_kind(w), *w.shape, M, silu_gate_up, dtype, partials, pdl))
+            or candidates_for(_kind(w), M, dtype, getattr(w, "group", 128))[0])
 
 
 def pin_config(w, config: GemvConfig, M: int = 1, dtype=torch.bfloat16, silu_gate_up: bool = False,
