@@ -167,3 +167,25 @@ def test_answer_eval_contexts(smollm2_tokenizer):
     assert all(r["embed_ms"] == 0 and r["search_ms"] == 0 for ctx in ("gold", "none") for r in got[ctx])
     with pytest.raises(rag.LabkitError, match="context"):
         rag.answer_eval(model, tok, None, None, pas, qs, context="oracle")
+
+
+def test_generate_timed_names_the_cache_argument_as_the_model_does(smollm2_tokenizer):
+    # transformers 5.17 (the GPU runner) takes ``past_key_values``; newer releases take ``cache`` and deprecate the
+    # old name. generate_timed reads the forward's signature: both spellings give the same greedy tokens.
+    tok = smollm2_tokenizer
+    model = _tiny_llama(len(tok))
+    new_name = "cache" in __import__("inspect").signature(model.forward).parameters
+
+    class OldSignature(torch.nn.Module):  # a model whose forward knows only ``past_key_values``
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, past_key_values=None, use_cache=True, logits_to_keep=0):
+            kw = {"cache" if new_name else "past_key_values": past_key_values}
+            return self.inner(input_ids, use_cache=use_cache, logits_to_keep=logits_to_keep, **kw)
+
+    ids = rag.prompt_ids(tok, "How many arches?", ["The bridge has three arches."])
+    a = rag.generate_timed(model, tok, ids, 5)
+    b = rag.generate_timed(OldSignature(model), tok, ids, 5)
+    assert a["text"] == b["text"] and a["new_tokens"] == b["new_tokens"]
