@@ -189,3 +189,20 @@ def test_generate_timed_names_the_cache_argument_as_the_model_does(smollm2_token
     a = rag.generate_timed(model, tok, ids, 5)
     b = rag.generate_timed(OldSignature(model), tok, ids, 5)
     assert a["text"] == b["text"] and a["new_tokens"] == b["new_tokens"]
+
+
+def test_batched_answers_match_one_at_a_time(smollm2_tokenizer):
+    # left padding and the attention mask make a batch answer each prompt as it would alone (tiny model, fp32)
+    tok = smollm2_tokenizer
+    model = _tiny_llama(len(tok))
+    pas, qs = rag.passages(), rag.questions()[:3]
+    ctxs = rag.context_passages(pas, qs, "gold")
+    prompts = [rag.prompt_ids(tok, q.question, c) for q, c in zip(qs, ctxs)]
+    assert len({p.shape[1] for p in prompts}) > 1  # different lengths: padding is exercised
+    alone = [rag.generate_timed(model, tok, p, 4) for p in prompts]
+    batched = rag.generate_batch(model, tok, prompts, 4, batch_size=2)
+    assert batched == [a["text"] for a in alone]
+    recs = rag.accuracy_eval(model, tok, pas, qs, "none", max_new_tokens=2)
+    assert [r["context"] for r in recs] == ["none"] * 3 and all(isinstance(r["correct"], bool) for r in recs)
+    with pytest.raises(rag.LabkitError, match="top"):
+        rag.context_passages(pas, qs, "retrieved")
