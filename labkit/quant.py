@@ -449,7 +449,17 @@ class QuantLinear(nn.Module):
         return cls(q, scale, zero, bits, linear.bias, group_size or linear.in_features)
 
     def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
-        return zeropoint_dequantize(self.q, self.scale, self.zero, self.group_size).to(dtype)  # (out, in)
+        """``(q - zero) * scale`` in fp32, then ``dtype``: ``(out, in)``. The same numbers as
+        ``zeropoint_dequantize`` (the reference), bit for bit, but the per-group scale and zero broadcast over a
+        ``(out, G, g)`` view instead of being expanded to the weight's size: one fp32 copy of the weight instead of
+        three, which matters because ``forward`` runs this on every call."""
+        out, cols, g = self.out_features, self.in_features, self.group_size
+        n_groups = self.scale.shape[1]
+        qf = self.q.float()
+        if n_groups * g != cols:  # a ragged last group (576 = 4 x 128 + 64): pad it to g columns, cut after
+            qf = nn.functional.pad(qf, (0, n_groups * g - cols))
+        w = qf.view(out, n_groups, g).sub_(self.zero[..., None]).mul_(self.scale[..., None])  # (out, G, g)
+        return w.view(out, n_groups * g)[:, :cols].to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.dequantized_weight(x.dtype)

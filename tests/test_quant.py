@@ -155,6 +155,18 @@ def test_quantlinear_and_replace_linear():
         Q.replace_linear(model, lambda name, lin: lin)  # nothing left to replace
 
 
+@pytest.mark.parametrize("cols, group", [(576, 128), (256, 64), (96, None), (70, 32)])
+def test_quantlinear_weight_matches_reference_bit_for_bit(cols, group):
+    # the fast dequantization (scale and zero broadcast over groups, ragged last group padded) against the reference
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(cols, 48)
+    ql = Q.QuantLinear.from_linear(lin, 4, group)
+    ref = Q.zeropoint_dequantize(ql.q, ql.scale, ql.zero, ql.group_size)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        assert torch.equal(ql.dequantized_weight(dtype), ref.to(dtype))
+    assert ql.dequantized_weight().shape == (48, cols)
+
+
 def test_bad_granularity_raises():
     with pytest.raises(ValueError, match="granularity"):
         Q.absmax_quantize(torch.randn(4, 4), 8, "row")
