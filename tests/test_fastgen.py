@@ -164,9 +164,10 @@ def test_triton_loop_matches_torch_loop(weights):
 
 
 @pytest.mark.slow
-def test_smollm2_matches_hf_generate():
-    # real weights in fp32 on the CPU, where greedy tokens must agree exactly (bf16 on a GPU: notebook 06)
-    model, tok = models.load("smollm2-135m", device="cpu", dtype=torch.float32)
+def test_smollm2_matches_hf_generate(smollm2):
+    # real weights in fp32 on the CPU (the session's copy), where greedy tokens must agree exactly (bf16 on a GPU:
+    # notebook 06)
+    model, tok = smollm2
     ids = tok("The three primary colours are", return_tensors="pt").input_ids
     fast = fastgen.FastLlama(model, kernels="torch", max_seq_len=128)
     res = fastgen.compare_with_hf(model, fast, ids, 16)

@@ -35,11 +35,11 @@ interpreter_only = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def smol():
+def smol(smollm2):
     """SmolLM2-135M cut to 1 layer and 4096 tokens (fp32, CPU), and a token stream of TEXT inside that vocabulary."""
     from transformers import LlamaForCausalLM
 
-    full, tok = models.load("smollm2-135m", device="cpu", dtype=torch.float32)
+    full, tok = smollm2  # the session's copy: its weights are copied into the cut model below, never changed
     cfg = full.config.to_dict()
     cfg.update(num_hidden_layers=N_LAYERS, vocab_size=VOCAB)
     cfg.pop("layer_types", None)
