@@ -5,8 +5,13 @@ SHELL := /bin/bash
 PYTEST_ARGS ?=
 # what to run; a subset splits the suite, e.g. make test TEST_PATHS="tests notebooks/00_setup_and_roofline.ipynb"
 TEST_PATHS ?= tests notebooks
+# worker processes (pytest-xdist, a test file or notebook each at a time): 2 on a CPU machine with 2 cores or more,
+# so that both cores stay busy where a test is single-threaded Python (tests/conftest.py gives each worker its share
+# of torch's threads); none where there is an NVIDIA GPU, whose measurements need the device to themselves
+TEST_WORKERS ?= $(if $(shell command -v nvidia-smi 2>/dev/null),0,$(if $(filter 0 1,$(shell nproc 2>/dev/null || echo 1)),0,2))
 TEST_CMD = -m pytest $(TEST_PATHS) --nbval-lax --nbval-current-env --nbval-sanitize-with tests/sanitize.cfg \
-	-p no:cacheprovider --durations=12 $(PYTEST_ARGS)
+	-p no:cacheprovider --durations=12 $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile) \
+	$(PYTEST_ARGS)
 
 # JupyterLab refuses to run as root without --allow-root (containers and cloud notebooks run as root), and without a
 # display there is no browser to open: it prints the URL with its token instead. LAB_ARGS adds options (e.g. --port).

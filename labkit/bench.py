@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import statistics
 import subprocess
 import time
@@ -322,7 +323,9 @@ def write_results(path, records: list[dict], summary: dict | None = None, meta: 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"meta": meta or run_metadata(), "summary": summary or {}, "records": records}
-    path.write_text(json.dumps(doc, indent=2, default=_json_default) + "\n")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # whole or not at all: a reader never sees half a file
+    tmp.write_text(json.dumps(doc, indent=2, default=_json_default) + "\n")
+    os.replace(tmp, path)
     return path
 
 

@@ -399,7 +399,7 @@ class PagedRunner:
         fused = kernels == "triton" and self.device.type == "cuda"
         self.norm = fastgen.add_rmsnorm_triton if fused else fastgen.add_rmsnorm_ref
         self.rope_write = rope_write_paged if fused else rope_write_paged_ref
-        # decode-only steps through CUDA graphs: one graph per batch bucket, captured on first use
+        # decode-only steps through CUDA graphs: one graph per batch bucket (``capture_graphs``, as an engine starts)
         self.cuda_graphs = cuda_graphs and kernels == "triton" and self.device.type == "cuda"
         self.table_width = -(-max_model_len // block_size) + 1
         self.graphs: dict[int, tuple] = {}
@@ -479,6 +479,15 @@ class PagedRunner:
         return wo.linear(h, self.fast.lm_head, use_kernel=False).float()  # (rows, V)
 
     # ------------------------------------------------------------------------------------------ CUDA graphs
+    def capture_graphs(self, max_batch: int) -> None:
+        """Capture the graph of every batch bucket up to the one that holds ``max_batch``, before any request runs
+        (a capture costs a few forwards: taken on first use, it would stall the step that needs it)."""
+        for G in GRAPH_BATCHES:
+            if G not in self.graphs:
+                self._capture(G)
+            if G >= max_batch:
+                break
+
     def _graph_step(self, work, ids, pos, slots, spans) -> torch.Tensor:
         """A decode-only step (one token per sequence) as the replay of the graph of the smallest batch bucket that
         holds it; the rows past the batch are padding: token 0 at position 0 in the scratch block, length 1."""
@@ -564,6 +573,8 @@ class Engine:
         self.cfg = cfg or EngineConfig()
         self.runner = PagedRunner(hf_model, self.cfg.num_blocks, self.cfg.block_size, self.cfg.max_model_len,
                                   self.cfg.kernels, weights, device, cuda_graphs=self.cfg.cuda_graphs)
+        if self.runner.cuda_graphs:
+            self.runner.capture_graphs(self.cfg.max_batch)
         self.scheduler = Scheduler(self.cfg)
         gen_cfg = getattr(hf_model, "generation_config", None)
         eos = eos_token_id if eos_token_id is not None else getattr(gen_cfg, "eos_token_id", None)

