@@ -393,6 +393,8 @@ def launch_raw(tasks, nproc: int, *, backend: str = "gloo", model: str = "smollm
         envv = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
                     PYTHONPATH=os.pathsep.join([str(env.repo_root()), os.environ.get("PYTHONPATH", "")]),
                     TORCHELASTIC_ERROR_FILE=os.path.join(out, "error.json"))
+        if backend == "gloo":  # a CPU run stays on the CPU on a GPU machine too (transformers' TP would take cuda:rank)
+            envv["CUDA_VISIBLE_DEVICES"] = ""
         t0 = time.perf_counter()
         try:
             proc = subprocess.run(cmd, env=envv, capture_output=True, text=True, timeout=timeout_s)
@@ -409,7 +411,10 @@ def launch(tasks, nproc: int, **kw) -> dict:
     """``launch_raw`` that raises a LabkitError with the processes' last output when torchrun fails."""
     run = launch_raw(tasks, nproc, **kw)
     if run.returncode != 0 or run.result is None:
-        tail = "\n".join(run.output.strip().splitlines()[-25:])
+        lines = run.output.strip().splitlines()
+        # the first traceback (a failing rank's own; torchrun's summary at the end names the rank, not the error)
+        tb = next((i for i, line in enumerate(lines) if "Traceback (most recent call last)" in line), None)
+        tail = "\n".join((lines[tb:tb + 30] + ["..."] if tb is not None else []) + lines[-12:])
         raise LabkitError(f"torchrun with {nproc} processes failed (exit {run.returncode}):\n{tail}")
     run.result["launch_seconds"] = run.seconds
     return run.result

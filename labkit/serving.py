@@ -61,6 +61,9 @@ class EngineConfig:
     max_model_len: int = 512  # prompt + answer limit per sequence
     max_step_tokens: int = 4096  # tokens computed per step (prefill chunks + one per decoding sequence)
     chunk_size: int | None = None  # chunked prefill: at most this many prompt tokens of a sequence per step
+    # continuous: while sequences run, admit only when this many waiting requests (or all of them, if fewer) can join
+    # at once: fewer steps that mix prompts into the decodes, for a later first token (vLLM's scheduler delay)
+    admit_batch: int = 1
     prefix_caching: bool = False
     kernels: str = "torch"  # decode attention: "torch" (reference) or "triton"
     cuda_graphs: bool = True  # with kernels="triton" on a GPU: decode-only steps replay a captured CUDA graph
@@ -68,7 +71,7 @@ class EngineConfig:
     def __post_init__(self):
         if self.scheduler not in SCHEDULERS:
             raise LabkitError(f"scheduler={self.scheduler!r}: use one of {SCHEDULERS}")
-        for name in ("max_batch", "block_size", "num_blocks", "max_model_len", "max_step_tokens"):
+        for name in ("max_batch", "block_size", "num_blocks", "max_model_len", "max_step_tokens", "admit_batch"):
             if getattr(self, name) < 1:
                 raise LabkitError(f"{name}={getattr(self, name)} must be at least 1")
         if self.chunk_size is not None and self.chunk_size < 1:
@@ -337,7 +340,11 @@ class Scheduler:
                 n = self._chunk(seq, budget)
                 work.append((seq, n))
                 budget -= n
-        # 3. admit from the head of the queue only (FCFS: a request is never overtaken, so none starves)
+        # 3. admit from the head of the queue only (FCFS: a request is never overtaken, so none starves); with
+        # admit_batch, only once that many can join together (running sequences end, so the room always comes)
+        group = min(cfg.admit_batch, cfg.max_batch, len(self.waiting))
+        if self.running and cfg.max_batch - len(self.running) < group:
+            return work
         while self.waiting and len(self.running) < cfg.max_batch and budget > 0:
             seq = self.waiting[0]
             if not bm.can_allocate(seq.n_tokens):
@@ -439,21 +446,40 @@ class PagedRunner:
             dec_rows = torch.tensor([starts[i] for i in dec], device=dev)
             tables = block_tables_tensor([work[i][0] for i in dec], dev)
             lens = torch.tensor([spans[i][0] + 1 for i in dec], device=dev)
+        # the other sequences in gathered, masked attentions, one for the single-token ones (torch path) and one for
+        # the prompt chunks (so that a decode is not padded to a chunk's length): each sequence's query rows and
+        # positions, padded to the group's longest, and the slots of its keys
         dset = set(dec)
-        others = [(i, torch.tensor(work[i][0].block_table, device=dev)) for i in range(len(work)) if i not in dset]
+        groups = [[i for i in range(len(work)) if i not in dset and (spans[i][1] == 1) == single]
+                  for single in (True, False)]
+        batches = [self._gather_plan(g, work, spans, starts) for g in groups if g]
         nq, hd = c.n_heads, c.head_dim
 
         def attend(q, kc, vc):
             o = torch.empty(q.shape[0], nq * hd, device=dev, dtype=self.dtype)
             if dec:
                 o[dec_rows] = paged_decode_attention(q[dec_rows], kc, vc, tables, lens).reshape(len(dec), nq * hd)
-            for i, table in others:
-                start, n = spans[i]
-                o[starts[i]:starts[i] + n] = paged_attention_ref(q[starts[i]:starts[i] + n], kc, vc, table, start)
+            for rows_t, qpos_t, kslots_t, keep_t, out_rows in batches:
+                o[out_rows] = paged_attention_batched_ref(q, kc, vc, rows_t, qpos_t, kslots_t).flatten(0, 1)[keep_t]
             return o
 
         last = torch.tensor([sum(n for _, n in spans[:i + 1]) - 1 for i in range(len(spans))], device=dev)
         return self._layers(ids_t, pos_t, slot_t, attend, last)
+
+    def _gather_plan(self, idx, work, spans, starts) -> tuple:
+        """Index tensors of ``paged_attention_batched_ref`` for the sequences ``idx`` of the step: query rows,
+        positions, key slots (padded), which entries are real, and the step rows they go to."""
+        bs, M = self.block_size, max(spans[i][1] for i in idx)
+        C = max(spans[i][0] + spans[i][1] for i in idx)
+        rows, qpos, kslots, keep = [], [], [], []
+        for k, i in enumerate(idx):
+            (start, n), table = spans[i], work[i][0].block_table
+            rows.append(list(range(starts[i], starts[i] + n)) + [0] * (M - n))
+            qpos.append(list(range(start, start + n)) + [0] * (M - n))
+            kslots.append([table[p // bs] * bs + p % bs for p in range(start + n)] + [0] * (C - start - n))
+            keep += range(k * M, k * M + n)
+        rows_t, qpos_t, kslots_t, keep_t = (torch.tensor(x, device=self.device) for x in (rows, qpos, kslots, keep))
+        return rows_t, qpos_t, kslots_t, keep_t, rows_t.view(-1)[keep_t]
 
     def _layers(self, ids_t, pos_t, slot_t, attend, last=None) -> torch.Tensor:
         """Embedding, every decoder layer, final norm and LM head over the step's N tokens; RoPE, and K/V of each token
@@ -850,6 +876,29 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     p = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     o = p @ v.permute(1, 0, 2)[:, None]  # (nkv, rep, n, hd)
     return o.permute(2, 0, 1, 3).reshape(n, nq * hd)
+
+
+def paged_attention_batched_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, rows: torch.Tensor,
+                                qpos: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """``paged_attention_ref`` of S sequences at once: one gather and one masked attention instead of a loop.
+
+    q: (N, nq, hd), every row of the step, already rotated; rows: (S, M) the rows of each sequence's queries and
+    qpos: (S, M) their positions (padding entries: any row, position 0); slots: (S, C) the cache slot of each of the
+    sequence's key positions 0..C-1 (padding: any slot: a query at position p sees keys 0..p only).
+    Returns (S, M, nq * hd); the rows of padding entries are to be dropped. Computed like the reference.
+    """
+    S, M = rows.shape
+    nb, bs, nkv, hd = k_cache.shape
+    nq = q.shape[1]
+    k = k_cache.view(nb * bs, nkv, hd)[slots]  # (S, C, nkv, hd)
+    v = v_cache.view(nb * bs, nkv, hd)[slots]
+    qg = q[rows].view(S, M, nkv, nq // nkv, hd).permute(0, 2, 3, 1, 4)  # (S, nkv, rep, M, hd)
+    scores = (qg @ k.permute(0, 2, 3, 1)[:, :, None]) * hd**-0.5  # (S, nkv, rep, M, C)
+    live = torch.arange(slots.shape[1], device=q.device) <= qpos[:, :, None]  # (S, M, C)
+    scores = scores.masked_fill(~live[:, None, None], float("-inf"))
+    p = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    o = p @ v.permute(0, 2, 1, 3)[:, :, None]  # (S, nkv, rep, M, hd)
+    return o.permute(0, 3, 1, 2, 4).reshape(S, M, nq * hd)
 
 
 def rope_write_paged_ref(qkv: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, cos: torch.Tensor,

@@ -38,13 +38,14 @@ class BenchSizes:
     chunk_size: int = 16
     n_alone: int = 4
     rate: float = 400.0
+    admit_batch: int = 1  # continuous batching on the main trace: admit this many requests at once (EngineConfig)
 
     @classmethod
     def for_profile(cls, profile: str) -> "BenchSizes":
         if profile == "quick":
             return cls()
         return cls(n_requests=256, prompt_len=(32, 512), answer_len=(4, 256), max_batch=64, n_chunk=48, n_long=4,
-                   chunk_answer_len=(32, 64), long_len=2048, chunk_size=256, n_alone=16, rate=1e4)
+                   chunk_answer_len=(32, 64), long_len=2048, chunk_size=256, n_alone=16, rate=1e4, admit_batch=16)
 
 
 def run_serving_benchmark(model_name: str = "smollm2-135m", sizes: BenchSizes | None = None, out_dir=None,
@@ -74,7 +75,8 @@ def run_serving_benchmark(model_name: str = "smollm2-135m", sizes: BenchSizes | 
     target = tpot_target_ms / 1e3 if tpot_target_ms else None
     eng = Engine(model, base, eos)  # first-call costs (allocator, kernels) stay out of the timed runs
     eng.replay(trace[:2], progress=False)
-    for name, cfg in (("static", dataclasses.replace(base, scheduler="static")), ("continuous", base)):
+    for name, cfg in (("static", dataclasses.replace(base, scheduler="static")),
+                      ("continuous", dataclasses.replace(base, admit_batch=sizes.admit_batch))):
         eng = None  # drop the previous engine's KV pool before the next one is built
         eng = Engine(model, cfg, eos)
         seqs = eng.replay(trace, progress=progress, desc=name)
@@ -120,7 +122,8 @@ def run_serving_benchmark(model_name: str = "smollm2-135m", sizes: BenchSizes | 
         "tpot_p99_ms": {"static": records[0]["tpot_p99_ms"], "continuous": records[1]["tpot_p99_ms"]},
         "trace": {"requests": sizes.n_requests, "prompt_len": sizes.prompt_len, "answer_len_loguniform":
                   sizes.answer_len, "shared_system_prompt_tokens": len(system), "max_batch": sizes.max_batch,
-                  "block_size": bs, "long_prompt_len": sizes.long_len, "chunk_size": sizes.chunk_size},
+                  "block_size": bs, "long_prompt_len": sizes.long_len, "chunk_size": sizes.chunk_size,
+                  "admit_batch": sizes.admit_batch},
     }
     if dev.type == "cuda":  # the batch-64 decode step is judged on the 7B shape (random weights)
         del model

@@ -38,6 +38,18 @@ def test_converted_smollm2_matches_gguf(smollm2):
     assert torch.equal(a.argmax(-1), b.argmax(-1))
 
 
+def test_embedded_tokenizer_pads_with_its_end_of_turn_token(tokenizer):
+    """Batched calls with padding=True need a padding token; transformers 5.17 left it out of the GGUF conversion."""
+    assert tokenizer.pad_token == tokenizer.eos_token == "<|im_end|>"
+    enc = tokenizer(["a", "a much longer prompt"], padding=True, return_tensors="pt")
+    assert enc.input_ids.shape[0] == 2 and (enc.attention_mask == 0).any()
+    import copy
+
+    bare = copy.deepcopy(tokenizer)
+    bare.pad_token = None
+    assert bare.pad_token is None and models._with_pad_token(bare).pad_token == "<|im_end|>"
+
+
 def test_local_checkpoint_round_trip(tmp_path, tokenizer):
     model, _ = models.load("tiny-llama-shape", device="cpu")
     model.save_pretrained(tmp_path)

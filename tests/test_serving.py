@@ -87,6 +87,26 @@ def test_fcfs_no_starvation_and_every_block_freed(tiny):
     assert eng.blocks.num_free == cfg.num_blocks and not any(eng.blocks.ref)
 
 
+def test_admit_batch_admits_in_groups_in_order(tiny):
+    """admit_batch=3: while sequences run, new ones join three at a time (or all that wait, if fewer), in order."""
+    cfg = S.EngineConfig(max_batch=4, num_blocks=64, block_size=4, max_model_len=64, admit_batch=3)
+    eng = S.Engine(tiny, cfg)
+    seqs = [eng.add(_req(5, 2 + (7 * i) % 9, seed=i)) for i in range(11)]
+    order = []
+    while eng.has_work():
+        waiting_before = list(eng.scheduler.waiting)
+        running_before = len(eng.scheduler.running)
+        eng.step()
+        joined = [s for s in waiting_before if s.status != S.WAITING]
+        order += joined
+        if joined and running_before:
+            assert len(joined) >= min(3, len(waiting_before)), (len(joined), len(waiting_before))
+    assert order == seqs  # first come, first served
+    assert all(len(s.output) == s.req.max_tokens for s in seqs) and eng.blocks.num_free == cfg.num_blocks
+    with pytest.raises(LabkitError, match="admit_batch"):
+        S.EngineConfig(admit_batch=0)
+
+
 def test_cancel_frees_blocks_waiting_and_running(tiny):
     cfg = S.EngineConfig(max_batch=2, num_blocks=16, block_size=4, max_model_len=64, prefix_caching=True)
     eng = S.Engine(tiny, cfg)
@@ -173,6 +193,29 @@ def test_paged_reference_equals_contiguous_attention():
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
 
+def test_batched_paged_attention_equals_one_sequence_at_a_time():
+    """The step's prompt chunks and decodes in one gathered, masked attention give the per-sequence reference."""
+    g = torch.Generator().manual_seed(2)
+    nkv, nq, hd, bs, nb = 2, 6, 16, 4, 24
+    kc, vc = torch.randn(nb, bs, nkv, hd, generator=g), torch.randn(nb, bs, nkv, hd, generator=g)
+    spans = [(0, 7), (9, 1), (3, 5), (14, 1)]  # (first position, queries): two prompt chunks, two decodes
+    tables = [torch.randperm(nb, generator=g)[:5].tolist() for _ in spans]
+    N = sum(n for _, n in spans)
+    q = torch.randn(N, nq, hd, generator=g)
+    M, C = max(n for _, n in spans), max(a + n for a, n in spans)
+    rows, qpos, slots, starts, r = [], [], [], [], 0
+    for (a, n), t in zip(spans, tables):
+        starts.append(r)
+        rows.append(list(range(r, r + n)) + [0] * (M - n))
+        qpos.append(list(range(a, a + n)) + [0] * (M - n))
+        slots.append([t[p // bs] * bs + p % bs for p in range(a + n)] + [0] * (C - a - n))
+        r += n
+    got = S.paged_attention_batched_ref(q, kc, vc, torch.tensor(rows), torch.tensor(qpos), torch.tensor(slots))
+    for k, ((a, n), t) in enumerate(zip(spans, tables)):
+        want = S.paged_attention_ref(q[starts[k]:starts[k] + n], kc, vc, t, a)
+        torch.testing.assert_close(got[k, :n], want, rtol=0, atol=1e-6)
+
+
 def test_engine_with_triton_decode_attention_matches_torch(tiny):
     """Mixed steps (prompt chunks + decodes) with the decode rows through the Triton kernel."""
     cfg = S.EngineConfig(max_batch=4, num_blocks=24, block_size=16, max_model_len=64, chunk_size=8)
@@ -204,6 +247,7 @@ def test_every_request_equals_running_it_alone_smollm2(smollm2):
         torch.tensor([trace[0].prompt]), trace[0].max_tokens, use_graph=False)[0].tolist()
     configs = {"static": dataclasses.replace(base, scheduler="static", prefix_caching=True),
                "continuous": base,
+               "continuous, admit 4 at once": dataclasses.replace(base, admit_batch=4),
                "chunked+prefix+preempt": dataclasses.replace(base, chunk_size=8, prefix_caching=True, block_size=4,
                                                              num_blocks=12)}
     runs, engines = {}, {}
