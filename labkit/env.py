@@ -325,6 +325,7 @@ def capabilities() -> list[Check]:
                         "; ".join(conflicts) if conflicts else "every declared requirement among "
                         f"{', '.join(LAB_PACKAGES[:5])}, ... holds", False,
                         "install the versions named above (pip install 'NAME==VERSION'), then rerun labkit doctor"))
+    checks.append(kernel_check(package_version("ipykernel")))
     ok, detail = _bnb_status()
     checks.append(Check("bitsandbytes", ok, detail, False, INSTALL_HINTS["bitsandbytes"]))
     ok, detail = triton_status()
@@ -354,6 +355,21 @@ def capabilities() -> list[Check]:
                             else f"the cached checkpoint {problem}" if problem else "converted, complete", True,
                             'python -m labkit doctor --rebuild-model   (converts the embedded model again, ~1 min)'))
     return checks
+
+
+def kernel_check(version: str | None) -> Check:
+    """The notebook kernel: ipykernel 7 can leave a cell's execute request unread (the kernel idle, the notebook
+    waiting for ever: ipython/ipykernel#1554, most often on a busy machine); the workbook pins ipykernel below 7."""
+    from packaging.version import InvalidVersion, Version
+
+    if version is None:
+        return Check("ipykernel", False, "not installed (notebooks need it)", False, "pip install 'ipykernel>=6.29,<7'")
+    try:
+        ok = Version(version).major < 7
+    except InvalidVersion:
+        ok = True
+    return Check("ipykernel", ok, version if ok else f"{version}: can hang a notebook run with the kernel idle", False,
+                 "pip install 'ipykernel>=6.29,<7'")
 
 
 def nvidia_gpu_present() -> bool:

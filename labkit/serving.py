@@ -446,40 +446,23 @@ class PagedRunner:
             dec_rows = torch.tensor([starts[i] for i in dec], device=dev)
             tables = block_tables_tensor([work[i][0] for i in dec], dev)
             lens = torch.tensor([spans[i][0] + 1 for i in dec], device=dev)
-        # the other sequences in gathered, masked attentions, one for the single-token ones (torch path) and one for
-        # the prompt chunks (so that a decode is not padded to a chunk's length): each sequence's query rows and
-        # positions, padded to the group's longest, and the slots of its keys
         dset = set(dec)
-        groups = [[i for i in range(len(work)) if i not in dset and (spans[i][1] == 1) == single]
-                  for single in (True, False)]
-        batches = [self._gather_plan(g, work, spans, starts) for g in groups if g]
+        others = [(i, torch.tensor(work[i][0].block_table, device=dev)) for i in range(len(work)) if i not in dset]
         nq, hd = c.n_heads, c.head_dim
 
         def attend(q, kc, vc):
             o = torch.empty(q.shape[0], nq * hd, device=dev, dtype=self.dtype)
             if dec:
                 o[dec_rows] = paged_decode_attention(q[dec_rows], kc, vc, tables, lens).reshape(len(dec), nq * hd)
-            for rows_t, qpos_t, kslots_t, keep_t, out_rows in batches:
-                o[out_rows] = paged_attention_batched_ref(q, kc, vc, rows_t, qpos_t, kslots_t).flatten(0, 1)[keep_t]
+            # one sequence at a time, each computed as when it runs alone (padded into one batched attention, its
+            # bf16 scores would depend on the other sequences of the step)
+            for i, table in others:
+                start, n = spans[i]
+                o[starts[i]:starts[i] + n] = paged_attention_ref(q[starts[i]:starts[i] + n], kc, vc, table, start)
             return o
 
         last = torch.tensor([sum(n for _, n in spans[:i + 1]) - 1 for i in range(len(spans))], device=dev)
         return self._layers(ids_t, pos_t, slot_t, attend, last)
-
-    def _gather_plan(self, idx, work, spans, starts) -> tuple:
-        """Index tensors of ``paged_attention_batched_ref`` for the sequences ``idx`` of the step: query rows,
-        positions, key slots (padded), which entries are real, and the step rows they go to."""
-        bs, M = self.block_size, max(spans[i][1] for i in idx)
-        C = max(spans[i][0] + spans[i][1] for i in idx)
-        rows, qpos, kslots, keep = [], [], [], []
-        for k, i in enumerate(idx):
-            (start, n), table = spans[i], work[i][0].block_table
-            rows.append(list(range(starts[i], starts[i] + n)) + [0] * (M - n))
-            qpos.append(list(range(start, start + n)) + [0] * (M - n))
-            kslots.append([table[p // bs] * bs + p % bs for p in range(start + n)] + [0] * (C - start - n))
-            keep += range(k * M, k * M + n)
-        rows_t, qpos_t, kslots_t, keep_t = (torch.tensor(x, device=self.device) for x in (rows, qpos, kslots, keep))
-        return rows_t, qpos_t, kslots_t, keep_t, rows_t.view(-1)[keep_t]
 
     def _layers(self, ids_t, pos_t, slot_t, attend, last=None) -> torch.Tensor:
         """Embedding, every decoder layer, final norm and LM head over the step's N tokens; RoPE, and K/V of each token
@@ -876,29 +859,6 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     p = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     o = p @ v.permute(1, 0, 2)[:, None]  # (nkv, rep, n, hd)
     return o.permute(2, 0, 1, 3).reshape(n, nq * hd)
-
-
-def paged_attention_batched_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, rows: torch.Tensor,
-                                qpos: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """``paged_attention_ref`` of S sequences at once: one gather and one masked attention instead of a loop.
-
-    q: (N, nq, hd), every row of the step, already rotated; rows: (S, M) the rows of each sequence's queries and
-    qpos: (S, M) their positions (padding entries: any row, position 0); slots: (S, C) the cache slot of each of the
-    sequence's key positions 0..C-1 (padding: any slot: a query at position p sees keys 0..p only).
-    Returns (S, M, nq * hd); the rows of padding entries are to be dropped. Computed like the reference.
-    """
-    S, M = rows.shape
-    nb, bs, nkv, hd = k_cache.shape
-    nq = q.shape[1]
-    k = k_cache.view(nb * bs, nkv, hd)[slots]  # (S, C, nkv, hd)
-    v = v_cache.view(nb * bs, nkv, hd)[slots]
-    qg = q[rows].view(S, M, nkv, nq // nkv, hd).permute(0, 2, 3, 1, 4)  # (S, nkv, rep, M, hd)
-    scores = (qg @ k.permute(0, 2, 3, 1)[:, :, None]) * hd**-0.5  # (S, nkv, rep, M, C)
-    live = torch.arange(slots.shape[1], device=q.device) <= qpos[:, :, None]  # (S, M, C)
-    scores = scores.masked_fill(~live[:, None, None], float("-inf"))
-    p = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    o = p @ v.permute(0, 2, 1, 3)[:, :, None]  # (S, nkv, rep, M, hd)
-    return o.permute(0, 3, 1, 2, 4).reshape(S, M, nq * hd)
 
 
 def rope_write_paged_ref(qkv: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, cos: torch.Tensor,

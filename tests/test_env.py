@@ -62,6 +62,11 @@ def test_measured_ceilings_are_plausible():
     assert 1e8 < rate < 2e15
 
 
+def test_kernel_check_flags_ipykernel_7():
+    assert env.kernel_check("6.31.0").ok and not env.kernel_check("7.4.0").ok
+    assert "<7" in env.kernel_check("7.4.0").fix and not env.kernel_check(None).ok
+
+
 def test_requirement_conflicts_finds_an_incompatible_pair():
     requires = {"bitsandbytes": ["torch<3,>=2.4", "numpy>=1.17", 'pytest~=8.3; extra == "test"'],
                 "torch": ['triton==3.6.0; platform_system == "Linux"', "filelock"]}

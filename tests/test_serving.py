@@ -193,29 +193,6 @@ def test_paged_reference_equals_contiguous_attention():
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
 
-def test_batched_paged_attention_equals_one_sequence_at_a_time():
-    """The step's prompt chunks and decodes in one gathered, masked attention give the per-sequence reference."""
-    g = torch.Generator().manual_seed(2)
-    nkv, nq, hd, bs, nb = 2, 6, 16, 4, 24
-    kc, vc = torch.randn(nb, bs, nkv, hd, generator=g), torch.randn(nb, bs, nkv, hd, generator=g)
-    spans = [(0, 7), (9, 1), (3, 5), (14, 1)]  # (first position, queries): two prompt chunks, two decodes
-    tables = [torch.randperm(nb, generator=g)[:5].tolist() for _ in spans]
-    N = sum(n for _, n in spans)
-    q = torch.randn(N, nq, hd, generator=g)
-    M, C = max(n for _, n in spans), max(a + n for a, n in spans)
-    rows, qpos, slots, starts, r = [], [], [], [], 0
-    for (a, n), t in zip(spans, tables):
-        starts.append(r)
-        rows.append(list(range(r, r + n)) + [0] * (M - n))
-        qpos.append(list(range(a, a + n)) + [0] * (M - n))
-        slots.append([t[p // bs] * bs + p % bs for p in range(a + n)] + [0] * (C - a - n))
-        r += n
-    got = S.paged_attention_batched_ref(q, kc, vc, torch.tensor(rows), torch.tensor(qpos), torch.tensor(slots))
-    for k, ((a, n), t) in enumerate(zip(spans, tables)):
-        want = S.paged_attention_ref(q[starts[k]:starts[k] + n], kc, vc, t, a)
-        torch.testing.assert_close(got[k, :n], want, rtol=0, atol=1e-6)
-
-
 def test_engine_with_triton_decode_attention_matches_torch(tiny):
     """Mixed steps (prompt chunks + decodes) with the decode rows through the Triton kernel."""
     cfg = S.EngineConfig(max_batch=4, num_blocks=24, block_size=16, max_model_len=64, chunk_size=8)
