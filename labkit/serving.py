@@ -671,16 +671,15 @@ class Engine:
 
         Requests join when the clock passes their arrival; TTFT and per-token times are read on that clock, so a
         replay measures the engine, not the sleeping in between. The step time is wall time on a GPU and this
-        process's CPU time on a CPU (``step_clock``): other programs sharing the cores then do not stretch one run
-        more than another, so two runs compared in one session stay comparable.
+        process's CPU time on a CPU (``step_clock``). To compare engines, ``replay_together`` steps them in turn.
         """
-        tick = step_clock(self.runner.device)
-        from tqdm.auto import tqdm
+        return replay_together([self], trace, progress, [desc or self.cfg.scheduler])[0]
 
+    def _replay_steps(self, trace: list[Request], bar):
+        """``replay`` one step per ``next()``; the sequences are the generator's return value."""
+        tick = step_clock(self.runner.device)
         pending = collections.deque(sorted(trace, key=lambda r: r.arrival))
         seqs, clock = [], 0.0
-        bar = tqdm(total=sum(r.max_tokens for r in trace), desc=desc or self.cfg.scheduler, unit="tok",
-                   disable=not progress, leave=False)
         while pending or self.has_work():
             while pending and pending[0].arrival <= clock:
                 r = pending.popleft()
@@ -695,8 +694,36 @@ class Engine:
             for seq, _ in events:
                 seq.token_times[-1] = clock
             bar.update(len(events))
-        bar.close()
+            yield
         return seqs
+
+
+def replay_together(engines: list[Engine], trace: list[Request], progress: bool = True,
+                    descs: list[str] | None = None) -> list[list[Sequence]]:
+    """Replay one trace through several engines, a step of each in turn, each on its own clock (``Engine.replay``).
+
+    Run one after the other, two engines meet whatever else the machine does at different times, and on a shared
+    machine that alone can move their ratio by a third; stepped in turn, a load that comes and goes falls on them
+    alike. Returns each engine's sequences.
+    """
+    from tqdm.auto import tqdm
+
+    descs = descs or [e.cfg.scheduler for e in engines]
+    bars = [tqdm(total=sum(r.max_tokens for r in trace), desc=d, unit="tok", disable=not progress, leave=False)
+            for d in descs]
+    steps = [e._replay_steps(trace, bar) for e, bar in zip(engines, bars)]
+    out: list = [None] * len(engines)
+    live = list(range(len(engines)))
+    while live:
+        for i in list(live):
+            try:
+                next(steps[i])
+            except StopIteration as done:
+                out[i] = done.value
+                live.remove(i)
+    for bar in bars:
+        bar.close()
+    return out
 
 
 def step_clock(device):

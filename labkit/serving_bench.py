@@ -19,7 +19,8 @@ import torch
 from labkit import env, roofline
 from labkit.env import LabkitError
 from labkit.serving import (Engine, EngineConfig, Request, Sequence, compare_outputs, kv_waste_contiguous,
-                            make_long_prompt_trace, make_trace, run_alone, shared_weights, summarize_run)
+                            make_long_prompt_trace, make_trace, replay_together, run_alone, shared_weights,
+                            summarize_run)
 
 
 # ---------------------------------------------------------------------------------------------- benchmark
@@ -75,11 +76,12 @@ def run_serving_benchmark(model_name: str = "smollm2-135m", sizes: BenchSizes | 
     target = tpot_target_ms / 1e3 if tpot_target_ms else None
     eng = Engine(model, base, eos)  # first-call costs (allocator, kernels) stay out of the timed runs
     eng.replay(trace[:2], progress=False)
-    for name, cfg in (("static", dataclasses.replace(base, scheduler="static")),
-                      ("continuous", dataclasses.replace(base, admit_batch=sizes.admit_batch))):
-        eng = None  # drop the previous engine's KV pool before the next one is built
-        eng = Engine(model, cfg, eos)
-        seqs = eng.replay(trace, progress=progress, desc=name)
+    eng = None
+    # each comparison steps its engines in turn (replay_together): a load on the machine falls on both alike
+    names = ("static", "continuous")
+    engines = [Engine(model, dataclasses.replace(base, scheduler="static"), eos),
+               Engine(model, dataclasses.replace(base, admit_batch=sizes.admit_batch), eos)]
+    for name, eng, seqs in zip(names, engines, replay_together(engines, trace, progress, list(names))):
         s = summarize_run(seqs, eng, target)
         s["kv_waste_contiguous"] = kv_waste_contiguous(seqs, eng)
         records.append({"model": info.label, "trace": "mixed", "scheduler": name, **s})
@@ -92,11 +94,11 @@ def run_serving_benchmark(model_name: str = "smollm2-135m", sizes: BenchSizes | 
     long_trace = make_long_prompt_trace(sizes.n_chunk, sizes.n_long, (8, 24), sizes.chunk_answer_len, sizes.long_len,
                                         vocab)
     chunk_p99 = {}
-    for name, chunk in (("no chunking", None), ("chunked", sizes.chunk_size)):
-        cfg = dataclasses.replace(base, chunk_size=chunk, prefix_caching=False)
-        eng = None  # drop the previous engine's KV pool before the next one is built
-        eng = Engine(model, cfg, eos)
-        seqs = eng.replay(long_trace, progress=progress, desc=name)
+    names = ("no chunking", "chunked")
+    engines = eng = None  # drop the KV pools of the runs above before these are built
+    engines = [Engine(model, dataclasses.replace(base, chunk_size=chunk, prefix_caching=False), eos)
+               for chunk in (None, sizes.chunk_size)]
+    for name, eng, seqs in zip(names, engines, replay_together(engines, long_trace, progress, list(names))):
         s = summarize_run(seqs, eng, target)
         records.append({"model": info.label, "trace": "long prompts", "scheduler": f"continuous, {name}", **s})
         chunk_p99[name] = s["itl_p99_ms"]
@@ -104,7 +106,7 @@ def run_serving_benchmark(model_name: str = "smollm2-135m", sizes: BenchSizes | 
         log(f"{name:>12}: inter-token p99 {s['itl_p99_ms']:.0f} ms, TTFT p50 {s['ttft_p50_ms']:.0f} ms")
     # the answers against each request run alone (a subset: alone is one sequence per step)
     n = sizes.n_alone
-    eng = None
+    engines = eng = None
     alone, gaps = run_alone(model, base, trace[:n], progress, eos)
     check = compare_outputs({k: outs[k][:n] for k in ("static", "continuous")}, alone, gaps)
     alone_l, gaps_l = run_alone(model, base, long_trace[:n], progress, eos)

@@ -135,6 +135,23 @@ def test_preemption_recomputes_and_finishes_correctly(tiny):
     assert eng.blocks.num_free == 14
 
 
+def test_replay_together_equals_replays_one_after_the_other(tiny):
+    """Stepping a static and a continuous engine in turn changes nothing but when each step runs: the same answers,
+    steps and admissions as replaying each alone, each on its own clock."""
+    base = S.EngineConfig(max_batch=4, num_blocks=64, block_size=4, max_model_len=64)
+    trace = [_req(6 + i, 3 + (5 * i) % 7, seed=i) for i in range(9)]  # all at once: admissions do not depend on timing
+    cfgs = [dataclasses.replace(base, scheduler="static"), base]
+    apart = [S.Engine(tiny, c) for c in cfgs]
+    want = [e.replay(trace, progress=False) for e in apart]
+    together = [S.Engine(tiny, c) for c in cfgs]
+    got = S.replay_together(together, trace, progress=False)
+    for w, g, ea, et in zip(want, got, apart, together):
+        assert [s.output for s in g] == [s.output for s in w] and et.steps == ea.steps
+        assert et.step_log == ea.step_log
+        times = [t for s in g for t in s.token_times]
+        assert all(t >= 0 for t in times) and max(times) < 60  # its own clock: seconds of its steps, not of both
+
+
 # ---------------------------------------------------------------------------------------------- attention
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
 def test_paged_decode_kernel_matches_reference(dtype, tol):
