@@ -377,9 +377,11 @@ class PagedRunner:
     """fastgen's Llama forward over a flat batch of tokens from many sequences, K/V in a paged cache.
 
     The linear layers see all the step's tokens at once (that is what batching buys: the weights are read once per
-    step); attention runs per sequence over its own blocks. With ``kernels="triton"`` on a GPU, RMSNorm and
-    RoPE + the K/V writes are one kernel each, and a decode-only step replays a CUDA graph captured for its batch
-    bucket (launching a 7B step's ~1,200 kernels one by one from Python costs more than the GPU's work).
+    step); attention reads each sequence's own blocks. With ``kernels="triton"``, the decode rows' attention is one
+    launch and every prompt chunk's another (the reference loops over sequences: on an H200, SmolLM2's steps that
+    admitted a few dozen prompts then took ~200 ms, its decode steps ~3 ms); RMSNorm and RoPE + the K/V writes are
+    one kernel each, and a decode-only step replays a CUDA graph captured for its batch bucket (launching a 7B step's
+    ~1,200 kernels one by one from Python costs more than the GPU's work).
     """
 
     def __init__(self, hf_model, num_blocks: int, block_size: int, max_model_len: int, kernels: str = "torch",
@@ -437,8 +439,8 @@ class PagedRunner:
         ids_t = torch.tensor(ids, device=dev)
         pos_t = torch.tensor(pos, device=dev)
         slot_t = torch.tensor(slots, device=dev)
-        # rows of single-token (decode) sequences go through the Triton kernel in one launch; prompt chunks through
-        # the reference, one sequence at a time, with their block tables moved to the device once per step
+        # with kernels="triton": the rows of single-token (decode) sequences go through the decode kernel in one
+        # launch, every prompt chunk through the prefill kernel in another; with "torch", the references
         starts = [sum(n for _, n in spans[:i]) for i in range(len(spans))]
         fused = self.kernels == "triton"
         dec = [i for i, (_, n) in enumerate(spans) if n == 1] if fused else []
@@ -446,20 +448,24 @@ class PagedRunner:
             dec_rows = torch.tensor([starts[i] for i in dec], device=dev)
             tables = block_tables_tensor([work[i][0] for i in dec], dev)
             lens = torch.tensor([spans[i][0] + 1 for i in dec], device=dev)
-        dset = set(dec)
-        others = [(i, torch.tensor(work[i][0].block_table, device=dev)) for i in range(len(work)) if i not in dset]
+        pre = [i for i in range(len(work)) if i not in set(dec)]
+        if fused and pre:  # every prompt chunk of the step in one launch, built once for all layers
+            pre_tables = block_tables_tensor([work[i][0] for i in pre], dev)
+            pre_tiles = prefill_tiles([spans[i] for i in pre], [starts[i] for i in pre], dev)
+        others = [] if fused else [(i, torch.tensor(work[i][0].block_table, device=dev)) for i in pre]
         nq, hd = c.n_heads, c.head_dim
 
         def attend(q, kc, vc):
-            o = torch.empty(q.shape[0], nq * hd, device=dev, dtype=self.dtype)
+            o = torch.empty(q.shape[0], nq, hd, device=dev, dtype=self.dtype)
             if dec:
-                o[dec_rows] = paged_decode_attention(q[dec_rows], kc, vc, tables, lens).reshape(len(dec), nq * hd)
-            # one sequence at a time, each computed as when it runs alone (padded into one batched attention, its
-            # bf16 scores would depend on the other sequences of the step)
-            for i, table in others:
+                o[dec_rows] = paged_decode_attention(q[dec_rows], kc, vc, tables, lens)
+            if fused and pre:  # each row computed as when its sequence runs alone (see _paged_prefill_kernel)
+                paged_prefill_attention(q, kc, vc, pre_tables, pre_tiles, out=o)
+            for i, table in others:  # the reference: one sequence at a time
                 start, n = spans[i]
-                o[starts[i]:starts[i] + n] = paged_attention_ref(q[starts[i]:starts[i] + n], kc, vc, table, start)
-            return o
+                o[starts[i]:starts[i] + n] = paged_attention_ref(q[starts[i]:starts[i] + n], kc, vc, table,
+                                                                 start).view(n, nq, hd)
+            return o.view(q.shape[0], nq * hd)
 
         last = torch.tensor([sum(n for _, n in spans[:i + 1]) - 1 for i in range(len(spans))], device=dev)
         return self._layers(ids_t, pos_t, slot_t, attend, last)
@@ -1047,4 +1053,119 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                                    kc.stride(1), kc.stride(2), bt.stride(0), out.stride(0), out.stride(1),
                                    HD=hd, BS=bs, BLOCK_R=max(16, triton.next_power_of_2(rep)),
                                    FP32=q.dtype == torch.float32, num_warps=4)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- prefill attention
+PREFILL_BLOCK_M = 64  # query rows per program: fixed, so a row's result never depends on which rows share its tile
+PREFILL_BLOCK_N = 64  # key positions per iteration, in tiles aligned to position 0 (the same tiles for every row)
+
+
+def prefill_tiles(spans: list[tuple[int, int]], rows: list[int], device) -> torch.Tensor:
+    """(T, 4) int32 work list of ``paged_prefill_attention``: for each sequence i (``spans[i] = (start, n)``: n new
+    tokens at positions start.., their first row of q at ``rows[i]``), tiles of PREFILL_BLOCK_M rows as
+    (first row, first position, rows in the tile, sequence index)."""
+    bm = PREFILL_BLOCK_M
+    tiles = [(r + t, s + t, min(bm, n - t), i) for i, ((s, n), r) in enumerate(zip(spans, rows))
+             for t in range(0, n, bm)]
+    return torch.tensor(tiles, dtype=torch.int32, device=device).view(-1, 4)
+
+
+def paged_prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: list,
+                                spans: list[tuple[int, int]], rows: list[int]) -> torch.Tensor:
+    """Causal attention of several sequences' new tokens (prompt chunks) over their paged K/V, one sequence at a time.
+
+    q: (N, nq, hd) rotated queries of a flat batch; sequence i has ``spans[i] = (start, n)``: n queries at positions
+    start..start+n-1 in rows ``rows[i]``.. of q; ``block_tables[i]`` its block ids. Returns (N, nq, hd) with those
+    rows filled (the others zero). The reference for ``paged_prefill_attention``.
+    """
+    N, nq, hd = q.shape
+    out = torch.zeros_like(q)
+    for table, (start, n), r in zip(block_tables, spans, rows):
+        out[r:r + n] = paged_attention_ref(q[r:r + n], k_cache, v_cache, table, start).view(n, nq, hd)
+    return out
+
+
+if triton is not None:
+
+    @triton.jit(do_not_specialize=["stride_bt"])  # the table width changes from step to step: one compile
+    def _paged_prefill_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, tile_ptr, o_ptr, scale, REP,
+                              stride_qn, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt, stride_on, stride_oh,
+                              HD: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                              FP32: tl.constexpr):
+        """Program (t, h): query head h of the rows of tile t (one sequence's consecutive new tokens) over the keys
+        at positions 0..(last row's position), read through the block table, causal mask, online softmax.
+
+        A row's keys are walked in the same position-aligned tiles whatever tile the row is in; tiles past its own
+        position are fully masked and add exact zeros, so its result does not depend on the rest of the batch."""
+        t = tl.program_id(0)
+        h = tl.program_id(1)
+        row0 = tl.load(tile_ptr + t * 4)
+        pos0 = tl.load(tile_ptr + t * 4 + 1)
+        nrows = tl.load(tile_ptr + t * 4 + 2)
+        s = tl.load(tile_ptr + t * 4 + 3)
+        j = h // REP  # the KV head this query head reads
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HD)
+        mask_m = offs_m < nrows
+        rows = (row0 + offs_m).to(tl.int64)
+        q = tl.load(q_ptr + rows[:, None] * stride_qn + h * stride_qh + offs_d[None, :], mask=mask_m[:, None],
+                    other=0.0)  # (BLOCK_M, HD)
+        qpos = pos0 + offs_m
+        last = pos0 + nrows  # keys 0..last-1 exist for this tile
+        m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        l_i = tl.zeros((BLOCK_M,), tl.float32)
+        acc = tl.zeros((BLOCK_M, HD), tl.float32)
+        for start in range(0, last, BLOCK_N):
+            kpos = start + offs_n
+            mask_n = kpos < last
+            blk = tl.load(bt_ptr + s * stride_bt + kpos // BS, mask=mask_n, other=0).to(tl.int64)
+            off = blk[:, None] * stride_kb + (kpos % BS)[:, None] * stride_ks + j * stride_kh + offs_d[None, :]
+            k = tl.load(kc_ptr + off, mask=mask_n[:, None], other=0.0)  # (BLOCK_N, HD)
+            v = tl.load(vc_ptr + off, mask=mask_n[:, None], other=0.0)
+            if FP32:
+                sc = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+            else:
+                sc = tl.dot(q, tl.trans(k)) * scale
+            sc = tl.where(kpos[None, :] <= qpos[:, None], sc, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+            p = tl.exp(sc - m_new[:, None])
+            alpha = tl.exp(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            if FP32:
+                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        out = acc / l_i[:, None]
+        tl.store(o_ptr + rows[:, None] * stride_on + h * stride_oh + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
+                 mask=mask_m[:, None])
+
+
+def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            block_tables: torch.Tensor, tiles: torch.Tensor, out: torch.Tensor | None = None
+                            ) -> torch.Tensor:
+    """Same contract as ``paged_prefill_attention_ref``, every sequence of the step in one Triton launch.
+
+    block_tables: (S, max_blocks) int32 on q's device; tiles: ``prefill_tiles(spans, rows, device)``. Writes the
+    sequences' rows of ``out`` (N, nq, hd), a new zero tensor when None, and returns it.
+    """
+    if triton is None:
+        raise LabkitError("paged_prefill_attention needs triton (pip install triton); use paged_prefill_attention_ref")
+    if q.device.type != "cuda" and not fastgen._interpreting():
+        raise LabkitError("the Triton paged attention needs a CUDA GPU (or TRITON_INTERPRET=1 on a CPU)")
+    N, nq, hd = q.shape
+    nb, bs, nkv, hd2 = k_cache.shape
+    out = torch.zeros_like(q) if out is None else out
+    if hd != hd2 or nq % nkv or hd < 16 or hd & (hd - 1) or not (k_cache.is_contiguous() and v_cache.is_contiguous()) \
+            or q.stride(2) != 1 or out.shape != q.shape or out.stride(2) != 1:
+        raise LabkitError(f"paged_prefill_attention: q {tuple(q.shape)}, cache {tuple(k_cache.shape)}: need equal "
+                          "head_dim (a power of two, at least 16), nq divisible by nkv, contiguous caches and rows")
+    if len(tiles):
+        bt = block_tables.to(torch.int32).contiguous()
+        _paged_prefill_kernel[(len(tiles), nq)](
+            q, k_cache, v_cache, bt, tiles, out, hd**-0.5, nq // nkv, q.stride(0), q.stride(1), k_cache.stride(0),
+            k_cache.stride(1), k_cache.stride(2), bt.stride(0), out.stride(0), out.stride(1), HD=hd, BS=bs,
+            BLOCK_M=PREFILL_BLOCK_M, BLOCK_N=PREFILL_BLOCK_N, FP32=q.dtype == torch.float32, num_warps=4)
     return out

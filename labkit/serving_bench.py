@@ -64,10 +64,10 @@ def run_serving_benchmark(model_name: str = "smollm2-135m", sizes: BenchSizes | 
     vocab = hf.config.vocab_size
     system = (tok("You are a helpful assistant. Answer the question briefly and politely, in plain English.")
               ["input_ids"] if tok is not None else list(range(100, 132)))
-    max_len = sizes.prompt_len[1] + sizes.answer_len[1] + len(system) + 8
-    max_len = max(max_len, sizes.long_len + sizes.answer_len[1] + 8)
+    main_len = sizes.prompt_len[1] + sizes.answer_len[1] + len(system) + 8
+    max_len = max(main_len, sizes.long_len + sizes.answer_len[1] + 8)
     bs = 16
-    num_blocks = sizes.max_batch * -(-max_len // bs) + 16  # room for a full batch at the longest length
+    num_blocks = sizes.max_batch * -(-main_len // bs) + 16  # room for a full batch at the main trace's longest
     base = EngineConfig(max_batch=sizes.max_batch, block_size=bs, num_blocks=num_blocks, max_model_len=max_len,
                         prefix_caching=True, kernels=kernels)
     trace = make_trace(sizes.n_requests, sizes.rate, sizes.prompt_len, sizes.answer_len, system, 0.5, vocab, seed=0)
@@ -96,8 +96,9 @@ def run_serving_benchmark(model_name: str = "smollm2-135m", sizes: BenchSizes | 
     chunk_p99 = {}
     names = ("no chunking", "chunked")
     engines = eng = None  # drop the KV pools of the runs above before these are built
-    engines = [Engine(model, dataclasses.replace(base, chunk_size=chunk, prefix_caching=False), eos)
-               for chunk in (None, sizes.chunk_size)]
+    long_blocks = sum(-(-(len(r.prompt) + r.max_tokens) // bs) for r in long_trace) + 16  # all of them at once
+    engines = [Engine(model, dataclasses.replace(base, chunk_size=chunk, prefix_caching=False, num_blocks=long_blocks),
+                      eos) for chunk in (None, sizes.chunk_size)]
     for name, eng, seqs in zip(names, engines, replay_together(engines, long_trace, progress, list(names))):
         s = summarize_run(seqs, eng, target)
         records.append({"model": info.label, "trace": "long prompts", "scheduler": f"continuous, {name}", **s})

@@ -210,8 +210,57 @@ def test_paged_reference_equals_contiguous_attention():
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
 
-def test_engine_with_triton_decode_attention_matches_torch(tiny):
-    """Mixed steps (prompt chunks + decodes) with the decode rows through the Triton kernel."""
+def _prefill_case(dtype, dev, spans, tables, nb=14, bs=16, nkv=3, nq=9, hd=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    kc = torch.randn(nb, bs, nkv, hd, generator=g).to(dtype).to(dev)
+    vc = torch.randn(nb, bs, nkv, hd, generator=g).to(dtype).to(dev)
+    rows = [sum(n for _, n in spans[:i]) for i in range(len(spans))]
+    q = torch.randn(sum(n for _, n in spans), nq, hd, generator=g).to(dtype).to(dev)
+    return q, kc, vc, rows
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
+def test_paged_prefill_kernel_matches_reference(dtype, tol):
+    """Prompt chunks of several sequences in one launch against the one-sequence-at-a-time reference: a chunk that
+    starts after cached blocks (prefix cache, chunked prefill), one longer than a tile, one of two tokens."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # compiled on a GPU, interpreted on a CPU
+    spans = [(0, 37), (32, 9), (5, 70), (0, 2)]
+    tables = [[5, 2, 9], [1, 13, 0], [11, 3, 7, 4, 6, 8], [12]]
+    q, kc, vc, rows = _prefill_case(dtype, dev, spans, tables)
+    bt = torch.tensor([t + [0] * (6 - len(t)) for t in tables], dtype=torch.int32, device=dev)
+    out = S.paged_prefill_attention(q, kc, vc, bt, S.prefill_tiles(spans, rows, dev)).cpu()
+    q, kc, vc = q.cpu(), kc.cpu(), vc.cpu()
+    ref = S.paged_prefill_attention_ref(q, kc, vc, tables, spans, rows)
+    exact = S.paged_prefill_attention_ref(q.double(), kc.double(), vc.double(), tables, spans, rows)
+    err, ref_err = (out.double() - exact).abs().max().item(), (ref.double() - exact).abs().max().item()
+    assert err <= max(2 * ref_err, tol), (err, ref_err)
+
+
+def test_paged_prefill_rows_do_not_depend_on_the_batch():
+    """A sequence's rows come out bit for bit the same alone, beside other sequences, and split into chunks at
+    other positions: what lets a batched engine give each request the answer it gets alone."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    tables = [[5, 2, 9, 4, 6], [1, 13, 0]]
+    q, kc, vc, _ = _prefill_case(dtype, dev, [(0, 75), (0, 40)], tables, seed=4)
+    bt = torch.tensor([t + [0] * (5 - len(t)) for t in tables], dtype=torch.int32, device=dev)
+    qa = q[:75]
+
+    def run(qs, spans, table_rows):
+        rows = [sum(n for _, n in spans[:i]) for i in range(len(spans))]
+        return S.paged_prefill_attention(qs, kc, vc, bt[table_rows], S.prefill_tiles(spans, rows, dev))
+
+    alone = run(qa, [(0, 75)], [0])
+    together = run(q, [(0, 75), (0, 40)], [0, 1])[:75]
+    chunks = torch.cat([run(qa[:20], [(0, 20)], [0]), run(qa[20:], [(20, 55)], [0])])
+    other_first = run(torch.cat([q[75:], qa[3:]]), [(0, 40), (3, 72)], [1, 0])[40:]
+    assert torch.equal(together, alone)
+    assert torch.equal(chunks, alone)
+    assert torch.equal(other_first, alone[3:])
+
+
+def test_engine_with_triton_attention_matches_torch(tiny):
+    """Mixed steps (prompt chunks + decodes): decode rows and prompt chunks through the Triton kernels."""
     cfg = S.EngineConfig(max_batch=4, num_blocks=24, block_size=16, max_model_len=64, chunk_size=8)
     trace = [_req(5 + 7 * i, 6, seed=i, arrival=0.0 if i < 2 else 1e-9) for i in range(4)]
     model = tiny  # interpreted on a CPU; on a GPU both engines run there, the kernel compiled
