@@ -165,7 +165,7 @@ def smollm2_checkpoint() -> Path:
 
 
 # the conversion's own version: a cache converted by an older one is converted again (2: the tokenizer's padding token)
-CONVERSION = 2
+CONVERSION = 3
 
 
 def _smollm2_source(gguf: Path) -> dict:
@@ -220,6 +220,16 @@ def checkpoint_problem(out: Path | None = None) -> str | None:
     return safetensors_problem(out / "model.safetensors")
 
 
+def _gguf_int(path: Path, key: str) -> int:
+    """One integer field of a GGUF file's metadata."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(path)).fields.get(key)
+    if field is None:
+        raise LabkitError(f"{path.name} has no {key} in its metadata: is it a SmolLM2 GGUF file?")
+    return int(field.parts[field.data[0]][0])
+
+
 def _convert_smollm2(gguf: Path, out: Path, source: dict) -> None:
     """GGUF -> plain LlamaForCausalLM checkpoint in fp32 (the dequantized Q4_1 values are kept exactly)."""
     import torch
@@ -227,10 +237,10 @@ def _convert_smollm2(gguf: Path, out: Path, source: dict) -> None:
 
     ref = load_gguf_reference()
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    # SmolLM2 pads with its end-of-turn token <|im_end|>, as the published tokenizer does; some transformers versions
-    # read it from the GGUF file (5.24) and some do not (5.17): saved either way, padding=True works on every version
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    # the padding token is the one the GGUF file names (SmolLM2: id 2, its end-of-turn <|im_end|>, as the published
+    # tokenizer has it); transformers versions disagree on reading it (5.24 does; on the H200 runner 5.17 left it
+    # out once and gave <|im_start|> another time), so it is set from the file on every version
+    tokenizer.pad_token = tokenizer.convert_ids_to_tokens(_gguf_int(gguf, "tokenizer.ggml.padding_token_id"))
     cfg = ref.config.to_dict()
     for key in ("quantization_config", "_name_or_path", "transformers_version", "architectures"):
         cfg.pop(key, None)
