@@ -986,7 +986,7 @@ def rope_write_paged(qkv: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, 
 
 if triton is not None:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["stride_bt"])  # eager steps' table widths vary: one compile, not one per width
     def _paged_decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, len_ptr, o_ptr, scale, REP,
                              stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt, stride_ob, stride_oh,
                              HD: tl.constexpr, BS: tl.constexpr, BLOCK_R: tl.constexpr, FP32: tl.constexpr):
