@@ -448,7 +448,8 @@ class PagedRunner:
             dec_rows = torch.tensor([starts[i] for i in dec], device=dev)
             tables = block_tables_tensor([work[i][0] for i in dec], dev)
             lens = torch.tensor([spans[i][0] + 1 for i in dec], device=dev)
-        pre = [i for i in range(len(work)) if i not in set(dec)]
+        dset = set(dec)
+        pre = [i for i in range(len(work)) if i not in dset]
         if fused and pre:  # every prompt chunk of the step in one launch, built once for all layers
             pre_tables = block_tables_tensor([work[i][0] for i in pre], dev)
             pre_tiles = prefill_tiles([spans[i] for i in pre], [starts[i] for i in pre], dev)
