@@ -598,6 +598,7 @@ class Engine:
         self.steps = 0
         self.tokens_served = 0
         self.step_log: list[dict] = []  # per step: tokens computed, sequences, KV slots used / reserved
+        self.step_times: list[tuple[int, float]] = []  # replays: (index in step_log, seconds on the replay clock)
         self._n = 0
 
     @property
@@ -695,9 +696,12 @@ class Engine:
             if not self.has_work():
                 clock = pending[0].arrival
                 continue
-            t0 = tick()
+            t0, n = tick(), len(self.step_log)
             events = self.step(now=0.0)
-            clock += tick() - t0
+            dt = tick() - t0
+            clock += dt
+            if len(self.step_log) > n:
+                self.step_times.append((n, dt))
             for seq, _ in events:
                 seq.token_times[-1] = clock
             bar.update(len(events))
@@ -803,6 +807,11 @@ def summarize_run(seqs: list[Sequence], engine: Engine, tpot_target_s: float | N
     for name, xs in (("ttft", ttft), ("tpot", tpot), ("itl", itl)):
         for q in (50, 90, 99):
             out[f"{name}_p{q}_ms"] = percentile(xs, q) * 1e3
+    # what sets the time per token: steps that mix prompt tokens into the decodes against decode-only steps
+    for kind, pick in (("mixed", lambda r: r["tokens"] > r["seqs"]), ("decode", lambda r: r["tokens"] == r["seqs"])):
+        ts = [dt for i, dt in engine.step_times if pick(engine.step_log[i])]
+        out[f"steps_{kind}"] = len(ts)
+        out[f"step_ms_{kind}_p50"] = percentile(ts, 50) * 1e3 if ts else None
     if tpot_target_s is not None:
         good = [s for s in done if len(s.token_times) < 2 or
                 (s.token_times[-1] - s.token_times[0]) / (len(s.token_times) - 1) <= tpot_target_s]

@@ -89,7 +89,9 @@ def run_serving_benchmark(model_name: str = "smollm2-135m", sizes: BenchSizes | 
         records.append({"model": info.label, "trace": "mixed", "scheduler": name, **s})
         outs[name] = [q.output for q in _in_order(seqs)]
         log(f"{name:>10}: {s['throughput_tok_s']:.1f} tok/s, TTFT p50 {s['ttft_p50_ms']:.0f} ms, "
-            f"TPOT p99 {s['tpot_p99_ms']:.0f} ms, {s['steps']} steps")
+            f"TPOT p99 {s['tpot_p99_ms']:.0f} ms, {s['steps']} steps: {s['steps_mixed']} with prompt tokens "
+            f"(median {s['step_ms_mixed_p50'] or 0:.1f} ms), {s['steps_decode']} decode-only "
+            f"(median {s['step_ms_decode_p50'] or 0:.1f} ms)")
     thr = {r["scheduler"]: r["throughput_tok_s"] for r in records}
     cont = records[-1]
     # chunked prefill: a few long prompts among short ones; the per-token interval p99 with and without chunks
@@ -125,6 +127,8 @@ def run_serving_benchmark(model_name: str = "smollm2-135m", sizes: BenchSizes | 
         "outputs_checked_alone": 2 * n,
         "near_ties": sum(len(r["near_ties"]) for c in (check, check_l) for r in c["runs"].values()),
         "tpot_p99_ms": {"static": records[0]["tpot_p99_ms"], "continuous": records[1]["tpot_p99_ms"]},
+        "step_ms_p50": {r["scheduler"]: {"with_prompt_tokens": r["step_ms_mixed_p50"], "decode_only":
+                                         r["step_ms_decode_p50"]} for r in records[:2]},
         "trace": {"requests": sizes.n_requests, "prompt_len": sizes.prompt_len, "answer_len_loguniform":
                   sizes.answer_len, "shared_system_prompt_tokens": len(system), "max_batch": sizes.max_batch,
                   "block_size": bs, "long_prompt_len": sizes.long_len, "chunk_size": sizes.chunk_size,

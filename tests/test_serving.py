@@ -150,6 +150,11 @@ def test_replay_together_equals_replays_one_after_the_other(tiny):
         assert et.step_log == ea.step_log
         times = [t for s in g for t in s.token_times]
         assert all(t >= 0 for t in times) and max(times) < 60  # its own clock: seconds of its steps, not of both
+        # every replayed step timed, split into steps that computed prompt tokens and decode-only steps
+        summary = S.summarize_run(g, et)
+        assert summary["steps_mixed"] + summary["steps_decode"] == et.steps == len(et.step_times)
+        assert summary["steps_mixed"] >= 1 and summary["steps_decode"] >= 1 and summary["step_ms_decode_p50"] > 0
+        assert max(g[-1].token_times) <= sum(dt for _, dt in et.step_times) + 1e-9  # no idle gap: steps only
 
 
 # ---------------------------------------------------------------------------------------------- attention
