@@ -361,7 +361,7 @@ def cli_main(argv: list[str]) -> int:
     model, tokenizer = models.load(args.model, device=env.device())
     if tokenizer is None:
         raise LabkitError(f"{args.model} has no tokenizer; labkit serve needs one (use smollm2-135m or a hub model)")
-    engine = serving.Engine(model, cfg, eos_token_id=tokenizer.eos_token_id)
+    engine = serving.Engine(model, cfg, eos_token_id=tokenizer.eos_token_id, log_steps=False)  # runs for days
     app = create_app(engine, tokenizer, args.model)
     print(f"labkit serve: {model.labkit_info.label} on http://{args.host}:{args.port}", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

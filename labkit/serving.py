@@ -582,10 +582,12 @@ class Engine:
     """Requests in, tokens out: ``add`` requests, call ``step()`` until ``has_work()`` is False.
 
     ``hf_model``: a transformers LlamaForCausalLM, or the ``shared_weights(...)`` of one (engines then share them).
+    ``log_steps``: keep a record of every step in ``step_log`` (what the benchmarks summarize); a server that runs
+    for days passes False, or the log grows without end.
     """
 
     def __init__(self, hf_model, cfg: EngineConfig | None = None, eos_token_id=None, weights: str = "bf16",
-                 device=None):
+                 device=None, log_steps: bool = True):
         self.cfg = cfg or EngineConfig()
         self.runner = PagedRunner(hf_model, self.cfg.num_blocks, self.cfg.block_size, self.cfg.max_model_len,
                                   self.cfg.kernels, weights, device, cuda_graphs=self.cfg.cuda_graphs)
@@ -597,6 +599,7 @@ class Engine:
         self.eos = set(eos if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else []))
         self.steps = 0
         self.tokens_served = 0
+        self.log_steps = log_steps
         self.step_log: list[dict] = []  # per step: tokens computed, sequences, KV slots used / reserved
         self.step_times: list[tuple[int, float]] = []  # replays: (index in step_log, seconds on the replay clock)
         self._n = 0
@@ -659,12 +662,13 @@ class Engine:
             for s in list(sch.running):  # the batch is over: every block back to the pool
                 reason = s.finish_reason
                 sch.remove(s, reason)
-        for s in sch.running:
-            used += s.num_computed
-            reserved += len(s.block_table) * self.cfg.block_size
         self.steps += 1
-        self.step_log.append({"tokens": sum(n for _, n in work), "seqs": len(work), "kv_used": used,
-                              "kv_reserved": reserved, "running": len(sch.running)})
+        if self.log_steps:
+            for s in sch.running:
+                used += s.num_computed
+                reserved += len(s.block_table) * self.cfg.block_size
+            self.step_log.append({"tokens": sum(n for _, n in work), "seqs": len(work), "kv_used": used,
+                                  "kv_reserved": reserved, "running": len(sch.running)})
         return events
 
     def generate(self, prompts: list[list[int]], max_tokens: int, ignore_eos: bool = False) -> list[list[int]]:

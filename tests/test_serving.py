@@ -157,6 +157,15 @@ def test_replay_together_equals_replays_one_after_the_other(tiny):
         assert max(g[-1].token_times) <= sum(dt for _, dt in et.step_times) + 1e-9  # no idle gap: steps only
 
 
+
+def test_engine_without_step_log_gives_the_same_answers(tiny):
+    """A long-running server keeps no per-step record (it would grow without end); nothing else changes."""
+    cfg = S.EngineConfig(max_batch=4, num_blocks=32, block_size=4, max_model_len=48)
+    prompts = [_req(5 + i, 4, seed=i).prompt for i in range(5)]
+    logged, quiet = S.Engine(tiny, cfg), S.Engine(tiny, cfg, log_steps=False)
+    assert quiet.generate(prompts, 4) == logged.generate(prompts, 4)
+    assert quiet.steps == logged.steps > 0 and quiet.step_log == [] and len(logged.step_log) == logged.steps
+
 # ---------------------------------------------------------------------------------------------- attention
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
 def test_paged_decode_kernel_matches_reference(dtype, tol):
