@@ -164,7 +164,8 @@ def smollm2_checkpoint() -> Path:
     return out
 
 
-# the conversion's own version: a cache converted by an older one is converted again (2: the tokenizer's padding token)
+# the conversion's own version: a cache converted by an older one is converted again (2: a padding token set;
+# 3: the padding token read from the GGUF file)
 CONVERSION = 3
 
 

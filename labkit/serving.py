@@ -1000,6 +1000,25 @@ def rope_write_paged(qkv: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, 
 
 if triton is not None:
 
+    @triton.jit
+    def _online_softmax_step(q, k, v, keep, m_i, l_i, acc, scale, FP32: tl.constexpr):
+        """One key tile of an online softmax: scores of q against k (masked to ``keep``), the running max ``m_i`` and
+        sum ``l_i`` rescaled, ``acc`` += P V. fp32 inputs take full-precision products (the GPU default is TF32)."""
+        if FP32:
+            sc = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+        else:
+            sc = tl.dot(q, tl.trans(k)) * scale
+        sc = tl.where(keep, sc, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+        p = tl.exp(sc - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if FP32:
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        return m_new, l_i, acc
+
     @triton.jit(do_not_specialize=["stride_bt"])  # eager steps' table widths vary: one compile, not one per width
     def _paged_decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, len_ptr, o_ptr, scale, REP,
                              stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt, stride_ob, stride_oh,
@@ -1023,20 +1042,7 @@ if triton is not None:
             kv_off = blk * stride_kb + offs_s[:, None] * stride_ks + j * stride_kh + offs_d[None, :]
             k = tl.load(kc_ptr + kv_off, mask=mask_s[:, None], other=0.0)  # (BS, HD)
             v = tl.load(vc_ptr + kv_off, mask=mask_s[:, None], other=0.0)
-            if FP32:  # fp32 inputs: full-precision products (the default would be TF32 on a GPU)
-                sc = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # (BLOCK_R, BS) fp32
-            else:
-                sc = tl.dot(q, tl.trans(k)) * scale
-            sc = tl.where(mask_s[None, :], sc, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-            p = tl.exp(sc - m_new[:, None])
-            alpha = tl.exp(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            if FP32:
-                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            m_i, l_i, acc = _online_softmax_step(q, k, v, mask_s[None, :], m_i, l_i, acc, scale, FP32)
         out = acc / l_i[:, None]
         tl.store(o_ptr + b * stride_ob + (j * REP + offs_r)[:, None] * stride_oh + offs_d[None, :],
                  out.to(o_ptr.dtype.element_ty), mask=mask_r[:, None])
@@ -1138,20 +1144,7 @@ if triton is not None:
             off = blk[:, None] * stride_kb + (kpos % BS)[:, None] * stride_ks + j * stride_kh + offs_d[None, :]
             k = tl.load(kc_ptr + off, mask=mask_n[:, None], other=0.0)  # (BLOCK_N, HD)
             v = tl.load(vc_ptr + off, mask=mask_n[:, None], other=0.0)
-            if FP32:
-                sc = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-            else:
-                sc = tl.dot(q, tl.trans(k)) * scale
-            sc = tl.where(kpos[None, :] <= qpos[:, None], sc, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-            p = tl.exp(sc - m_new[:, None])
-            alpha = tl.exp(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            if FP32:
-                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            m_i, l_i, acc = _online_softmax_step(q, k, v, kpos[None, :] <= qpos[:, None], m_i, l_i, acc, scale, FP32)
         out = acc / l_i[:, None]
         tl.store(o_ptr + rows[:, None] * stride_on + h * stride_oh + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
                  mask=mask_m[:, None])
