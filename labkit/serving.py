@@ -66,7 +66,7 @@ class EngineConfig:
     admit_batch: int = 1
     prefix_caching: bool = False
     kernels: str = "torch"  # decode attention: "torch" (reference) or "triton"
-    cuda_graphs: bool = True  # with kernels="triton" on a GPU: decode-only steps replay a captured CUDA graph
+    cuda_graphs: bool = True  # with kernels="triton" on a GPU: steps replay CUDA graphs (batch or token buckets)
 
     def __post_init__(self):
         if self.scheduler not in SCHEDULERS:
@@ -381,7 +381,8 @@ class PagedRunner:
     launch and every prompt chunk's another (the reference loops over sequences: on an H200, SmolLM2's steps that
     admitted a few dozen prompts then took ~200 ms, its decode steps ~3 ms); RMSNorm and RoPE + the K/V writes are
     one kernel each, and a decode-only step replays a CUDA graph captured for its batch bucket (launching a 7B step's
-    ~1,200 kernels one by one from Python costs more than the GPU's work).
+    ~1,200 kernels one by one from Python costs more than the GPU's work); a step with prompt tokens replays the graph
+    of its token bucket (``TOKEN_BUCKETS``), up to ``graph_rows`` sequences.
     """
 
     def __init__(self, hf_model, num_blocks: int, block_size: int, max_model_len: int, kernels: str = "torch",
@@ -412,6 +413,10 @@ class PagedRunner:
         self.cuda_graphs = cuda_graphs and kernels == "triton" and self.device.type == "cuda"
         self.table_width = -(-max_model_len // block_size) + 1
         self.graphs: dict[int, tuple] = {}
+        # steps with prompt tokens: one graph per token bucket, for at most ``graph_rows`` sequences a step
+        self.mixed_graphs: dict[int, tuple] = {}
+        self.graph_rows = 0
+        self.token_buckets: tuple = ()
         self._pool = None
 
     def kv_cache_bytes(self) -> int:
@@ -419,10 +424,9 @@ class PagedRunner:
         per_block = self.k_cache[:, 0].numel() * self.k_cache.element_size()
         return 2 * self.num_blocks * per_block
 
-    @torch.no_grad()
-    def forward(self, work: list[tuple[Sequence, int]]) -> torch.Tensor:
-        """Compute ``n`` tokens of each sequence from its ``num_computed``; logits (len(work), V) of each last token."""
-        c, bs, dev = self.cfg, self.block_size, self.device
+    def _inputs(self, work: list[tuple[Sequence, int]]):
+        """The step's flat batch: token ids, positions, cache slots (Python lists) and each sequence's (start, n)."""
+        bs = self.block_size
         ids, pos, slots, spans = [], [], [], []
         for seq, n in work:
             start = seq.num_computed
@@ -433,9 +437,19 @@ class PagedRunner:
             pos += p
             slots += [seq.block_table[q // bs] * bs + q % bs for q in p]
             spans.append((start, n))
-        if self.cuda_graphs and len(ids) == len(work) and len(work) <= GRAPH_BATCHES[-1] \
-                and all(len(seq.block_table) <= self.table_width for seq, _ in work):
-            return self._graph_step(work, ids, pos, slots, spans)
+        return ids, pos, slots, spans
+
+    @torch.no_grad()
+    def forward(self, work: list[tuple[Sequence, int]]) -> torch.Tensor:
+        """Compute ``n`` tokens of each sequence from its ``num_computed``; logits (len(work), V) of each last token."""
+        c, dev = self.cfg, self.device
+        ids, pos, slots, spans = self._inputs(work)
+        if self.cuda_graphs and all(len(seq.block_table) <= self.table_width for seq, _ in work):
+            if len(ids) == len(work) and len(work) <= GRAPH_BATCHES[-1]:
+                return self._graph_step(work, ids, pos, slots, spans)
+            Tb = self.token_bucket(len(ids), len(work))
+            if Tb is not None:
+                return self._mixed_graph_step(work, ids, pos, slots, spans, Tb)
         ids_t = torch.tensor(ids, device=dev)
         pos_t = torch.tensor(pos, device=dev)
         slot_t = torch.tensor(slots, device=dev)
@@ -495,14 +509,38 @@ class PagedRunner:
         return wo.linear(h, self.fast.lm_head, use_kernel=False).float()  # (rows, V)
 
     # ------------------------------------------------------------------------------------------ CUDA graphs
-    def capture_graphs(self, max_batch: int) -> None:
-        """Capture the graph of every batch bucket up to the one that holds ``max_batch``, before any request runs
-        (a capture costs a few forwards: taken on first use, it would stall the step that needs it)."""
+    def capture_graphs(self, max_batch: int, max_step_tokens: int = 0) -> None:
+        """Capture the graph of every batch bucket up to the one that holds ``max_batch``, and of every token bucket up
+        to the one that holds ``max_step_tokens`` (steps with prompt tokens), before any request runs (a capture
+        costs a few forwards: taken on first use, it would stall the step that needs it)."""
         for G in GRAPH_BATCHES:
             if G not in self.graphs:
                 self._capture(G)
             if G >= max_batch:
                 break
+        self.graph_rows = max_batch
+        self.token_buckets = self.token_buckets_for(max_step_tokens)
+        for Tb in self.token_buckets:
+            if Tb not in self.mixed_graphs:
+                self._capture_mixed(Tb)
+
+    @staticmethod
+    def token_buckets_for(max_step_tokens: int) -> tuple:
+        """The token buckets a step of at most ``max_step_tokens`` tokens can need: up to the first that holds it."""
+        out = []
+        for Tb in TOKEN_BUCKETS:
+            if max_step_tokens <= 0:
+                break
+            out.append(Tb)
+            if Tb >= max_step_tokens:
+                break
+        return tuple(out)
+
+    def token_bucket(self, n_tokens: int, n_seqs: int) -> int | None:
+        """The token bucket whose graph runs a step of ``n_tokens`` tokens from ``n_seqs`` sequences (None: eager)."""
+        if n_seqs > self.graph_rows:
+            return None
+        return next((Tb for Tb in self.token_buckets if Tb >= n_tokens), None)
 
     def _graph_step(self, work, ids, pos, slots, spans) -> torch.Tensor:
         """A decode-only step (one token per sequence) as the replay of the graph of the smallest batch bucket that
@@ -532,16 +570,20 @@ class PagedRunner:
 
     def _capture(self, G: int) -> tuple:
         """Capture the decode forward of G rows into a CUDA graph (warm-up on a side stream first, as torch asks)."""
-        W, dev = self.table_width, self.device
-        buf = self._padding(G).to(dev)  # capture and warm-up see padding rows only: no real block is written
+        W = self.table_width
+        buf = self._padding(G).to(self.device)  # capture and warm-up see padding rows only: no real block is written
         ids, pos, slot, lens = (buf[i * G:(i + 1) * G] for i in range(4))
         tables = buf[4 * G:].view(G, W)
         nqhd = self.cfg.n_heads * self.cfg.head_dim
+        graph, out = self._capture_fn(lambda: self._layers(ids, pos, slot, lambda q, kc, vc: paged_decode_attention(
+            q, kc, vc, tables, lens).reshape(G, nqhd)))
+        self.graphs[G] = (graph, buf, out)
+        return self.graphs[G]
 
-        def run():
-            return self._layers(ids, pos, slot, lambda q, kc, vc: paged_decode_attention(
-                q, kc, vc, tables, lens).reshape(G, nqhd))
-
+    def _capture_fn(self, run) -> tuple:
+        """A CUDA graph of ``run()`` in the runner's shared pool and its output (warm-up on a side stream first, as
+        torch asks). Graphs share the pool: a step's logits must be read before the next replay."""
+        dev = self.device
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream(dev)
@@ -553,12 +595,86 @@ class PagedRunner:
         graph = torch.cuda.CUDAGraph()
         with torch.no_grad(), torch.cuda.graph(graph, pool=self._pool):
             out = run()
-        self.graphs[G] = (graph, buf, out)
-        return self.graphs[G]
+        return graph, out
+
+    # a step with prompt tokens, at a fixed shape: Tb token rows (the real ones first, then padding rows: token 0 at
+    # position 0 writing the scratch slot), graph_rows decode entries and graph_rows logits rows, each padded too, and
+    # Tb // PREFILL_BLOCK_M + graph_rows prefill tiles (padding tiles have 0 rows: their programs write nothing)
+    def _mixed_sizes(self, Tb: int) -> list[int]:
+        D, W = self.graph_rows, self.table_width
+        return [Tb, Tb, Tb, D, D, D, D * W, D * W, (Tb // PREFILL_BLOCK_M + D) * 4]
+
+    def _mixed_host(self, work, ids, pos, slots, spans, Tb: int) -> torch.Tensor:
+        """The step's inputs as one int64 host tensor in the layout of ``_mixed_run`` (one host-to-device copy)."""
+        D, W, T = self.graph_rows, self.table_width, len(ids)
+        ids_h, pos_h, slot_h, dec_h, len_h, last_h, dtab_h, ptab_h, tile_h = host = [
+            torch.zeros(n, dtype=torch.long) for n in self._mixed_sizes(Tb)]
+        ids_h[:T], pos_h[:T] = torch.tensor(ids), torch.tensor(pos)
+        slot_h.fill_(self.num_blocks * self.block_size)
+        slot_h[:T] = torch.tensor(slots)
+        starts = [0]
+        for _, n in spans:
+            starts.append(starts[-1] + n)
+        dec = [i for i, (_, n) in enumerate(spans) if n == 1]
+        pre = [i for i, (_, n) in enumerate(spans) if n > 1]
+        dec_h.fill_(Tb)  # padding entries write the attention output's extra row, which nothing reads
+        len_h.fill_(1)
+        dtab_h.fill_(self.num_blocks)
+        dec_h[:len(dec)] = torch.tensor([starts[i] for i in dec], dtype=torch.long)
+        len_h[:len(dec)] = torch.tensor([spans[i][0] + 1 for i in dec], dtype=torch.long)
+        last_h[:len(work)] = torch.tensor(starts[1:], dtype=torch.long) - 1
+
+        def tables(idx):
+            return torch.tensor([work[i][0].block_table + [0] * (W - len(work[i][0].block_table)) for i in idx],
+                                dtype=torch.long).view(-1)
+
+        if dec:
+            dtab_h[:len(dec) * W] = tables(dec)
+        if pre:
+            ptab_h[:len(pre) * W] = tables(pre)
+            t = prefill_tiles([spans[i] for i in pre], [starts[i] for i in pre], "cpu").view(-1)
+            tile_h[:len(t)] = t
+        return torch.cat(host)
+
+    def _mixed_run(self, buf: torch.Tensor, Tb: int) -> torch.Tensor:
+        """The forward of a step with prompt tokens from ``buf`` (``_mixed_host``'s layout, on the device): decode rows
+        through the decode kernel, prompt chunks through the prefill kernel, as ``forward`` runs them; capturable."""
+        D, W = self.graph_rows, self.table_width
+        ids, pos, slots, dec, lens, last, dtab, ptab, tiles = torch.split(buf, self._mixed_sizes(Tb))
+        dtab, ptab = dtab.view(D, W).to(torch.int32), ptab.view(D, W).to(torch.int32)
+        lens, tiles = lens.to(torch.int32), tiles.view(-1, 4).to(torch.int32)
+        src = dec.clamp(max=Tb - 1)  # padding entries read some row; their result goes to the extra row
+        nq, hd = self.cfg.n_heads, self.cfg.head_dim
+
+        def attend(q, kc, vc):
+            o = torch.empty(Tb + 1, nq, hd, device=q.device, dtype=self.dtype)
+            o.index_copy_(0, dec, paged_decode_attention(q.index_select(0, src), kc, vc, dtab, lens))
+            paged_prefill_attention(q, kc, vc, ptab, tiles, out=o[:Tb])
+            return o[:Tb].view(Tb, nq * hd)
+
+        return self._layers(ids, pos, slots, attend, last)
+
+    def _mixed_graph_step(self, work, ids, pos, slots, spans, Tb: int) -> torch.Tensor:
+        """A step with prompt tokens as the replay of the graph of token bucket ``Tb``."""
+        graph, buf, out = self.mixed_graphs.get(Tb) or self._capture_mixed(Tb)
+        buf.copy_(self._mixed_host(work, ids, pos, slots, spans, Tb))
+        graph.replay()
+        return out[:len(work)]
+
+    def _capture_mixed(self, Tb: int) -> tuple:
+        """Capture ``_mixed_run`` for token bucket Tb on padding inputs (no real block is written)."""
+        host = self._mixed_host([], [], [], [], [], Tb)
+        buf = host.to(self.device)
+        graph, out = self._capture_fn(lambda: self._mixed_run(buf, Tb))
+        self.mixed_graphs[Tb] = (graph, buf, out)
+        return self.mixed_graphs[Tb]
 
 
 # a decode-only step of B sequences replays the graph of the smallest bucket >= B (larger batches run eagerly)
 GRAPH_BATCHES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
+# a step with prompt tokens replays the graph of the smallest token bucket that holds its tokens: about 1.5x apart,
+# so padding costs at most half a step's compute where compute is what a step costs (a 7B step of thousands of tokens)
+TOKEN_BUCKETS = (64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
 
 
 def shared_weights(hf_model, max_model_len: int, weights: str = "bf16", device=None) -> fastgen.FastLlama:
@@ -592,7 +708,7 @@ class Engine:
         self.runner = PagedRunner(hf_model, self.cfg.num_blocks, self.cfg.block_size, self.cfg.max_model_len,
                                   self.cfg.kernels, weights, device, cuda_graphs=self.cfg.cuda_graphs)
         if self.runner.cuda_graphs:
-            self.runner.capture_graphs(self.cfg.max_batch)
+            self.runner.capture_graphs(self.cfg.max_batch, self.cfg.max_step_tokens)
         self.scheduler = Scheduler(self.cfg)
         gen_cfg = getattr(hf_model, "generation_config", None)
         eos = eos_token_id if eos_token_id is not None else getattr(gen_cfg, "eos_token_id", None)
@@ -1145,7 +1261,7 @@ if triton is not None:
             k = tl.load(kc_ptr + off, mask=mask_n[:, None], other=0.0)  # (BLOCK_N, HD)
             v = tl.load(vc_ptr + off, mask=mask_n[:, None], other=0.0)
             m_i, l_i, acc = _online_softmax_step(q, k, v, kpos[None, :] <= qpos[:, None], m_i, l_i, acc, scale, FP32)
-        out = acc / l_i[:, None]
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # l_i is 0 only in a padding tile (no rows, nothing stored)
         tl.store(o_ptr + rows[:, None] * stride_on + h * stride_oh + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
                  mask=mask_m[:, None])
 
