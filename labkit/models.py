@@ -165,8 +165,8 @@ def smollm2_checkpoint() -> Path:
 
 
 # the conversion's own version: a cache converted by an older one is converted again (2: a padding token set;
-# 3: the padding token read from the GGUF file)
-CONVERSION = 3
+# 3: the padding token read from the GGUF file; 4: the end and beginning tokens too)
+CONVERSION = 4
 
 
 def _smollm2_source(gguf: Path) -> dict:
@@ -238,10 +238,12 @@ def _convert_smollm2(gguf: Path, out: Path, source: dict) -> None:
 
     ref = load_gguf_reference()
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    # the padding token is the one the GGUF file names (SmolLM2: id 2, its end-of-turn <|im_end|>, as the published
-    # tokenizer has it); transformers versions disagree on reading it (5.24 does; on the H200 runner 5.17 left it
-    # out once and gave <|im_start|> another time), so it is set from the file on every version
-    tokenizer.pad_token = tokenizer.convert_ids_to_tokens(_gguf_int(gguf, "tokenizer.ggml.padding_token_id"))
+    # the padding, end and beginning tokens are the ones the GGUF file names (SmolLM2: pad and eos id 2, its
+    # end-of-turn <|im_end|>, as the published tokenizer has it; bos id 1); transformers versions disagree on reading
+    # them (5.24 does; on the H200 runner 5.17 left the padding token out once, and gave <|im_start|> for it and for
+    # eos other times), so they are set from the file on every version
+    for attr, key in (("pad_token", "padding"), ("eos_token", "eos"), ("bos_token", "bos")):
+        setattr(tokenizer, attr, tokenizer.convert_ids_to_tokens(_gguf_int(gguf, f"tokenizer.ggml.{key}_token_id")))
     cfg = ref.config.to_dict()
     for key in ("quantization_config", "_name_or_path", "transformers_version", "architectures"):
         cfg.pop(key, None)

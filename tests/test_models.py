@@ -40,9 +40,10 @@ def test_converted_smollm2_matches_gguf(smollm2):
 
 
 def test_embedded_tokenizer_pads_with_its_end_of_turn_token(tokenizer):
-    """Batched calls with padding=True need a padding token; transformers 5.17 left it out of the GGUF conversion,
-    which now sets it (and a cache converted before that is converted again: its stamp is older)."""
-    assert tokenizer.pad_token == tokenizer.eos_token == "<|im_end|>"
+    """Batched calls with padding=True need a padding token, and stopping needs the right end token; transformers 5.17
+    left out or mixed up these in the GGUF conversion, which now sets them from the file (and a cache converted
+    before that is converted again: its stamp is older)."""
+    assert tokenizer.pad_token == tokenizer.eos_token == "<|im_end|>" and tokenizer.bos_token == "<|im_start|>"
     enc = tokenizer(["a", "a much longer prompt"], padding=True, return_tensors="pt")
     assert enc.input_ids.shape[0] == 2 and (enc.attention_mask == 0).any()
     stamp = json.loads((models.smollm2_checkpoint() / "labkit_source.json").read_text())

@@ -298,9 +298,13 @@ def test_engine_with_triton_attention_matches_torch(tiny):
 def test_a_step_at_a_fixed_shape_equals_the_eager_step(tiny):
     """The form a CUDA graph replays for steps with prompt tokens (token rows padded to a bucket, decode entries,
     tiles and logits rows padded to the batch limit; ``_mixed_run``) gives the eager step's logits and writes the same
-    K/V to the same slots: checked at every step of a trace with prompt chunks among decodes (interpreted here)."""
-    cfg = S.EngineConfig(max_batch=4, num_blocks=24, block_size=16, max_model_len=64, chunk_size=8, kernels="triton")
-    eng = S.Engine(tiny, cfg)
+    K/V to the same slots: checked at every step of a trace with prompt chunks among decodes (interpreted on a CPU)."""
+    cfg = S.EngineConfig(max_batch=4, num_blocks=24, block_size=16, max_model_len=64, chunk_size=8, kernels="triton",
+                         cuda_graphs=False)
+    model = tiny  # on a GPU the same check runs compiled, without the graphs (test_cuda_graph_steps_equal_eager_steps)
+    if torch.cuda.is_available():
+        model = models.load("tiny-llama-shape", device="cuda", dtype=torch.float32)[0]
+    eng = S.Engine(model, cfg)
     r, nb = eng.runner, cfg.num_blocks
     r.graph_rows, r.token_buckets = cfg.max_batch, r.token_buckets_for(cfg.max_step_tokens)
     assert r.token_buckets[0] == 64 and r.token_buckets[-1] >= cfg.max_step_tokens
