@@ -318,7 +318,7 @@ def test_a_step_at_a_fixed_shape_equals_the_eager_step(tiny):
         after = r.k_cache.clone(), r.v_cache.clone()
         r.k_cache.copy_(before[0]), r.v_cache.copy_(before[1])
         with torch.no_grad():
-            got = r._mixed_run(r._mixed_host(work, ids, pos, slots, spans, Tb), Tb)[:len(work)]
+            got = r._mixed_run(r._mixed_host(work, ids, pos, slots, spans, Tb).to(r.device), Tb)[:len(work)]
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
         for cache, ref in zip((r.k_cache, r.v_cache), after):  # the scratch block (index nb) takes the padding
             torch.testing.assert_close(cache[:, :nb], ref[:, :nb], rtol=0, atol=1e-5)
