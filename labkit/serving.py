@@ -455,15 +455,14 @@ class PagedRunner:
         slot_t = torch.tensor(slots, device=dev)
         # with kernels="triton": the rows of single-token (decode) sequences go through the decode kernel in one
         # launch, every prompt chunk through the prefill kernel in another; with "torch", the references
-        starts = [sum(n for _, n in spans[:i]) for i in range(len(spans))]
         fused = self.kernels == "triton"
-        dec = [i for i, (_, n) in enumerate(spans) if n == 1] if fused else []
+        starts, dec, pre = split_rows(spans)
+        if not fused:
+            dec, pre = [], list(range(len(work)))
         if dec:
             dec_rows = torch.tensor([starts[i] for i in dec], device=dev)
             tables = block_tables_tensor([work[i][0] for i in dec], dev)
             lens = torch.tensor([spans[i][0] + 1 for i in dec], device=dev)
-        dset = set(dec)
-        pre = [i for i in range(len(work)) if i not in dset]
         if fused and pre:  # every prompt chunk of the step in one launch, built once for all layers
             pre_tables = block_tables_tensor([work[i][0] for i in pre], dev)
             pre_tiles = prefill_tiles([spans[i] for i in pre], [starts[i] for i in pre], dev)
@@ -482,7 +481,7 @@ class PagedRunner:
                                                                  start).view(n, nq, hd)
             return o.view(q.shape[0], nq * hd)
 
-        last = torch.tensor([sum(n for _, n in spans[:i + 1]) - 1 for i in range(len(spans))], device=dev)
+        last = torch.tensor(starts[1:], device=dev) - 1
         return self._layers(ids_t, pos_t, slot_t, attend, last)
 
     def _layers(self, ids_t, pos_t, slot_t, attend, last=None) -> torch.Tensor:
@@ -527,14 +526,10 @@ class PagedRunner:
     @staticmethod
     def token_buckets_for(max_step_tokens: int) -> tuple:
         """The token buckets a step of at most ``max_step_tokens`` tokens can need: up to the first that holds it."""
-        out = []
-        for Tb in TOKEN_BUCKETS:
-            if max_step_tokens <= 0:
-                break
-            out.append(Tb)
-            if Tb >= max_step_tokens:
-                break
-        return tuple(out)
+        if max_step_tokens <= 0:
+            return ()
+        n = next((i for i, Tb in enumerate(TOKEN_BUCKETS) if Tb >= max_step_tokens), len(TOKEN_BUCKETS) - 1)
+        return TOKEN_BUCKETS[:n + 1]
 
     def token_bucket(self, n_tokens: int, n_seqs: int) -> int | None:
         """The token bucket whose graph runs a step of ``n_tokens`` tokens from ``n_seqs`` sequences (None: eager)."""
@@ -612,11 +607,7 @@ class PagedRunner:
         ids_h[:T], pos_h[:T] = torch.tensor(ids), torch.tensor(pos)
         slot_h.fill_(self.num_blocks * self.block_size)
         slot_h[:T] = torch.tensor(slots)
-        starts = [0]
-        for _, n in spans:
-            starts.append(starts[-1] + n)
-        dec = [i for i, (_, n) in enumerate(spans) if n == 1]
-        pre = [i for i, (_, n) in enumerate(spans) if n > 1]
+        starts, dec, pre = split_rows(spans)
         dec_h.fill_(Tb)  # padding entries write the attention output's extra row, which nothing reads
         len_h.fill_(1)
         dtab_h.fill_(self.num_blocks)
@@ -684,6 +675,18 @@ def shared_weights(hf_model, max_model_len: int, weights: str = "bf16", device=N
     fast.max_seq_len = max_model_len
     fast.cos, fast.sin = fastgen.rope_tables(fast.cfg, max_model_len, fast.dtype, fast.device)
     return fast
+
+
+def split_rows(spans: list[tuple[int, int]]) -> tuple[list[int], list[int], list[int]]:
+    """For a step's ``spans`` (start, n) per sequence: each sequence's first row in the flat batch (and one past the
+    last row), the sequences with one token (their attention goes through the decode kernel) and the others (prompt
+    chunks, through the prefill kernel)."""
+    starts = [0]
+    for _, n in spans:
+        starts.append(starts[-1] + n)
+    dec = [i for i, (_, n) in enumerate(spans) if n == 1]
+    pre = [i for i, (_, n) in enumerate(spans) if n > 1]
+    return starts, dec, pre
 
 
 def block_tables_tensor(seqs: list[Sequence], device) -> torch.Tensor:
