@@ -106,6 +106,7 @@ class Sequence:
         self.num_computed = 0  # tokens whose K/V are in the cache
         self.block_table: list[int] = []
         self.block_hashes: list = []  # hash of each full block (prefix caching), None where not hashed
+        self.hashed = 0  # leading blocks whose hash is known (the others are None): where hashing resumes
         self.status = WAITING
         self.finish_reason: str | None = None
         self.gaps: list[float] = []  # top-1 minus top-2 logit at each generated token (near-tie evidence)
@@ -203,23 +204,20 @@ class BlockManager:
             prev = h
         seq.num_computed = cached
         seq.cached_tokens = cached
+        seq.hashed = cached // bs  # the hits are whole blocks from the start, their hashes known
 
     def register_full_blocks(self, seq: Sequence) -> None:
         """After a step: hash every block of ``seq`` that is now full of computed K/V (prefix caching)."""
         if not self.prefix_caching:
             return
-        bs = self.block_size
-        prev = None
-        for i, block in enumerate(seq.block_table):
-            if (i + 1) * bs > seq.num_computed:
-                break
-            h = seq.block_hashes[i] or self.chain_hash(prev, seq.tokens[i * bs:(i + 1) * bs])
-            if seq.block_hashes[i] is None:
-                seq.block_hashes[i] = h
-                if h not in self.block_of:
-                    self.block_of[h] = block
-                    self.hash_of[block] = h
-            prev = h
+        bs, i = self.block_size, seq.hashed  # blocks before ``seq.hashed`` have their hash already
+        prev = seq.block_hashes[i - 1] if i else None
+        for i in range(i, min(len(seq.block_table), seq.num_computed // bs)):
+            prev = seq.block_hashes[i] = self.chain_hash(prev, seq.tokens[i * bs:(i + 1) * bs])
+            if prev not in self.block_of:
+                self.block_of[prev] = seq.block_table[i]
+                self.hash_of[seq.block_table[i]] = prev
+            seq.hashed = i + 1
 
     def needs_block(self, seq: Sequence) -> bool:
         """Does the next token of ``seq`` (written at position n_tokens - 1) need a new block?"""
@@ -236,7 +234,7 @@ class BlockManager:
             assert self.ref[block] >= 0, "block freed twice"
             if self.ref[block] == 0:
                 self.free[block] = None
-        seq.block_table, seq.block_hashes = [], []
+        seq.block_table, seq.block_hashes, seq.hashed = [], [], 0
 
     @property
     def hit_rate(self) -> float:
@@ -1117,6 +1115,8 @@ def rope_write_paged(qkv: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, 
     return q
 
 
+DECODE_BLOCK_N = 64  # key positions per iteration of the decode kernel (several blocks of the table at once)
+
 if triton is not None:
 
     @triton.jit
@@ -1141,38 +1141,45 @@ if triton is not None:
     @triton.jit(do_not_specialize=["stride_bt"])  # eager steps' table widths vary: one compile, not one per width
     def _paged_decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, len_ptr, o_ptr, scale, REP,
                              stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt, stride_ob, stride_oh,
-                             HD: tl.constexpr, BS: tl.constexpr, BLOCK_R: tl.constexpr, FP32: tl.constexpr):
-        """Program (b, j): the REP query heads of sequence b that share KV head j, over its blocks, online softmax."""
+                             HD: tl.constexpr, BS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+                             FP32: tl.constexpr):
+        """Program (b, j): the REP query heads of sequence b that share KV head j, over its positions in tiles of
+        BLOCK_N (gathered through the block table: several blocks a tile), online softmax."""
         b = tl.program_id(0)
         j = tl.program_id(1)
         L = tl.load(len_ptr + b)
         offs_d = tl.arange(0, HD)
         offs_r = tl.arange(0, BLOCK_R)
-        offs_s = tl.arange(0, BS)
+        offs_n = tl.arange(0, BLOCK_N)
         mask_r = offs_r < REP
         q = tl.load(q_ptr + b * stride_qb + (j * REP + offs_r)[:, None] * stride_qh + offs_d[None, :],
                     mask=mask_r[:, None], other=0.0)  # (BLOCK_R, HD)
         m_i = tl.full((BLOCK_R,), float("-inf"), tl.float32)
         l_i = tl.zeros((BLOCK_R,), tl.float32)
         acc = tl.zeros((BLOCK_R, HD), tl.float32)
-        for start in range(0, L, BS):
-            blk = tl.load(bt_ptr + b * stride_bt + start // BS).to(tl.int64)  # the block holding these positions
-            mask_s = (start + offs_s) < L
-            kv_off = blk * stride_kb + offs_s[:, None] * stride_ks + j * stride_kh + offs_d[None, :]
-            k = tl.load(kc_ptr + kv_off, mask=mask_s[:, None], other=0.0)  # (BS, HD)
-            v = tl.load(vc_ptr + kv_off, mask=mask_s[:, None], other=0.0)
-            m_i, l_i, acc = _online_softmax_step(q, k, v, mask_s[None, :], m_i, l_i, acc, scale, FP32)
+        for start in range(0, L, BLOCK_N):  # BLOCK_N positions a tile, each read from the block that holds it
+            kpos = start + offs_n
+            mask_n = kpos < L
+            blk = tl.load(bt_ptr + b * stride_bt + kpos // BS, mask=mask_n, other=0).to(tl.int64)
+            kv_off = blk[:, None] * stride_kb + (kpos % BS)[:, None] * stride_ks + j * stride_kh + offs_d[None, :]
+            k = tl.load(kc_ptr + kv_off, mask=mask_n[:, None], other=0.0)  # (BLOCK_N, HD)
+            v = tl.load(vc_ptr + kv_off, mask=mask_n[:, None], other=0.0)
+            m_i, l_i, acc = _online_softmax_step(q, k, v, mask_n[None, :], m_i, l_i, acc, scale, FP32)
         out = acc / l_i[:, None]
         tl.store(o_ptr + b * stride_ob + (j * REP + offs_r)[:, None] * stride_oh + offs_d[None, :],
                  out.to(o_ptr.dtype.element_ty), mask=mask_r[:, None])
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           block_tables: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
+                           block_tables: torch.Tensor, context_lens: torch.Tensor,
+                           block_n: int = DECODE_BLOCK_N) -> torch.Tensor:
     """Same contract as ``paged_decode_attention_ref``, one Triton program per (sequence, KV head).
 
     q: (B, nq, hd); k_cache, v_cache: (num_blocks, block_size, nkv, hd); block_tables: (B, max_blocks) int32;
     context_lens: (B,) int32. head_dim and block_size must be powers of two, block_size >= 16 (tl.dot's minimum).
+    ``block_n``: key positions per loop iteration (a power of two >= 16); each program walks its sequence's
+    positions one tile after the other, so a tile of one 16-token block makes a 512-token context 32 dependent trips
+    to memory, a tile of 64 positions 8.
     """
     if triton is None:
         raise LabkitError("paged_decode_attention needs triton (pip install triton); use paged_decode_attention_ref")
@@ -1180,9 +1187,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         raise LabkitError("the Triton paged attention needs a CUDA GPU (or TRITON_INTERPRET=1 on a CPU)")
     B, nq, hd = q.shape
     nb, bs, nkv, hd2 = k_cache.shape
-    if hd != hd2 or nq % nkv or bs < 16 or bs & (bs - 1) or hd & (hd - 1):
-        raise LabkitError(f"paged_decode_attention: q {tuple(q.shape)}, cache {tuple(k_cache.shape)}: need equal "
-                          "head_dim (a power of two), nq divisible by nkv, block_size a power of two >= 16")
+    if hd != hd2 or nq % nkv or bs < 16 or bs & (bs - 1) or hd & (hd - 1) or block_n < 16 or block_n & (block_n - 1):
+        raise LabkitError(f"paged_decode_attention: q {tuple(q.shape)}, cache {tuple(k_cache.shape)}, "
+                          f"block_n={block_n}: need equal head_dim (a power of two), nq divisible by nkv, block_size "
+                          "and block_n powers of two >= 16")
     rep = nq // nkv
     out = torch.empty_like(q)
     kc, vc = k_cache.contiguous(), v_cache.contiguous()
@@ -1190,7 +1198,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     lens = context_lens.to(device=q.device, dtype=torch.int32).contiguous()
     _paged_decode_kernel[(B, nkv)](q, kc, vc, bt, lens, out, hd**-0.5, rep, q.stride(0), q.stride(1), kc.stride(0),
                                    kc.stride(1), kc.stride(2), bt.stride(0), out.stride(0), out.stride(1),
-                                   HD=hd, BS=bs, BLOCK_R=max(16, triton.next_power_of_2(rep)),
+                                   HD=hd, BS=bs, BLOCK_R=max(16, triton.next_power_of_2(rep)), BLOCK_N=block_n,
                                    FP32=q.dtype == torch.float32, num_warps=4)
     return out
 

@@ -127,6 +127,7 @@ def run_serving_benchmark(model_name: str = "smollm2-135m", sizes: BenchSizes | 
         "outputs_checked_alone": 2 * n,
         "near_ties": sum(len(r["near_ties"]) for c in (check, check_l) for r in c["runs"].values()),
         "tpot_p99_ms": {"static": records[0]["tpot_p99_ms"], "continuous": records[1]["tpot_p99_ms"]},
+        "steps": {"static": records[0]["steps"], "continuous": records[1]["steps"]},
         "step_ms_p50": {r["scheduler"]: {"with_prompt_tokens": r["step_ms_mixed_p50"], "decode_only":
                                          r["step_ms_decode_p50"]} for r in records[:2]},
         "trace": {"requests": sizes.n_requests, "prompt_len": sizes.prompt_len, "answer_len_loguniform":

@@ -168,19 +168,21 @@ def test_engine_without_step_log_gives_the_same_answers(tiny):
 
 # ---------------------------------------------------------------------------------------------- attention
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
-def test_paged_decode_kernel_matches_reference(dtype, tol):
+@pytest.mark.parametrize("block_n", [16, 64])
+def test_paged_decode_kernel_matches_reference(dtype, tol, block_n):
     """The Triton kernel (compiled on a GPU, interpreted on a CPU) against the PyTorch reference, SmolLM2's 9/3 heads,
-    odd lengths."""
+    odd lengths; a tile of one block and a tile of four, the last sequence over several tiles of scattered blocks."""
     g = torch.Generator().manual_seed(0)
     nb, bs, nkv, nq, hd = 12, 16, 3, 9, 64
     kc = torch.randn(nb, bs, nkv, hd, generator=g).to(dtype)
     vc = torch.randn(nb, bs, nkv, hd, generator=g).to(dtype)
-    q = torch.randn(3, nq, hd, generator=g).to(dtype)
-    tables = torch.tensor([[5, 2, 9, 0], [1, 0, 0, 0], [11, 3, 7, 4]], dtype=torch.int32)
-    lens = torch.tensor([37, 1, 64], dtype=torch.int32)
+    q = torch.randn(4, nq, hd, generator=g).to(dtype)
+    tables = torch.tensor([[5, 2, 9, 0, 0, 0, 0, 0, 0, 0], [1] + [0] * 9, [11, 3, 7, 4] + [0] * 6,
+                           [8, 0, 10, 6, 2, 11, 1, 5, 3, 9]], dtype=torch.int32)
+    lens = torch.tensor([37, 1, 64, 150], dtype=torch.int32)
     ref = S.paged_decode_attention_ref(q, kc, vc, tables, lens)
     dev = "cuda" if torch.cuda.is_available() else "cpu"  # compiled on a GPU, interpreted on a CPU
-    out = S.paged_decode_attention(*(t.to(dev) for t in (q, kc, vc, tables, lens))).cpu()
+    out = S.paged_decode_attention(*(t.to(dev) for t in (q, kc, vc, tables, lens)), block_n=block_n).cpu()
     exact = S.paged_decode_attention_ref(q.double(), kc.double(), vc.double(), tables, lens)
     err, ref_err = (out.double() - exact).abs().max().item(), (ref.double() - exact).abs().max().item()
     assert err <= max(2 * ref_err, tol), (err, ref_err)
