@@ -28,10 +28,12 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import itertools
 import math
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -423,18 +425,20 @@ class PagedRunner:
         return 2 * self.num_blocks * per_block
 
     def _inputs(self, work: list[tuple[Sequence, int]]):
-        """The step's flat batch: token ids, positions, cache slots (Python lists) and each sequence's (start, n)."""
-        bs = self.block_size
-        ids, pos, slots, spans = [], [], [], []
-        for seq, n in work:
-            start = seq.num_computed
-            if seq.padding:  # static batching's finished rows: recompute their last token, result discarded
-                start, n = seq.n_tokens - 1, 1
-            p = list(range(start, start + n))
-            ids += seq.tokens[start:start + n]
-            pos += p
-            slots += [seq.block_table[q // bs] * bs + q % bs for q in p]
-            spans.append((start, n))
+        """The step's flat batch: token ids, positions, cache slots (int64 arrays, one row per token) and each
+        sequence's (start, n). Built with array operations over the whole step: a step of a few thousand prompt tokens
+        costs the host as little as one of 64 decode rows."""
+        bs, seqs = self.block_size, [seq for seq, _ in work]
+        # static batching's finished rows recompute their last token (the result is discarded)
+        spans = [(seq.n_tokens - 1, 1) if seq.padding else (seq.num_computed, n) for seq, n in work]
+        counts = np.fromiter((n for _, n in spans), np.int64, len(spans))
+        first = np.fromiter((start for start, _ in spans), np.int64, len(spans))
+        total = int(counts.sum())
+        ids = np.fromiter(itertools.chain.from_iterable(seq.tokens[a:a + n] for seq, (a, n) in zip(seqs, spans)),
+                          np.int64, total)
+        pos = np.arange(total) + np.repeat(first - (np.cumsum(counts) - counts), counts)  # row -> its position
+        flat, table_start, _ = flat_tables(seqs)
+        slots = flat[np.repeat(table_start, counts) + pos // bs] * bs + pos % bs
         return ids, pos, slots, spans
 
     @torch.no_grad()
@@ -448,9 +452,7 @@ class PagedRunner:
             Tb = self.token_bucket(len(ids), len(work))
             if Tb is not None:
                 return self._mixed_graph_step(work, ids, pos, slots, spans, Tb)
-        ids_t = torch.tensor(ids, device=dev)
-        pos_t = torch.tensor(pos, device=dev)
-        slot_t = torch.tensor(slots, device=dev)
+        ids_t, pos_t, slot_t = (torch.from_numpy(a).to(dev) for a in (ids, pos, slots))
         # with kernels="triton": the rows of single-token (decode) sequences go through the decode kernel in one
         # launch, every prompt chunk through the prefill kernel in another; with "torch", the references
         fused = self.kernels == "triton"
@@ -542,20 +544,17 @@ class PagedRunner:
         G = next(g for g in GRAPH_BATCHES if g >= B)
         graph, buf, out = self.graphs.get(G) or self._capture(G)
         host = self._padding(G)  # (4G + G*W,) int64: ids | positions | slots | lengths | block tables
-        host[:B] = torch.tensor(ids)
-        host[G:G + B] = torch.tensor(pos)
-        host[2 * G:2 * G + B] = torch.tensor(slots)
-        host[3 * G:3 * G + B] = torch.tensor([start + 1 for start, _ in spans])
-        host[4 * G:4 * G + B * W] = torch.tensor([t + [0] * (W - len(t)) for t in (seq.block_table for seq, _ in work)
-                                                  ]).view(-1)
-        buf.copy_(host)  # one host-to-device copy per step
+        host[:B], host[G:G + B], host[2 * G:2 * G + B] = ids, pos, slots
+        host[3 * G:3 * G + B] = pos + 1  # a decode row's position + 1 is its sequence's length
+        host[4 * G:4 * G + B * W] = padded_tables([seq for seq, _ in work], W).reshape(-1)
+        buf.copy_(torch.from_numpy(host))  # one host-to-device copy per step
         graph.replay()
         return out[:B]
 
-    def _padding(self, G: int) -> torch.Tensor:
+    def _padding(self, G: int) -> np.ndarray:
         """Every row a padding row (token 0, position 0, the scratch slot, length 1, the scratch block's table)."""
         W, scratch = self.table_width, self.num_blocks
-        host = torch.zeros(4 * G + G * W, dtype=torch.long)
+        host = np.zeros(4 * G + G * W, dtype=np.int64)
         host[2 * G:3 * G] = scratch * self.block_size
         host[3 * G:4 * G] = 1
         host[4 * G:] = scratch
@@ -564,7 +563,7 @@ class PagedRunner:
     def _capture(self, G: int) -> tuple:
         """Capture the decode forward of G rows into a CUDA graph (warm-up on a side stream first, as torch asks)."""
         W = self.table_width
-        buf = self._padding(G).to(self.device)  # capture and warm-up see padding rows only: no real block is written
+        buf = torch.from_numpy(self._padding(G)).to(self.device)  # capture and warm-up see padding rows only
         ids, pos, slot, lens = (buf[i * G:(i + 1) * G] for i in range(4))
         tables = buf[4 * G:].view(G, W)
         nqhd = self.cfg.n_heads * self.cfg.head_dim
@@ -599,31 +598,26 @@ class PagedRunner:
 
     def _mixed_host(self, work, ids, pos, slots, spans, Tb: int) -> torch.Tensor:
         """The step's inputs as one int64 host tensor in the layout of ``_mixed_run`` (one host-to-device copy)."""
-        D, W, T = self.graph_rows, self.table_width, len(ids)
-        ids_h, pos_h, slot_h, dec_h, len_h, last_h, dtab_h, ptab_h, tile_h = host = [
-            torch.zeros(n, dtype=torch.long) for n in self._mixed_sizes(Tb)]
-        ids_h[:T], pos_h[:T] = torch.tensor(ids), torch.tensor(pos)
-        slot_h.fill_(self.num_blocks * self.block_size)
-        slot_h[:T] = torch.tensor(slots)
+        W, T, sizes = self.table_width, len(ids), self._mixed_sizes(Tb)
+        host = np.zeros(sum(sizes), dtype=np.int64)
+        ids_h, pos_h, slot_h, dec_h, len_h, last_h, dtab_h, ptab_h, tile_h = np.split(host, np.cumsum(sizes)[:-1])
+        ids_h[:T], pos_h[:T] = ids, pos
+        slot_h[:] = self.num_blocks * self.block_size
+        slot_h[:T] = slots
         starts, dec, pre = split_rows(spans)
-        dec_h.fill_(Tb)  # padding entries write the attention output's extra row, which nothing reads
-        len_h.fill_(1)
-        dtab_h.fill_(self.num_blocks)
-        dec_h[:len(dec)] = torch.tensor([starts[i] for i in dec], dtype=torch.long)
-        len_h[:len(dec)] = torch.tensor([spans[i][0] + 1 for i in dec], dtype=torch.long)
-        last_h[:len(work)] = torch.tensor(starts[1:], dtype=torch.long) - 1
-
-        def tables(idx):
-            return torch.tensor([work[i][0].block_table + [0] * (W - len(work[i][0].block_table)) for i in idx],
-                                dtype=torch.long).view(-1)
-
+        dec_h[:] = Tb  # padding entries write the attention output's extra row, which nothing reads
+        len_h[:] = 1
+        dtab_h[:] = self.num_blocks
+        dec_h[:len(dec)] = [starts[i] for i in dec]
+        len_h[:len(dec)] = [spans[i][0] + 1 for i in dec]
+        last_h[:len(work)] = np.asarray(starts[1:], dtype=np.int64) - 1
         if dec:
-            dtab_h[:len(dec) * W] = tables(dec)
+            dtab_h[:len(dec) * W] = padded_tables([work[i][0] for i in dec], W).reshape(-1)
         if pre:
-            ptab_h[:len(pre) * W] = tables(pre)
-            t = prefill_tiles([spans[i] for i in pre], [starts[i] for i in pre], "cpu").view(-1)
+            ptab_h[:len(pre) * W] = padded_tables([work[i][0] for i in pre], W).reshape(-1)
+            t = prefill_tiles([spans[i] for i in pre], [starts[i] for i in pre], "cpu").view(-1).numpy()
             tile_h[:len(t)] = t
-        return torch.cat(host)
+        return torch.from_numpy(host)
 
     def _mixed_run(self, buf: torch.Tensor, Tb: int) -> torch.Tensor:
         """The forward of a step with prompt tokens from ``buf`` (``_mixed_host``'s layout, on the device): decode rows
@@ -687,11 +681,24 @@ def split_rows(spans: list[tuple[int, int]]) -> tuple[list[int], list[int], list
     return starts, dec, pre
 
 
+def flat_tables(seqs: list[Sequence]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every sequence's block table end to end (int64), where each one starts in it, and each one's length."""
+    lens = np.fromiter((len(s.block_table) for s in seqs), np.int64, len(seqs))
+    flat = np.fromiter(itertools.chain.from_iterable(s.block_table for s in seqs), np.int64, int(lens.sum()))
+    return flat, np.cumsum(lens) - lens, lens
+
+
+def padded_tables(seqs: list[Sequence], width: int) -> np.ndarray:
+    """(len(seqs), width) int64 block tables, padded with 0 (never read: the lengths bound every walk)."""
+    flat, start, lens = flat_tables(seqs)
+    out = np.zeros((len(seqs), width), dtype=np.int64)
+    out[np.repeat(np.arange(len(seqs)), lens), np.arange(len(flat)) - np.repeat(start, lens)] = flat
+    return out
+
+
 def block_tables_tensor(seqs: list[Sequence], device) -> torch.Tensor:
-    """(B, max blocks) int32 block tables, padded with 0 (never read: the lengths bound every walk)."""
-    width = max(len(s.block_table) for s in seqs)
-    return torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], dtype=torch.int32,
-                        device=device)
+    """(B, max blocks) int32 block tables on ``device``, padded with 0."""
+    return torch.from_numpy(padded_tables(seqs, max(len(s.block_table) for s in seqs))).to(device, torch.int32)
 
 
 # ---------------------------------------------------------------------------------------------- engine

@@ -297,6 +297,35 @@ def test_engine_with_triton_attention_matches_torch(tiny):
     assert any(r["seqs"] > 1 and r["tokens"] > r["seqs"] for r in got.step_log)  # some steps mixed both kinds
 
 
+def test_step_inputs_equal_a_loop_over_every_token():
+    """The step's inputs, built with array operations over the whole step, against a loop over every token: ids,
+    positions and cache slots of prompt chunks, decode rows and static batching's padding rows; the padded tables."""
+    g = torch.Generator().manual_seed(3)
+    r = S.PagedRunner.__new__(S.PagedRunner)  # only the block size is needed to build the inputs
+    r.block_size = bs = 16
+    work = []
+    for i in range(9):
+        seq = S.Sequence(S.Request(torch.randint(10, 1000, (int(torch.randint(1, 90, (), generator=g)),),
+                                                 generator=g).tolist(), 4))
+        seq.block_table = torch.randperm(200, generator=g)[:-(-(seq.n_tokens + 1) // bs)].tolist()
+        kind = i % 3  # a prompt chunk from some computed position, a decode row, a padding row
+        seq.num_computed = int(torch.randint(0, seq.n_tokens, (), generator=g)) if kind == 0 else seq.n_tokens - 1
+        seq.padding = kind == 2
+        work.append((seq, seq.n_tokens - seq.num_computed if kind == 0 else 1))
+    ids, pos, slots, spans = r._inputs(work)
+    want_ids, want_pos, want_slots, want_spans = [], [], [], []
+    for seq, n in work:
+        start = seq.n_tokens - 1 if seq.padding else seq.num_computed
+        for p in range(start, start + n):
+            want_ids.append(seq.tokens[p])
+            want_pos.append(p)
+            want_slots.append(seq.block_table[p // bs] * bs + p % bs)
+        want_spans.append((start, n))
+    assert (ids.tolist(), pos.tolist(), slots.tolist(), spans) == (want_ids, want_pos, want_slots, want_spans)
+    seqs = [seq for seq, _ in work]
+    assert S.padded_tables(seqs, 12).tolist() == [s.block_table + [0] * (12 - len(s.block_table)) for s in seqs]
+
+
 def test_a_step_at_a_fixed_shape_equals_the_eager_step(tiny):
     """The form a CUDA graph replays for steps with prompt tokens (token rows padded to a bucket, decode entries,
     tiles and logits rows padded to the batch limit; ``_mixed_run``) gives the eager step's logits and writes the same
