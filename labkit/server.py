@@ -343,6 +343,9 @@ def cli_main(argv: list[str]) -> int:
     p.add_argument("--chunk-size", type=int, default=64, help="chunked prefill: prompt tokens per step (0: off)")
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--kernels", choices=("auto", "torch", "triton"), default="auto",
+                   help="attention: triton (paged Triton kernels, CUDA graphs; a GPU), torch (the PyTorch reference); "
+                        "auto: triton on a GPU, torch on a CPU")
     args = p.parse_args(argv)
     if not 0 < args.port < 65536:
         raise LabkitError(f"--port {args.port} is not a TCP port (1-65535)")
@@ -355,14 +358,20 @@ def cli_main(argv: list[str]) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    dev = env.device()
+    kernels = serving.default_kernels(dev) if args.kernels == "auto" else args.kernels
+    if kernels == "triton" and dev.type != "cuda":
+        raise LabkitError("--kernels triton needs a CUDA GPU and none is visible here (on a CPU Triton would run under "
+                          "its interpreter, far too slowly to serve); use --kernels torch or auto")
     cfg = serving.EngineConfig(max_batch=args.max_batch, num_blocks=args.num_blocks, block_size=args.block_size,
                                max_model_len=args.max_model_len, chunk_size=args.chunk_size or None,
-                               prefix_caching=not args.no_prefix_caching)
-    model, tokenizer = models.load(args.model, device=env.device())
+                               prefix_caching=not args.no_prefix_caching, kernels=kernels)
+    model, tokenizer = models.load(args.model, device=dev)
     if tokenizer is None:
         raise LabkitError(f"{args.model} has no tokenizer; labkit serve needs one (use smollm2-135m or a hub model)")
     engine = serving.Engine(model, cfg, eos_token_id=tokenizer.eos_token_id, log_steps=False)  # runs for days
     app = create_app(engine, tokenizer, args.model)
-    print(f"labkit serve: {model.labkit_info.label} on http://{args.host}:{args.port}", flush=True)
+    print(f"labkit serve: {model.labkit_info.label}, {kernels} attention, on http://{args.host}:{args.port}",
+          flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

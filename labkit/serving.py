@@ -660,6 +660,12 @@ GRAPH_BATCHES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
 TOKEN_BUCKETS = (64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
 
 
+def default_kernels(device) -> str:
+    """The engine's attention for ``device``: the Triton kernels (and CUDA graphs) on a GPU, the PyTorch reference on
+    a CPU, where Triton would run under its interpreter, far too slowly to serve."""
+    return "triton" if torch.device(device).type == "cuda" else "torch"
+
+
 def shared_weights(hf_model, max_model_len: int, weights: str = "bf16", device=None) -> fastgen.FastLlama:
     """fastgen's converted weights and RoPE tables for the engine (no contiguous cache): build once, pass to engines."""
     fast = fastgen.FastLlama(hf_model, weights=weights, kernels="torch", max_seq_len=1, max_batch=1, device=device)

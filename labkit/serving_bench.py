@@ -18,9 +18,9 @@ import torch
 
 from labkit import env, roofline
 from labkit.env import LabkitError
-from labkit.serving import (Engine, EngineConfig, Request, Sequence, compare_outputs, kv_waste_contiguous,
-                            make_long_prompt_trace, make_trace, replay_together, run_alone, shared_weights,
-                            summarize_run)
+from labkit.serving import (Engine, EngineConfig, Request, Sequence, compare_outputs, default_kernels,
+                            kv_waste_contiguous, make_long_prompt_trace, make_trace, replay_together, run_alone,
+                            shared_weights, summarize_run)
 
 
 # ---------------------------------------------------------------------------------------------- benchmark
@@ -61,7 +61,7 @@ def run_serving_benchmark(model_name: str = "smollm2-135m", sizes: BenchSizes | 
     hf, tok = models.load(model_name, device=dev)
     info = hf.labkit_info
     eos = getattr(hf.generation_config, "eos_token_id", None)
-    kernels = "triton" if dev.type == "cuda" else "torch"
+    kernels = default_kernels(dev)
     vocab = hf.config.vocab_size
     system = (tok("You are a helpful assistant. Answer the question briefly and politely, in plain English.")
               ["input_ids"] if tok is not None else list(range(100, 132)))

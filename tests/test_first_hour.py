@@ -42,6 +42,16 @@ def test_bad_input_is_one_clear_line(args, says, tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "results").exists()
 
 
+@pytest.mark.skipif(env.device().type == "cuda", reason="on a GPU --kernels triton is valid (it would start a server)")
+def test_serve_refuses_triton_kernels_without_a_gpu(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    monkeypatch.setattr(env, "repo_root", lambda: tmp_path)
+    code, err = _main(["serve", "--kernels", "triton"], capsys)
+    assert code != 0
+    assert "--kernels triton needs a CUDA GPU" in err.strip().splitlines()[-1], err
+
+
 def _main(args, capsys):
     """cli.main in this process (argparse exits with SystemExit); (exit status, stderr)."""
     try:

@@ -72,10 +72,15 @@ CHATS = [[{"role": "user", "content": f"Name a colour that starts with the lette
 
 @pytest.fixture(scope="module")
 def offline(smollm2):
-    """What the offline engine answers to the same prompts (greedy, stopping at EOS), as text."""
-    model, tok = smollm2
+    """What the offline engine answers to the same prompts (greedy, stopping at EOS), as text: the model on the
+    server's device in its dtype, with the server's default attention (Triton kernels on a GPU)."""
+    from labkit import models
+
+    dev = env.device()
+    model, tok = smollm2 if dev.type == "cpu" else models.load(MODEL, device=dev)
     torch.set_num_threads(1)
-    eng = serving.Engine(model, serving.EngineConfig(max_batch=16, num_blocks=128, max_model_len=1024),
+    eng = serving.Engine(model, serving.EngineConfig(max_batch=16, num_blocks=128, max_model_len=1024,
+                                                     kernels=serving.default_kernels(dev)),
                          eos_token_id=tok.eos_token_id)
     ids = [tok(p)["input_ids"] for p in PROMPTS] + [chat_prompt_ids(tok, m) for m in CHATS]
     outs = eng.generate(ids, NEW)
