@@ -168,10 +168,10 @@ def test_engine_without_step_log_gives_the_same_answers(tiny):
 
 # ---------------------------------------------------------------------------------------------- attention
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
-@pytest.mark.parametrize("block_n", [16, 64])
+@pytest.mark.parametrize("block_n", [16, 64, 128])
 def test_paged_decode_kernel_matches_reference(dtype, tol, block_n):
     """The Triton kernel (compiled on a GPU, interpreted on a CPU) against the PyTorch reference, SmolLM2's 9/3 heads,
-    odd lengths; a tile of one block and a tile of four, the last sequence over several tiles of scattered blocks."""
+    odd lengths; tiles of one, four and eight blocks, the last sequence over more than one tile of scattered blocks."""
     g = torch.Generator().manual_seed(0)
     nb, bs, nkv, nq, hd = 12, 16, 3, 9, 64
     kc = torch.randn(nb, bs, nkv, hd, generator=g).to(dtype)
