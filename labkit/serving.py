@@ -714,14 +714,17 @@ class Engine:
     ``hf_model``: a transformers LlamaForCausalLM, or the ``shared_weights(...)`` of one (engines then share them).
     ``log_steps``: keep a record of every step in ``step_log`` (what the benchmarks summarize); a server that runs
     for days passes False, or the log grows without end.
+    ``runner``: instead of a model, anything with ``device`` and ``forward(work) -> logits (len(work), >= 2)``, and
+    optionally ``clock`` (what ``replay`` reads): a stand-in with a modelled step time studies the scheduler alone.
     """
 
     def __init__(self, hf_model, cfg: EngineConfig | None = None, eos_token_id=None, weights: str = "bf16",
-                 device=None, log_steps: bool = True):
+                 device=None, log_steps: bool = True, runner=None):
         self.cfg = cfg or EngineConfig()
-        self.runner = PagedRunner(hf_model, self.cfg.num_blocks, self.cfg.block_size, self.cfg.max_model_len,
-                                  self.cfg.kernels, weights, device, cuda_graphs=self.cfg.cuda_graphs)
-        if self.runner.cuda_graphs:
+        self.runner = runner or PagedRunner(hf_model, self.cfg.num_blocks, self.cfg.block_size,
+                                            self.cfg.max_model_len, self.cfg.kernels, weights, device,
+                                            cuda_graphs=self.cfg.cuda_graphs)
+        if getattr(self.runner, "cuda_graphs", False):
             self.runner.capture_graphs(self.cfg.max_batch, self.cfg.max_step_tokens)
         self.scheduler = Scheduler(self.cfg)
         gen_cfg = getattr(hf_model, "generation_config", None)
@@ -819,7 +822,7 @@ class Engine:
 
     def _replay_steps(self, trace: list[Request], bar):
         """``replay`` one step per ``next()``; the sequences are the generator's return value."""
-        tick = step_clock(self.runner.device)
+        tick = getattr(self.runner, "clock", None) or step_clock(self.runner.device)
         pending = collections.deque(sorted(trace, key=lambda r: r.arrival))
         seqs, clock = [], 0.0
         while pending or self.has_work():

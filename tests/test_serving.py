@@ -297,6 +297,25 @@ def test_engine_with_triton_attention_matches_torch(tiny):
     assert any(r["seqs"] > 1 and r["tokens"] > r["seqs"] for r in got.step_log)  # some steps mixed both kinds
 
 
+def test_engine_replays_a_stand_in_runner_on_its_clock():
+    """A runner with no model (a modelled step time): the scheduler runs as with a model, the replay reads its clock."""
+    class Stand:
+        device, now = torch.device("cpu"), 0.0
+
+        def clock(self):
+            return self.now
+
+        def forward(self, work):
+            self.now += 0.25  # every step a quarter of a second on the replay clock
+            return torch.zeros(len(work), 2)
+
+    eng = S.Engine(None, S.EngineConfig(max_batch=4, num_blocks=32, max_model_len=64), runner=Stand())
+    seqs = eng.replay([_req(10, 3, seed=i) for i in range(6)], progress=False)
+    assert [len(s.output) for s in seqs] == [3] * 6 and eng.blocks.num_free == 32
+    assert all(t / 0.25 == round(t / 0.25) for s in seqs for t in s.token_times)  # the clock moves only in forward
+    assert S.summarize_run(seqs, eng)["makespan_s"] == 0.25 * eng.steps
+
+
 def test_step_inputs_equal_a_loop_over_every_token():
     """The step's inputs, built with array operations over the whole step, against a loop over every token: ids,
     positions and cache slots of prompt chunks, decode rows and static batching's padding rows; the padded tables."""
