@@ -437,7 +437,8 @@ class PagedRunner:
         ids = np.fromiter(itertools.chain.from_iterable(seq.tokens[a:a + n] for seq, (a, n) in zip(seqs, spans)),
                           np.int64, total)
         pos = np.arange(total) + np.repeat(first - (np.cumsum(counts) - counts), counts)  # row -> its position
-        flat, table_start, _ = flat_tables(seqs)
+        flat, table_start, lens = flat_tables(seqs)
+        assert (pos // bs < np.repeat(lens, counts)).all(), "a sequence has fewer KV blocks than its tokens need"
         slots = flat[np.repeat(table_start, counts) + pos // bs] * bs + pos % bs
         return ids, pos, slots, spans
 

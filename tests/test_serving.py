@@ -343,6 +343,9 @@ def test_step_inputs_equal_a_loop_over_every_token():
     assert (ids.tolist(), pos.tolist(), slots.tolist(), spans) == (want_ids, want_pos, want_slots, want_spans)
     seqs = [seq for seq, _ in work]
     assert S.padded_tables(seqs, 12).tolist() == [s.block_table + [0] * (12 - len(s.block_table)) for s in seqs]
+    work[0][0].block_table.pop()  # a table one block short would read the next sequence's blocks: refused instead
+    with pytest.raises(AssertionError, match="fewer KV blocks"):
+        r._inputs(work)
 
 
 def test_a_step_at_a_fixed_shape_equals_the_eager_step(tiny):
