@@ -16,7 +16,10 @@ import torch
 from labkit import bench, env, models
 from labkit import serving as S
 
-env.require_cuda("the paged decode benchmark")
+try:
+    env.require_cuda("the paged decode benchmark")
+except env.LabkitError as exc:
+    raise SystemExit(f"error: {exc}")
 dev = env.device()
 BLOCK_NS = (16, 32, 64, 128)
 B, CTX, BS = 64, 512, 16
