@@ -509,7 +509,7 @@ def use_triton_attention(model, name: str = HF_ATTENTION_NAME):
 
 
 # ---------------------------------------------------------------------------------------------- benchmark
-VARIANTS = ("naive", "tiled_torch", "triton", "sdpa_math", "sdpa_efficient", "sdpa_flash", "sdpa_cudnn",
+VARIANTS = ("naive", "tiled_torch", "triton", "triton_fast", "sdpa_math", "sdpa_efficient", "sdpa_flash", "sdpa_cudnn",
             "flash_attn", "flash_attn_4")
 FULL_SEQLENS = (512, 1024, 2048, 4096, 8192, 16384)
 QUICK_SEQLENS = (128, 256, 512)
@@ -530,6 +530,13 @@ def _variant_fn(name: str, q, k, v, causal: bool, triton_kwargs: dict | None = N
         if fa.interpreted():
             return "interpreter (not timed)"
         return lambda: fa.flash_attention(q, k, v, causal, **(triton_kwargs or {}))
+    if name == "triton_fast":  # the TMA kernel, at the config labkit.kernels.flash_attn_fast.tune picked (if run)
+        from labkit.kernels import flash_attn as fa
+        from labkit.kernels import flash_attn_fast as fast
+
+        if fa.interpreted():
+            return "interpreter (not timed)"
+        return lambda: fast.flash_attention_fast(q, k, v, causal)
     if name.startswith("sdpa_"):
         backend = name[len("sdpa_"):]
         return lambda: sdpa_attention(q, k, v, causal, backend=backend)
@@ -647,9 +654,25 @@ def run_benchmark(seqlens=FULL_SEQLENS, *, causal_modes=(True, False), head_dim:
     return records
 
 
+def tune_fast_kernel(seqlens, *, head_dim: int = 128, n_heads: int = 32, tokens: int = 16384, dtype=torch.bfloat16,
+                     log=print) -> dict:
+    """Before a GPU benchmark with ``triton_fast``: time the TMA kernel's configurations at the two largest of
+    ``seqlens`` (at least 4096 where there are such), so the benchmark runs the one this device picked.
+    Returns ``{"picked": {"causal": cfg, "noncausal": cfg}, "runs": [...]}`` for the summary of the run."""
+    from labkit.kernels import flash_attn_fast as fast
+
+    at = [n for n in sorted(seqlens) if n >= 4096][-2:] or sorted(seqlens)[-1:]
+    runs = fast.tune(at, (True, False), head_dim=head_dim, n_heads=n_heads, tokens=tokens, dtype=dtype, log=log)
+    picked = {("causal" if c else "noncausal"): fast.default_config(head_dim, c) for c in (True, False)}
+    return {"seqlens": at, "picked": picked, "runs": runs}
+
+
 def summarize(records: list[dict], seqlens=(4096, 16384), dtype: str = "bfloat16", head_dim: int = 128) -> dict:
     """The headline: our kernel's TFLOP/s over SDPA's flash backend (FlashAttention-2), SDPA's cuDNN backend and
-    the flash-attn-4 package (FlashAttention-4), each measured in the same run (None where a peer did not run)."""
+    the flash-attn-4 package (FlashAttention-4), each measured in the same run (None where a peer did not run).
+
+    "Our kernel" is the TMA kernel (``triton_fast``) where it ran, else the teaching kernel (``triton``); ``ours``
+    names it, and ``teaching_kernel`` holds the teaching kernel's own ratios beside it."""
     def tf(variant, causal, n):
         for r in records:
             if (r["variant"], r["causal"], r["seqlen"], r["dtype"], r["head_dim"]) == (variant, causal, n, dtype,
@@ -657,20 +680,29 @@ def summarize(records: list[dict], seqlens=(4096, 16384), dtype: str = "bfloat16
                 return r.get("tflops")
         return None
 
+    def ratios(ours_variant):
+        out = {k: {} for k in peers}
+        for causal in (True, False):
+            for n in seqlens:
+                key = f"{'causal' if causal else 'noncausal'}_{n}"
+                ours = tf(ours_variant, causal, n)
+                for rk, peer in peers.items():
+                    p = tf(peer, causal, n)
+                    out[rk][key] = ours / p if ours and p else None
+        return out
+
     peers = {"ratio_vs_sdpa_flash": "sdpa_flash", "ratio_vs_sdpa_cudnn": "sdpa_cudnn",
              "ratio_vs_flash_attn_4": "flash_attn_4"}
-    out = {k: {} for k in peers}
-    table = {}
-    for causal in (True, False):
-        for n in seqlens:
-            key = f"{'causal' if causal else 'noncausal'}_{n}"
-            ours = tf("triton", causal, n)
-            table[key] = {v: tf(v, causal, n) for v in ("triton", "sdpa_flash", "sdpa_cudnn", "flash_attn",
-                                                        "flash_attn_4")}
-            for rk, peer in peers.items():
-                p = table[key][peer]
-                out[rk][key] = ours / p if ours and p else None
-    return {**out, "tflops": table, "dtype": dtype, "head_dim": head_dim}
+    fast_ran = any(r["variant"] == "triton_fast" and r.get("status") == "ok" for r in records)
+    ours = "triton_fast" if fast_ran else "triton"
+    table = {f"{'causal' if c else 'noncausal'}_{n}": {v: tf(v, c, n) for v in ("triton", "triton_fast", "sdpa_flash",
+                                                                                 "sdpa_cudnn", "flash_attn",
+                                                                                 "flash_attn_4")}
+             for c in (True, False) for n in seqlens}
+    out = {**ratios(ours), "ours": ours, "tflops": table, "dtype": dtype, "head_dim": head_dim}
+    if fast_ran:
+        out["teaching_kernel"] = ratios("triton")
+    return out
 
 
 def plot_benchmark(doc: dict, path=None, title: str | None = None):
@@ -685,7 +717,7 @@ def plot_benchmark(doc: dict, path=None, title: str | None = None):
             pts = sorted((r["seqlen"], r["tflops"]) for r in records
                          if r["variant"] == name and r["causal"] == causal and r.get("status") == "ok")
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=name, lw=2.5 if name == "triton" else 1.2)
+                ax.plot(*zip(*pts), marker="o", label=name, lw=2.5 if name.startswith("triton") else 1.2)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("sequence length")
         ax.set_ylabel("TFLOP/s")
@@ -745,11 +777,16 @@ def cli_main(argv: list[str] | None = None) -> int:
     seqlens = args.seqlens if args.seqlens else list(
         FULL_SEQLENS if env.profile() == "full" else QUICK_SEQLENS)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype or ("bf16" if gpu else "fp32")]
-    records = run_benchmark(seqlens, head_dim=args.head_dim, n_heads=args.heads or (32 if gpu else 4), dtype=dtype,
-                            tokens=args.tokens or (16384 if gpu else 512), variants=args.variants,
-                            device=dev)
+    n_heads, tokens = args.heads or (32 if gpu else 4), args.tokens or (16384 if gpu else 512)
+    tuning = None
+    if gpu and "triton_fast" in args.variants and dtype != torch.float32:
+        tuning = tune_fast_kernel(seqlens, head_dim=args.head_dim, n_heads=n_heads, tokens=tokens, dtype=dtype)
+    records = run_benchmark(seqlens, head_dim=args.head_dim, n_heads=n_heads, dtype=dtype, tokens=tokens,
+                            variants=args.variants, device=dev)
     out = args.out or results.output_dir(args.reference) / "attention.json"
     summary = summarize(records, dtype=str(dtype).replace("torch.", ""), head_dim=args.head_dim)
+    if tuning is not None:
+        summary["triton_fast_tuning"] = tuning
     path = bench.write_results(out, records, summary)
     doc = bench.read_results(path)
     plot_benchmark(doc, path.with_suffix(".png"))

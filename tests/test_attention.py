@@ -120,6 +120,25 @@ def test_benchmark_records_and_summary(tmp_path):
     plt.close(fig)
 
 
+def test_summary_prefers_the_tma_kernel_and_keeps_the_teaching_one_beside_it():
+    def rec(variant, causal, tflops, status="ok"):
+        return dict(variant=variant, causal=causal, seqlen=4096, dtype="bfloat16", head_dim=128, status=status,
+                    tflops=tflops)
+
+    recs = [rec("triton", True, 400.0), rec("triton_fast", True, 500.0), rec("sdpa_cudnn", True, 550.0),
+            rec("sdpa_flash", True, 300.0)]
+    s = A.summarize(recs, seqlens=(4096,))
+    assert s["ours"] == "triton_fast"
+    assert s["ratio_vs_sdpa_cudnn"]["causal_4096"] == pytest.approx(500 / 550)
+    assert s["teaching_kernel"]["ratio_vs_sdpa_cudnn"]["causal_4096"] == pytest.approx(400 / 550)
+    assert s["ratio_vs_flash_attn_4"]["causal_4096"] is None and s["ratio_vs_sdpa_flash"]["noncausal_4096"] is None
+    # a TMA kernel that did not run (an older run, or a failure) leaves the teaching kernel as ours
+    s = A.summarize([rec("triton", True, 400.0), rec("triton_fast", True, None, status="unsupported: x"),
+                     rec("sdpa_cudnn", True, 550.0)], seqlens=(4096,))
+    assert s["ours"] == "triton" and "teaching_kernel" not in s
+    assert s["ratio_vs_sdpa_cudnn"]["causal_4096"] == pytest.approx(400 / 550)
+
+
 def test_cli_writes_json(tmp_path, capsys):
     out = tmp_path / "a.json"
     assert A.cli_main(["--out", str(out), "--seqlens", "64", "--heads", "2", "--head-dim", "64", "--tokens", "64",

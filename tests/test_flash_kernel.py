@@ -1,4 +1,5 @@
-"""The Triton FlashAttention kernel: fp16 under the interpreter on CPU (small sizes), bf16 on a GPU.
+"""The Triton FlashAttention kernels, the teaching one (flash_attn) and the TMA one (flash_attn_fast): fp16 under
+the interpreter on CPU (small sizes), bf16 on a GPU.
 
 Criterion (flash-attention's own): against an upcast reference, the kernel's error is at most twice the error
 of PyTorch's attention computed in the same low dtype (``labkit.attention.compare_to_reference``).
@@ -8,8 +9,12 @@ import torch
 
 from labkit import attention as A
 from labkit.kernels import flash_attn as fa
+from labkit.kernels import flash_attn_fast as fast
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
+# both kernels answer to the same checks
+KERNELS = pytest.mark.parametrize("kernel", [fa.flash_attention, fast.flash_attention_fast],
+                                  ids=["teaching", "tma"])
 
 
 def _qkv(b, h, h_kv, n_q, n_kv, d, dtype=torch.float16, seed=0):
@@ -20,26 +25,28 @@ def _qkv(b, h, h_kv, n_q, n_kv, d, dtype=torch.float16, seed=0):
     return q, k, v
 
 
+@KERNELS
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("n", [1, 97, 130])
-def test_fp16_matches_reference(n, d, causal):
+def test_fp16_matches_reference(n, d, causal, kernel):
     q, k, v = _qkv(1, 3, 3, n, n, d, seed=n + d)
-    r = A.compare_to_reference(fa.flash_attention, q, k, v, causal)
+    r = A.compare_to_reference(kernel, q, k, v, causal)
     assert r["ok"], r
     assert r["lse_err"] < 1e-4, r
 
 
+@KERNELS
 @pytest.mark.parametrize("n_q,n_kv", [(1, 70), (5, 70), (70, 70)])
-def test_gqa_decode_and_chunked_prefill(n_q, n_kv):
+def test_gqa_decode_and_chunked_prefill(n_q, n_kv, kernel):
     """SmolLM2's 9 query / 3 KV heads, head dim 64; q_len < kv_len is bottom-right causal (a KV cache)."""
     q, k, v = _qkv(2, 9, 3, n_q, n_kv, 64, seed=n_q)
-    r = A.compare_to_reference(fa.flash_attention, q, k, v, causal=True)
+    r = A.compare_to_reference(kernel, q, k, v, causal=True)
     assert r["ok"], r
     # the decode step attends to the whole cache: the same as non-causal attention
     if n_q == 1:
-        o_c, _ = fa.flash_attention(q, k, v, causal=True)
-        o_f, _ = fa.flash_attention(q, k, v, causal=False)
+        o_c, _ = kernel(q, k, v, causal=True)
+        o_f, _ = kernel(q, k, v, causal=False)
         assert torch.equal(o_c, o_f)
 
 
@@ -55,12 +62,28 @@ def test_same_signature_as_reference_and_tiled():
     torch.testing.assert_close(lse, lse_tiled, atol=1e-4, rtol=0)
 
 
-def test_out_argument_with_transposed_layout():
+@KERNELS
+def test_out_argument_with_transposed_layout(kernel):
     """Hugging Face wants (batch, seqlen, heads, head_dim): the kernel writes through a transposed view."""
     q, k, v = _qkv(1, 4, 4, 20, 20, 64)
     buf = torch.full((1, 20, 4, 64), float("nan"), device=DEV, dtype=torch.float16)
-    fa.flash_attention(q, k, v, True, out=buf.transpose(1, 2))
-    torch.testing.assert_close(buf.transpose(1, 2), fa.flash_attention(q, k, v, True)[0])
+    kernel(q, k, v, True, out=buf.transpose(1, 2))
+    torch.testing.assert_close(buf.transpose(1, 2), kernel(q, k, v, True)[0])
+
+
+def test_tma_kernel_agrees_with_the_teaching_kernel_and_refuses_unaligned_rows():
+    """Ragged lengths over tiles of 32 (the TMA kernel's bounds are each head's own sequence, so the rows past the
+    end of one head are neither read from nor written into the next), then a row stride TMA cannot take."""
+    q, k, v = _qkv(2, 4, 2, 45, 77, 64, seed=3)
+    for causal in (False, True):
+        o_t, lse_t = fa.flash_attention(q, k, v, causal)
+        o_f, lse_f = fast.flash_attention_fast(q, k, v, causal)
+        torch.testing.assert_close(o_f, o_t, atol=2e-3, rtol=0)
+        torch.testing.assert_close(lse_f, lse_t, atol=1e-4, rtol=0)
+    odd = torch.randn(1, 2, 8, 68, device=DEV, dtype=torch.float16)[..., :64]  # rows 136 bytes apart
+    with pytest.raises(ValueError, match="multiple of 16 bytes"):
+        fast.flash_attention_fast(odd, odd, odd)
+    fa.flash_attention(odd, odd, odd)  # the teaching kernel takes any strides
 
 
 def test_bad_inputs_raise_clear_errors():
@@ -103,7 +126,8 @@ def test_plugged_into_a_llama_model():
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("n_q,n_kv", [(1, 1), (97, 97), (1025, 1025), (1, 1025), (300, 1025)])
-def test_gpu_bf16_fp16(dtype, causal, d, n_q, n_kv):
+@KERNELS
+def test_gpu_bf16_fp16(dtype, causal, d, n_q, n_kv, kernel):
     q, k, v = _qkv(2, 9, 3, n_q, n_kv, d, dtype=dtype, seed=n_q + n_kv)
-    r = A.compare_to_reference(fa.flash_attention, q, k, v, causal)
+    r = A.compare_to_reference(kernel, q, k, v, causal)
     assert r["ok"], r
