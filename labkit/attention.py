@@ -656,12 +656,12 @@ def run_benchmark(seqlens=FULL_SEQLENS, *, causal_modes=(True, False), head_dim:
 
 def tune_fast_kernel(seqlens, *, head_dim: int = 128, n_heads: int = 32, tokens: int = 16384, dtype=torch.bfloat16,
                      log=print) -> dict:
-    """Before a GPU benchmark with ``triton_fast``: time the TMA kernel's configurations at the two largest of
-    ``seqlens`` (at least 4096 where there are such), so the benchmark runs the one this device picked.
-    Returns ``{"picked": {"causal": cfg, "noncausal": cfg}, "runs": [...]}`` for the summary of the run."""
+    """Before a GPU benchmark with ``triton_fast``: time the TMA kernel's configurations at the headline sizes
+    (4096 and 16384, those of them in ``seqlens``; else the largest), so the benchmark runs the one this device
+    picked. Returns ``{"seqlens", "picked": {"causal": cfg, "noncausal": cfg}, "runs": [...]}`` for the summary."""
     from labkit.kernels import flash_attn_fast as fast
 
-    at = [n for n in sorted(seqlens) if n >= 4096][-2:] or sorted(seqlens)[-1:]
+    at = [n for n in (4096, 16384) if n in seqlens] or sorted(seqlens)[-1:]
     runs = fast.tune(at, (True, False), head_dim=head_dim, n_heads=n_heads, tokens=tokens, dtype=dtype, log=log)
     picked = {("causal" if c else "noncausal"): fast.default_config(head_dim, c) for c in (True, False)}
     return {"seqlens": at, "picked": picked, "runs": runs}

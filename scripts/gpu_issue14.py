@@ -13,8 +13,9 @@ versions) and issue14.log. Every step records its failure and the run goes on wi
   `labkit bench attention` (our two Triton kernels, teaching and TMA, SDPA's backends, flash_attn.cute of
   flash-attn-4, the naive and tiled references), timed in one run; then SmolLM2 through transformers with
   attn_implementation="flash_attention_4": greedy tokens against SDPA.
-- decode: the 7B shape (random weights), batch 1, bf16/int8/int4 through our loop, with torchao's weight-only int8 and
-  int4 (tinygemm) for each GEMV and a whole step (labkit.fastgen.run_decode_benchmark(torchao=True)).
+- decode: the 7B shape (random weights), batch 1, HF generate, then bf16/int8/int4 through our loop, with
+  torchao's weight-only int8 and int4 (tinygemm) for each GEMV and a whole step
+  (labkit.fastgen.run_decode_benchmark(torchao=True)).
 - gptq: SmolLM2-135M (real weights, bf16), GPTQ W4 g128 act-order (labkit.gptq) calibrated on the pydoc calibration
   split, served by FastLlama from its codes: perplexity of the Triton decode path against the dequantize-then-matmul
   model (HF forward over QuantLinear), greedy tokens Triton vs torch dequant, speed in each format beside bf16.
@@ -118,7 +119,7 @@ def step_decode(out: Path, commit) -> dict:
 
     t0 = time.time()
     doc = fastgen.run_decode_benchmark("llama2-7b-shape", formats=("bf16", "int8", "int4"), batches=(1,),
-                                       prompt_len=32, new_tokens=128, hf_generate=False, prefill_len=512,
+                                       prompt_len=32, new_tokens=128, hf_generate=True, prefill_len=512,
                                        out_dir=None, log=log, torchao=True)
     log(f"decode: {time.time() - t0:.0f} s; fraction of floor {json.dumps(doc['summary']['fraction_of_floor'])}; "
         f"ratio vs torchao {json.dumps(doc['summary'].get('ratio_vs_torchao'))}")
