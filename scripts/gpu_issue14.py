@@ -80,6 +80,10 @@ def step_attention(out: Path, commit) -> dict:
                               dtype=torch.bfloat16, tokens=16384, variants=A.VARIANTS, log=log)
     summary = A.summarize(records, dtype="bfloat16", head_dim=128)
     summary["triton_fast_tuning"] = tuning
+    from labkit.kernels import flash_attn as fa
+
+    summary["triton_config"] = fa.default_config(128, True)  # the teaching kernel's tiles
+    summary["batch_rule"] = "batch = 16384 // seqlen (at least 1), 32 heads, head dim 128, bf16"
     for r in records:
         if r["variant"] == "flash_attn_4" and r.get("status") == "ok":
             log(f"  flash-attn-4 {r['seqlen']} causal={r['causal']}: max |diff| vs SDPA {r.get('max_abs_diff_vs_sdpa')}")

@@ -151,7 +151,8 @@ def test_cli_writes_json(tmp_path, capsys):
 
 
 def test_committed_reference_results_meet_the_target():
-    """The committed H200 run: our kernel at least as fast as SDPA's flash backend at 4k and 16k."""
+    """The committed GPU runs: our kernel (the one the summary names) at least as fast as SDPA's flash backend at 4k
+    and 16k, the ratio the one its records give."""
     import json
 
     from labkit import env
@@ -168,7 +169,8 @@ def test_committed_reference_results_meet_the_target():
             assert r is not None and r >= 1.0, (p, key, r)
         # the ratio is recomputed from the records, not typed in
         recs = {(r["variant"], r["causal"], r["seqlen"]): r for r in doc["records"]}
-        r = recs[("triton", True, 4096)]["tflops"] / recs[("sdpa_flash", True, 4096)]["tflops"]
+        ours = doc["summary"].get("ours", "triton")  # runs before the TMA kernel have no "ours": the teaching one
+        r = recs[(ours, True, 4096)]["tflops"] / recs[("sdpa_flash", True, 4096)]["tflops"]
         assert r == pytest.approx(ratios["causal_4096"])
 
 
