@@ -35,25 +35,30 @@ try:
 except ImportError:
     triton = None
 
-# configurations the tuner tries (block_m, block_n, num_warps, num_stages, ws); the first is the default until a
-# tune() in this process picks one per (head_dim, causal). On an NVIDIA H200 (bf16, head dim 128, 32 heads, 8k and
-# 16k, causal or not; triton 3.6, commit 9b577cf) the first won every case: 448-494 TFLOP/s against 343-474 for the
-# others, among them the warp-specialized loop (404-473) and 64-row tiles with 4 warps (342-424), which were dropped
-# from this list after that run (results/nvidia-h200/attention.json keeps the tuner's runs)
+# configurations the tuner tries; the first is the default until a tune() in this process picks one per
+# (head_dim, causal). On an NVIDIA H200 (bf16, head dim 128, 32 heads, 8k and 16k, causal or not; triton 3.6, commit
+# 9b577cf) 128x128 tiles with 8 warps and 3 stages won every case: 448-494 TFLOP/s against 343-474 for the others,
+# among them the warp-specialized loop (404-473) and 64-row tiles with 4 warps (342-424), which were dropped from this
+# list after that run (results/nvidia-h200/attention.json keeps the tuner's runs). ``pipe``: the software-pipelined
+# key loop (see _tma_key_loop).
+
+
+def _cfg(block_m, block_n, num_warps, num_stages, ws=False, pipe=False) -> dict:
+    return dict(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages, ws=ws, pipe=pipe)
+
+
 CONFIGS = (
-    (128, 128, 8, 3, False), (128, 128, 8, 2, False), (128, 64, 8, 3, False), (128, 64, 4, 3, False),
-    (128, 128, 8, 3, True),
+    _cfg(128, 128, 8, 3), _cfg(128, 128, 8, 2), _cfg(128, 64, 8, 3), _cfg(128, 64, 4, 3), _cfg(128, 128, 8, 3, ws=True),
+    _cfg(128, 128, 8, 2, pipe=True), _cfg(128, 64, 8, 3, pipe=True), _cfg(128, 64, 8, 2, pipe=True),
 )
 _TUNED: dict[tuple[int, bool], dict] = {}
 
 if triton is not None:
 
     @triton.jit
-    def _tma_step(acc, l_i, m_i, q, k_desc, v_desc, start_n, offs_m, offs_n, seqlen_kv, causal_shift, qk_scale,
-                  MASKED: tl.constexpr, CAUSAL: tl.constexpr):
-        """One key/value tile through the online softmax (the same update as flash_attn._key_loop)."""
-        k = k_desc.load([start_n, 0])                                         # (BLOCK_N, HEAD_DIM)
-        s = tl.dot(q, k.T)                                                    # (BLOCK_M, BLOCK_N) fp32
+    def _tma_update(acc, l_i, m_i, s, v_desc, start_n, offs_m, offs_n, seqlen_kv, causal_shift, qk_scale,
+                    MASKED: tl.constexpr, CAUSAL: tl.constexpr):
+        """Fold the scores ``s`` of the key tile at ``start_n`` into the online softmax, then add P V."""
         if MASKED:
             cols = start_n + offs_n
             keep = cols[None, :] < seqlen_kv
@@ -75,15 +80,33 @@ if triton is not None:
 
     @triton.jit
     def _tma_key_loop(acc, l_i, m_i, q, k_desc, v_desc, offs_m, offs_n, lo, hi, seqlen_kv, causal_shift, qk_scale,
-                      MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, WS: tl.constexpr):
-        if WS:
+                      MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, WS: tl.constexpr,
+                      PIPE: tl.constexpr):
+        """Key tiles [lo, hi) through the online softmax (the same update as flash_attn._key_loop).
+
+        PIPE: the scores of the next tile are issued before the softmax of this one (FlashAttention-3's overlap of
+        the exponentials with the next Q K^T on the tensor cores), at the cost of a second score tile in registers.
+        """
+        if PIPE:
+            if lo < hi:
+                s = tl.dot(q, k_desc.load([lo, 0]).T)
+                for start_n in range(lo + BLOCK_N, hi, BLOCK_N):
+                    s_next = tl.dot(q, k_desc.load([start_n, 0]).T)
+                    acc, l_i, m_i = _tma_update(acc, l_i, m_i, s, v_desc, start_n - BLOCK_N, offs_m, offs_n,
+                                                seqlen_kv, causal_shift, qk_scale, MASKED, CAUSAL)
+                    s = s_next
+                acc, l_i, m_i = _tma_update(acc, l_i, m_i, s, v_desc, hi - BLOCK_N, offs_m, offs_n, seqlen_kv,
+                                            causal_shift, qk_scale, MASKED, CAUSAL)
+        elif WS:
             for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=True):
-                acc, l_i, m_i = _tma_step(acc, l_i, m_i, q, k_desc, v_desc, start_n, offs_m, offs_n, seqlen_kv,
-                                          causal_shift, qk_scale, MASKED, CAUSAL)
+                s = tl.dot(q, k_desc.load([start_n, 0]).T)                    # (BLOCK_M, BLOCK_N) fp32
+                acc, l_i, m_i = _tma_update(acc, l_i, m_i, s, v_desc, start_n, offs_m, offs_n, seqlen_kv,
+                                            causal_shift, qk_scale, MASKED, CAUSAL)
         else:
             for start_n in range(lo, hi, BLOCK_N):
-                acc, l_i, m_i = _tma_step(acc, l_i, m_i, q, k_desc, v_desc, start_n, offs_m, offs_n, seqlen_kv,
-                                          causal_shift, qk_scale, MASKED, CAUSAL)
+                s = tl.dot(q, k_desc.load([start_n, 0]).T)                    # K tile (BLOCK_N, HEAD_DIM), transposed
+                acc, l_i, m_i = _tma_update(acc, l_i, m_i, s, v_desc, start_n, offs_m, offs_n, seqlen_kv,
+                                            causal_shift, qk_scale, MASKED, CAUSAL)
         return acc, l_i, m_i
 
     @triton.jit
@@ -94,7 +117,7 @@ if triton is not None:
                        stride_ob, stride_oh, stride_om,
                        n_heads, group, seqlen_q, seqlen_kv, qk_scale,
                        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       CAUSAL: tl.constexpr, HEAVY_FIRST: tl.constexpr, WS: tl.constexpr):
+                       CAUSAL: tl.constexpr, HEAVY_FIRST: tl.constexpr, WS: tl.constexpr, PIPE: tl.constexpr):
         pid_m = tl.program_id(0)
         if HEAVY_FIRST:
             pid_m = tl.num_programs(0) - 1 - pid_m
@@ -131,9 +154,11 @@ if triton is not None:
             hi_full = (seqlen_kv // BLOCK_N) * BLOCK_N
             hi = seqlen_kv
         acc, l_i, m_i = _tma_key_loop(acc, l_i, m_i, q, k_desc, v_desc, offs_m, offs_n, 0, hi_full, seqlen_kv,
-                                      causal_shift, qk_scale, MASKED=False, CAUSAL=CAUSAL, BLOCK_N=BLOCK_N, WS=WS)
+                                      causal_shift, qk_scale, MASKED=False, CAUSAL=CAUSAL, BLOCK_N=BLOCK_N, WS=WS,
+                                      PIPE=PIPE)
         acc, l_i, m_i = _tma_key_loop(acc, l_i, m_i, q, k_desc, v_desc, offs_m, offs_n, hi_full, hi, seqlen_kv,
-                                      causal_shift, qk_scale, MASKED=True, CAUSAL=CAUSAL, BLOCK_N=BLOCK_N, WS=False)
+                                      causal_shift, qk_scale, MASKED=True, CAUSAL=CAUSAL, BLOCK_N=BLOCK_N, WS=False,
+                                      PIPE=False)
         o_desc.store([m0, 0], (acc / l_i[:, None]).to(O.dtype.element_ty))   # rows past the end are dropped
         lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
         tl.store(LSE + pid_bh.to(tl.int64) * seqlen_q + offs_m, lse, mask=offs_m < seqlen_q)
@@ -151,11 +176,10 @@ def default_config(head_dim: int, causal: bool) -> dict:
     """The configuration ``tune`` picked in this process for (head_dim, causal), else the first of CONFIGS;
     under the interpreter, small tiles."""
     if _fa.interpreted():
-        return dict(block_m=32, block_n=32, num_warps=4, num_stages=1, ws=False)
+        return _cfg(32, 32, 4, 1)
     if (head_dim, bool(causal)) in _TUNED:
         return dict(_TUNED[(head_dim, bool(causal))])
-    bm, bn, w, s, ws = CONFIGS[0]
-    return dict(block_m=bm, block_n=bn, num_warps=w, num_stages=s, ws=ws)
+    return dict(CONFIGS[0])
 
 
 def _check_descriptor_strides(q, k, v, out):
@@ -169,11 +193,13 @@ def _check_descriptor_strides(q, k, v, out):
 def flash_attention_fast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
                          scale: float | None = None, *, out: torch.Tensor | None = None, block_m: int | None = None,
                          block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
-                         ws: bool | None = None, heavy_first: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                         ws: bool | None = None, pipe: bool | None = None,
+                         heavy_first: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """``flash_attn.flash_attention`` with TMA loads and tuned tiles: same arguments, layout and result ``(o, lse)``.
 
     Also needs every row stride (dim 2) and base address to be a multiple of 16 bytes (true of contiguous tensors
-    and of a Hugging Face model's transposed views); ``ws`` turns on warp specialization of the key loop.
+    and of a Hugging Face model's transposed views); ``ws`` turns on warp specialization of the key loop, ``pipe``
+    its software pipelining (the next tile's scores issued before this tile's softmax).
     """
     _fa._check_inputs(q, k, v, causal)
     b, h, n_q, d = q.shape
@@ -181,7 +207,8 @@ def flash_attention_fast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, caus
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     cfg = default_config(d, causal)
     cfg.update({key: val for key, val in dict(block_m=block_m, block_n=block_n, num_warps=num_warps,
-                                               num_stages=num_stages, ws=ws).items() if val is not None})
+                                               num_stages=num_stages, ws=ws, pipe=pipe).items()
+                if val is not None})
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
@@ -200,7 +227,7 @@ def flash_attention_fast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, caus
         out.stride(0), out.stride(1), out.stride(2),
         h, h // h_kv, n_q, n_kv, scale * _fa.LOG2E,
         HEAD_DIM=d, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], CAUSAL=bool(causal),
-        HEAVY_FIRST=bool(causal and heavy_first), WS=bool(cfg["ws"]),
+        HEAVY_FIRST=bool(causal and heavy_first), WS=bool(cfg["ws"]), PIPE=bool(cfg["pipe"]),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out, lse
@@ -225,11 +252,10 @@ def tune(seqlens=(4096, 16384), causal_modes=(True, False), *, head_dim: int = 1
                        for _ in range(3))
             ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
             flops = 4.0 * batch * n_heads * n * n * head_dim / (2 if causal else 1)
-            for (bm, bn, w, s, ws) in configs:
-                cfg = dict(block_m=bm, block_n=bn, num_warps=w, num_stages=s, ws=ws)
+            for cfg in configs:
                 rec = dict(config=cfg, causal=causal, seqlen=n, batch=batch)
                 records.append(rec)
-                key = (bm, bn, w, s, ws)
+                key = tuple(sorted(cfg.items()))
                 try:
                     o, _ = flash_attention_fast(q, k, v, causal, **cfg)
                     err = (o.float() - ref.float()).abs().max().item()
@@ -249,7 +275,6 @@ def tune(seqlens=(4096, 16384), causal_modes=(True, False), *, head_dim: int = 1
             del q, k, v, ref
         ok = {key: t for key, t in totals.items() if t is not None}
         if ok:
-            bm, bn, w, s, ws = min(ok, key=ok.get)
-            _TUNED[(head_dim, bool(causal))] = dict(block_m=bm, block_n=bn, num_warps=w, num_stages=s, ws=ws)
+            _TUNED[(head_dim, bool(causal))] = dict(min(ok, key=ok.get))
             log(f"tune {'causal' if causal else 'full'}: picked {_TUNED[(head_dim, bool(causal))]}")
     return records
