@@ -54,6 +54,28 @@ except ImportError:  # the wrapper raises a LabkitError naming the install comma
 if triton is not None:
 
     @triton.jit
+    def _online_softmax_update(acc, l_i, m_i, s, v, cols, offs_m, seqlen_kv, causal_shift, qk_scale,
+                               MASKED: tl.constexpr, CAUSAL: tl.constexpr):
+        """Fold one key block into the running statistics: ``s`` = Q K^T of the block (fp32, unscaled), ``v`` its
+        values, ``cols`` its key positions. MASKED: bounds and causal masks (only the blocks that need them)."""
+        if MASKED:
+            keep = cols[None, :] < seqlen_kv
+            if CAUSAL:
+                keep = keep & (cols[None, :] <= offs_m[:, None] + causal_shift)
+            s = tl.where(keep, s * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            s = s - m_new[:, None]
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+            s = s * qk_scale - m_new[:, None]                                 # one FMA per score
+        p = tl.math.exp2(s)                                                   # (BLOCK_M, BLOCK_N) = P~ of FA2
+        alpha = tl.math.exp2(m_i - m_new)                                     # rescales the old statistics
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        return acc, l_i, m_new
+
+    @triton.jit
     def _key_loop(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, lo, hi,
                   seqlen_kv, causal_shift, qk_scale,
                   MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -63,30 +85,39 @@ if triton is not None:
             cols = start_n + offs_n                                           # (BLOCK_N,) key positions
             if MASKED:
                 k = tl.load(k_ptrs + start_n * stride_kn, mask=cols[None, :] < seqlen_kv, other=0.0)
-            else:
-                k = tl.load(k_ptrs + start_n * stride_kn)                     # (HEAD_DIM, BLOCK_N) = K^T block
-            s = tl.dot(q, k)                                                  # (BLOCK_M, BLOCK_N) fp32 scores
-            if MASKED:
-                keep = cols[None, :] < seqlen_kv
-                if CAUSAL:
-                    keep = keep & (cols[None, :] <= offs_m[:, None] + causal_shift)
-                s = tl.where(keep, s * qk_scale, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                s = s - m_new[:, None]
-            else:
-                m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-                s = s * qk_scale - m_new[:, None]                             # one FMA per score
-            p = tl.math.exp2(s)                                               # (BLOCK_M, BLOCK_N) = P~ of FA2
-            alpha = tl.math.exp2(m_i - m_new)                                 # rescales the old statistics
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            if MASKED:
                 v = tl.load(v_ptrs + start_n * stride_vn, mask=cols[:, None] < seqlen_kv, other=0.0)
             else:
+                k = tl.load(k_ptrs + start_n * stride_kn)                     # (HEAD_DIM, BLOCK_N) = K^T block
                 v = tl.load(v_ptrs + start_n * stride_vn)                     # (BLOCK_N, HEAD_DIM)
-            acc = tl.dot(p.to(v.dtype), v, acc)
-            m_i = m_new
+            s = tl.dot(q, k)                                                  # (BLOCK_M, BLOCK_N) fp32 scores
+            acc, l_i, m_i = _online_softmax_update(acc, l_i, m_i, s, v, cols, offs_m, seqlen_kv, causal_shift,
+                                                   qk_scale, MASKED, CAUSAL)
         return acc, l_i, m_i
+
+    @triton.jit
+    def _program_ids(n_heads, group, HEAVY_FIRST: tl.constexpr):
+        """This program's query block (heaviest first when asked), its batch x head, and the KV head it reads."""
+        pid_m = tl.program_id(0)
+        if HEAVY_FIRST:
+            pid_m = tl.num_programs(0) - 1 - pid_m
+        pid_bh = tl.program_id(1)
+        b = pid_bh // n_heads
+        h = pid_bh % n_heads
+        return pid_m, pid_bh, b, h, h // group                                # grouped-query attention
+
+    @triton.jit
+    def _key_range(m0, seqlen_q, seqlen_kv, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+        """The key blocks of the query block at row m0: [0, hi_full) need no mask, [hi_full, hi) do."""
+        causal_shift = seqlen_kv - seqlen_q
+        if CAUSAL:
+            # keys [0, m0 + shift] are visible to every row of this block; past that, the diagonal
+            end_visible = tl.minimum(m0 + causal_shift + 1, seqlen_kv)
+            hi_full = (end_visible // BLOCK_N) * BLOCK_N
+            hi = tl.minimum(m0 + BLOCK_M + causal_shift, seqlen_kv)
+        else:
+            hi_full = (seqlen_kv // BLOCK_N) * BLOCK_N
+            hi = seqlen_kv
+        return hi_full, hi, causal_shift
 
     @triton.jit
     def _flash_fwd(Q, K, V, O, LSE,
@@ -100,13 +131,7 @@ if triton is not None:
                    # compile-time choices
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    CAUSAL: tl.constexpr, HEAVY_FIRST: tl.constexpr):
-        pid_m = tl.program_id(0)
-        if HEAVY_FIRST:
-            pid_m = tl.num_programs(0) - 1 - pid_m
-        pid_bh = tl.program_id(1)
-        b = pid_bh // n_heads
-        h = pid_bh % n_heads
-        h_kv = h // group                                                     # grouped-query attention
+        pid_m, pid_bh, b, h, h_kv = _program_ids(n_heads, group, HEAVY_FIRST)
         q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
         k_base = K + b.to(tl.int64) * stride_kb + h_kv.to(tl.int64) * stride_kh
         v_base = V + b.to(tl.int64) * stride_vb + h_kv.to(tl.int64) * stride_vh
@@ -125,15 +150,7 @@ if triton is not None:
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)                           # running sum of exp2
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)                 # unnormalised output
 
-        causal_shift = seqlen_kv - seqlen_q
-        if CAUSAL:
-            # keys [0, m0 + shift] are visible to every row of this block; past that, the diagonal
-            end_visible = tl.minimum(m0 + causal_shift + 1, seqlen_kv)
-            hi_full = (end_visible // BLOCK_N) * BLOCK_N
-            hi = tl.minimum(m0 + BLOCK_M + causal_shift, seqlen_kv)
-        else:
-            hi_full = (seqlen_kv // BLOCK_N) * BLOCK_N
-            hi = seqlen_kv
+        hi_full, hi, causal_shift = _key_range(m0, seqlen_q, seqlen_kv, BLOCK_M, BLOCK_N, CAUSAL)
         # stage 1: full blocks, no mask
         acc, l_i, m_i = _key_loop(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n,
                                   0, hi_full, seqlen_kv, causal_shift, qk_scale,

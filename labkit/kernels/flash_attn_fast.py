@@ -60,25 +60,18 @@ if triton is not None:
     @triton.jit
     def _tma_update(acc, l_i, m_i, s, v_desc, start_n, offs_m, offs_n, seqlen_kv, causal_shift, qk_scale,
                     MASKED: tl.constexpr, CAUSAL: tl.constexpr):
-        """Fold the scores ``s`` of the key tile at ``start_n`` into the online softmax, then add P V."""
-        if MASKED:
-            cols = start_n + offs_n
-            keep = cols[None, :] < seqlen_kv
-            if CAUSAL:
-                keep = keep & (cols[None, :] <= offs_m[:, None] + causal_shift)
-            s = tl.where(keep, s * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            s = s - m_new[:, None]
-        else:
-            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-            s = s * qk_scale - m_new[:, None]
-        p = tl.math.exp2(s)
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
+        """Fold the scores ``s`` of the key tile at ``start_n`` into the online softmax (the teaching kernel's
+        update), its V tile loaded through the descriptor."""
         v = v_desc.load([start_n, 0])                                         # (BLOCK_N, HEAD_DIM)
-        acc = tl.dot(p.to(v.dtype), v, acc)
-        return acc, l_i, m_new
+        return _fa._online_softmax_update(acc, l_i, m_i, s, v, start_n + offs_n, offs_m, seqlen_kv, causal_shift,
+                                          qk_scale, MASKED, CAUSAL)
+
+    @triton.jit
+    def _head_desc(base, b, h, stride_b, stride_h, stride_row, rows, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
+        """A TMA descriptor over one (batch, head) of a (batch, heads, rows, HEAD_DIM) tensor: tiles of BLOCK rows,
+        bounded by this head's ``rows`` (nothing past them is read or written)."""
+        return tl.make_tensor_descriptor(base + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h,
+                                         shape=[rows, HEAD_DIM], strides=[stride_row, 1], block_shape=[BLOCK, HEAD_DIM])
 
     @triton.jit
     def _tma_key_loop(acc, l_i, m_i, q, k_desc, v_desc, offs_m, offs_n, lo, hi, seqlen_kv, causal_shift, qk_scale,
@@ -120,26 +113,12 @@ if triton is not None:
                        n_heads, group, seqlen_q, seqlen_kv, qk_scale,
                        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        CAUSAL: tl.constexpr, HEAVY_FIRST: tl.constexpr, WS: tl.constexpr, PIPE: tl.constexpr):
-        pid_m = tl.program_id(0)
-        if HEAVY_FIRST:
-            pid_m = tl.num_programs(0) - 1 - pid_m
-        pid_bh = tl.program_id(1)
-        b = pid_bh // n_heads
-        h = pid_bh % n_heads
-        h_kv = h // group
+        pid_m, pid_bh, b, h, h_kv = _fa._program_ids(n_heads, group, HEAVY_FIRST)
         # one descriptor per tensor for this (batch, head): its bounds are this head's sequence, nothing past it
-        q_desc = tl.make_tensor_descriptor(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh,
-                                           shape=[seqlen_q, HEAD_DIM], strides=[stride_qm, 1],
-                                           block_shape=[BLOCK_M, HEAD_DIM])
-        k_desc = tl.make_tensor_descriptor(K + b.to(tl.int64) * stride_kb + h_kv.to(tl.int64) * stride_kh,
-                                           shape=[seqlen_kv, HEAD_DIM], strides=[stride_kn, 1],
-                                           block_shape=[BLOCK_N, HEAD_DIM])
-        v_desc = tl.make_tensor_descriptor(V + b.to(tl.int64) * stride_vb + h_kv.to(tl.int64) * stride_vh,
-                                           shape=[seqlen_kv, HEAD_DIM], strides=[stride_vn, 1],
-                                           block_shape=[BLOCK_N, HEAD_DIM])
-        o_desc = tl.make_tensor_descriptor(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh,
-                                           shape=[seqlen_q, HEAD_DIM], strides=[stride_om, 1],
-                                           block_shape=[BLOCK_M, HEAD_DIM])
+        q_desc = _head_desc(Q, b, h, stride_qb, stride_qh, stride_qm, seqlen_q, HEAD_DIM, BLOCK_M)
+        k_desc = _head_desc(K, b, h_kv, stride_kb, stride_kh, stride_kn, seqlen_kv, HEAD_DIM, BLOCK_N)
+        v_desc = _head_desc(V, b, h_kv, stride_vb, stride_vh, stride_vn, seqlen_kv, HEAD_DIM, BLOCK_N)
+        o_desc = _head_desc(O, b, h, stride_ob, stride_oh, stride_om, seqlen_q, HEAD_DIM, BLOCK_M)
         m0 = pid_m * BLOCK_M
         offs_m = m0 + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
@@ -147,14 +126,7 @@ if triton is not None:
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-        causal_shift = seqlen_kv - seqlen_q
-        if CAUSAL:
-            end_visible = tl.minimum(m0 + causal_shift + 1, seqlen_kv)
-            hi_full = (end_visible // BLOCK_N) * BLOCK_N
-            hi = tl.minimum(m0 + BLOCK_M + causal_shift, seqlen_kv)
-        else:
-            hi_full = (seqlen_kv // BLOCK_N) * BLOCK_N
-            hi = seqlen_kv
+        hi_full, hi, causal_shift = _fa._key_range(m0, seqlen_q, seqlen_kv, BLOCK_M, BLOCK_N, CAUSAL)
         acc, l_i, m_i = _tma_key_loop(acc, l_i, m_i, q, k_desc, v_desc, offs_m, offs_n, 0, hi_full, seqlen_kv,
                                       causal_shift, qk_scale, MASKED=False, CAUSAL=CAUSAL, BLOCK_N=BLOCK_N, WS=WS,
                                       PIPE=PIPE)
