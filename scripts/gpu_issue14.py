@@ -211,7 +211,7 @@ def main(argv=None) -> int:
         return 1
     log(f"device {env.device_name()}; packages {json.dumps(versions())}")
     result, t_all = {}, time.time()
-    gptq_summary, gptq_records, decode_doc = None, [], None
+    gptq_summary, decode_doc = None, None
     for step in args.steps.split(","):
         try:
             if step == "attention":
@@ -221,7 +221,7 @@ def main(argv=None) -> int:
                 result["decode"] = {k: decode_doc["summary"].get(k) for k in
                                     ("fraction_of_floor", "ratio_vs_torchao", "torchao_gemv_ratios")}
             elif step == "gptq":
-                gptq_summary, gptq_records = step_gptq(args.out, args.commit)
+                gptq_summary, _ = step_gptq(args.out, args.commit)
                 result["gptq"] = gptq_summary
             else:
                 raise ValueError(f"unknown step {step!r}")
@@ -231,15 +231,16 @@ def main(argv=None) -> int:
         torch.cuda.empty_cache()
         result["seconds"] = time.time() - t_all  # written after every step: a run cut short keeps what it measured
         bench.write_results(args.out / "issue14.json", [], result, meta(args.commit))
-    if decode_doc is not None:  # decode.json carries the GPTQ figures of the same run beside the 7B-shape rows
+    if decode_doc is not None:  # decode.json's summary carries the GPTQ figures of the same run
         from labkit import fastgen
 
         summary = dict(decode_doc["summary"])
         if gptq_summary is not None:
             summary["gptq_int4_ppl_vs_reference"] = gptq_summary["gptq_int4_ppl_vs_reference"]
             summary["gptq"] = gptq_summary
-        records = decode_doc["records"] + gptq_records
-        bench.write_results(args.out / "decode.json", records, summary, meta(args.commit))
+        # its records stay the 7B shape's (notebook 06 reads each as a step of the summary's model, with a floor);
+        # the SmolLM2 rows of the GPTQ step are gptq.json's
+        bench.write_results(args.out / "decode.json", decode_doc["records"], summary, meta(args.commit))
         try:
             fastgen.plot_decode(decode_doc["records"], args.out / "decode.png")
         except Exception as exc:
