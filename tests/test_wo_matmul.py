@@ -210,3 +210,29 @@ def test_tune_records_failing_configs(monkeypatch):
     monkeypatch.setattr(wo, "time_gemv", lambda *a, **k: (_ for _ in ()).throw(OutOfResources("out of resource")))
     with pytest.raises(env.LabkitError, match="no GEMV config ran"):
         wo.tune(w, 1, torch.float16, candidates=cands)
+
+
+def test_offline_sass_of_the_gemv_loops(tmp_path):
+    """scripts/sass_gemv.py compiles the batch-1 GEMVs for sm_90 without a GPU (Triton's bundled ptxas) and counts
+    their K loops. The word kernel's design holds in the machine code: its codes become floats by mask-and-or
+    (LOP3) with no int-to-float conversion instruction, and a word of eight int4 codes costs fewer instructions per
+    weight than one of four int8 codes."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "sass.json"
+    res = subprocess.run([sys.executable, str(env.repo_root() / "scripts" / "sass_gemv.py"), "--json", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = {r["label"].split(" ")[0]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"int4", "int8", "bf16"}
+    for name in ("int4", "int8"):
+        ops = rows[name]["opcodes"]
+        assert ops.get("LOP3", 0) > 0 and ops.get("LDG", 0) > 0, (name, ops)
+        assert not any(op.startswith("I2F") for op in ops), (name, ops)  # no int-to-float conversions
+    assert 0 < rows["int4"]["per_weight"] < rows["int8"]["per_weight"]
+    assert "at 4.22 TB/s the budget is" in res.stdout
+    bad = subprocess.run([sys.executable, str(env.repo_root() / "scripts" / "sass_gemv.py"), "--bandwidth", "fast"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "error: --bandwidth" in bad.stderr and "Traceback" not in bad.stderr

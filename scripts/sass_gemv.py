@@ -1,0 +1,177 @@
+"""Offline SASS of the decode GEMV kernels: what one weight costs in instructions, without a GPU.
+
+Compiles labkit's word kernel (int4 and int8 codes, ``_wo_gemv_il_kernel``) and the bf16 GEMV (``_wo_gemv1_kernel``)
+at their default batch-1 configs for a Hopper target (sm_90) with this machine's Triton and its bundled ptxas, then
+disassembles the cubin (nvdisasm, bundled too), finds the main K loop (the backward branch) and counts its
+instructions per weight, by class. No GPU is needed; the runner's Triton may schedule differently from this one, so
+the report names the version that compiled it.
+
+Why it matters: a GEMV at batch 1 streams each weight once. On an H100 or H200 SXM (132 SMs, 4 schedulers each
+issuing one warp instruction per clock) at clock ``--clock-ghz``, the SMs issue 132 x 4 x 32 x clock
+thread-instructions per second; streaming weights at a bandwidth of B bytes/s leaves ``issue rate / weights per
+second`` instructions per weight before instruction issue, not memory, is the wall. The report prints that budget
+beside the count for each bandwidth of ``--bandwidth`` (default: the read bandwidths measured in the committed decode
+runs, H100 2.97 TB/s and H200 4.22 TB/s). The clock is an assumption (the SXM parts' 1.98 GHz maximum boost): the
+budget scales with it, and a GEMV that runs slower than its budget allows is bound by something else as well.
+
+    python scripts/sass_gemv.py [--out FILE] [--json FILE] [--bandwidth 2.97e12,4.22e12] [--clock-ghz 1.98] [--sms 132]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import sys
+
+os.environ["TRITON_INTERPRET"] = "0"  # compile, never interpret (nothing runs here), with or without a GPU
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the default the runner's Triton uses
+
+CLASSES = {  # SASS opcode -> what the weight's instruction is for
+    "LDG": "memory", "LDS": "memory", "STS": "memory", "LDC": "memory", "ULDC": "memory", "LDGSTS": "memory",
+    "FFMA": "fp32 math", "FADD": "fp32 math", "FMUL": "fp32 math", "FMNMX": "fp32 math",
+    "HFMA2": "packed 16-bit math", "HADD2": "packed 16-bit math", "HMUL2": "packed 16-bit math",
+    "LOP3": "integer/logic", "SHF": "integer/logic", "IMAD": "integer/logic", "IADD3": "integer/logic",
+    "LEA": "integer/logic", "PRMT": "integer/logic", "VIADD": "integer/logic", "ISETP": "integer/logic",
+    "SEL": "integer/logic", "MOV": "integer/logic", "I2F": "conversion", "F2F": "conversion", "F2FP": "conversion",
+    "SHFL": "shuffle (reductions)",
+}
+
+
+def compile_sass(fn, signature: dict, constexprs: dict, num_warps: int, arch: int = 90) -> str:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    src = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    path = f"/tmp/sass_gemv_{os.getpid()}.cubin"
+    with open(path, "wb") as f:
+        f.write(kernel.asm["cubin"])
+    try:
+        out = subprocess.run([nvdisasm, "-c", path], capture_output=True, text=True, check=True).stdout
+    finally:
+        os.remove(path)
+    return out
+
+
+def main_loop(sass: str) -> list[str]:
+    """The opcodes of the longest loop: from a label to the branch that jumps back to it."""
+    lines = sass.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\.L_x_\d+):", line))}
+    best = []
+    for i, line in enumerate(lines):
+        m = re.search(r"BRA\s+`?\((\.L_x_\d+)\)", line)
+        if m and m.group(1) in labels and labels[m.group(1)] < i:
+            body = [op for ln in lines[labels[m.group(1)]:i + 1] if (op := opcode(ln))]
+            if len(body) > len(best):
+                best = body
+    return best
+
+
+def opcode(line: str) -> str | None:
+    m = re.match(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)
+    return m.group(1) if m else None
+
+
+def kernels():
+    """(label, kernel, signature, constexprs, warps, weights per thread per loop iteration) at the batch-1 defaults
+    of labkit.kernels.wo_matmul (CANDIDATES_IL and CANDIDATES_M1, the first of each list)."""
+    from labkit.kernels import wo_matmul as wo
+
+    il = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*bf16", "y_ptr": "*bf16",
+          "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_sn": "i32",
+          "stride_ym": "i32", "stride_ys": "i32", "K_CHUNK": "i32", "ONE": "i32"}
+    il.update({k: "constexpr" for k in ("BITS", "PRO_SILU", "BLOCK_M", "BLOCK_N", "BLOCK_K", "PDL", "RAGGED")})
+    out = []
+    for bits, kind in ((4, 4), (8, 3)):
+        cfg = wo.CANDIDATES_IL[kind][0]
+        c = {"BITS": bits, "PRO_SILU": False, "BLOCK_M": 1, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
+             "PDL": False, "RAGGED": False}
+        out.append((f"int{bits} word kernel, {cfg.block_n} rows x {cfg.block_k} columns, {cfg.num_warps} warps",
+                    wo._wo_gemv_il_kernel, il, c, cfg.num_warps, cfg.block_n * cfg.block_k / (32 * cfg.num_warps)))
+    g1 = {"x_ptr": "*bf16", "w_ptr": "*bf16", "s_ptr": "*bf16", "z_ptr": "*bf16", "y_ptr": "*bf16",
+          "N": "i32", "K": "i32", "stride_wn": "i32", "stride_sn": "i32", "stride_ys": "i32", "K_CHUNK": "i32"}
+    g1.update({k: "constexpr" for k in ("KIND", "GROUP", "PRO_SILU", "BLOCK_N", "BLOCK_K", "PDL")})
+    cfg = wo.CANDIDATES_M1[0][0]
+    c = {"KIND": 0, "GROUP": 128, "PRO_SILU": False, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "PDL": False}
+    out.append((f"bf16 GEMV (acc), {cfg.block_n} rows x {cfg.block_k} columns, {cfg.num_warps} warps",
+                wo._wo_gemv1_kernel, g1, c, cfg.num_warps, cfg.block_n * cfg.block_k / (32 * cfg.num_warps)))
+    return out
+
+
+def analyse(issue: float, bandwidths: list[float]) -> list[dict]:
+    """One row per kernel: its loop length, instructions per weight (total, by class, top opcodes) and, for each
+    bandwidth, the instructions per weight the issue rate ``issue`` (thread-instructions/s) allows."""
+    rows = []
+    for label, fn, sig, consts, warps, per_thread in kernels():
+        body = main_loop(compile_sass(fn, sig, consts, warps))
+        if not body:
+            raise RuntimeError(f"{label}: no loop found in the SASS")
+        bytes_per_weight = {"int4": 0.5, "int8": 1.0}.get(label[:4], 2.0)
+        rows.append({
+            "label": label, "loop": len(body), "weights_per_thread": per_thread, "per_weight": len(body) / per_thread,
+            "budget": {bw: issue / (bw / bytes_per_weight) for bw in bandwidths},
+            "by_class": {k: v / per_thread for k, v in
+                         collections.Counter(CLASSES.get(op, "other") for op in body).most_common()},
+            "top": {op: n / per_thread for op, n in collections.Counter(body).most_common(8)},
+            "opcodes": dict(collections.Counter(body)),
+        })
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=None, help="also write the report to this file")
+    p.add_argument("--json", default=None, help="also write the rows (with each loop's opcode counts) as JSON")
+    p.add_argument("--bandwidth", default="2.97e12,4.22e12",
+                   help="comma list of weight-streaming bandwidths, bytes/s (default: the read bandwidths of the "
+                        "committed H100 and H200 decode runs)")
+    p.add_argument("--clock-ghz", type=float, default=1.98, help="SM clock (default: the SXM parts' 1.98 GHz boost)")
+    p.add_argument("--sms", type=int, default=132, help="streaming multiprocessors (H100/H200 SXM: 132)")
+    args = p.parse_args(argv)
+    try:
+        bandwidths = [float(b) for b in args.bandwidth.split(",")]
+    except ValueError:
+        bandwidths = []
+    if not bandwidths or min(bandwidths) <= 0 or args.clock_ghz <= 0 or args.sms <= 0:
+        print("error: --bandwidth takes positive numbers in bytes/s separated by commas (e.g. 2.97e12,4.22e12); "
+              "--clock-ghz and --sms must be positive", file=sys.stderr)
+        return 2
+    try:
+        import triton
+    except ImportError:
+        print("error: triton is not installed (pip install triton); it compiles the kernels", file=sys.stderr)
+        return 1
+    issue = args.sms * 4 * 32 * args.clock_ghz * 1e9  # thread-instructions per second
+    report = [f"offline SASS, sm_90, triton {triton.__version__} (this machine; the GPU runner's version may "
+              f"schedule differently); issue rate {args.sms} SMs x 4 x 32 x {args.clock_ghz} GHz = "
+              f"{issue / 1e12:.1f} T thread-instructions/s"]
+    rows = analyse(issue, bandwidths)
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump({"triton": triton.__version__, "arch": "sm_90", "issue_per_s": issue,
+                       "rows": [dict(r, budget={str(k): v for k, v in r["budget"].items()}) for r in rows]}, f,
+                      indent=1)
+    for row in rows:
+        report.append(f"{row['label']}: loop of {row['loop']} instructions for {row['weights_per_thread']:.0f} weights "
+                      f"per thread -> {row['per_weight']:.2f} instructions per weight")
+        for bw, budget in row["budget"].items():
+            report.append(f"    at {bw / 1e12:.2f} TB/s the budget is {budget:.2f} instructions per weight: "
+                          f"issue alone caps the GEMV at {min(1.0, budget / row['per_weight']):.0%} of the bandwidth floor")
+        report.append("    per weight by class: " + ", ".join(f"{k} {v:.2f}" for k, v in row["by_class"].items()))
+        report.append("    top opcodes per weight: " + ", ".join(f"{k} {v:.2f}" for k, v in row["top"].items()))
+    text = "\n".join(report)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
