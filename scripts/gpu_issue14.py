@@ -131,7 +131,7 @@ def step_decode(out: Path, commit) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- GPTQ
-def step_gptq(out: Path, commit) -> tuple[dict, list]:
+def step_gptq(out: Path, commit) -> dict:
     import copy
 
     from labkit import data, evaluate, fastgen, gptq, models
@@ -192,7 +192,7 @@ def step_gptq(out: Path, commit) -> tuple[dict, list]:
                "token_checks_of_32": checks, "smollm2_ms_per_token": speed}
     bench.write_results(out / "gptq.json", records, summary, meta(commit))
     log(f"gptq: {time.time() - t0:.0f} s")
-    return summary, records
+    return summary
 
 
 def main(argv=None) -> int:
@@ -221,7 +221,7 @@ def main(argv=None) -> int:
                 result["decode"] = {k: decode_doc["summary"].get(k) for k in
                                     ("fraction_of_floor", "ratio_vs_torchao", "torchao_gemv_ratios")}
             elif step == "gptq":
-                gptq_summary, _ = step_gptq(args.out, args.commit)
+                gptq_summary = step_gptq(args.out, args.commit)
                 result["gptq"] = gptq_summary
             else:
                 raise ValueError(f"unknown step {step!r}")
