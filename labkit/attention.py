@@ -509,8 +509,8 @@ def use_triton_attention(model, name: str = HF_ATTENTION_NAME):
 
 
 # ---------------------------------------------------------------------------------------------- benchmark
-VARIANTS = ("naive", "tiled_torch", "triton", "triton_fast", "sdpa_math", "sdpa_efficient", "sdpa_flash", "sdpa_cudnn",
-            "flash_attn", "flash_attn_4")
+VARIANTS = ("naive", "tiled_torch", "triton", "triton_fast", "sdpa_math", "sdpa_efficient", "sdpa_flash",
+            "sdpa_cudnn", "flash_attn", "flash_attn_4")
 FULL_SEQLENS = (512, 1024, 2048, 4096, 8192, 16384)
 QUICK_SEQLENS = (128, 256, 512)
 # the slow variants stop here: the Python loops of the tiled reference and the math backend's fp32 N x N

@@ -162,7 +162,8 @@ def main(argv=None) -> int:
                       f"per thread -> {row['per_weight']:.2f} instructions per weight")
         for bw, budget in row["budget"].items():
             report.append(f"    at {bw / 1e12:.2f} TB/s the budget is {budget:.2f} instructions per weight: "
-                          f"issue alone caps the GEMV at {min(1.0, budget / row['per_weight']):.0%} of the bandwidth floor")
+                          f"issue alone caps the GEMV at {min(1.0, budget / row['per_weight']):.0%} of the "
+                          "bandwidth floor")
         report.append("    per weight by class: " + ", ".join(f"{k} {v:.2f}" for k, v in row["by_class"].items()))
         report.append("    top opcodes per weight: " + ", ".join(f"{k} {v:.2f}" for k, v in row["top"].items()))
     text = "\n".join(report)

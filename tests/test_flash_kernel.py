@@ -71,6 +71,14 @@ def test_out_argument_with_transposed_layout(kernel):
     torch.testing.assert_close(buf.transpose(1, 2), kernel(q, k, v, True)[0])
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without a GPU")
+def test_tuner_without_a_gpu_says_what_it_needs():
+    from labkit import env
+
+    with pytest.raises(env.LabkitError, match="GPU|CUDA"):
+        fast.tune((64,), log=lambda *a: None)
+
+
 def test_tma_kernel_agrees_with_the_teaching_kernel_and_refuses_unaligned_rows():
     """Ragged lengths over tiles of 32 (the TMA kernel's bounds are each head's own sequence, so the rows past the
     end of one head are neither read from nor written into the next), then a row stride TMA cannot take."""

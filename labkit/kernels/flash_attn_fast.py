@@ -208,15 +208,19 @@ def flash_attention_fast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, caus
 
 
 def tune(seqlens=(4096, 16384), causal_modes=(True, False), *, head_dim: int = 128, n_heads: int = 32,
-         tokens: int = 16384, dtype=torch.bfloat16, configs=CONFIGS, log=print) -> list[dict]:
+         tokens: int = 16384, dtype=torch.bfloat16, configs=CONFIGS, log=print, progress: bool = True) -> list[dict]:
     """Time every configuration at every size on the GPU; keep the fastest per causal mode (total time over the
     sizes) for this process's ``default_config``. Returns one record per (config, causal, seqlen), a failure
     carrying the error it raised (a configuration the compiler or device refuses is a finding, not noise).
     Each config's output is checked against SDPA before it is timed; a wrong one is recorded and never picked."""
+    from tqdm.auto import tqdm
+
     from labkit import bench, env
 
     env.require_cuda("flash_attn_fast.tune")
     records = []
+    bar = tqdm(total=len(causal_modes) * len(seqlens) * len(configs), desc="tune TMA attention", unit="config",
+               disable=not progress, leave=False)
     for causal in causal_modes:
         totals = {}
         for n in seqlens:
@@ -244,6 +248,7 @@ def tune(seqlens=(4096, 16384), causal_modes=(True, False), *, head_dim: int = 1
                     first = str(exc).splitlines()[0][:200] if str(exc) else ""
                     rec["status"] = f"failed: {type(exc).__name__}: {first}"
                     totals[key] = None
+                bar.update(1)
                 log(f"tune {'causal' if causal else 'full  '} N={n:6d} {cfg}: {rec['status']}"
                     + (f" {rec['median_ms']:.3f} ms {rec['tflops']:.1f} TFLOP/s" if rec.get("status") == "ok" else ""))
             del q, k, v, ref
@@ -251,4 +256,5 @@ def tune(seqlens=(4096, 16384), causal_modes=(True, False), *, head_dim: int = 1
         if ok:
             _TUNED[(head_dim, bool(causal))] = dict(min(ok, key=ok.get))
             log(f"tune {'causal' if causal else 'full'}: picked {_TUNED[(head_dim, bool(causal))]}")
+    bar.close()
     return records
