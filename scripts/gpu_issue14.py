@@ -71,6 +71,7 @@ def meta(commit: str | None) -> dict:
 def step_attention(out: Path, commit) -> dict:
     from labkit import attention as A
     from labkit import models
+    from labkit.kernels import flash_attn as fa
 
     t0 = time.time()
     tuning = A.tune_fast_kernel(A.FULL_SEQLENS, head_dim=128, n_heads=32, tokens=16384, log=log)
@@ -80,8 +81,6 @@ def step_attention(out: Path, commit) -> dict:
                               dtype=torch.bfloat16, tokens=16384, variants=A.VARIANTS, log=log)
     summary = A.summarize(records, dtype="bfloat16", head_dim=128)
     summary["triton_fast_tuning"] = tuning
-    from labkit.kernels import flash_attn as fa
-
     summary["triton_config"] = fa.default_config(128, True)  # the teaching kernel's tiles
     summary["batch_rule"] = "batch = 16384 // seqlen (at least 1), 32 heads, head dim 128, bf16"
     for r in records:
