@@ -558,6 +558,13 @@ class FastLlama:
         return {name: wo.config_for(w, batch, self.dtype, silu, part, self.pdl)
                 for name, w, silu, part in self.gemv_calls()}
 
+    def gemv_tuning(self, batch: int = 1) -> dict:
+        """{name: what ``tune`` found} for the step's GEMVs at this batch: the chosen config and kernel, and the best
+        time of each kernel it timed (``wo_matmul.tuning_report``); empty where nothing was tuned."""
+        out = {name: wo.tuning_report(w, batch, self.dtype, silu, part, self.pdl)
+               for name, w, silu, part in self.gemv_calls()}
+        return {k: v for k, v in out.items() if v is not None}
+
     def pin_gemv_configs(self, configs: dict, batch: int = 1) -> None:
         """Launch the step's GEMVs with ``configs`` ({name: GemvConfig}, e.g. another build's ``gemv_configs()``)
         and stop ``capture`` from re-tuning them: two builds then sum in the same order."""
@@ -1001,6 +1008,12 @@ def run_decode_benchmark(model_name: str = "llama2-7b-shape", formats=WEIGHT_FOR
             rec = {"model": info.label, "variant": f"our loop, Triton GEMV + CUDA graph ({fmt})", "weights": fmt,
                    "batch": batch, "pdl": fast.pdl, **r, "floor_ms": floor_ms, "fraction_of_floor": frac,
                    "achieved_read_Bps": r["bytes_per_step"] / (r["decode_ms_per_token"] / 1e3)}
+            tuning = fast.gemv_tuning(batch)
+            if tuning:
+                rec["gemv_tuning"] = tuning
+                for name, t in tuning.items():
+                    log(f"  {fmt} batch {batch} {name}: {t['chosen_kernel']}; best us by kernel "
+                        + ", ".join(f"{k} {v:.1f}" for k, v in t["best_us_by_kernel"].items()))
             records.append(rec)
             if batch == 1:
                 fractions[fmt] = frac

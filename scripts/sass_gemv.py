@@ -1,6 +1,7 @@
 """Offline SASS of the decode GEMV kernels: what one weight costs in instructions, without a GPU.
 
-Compiles labkit's word kernel (int4 and int8 codes, ``_wo_gemv_il_kernel``) and the bf16 GEMV (``_wo_gemv1_kernel``)
+Compiles labkit's word kernels (int4 and int8 codes: ``_wo_gemv_il1_kernel``, the batch-1 one with per-word
+accumulators, and ``_wo_gemv_il_kernel``, which reduces each K step) and the bf16 GEMV (``_wo_gemv1_kernel``)
 at their default batch-1 configs for a Hopper target (sm_90) with this machine's Triton and its bundled ptxas, then
 disassembles the cubin (nvdisasm, bundled too), finds the main K loop (the backward branch) and counts its
 instructions per weight, by class. No GPU is needed; the runner's Triton may schedule differently from this one, so
@@ -77,27 +78,38 @@ def opcode(line: str) -> str | None:
 
 
 def kernels():
-    """(label, kernel, signature, constexprs, warps, weights per thread per loop iteration) at the batch-1 defaults
-    of labkit.kernels.wo_matmul (CANDIDATES_IL and CANDIDATES_M1, the first of each list)."""
+    """(name, label, kernel, signature, constexprs, warps, weights per thread per loop iteration) at the batch-1
+    defaults of labkit.kernels.wo_matmul: the word kernel with per-word accumulators (CANDIDATES_IL1, every row and
+    chunk inside the weight, as in the 7B shape's qkv, o, gate_up and lm_head), the word kernel that reduces each
+    step (CANDIDATES_IL) and the bf16 GEMV (CANDIDATES_M1); the first config of each list."""
     from labkit.kernels import wo_matmul as wo
 
     il = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*bf16", "y_ptr": "*bf16",
           "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_sn": "i32",
           "stride_ym": "i32", "stride_ys": "i32", "K_CHUNK": "i32", "ONE": "i32"}
     il.update({k: "constexpr" for k in ("BITS", "PRO_SILU", "BLOCK_M", "BLOCK_N", "BLOCK_K", "PDL", "RAGGED")})
+    il1 = {k: v for k, v in il.items() if k not in ("M", "stride_xm", "stride_ym", "BLOCK_M")}
+    il1["EVEN"] = "constexpr"
     out = []
     for bits, kind in ((4, 4), (8, 3)):
+        cfg = wo.CANDIDATES_IL1[kind][0]
+        c = {"BITS": bits, "PRO_SILU": False, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "PDL": False,
+             "RAGGED": False, "EVEN": True}
+        out.append((f"int{bits}-acc", f"int{bits} word kernel with per-word accumulators, {cfg.block_n} rows x "
+                    f"{cfg.block_k} columns, {cfg.num_warps} warps", wo._wo_gemv_il1_kernel, il1, c, cfg.num_warps,
+                    cfg.block_n * cfg.block_k / (32 * cfg.num_warps)))
         cfg = wo.CANDIDATES_IL[kind][0]
         c = {"BITS": bits, "PRO_SILU": False, "BLOCK_M": 1, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
              "PDL": False, "RAGGED": False}
-        out.append((f"int{bits} word kernel, {cfg.block_n} rows x {cfg.block_k} columns, {cfg.num_warps} warps",
-                    wo._wo_gemv_il_kernel, il, c, cfg.num_warps, cfg.block_n * cfg.block_k / (32 * cfg.num_warps)))
+        out.append((f"int{bits}", f"int{bits} word kernel reducing each step, {cfg.block_n} rows x {cfg.block_k} "
+                    f"columns, {cfg.num_warps} warps", wo._wo_gemv_il_kernel, il, c, cfg.num_warps,
+                    cfg.block_n * cfg.block_k / (32 * cfg.num_warps)))
     g1 = {"x_ptr": "*bf16", "w_ptr": "*bf16", "s_ptr": "*bf16", "z_ptr": "*bf16", "y_ptr": "*bf16",
           "N": "i32", "K": "i32", "stride_wn": "i32", "stride_sn": "i32", "stride_ys": "i32", "K_CHUNK": "i32"}
     g1.update({k: "constexpr" for k in ("KIND", "GROUP", "PRO_SILU", "BLOCK_N", "BLOCK_K", "PDL")})
     cfg = wo.CANDIDATES_M1[0][0]
     c = {"KIND": 0, "GROUP": 128, "PRO_SILU": False, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "PDL": False}
-    out.append((f"bf16 GEMV (acc), {cfg.block_n} rows x {cfg.block_k} columns, {cfg.num_warps} warps",
+    out.append(("bf16", f"bf16 GEMV (acc), {cfg.block_n} rows x {cfg.block_k} columns, {cfg.num_warps} warps",
                 wo._wo_gemv1_kernel, g1, c, cfg.num_warps, cfg.block_n * cfg.block_k / (32 * cfg.num_warps)))
     return out
 
@@ -106,13 +118,13 @@ def analyse(issue: float, bandwidths: list[float]) -> list[dict]:
     """One row per kernel: its loop length, instructions per weight (total, by class, top opcodes) and, for each
     bandwidth, the instructions per weight the issue rate ``issue`` (thread-instructions/s) allows."""
     rows = []
-    for label, fn, sig, consts, warps, per_thread in kernels():
+    for name, label, fn, sig, consts, warps, per_thread in kernels():
         body = main_loop(compile_sass(fn, sig, consts, warps))
         if not body:
             raise RuntimeError(f"{label}: no loop found in the SASS")
-        bytes_per_weight = {"int4": 0.5, "int8": 1.0}.get(label[:4], 2.0)
+        bytes_per_weight = {"int4": 0.5, "int8": 1.0}.get(name[:4], 2.0)
         rows.append({
-            "label": label, "loop": len(body), "weights_per_thread": per_thread, "per_weight": len(body) / per_thread,
+            "name": name, "label": label, "loop": len(body), "weights_per_thread": per_thread, "per_weight": len(body) / per_thread,
             "budget": {bw: issue / (bw / bytes_per_weight) for bw in bandwidths},
             "by_class": {k: v / per_thread for k, v in
                          collections.Counter(CLASSES.get(op, "other") for op in body).most_common()},

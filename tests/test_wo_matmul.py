@@ -45,7 +45,8 @@ def test_bad_input():
 
 CONFIGS = [wo.GemvConfig(8, 128, 4, "tile"), wo.GemvConfig(16, 256, 4, "acc"), wo.GemvConfig(16, 128, 4, "tile", 3),
            wo.GemvConfig(8, 128, 4, "acc", 2)]
-IL_CONFIGS = [wo.GemvConfig(8, 128, 1), wo.GemvConfig(16, 256, 2, split=2), wo.GemvConfig(4, 512, 4)]
+IL_CONFIGS = [wo.GemvConfig(8, 128, 1), wo.GemvConfig(16, 256, 2, split=2), wo.GemvConfig(4, 512, 4),
+              wo.GemvConfig(8, 128, 1, "acc"), wo.GemvConfig(16, 256, 2, "acc", split=2), wo.GemvConfig(4, 512, 4, "acc")]
 TC_CONFIGS = [wo.GemvConfig(16, 128, 4, "tc"), wo.GemvConfig(32, 256, 4, "tc", split=2), wo.GemvConfig(16, 384, 4, "tc")]
 
 
@@ -225,13 +226,23 @@ def test_offline_sass_of_the_gemv_loops(tmp_path):
     res = subprocess.run([sys.executable, str(env.repo_root() / "scripts" / "sass_gemv.py"), "--json", str(out)],
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
-    rows = {r["label"].split(" ")[0]: r for r in json.loads(out.read_text())["rows"]}
-    assert set(rows) == {"int4", "int8", "bf16"}
-    for name in ("int4", "int8"):
+    rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"int4-acc", "int4", "int8-acc", "int8", "bf16"}
+    for name in ("int4-acc", "int4", "int8-acc", "int8"):
         ops = rows[name]["opcodes"]
         assert ops.get("LOP3", 0) > 0 and ops.get("LDG", 0) > 0, (name, ops)
         assert not any(op.startswith("I2F") for op in ops), (name, ops)  # no int-to-float conversions
-    assert 0 < rows["int4"]["per_weight"] < rows["int8"]["per_weight"]
+    for k in ("", "-acc"):
+        assert 0 < rows["int4" + k]["per_weight"] < rows["int8" + k]["per_weight"]
+    # the batch-1 kernel moves the per-step reductions out of the loop: fewer shuffles and adds, fewer instructions
+    for bits in ("int4", "int8"):
+        acc, step = rows[bits + "-acc"], rows[bits]
+
+        def reduce_ops(r):
+            return (r["opcodes"].get("SHFL", 0) + r["opcodes"].get("FADD", 0)) / r["weights_per_thread"]
+
+        assert reduce_ops(acc) < 0.5 * reduce_ops(step), (bits, reduce_ops(acc), reduce_ops(step))
+        assert acc["per_weight"] < step["per_weight"], (bits, acc["per_weight"], step["per_weight"])
     assert "at 4.22 TB/s the budget is" in res.stdout
     bad = subprocess.run([sys.executable, str(env.repo_root() / "scripts" / "sass_gemv.py"), "--bandwidth", "fast"],
                          capture_output=True, text=True, timeout=60)

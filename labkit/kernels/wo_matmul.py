@@ -27,7 +27,7 @@ Layout: weights are ``(N, K)`` = (out_features, in_features), row-major, like ``
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -303,13 +303,23 @@ if triton is not None:
 
     @triton.jit
     def _load_x(x_row, offs_k, mask_k, K, PRO_SILU: tl.constexpr):
-        """A chunk of one activation row in fp32; with PRO_SILU the row is [gate | up] -> silu(gate) * up."""
+        """A chunk of one activation row in fp32; with PRO_SILU the row is [gate | up] -> silu(gate) * up.
+        ``mask_k=None``: every column is inside the row (no mask)."""
         if PRO_SILU:
-            g = tl.load(x_row + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-            u = tl.load(x_row + K + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+            g = _load_masked(x_row + offs_k, mask_k).to(tl.float32)
+            u = _load_masked(x_row + K + offs_k, mask_k).to(tl.float32)
             s = (g / (1.0 + tl.exp(-g))).to(x_row.dtype.element_ty).to(tl.float32)  # rounded like torch's silu
             return (s * u).to(x_row.dtype.element_ty).to(tl.float32)
-        return tl.load(x_row + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+        return _load_masked(x_row + offs_k, mask_k).to(tl.float32)
+
+    @triton.jit
+    def _load_masked(ptrs, mask):
+        """tl.load with zeros where ``mask`` is False; ``mask=None`` loads every element."""
+        if mask is None:
+            v = tl.load(ptrs)
+        else:
+            v = tl.load(ptrs, mask=mask, other=0)
+        return v
 
     @triton.jit
     def _row_tile(w_ptr, offs_n, mask_n, stride_wn, kk, mask_k):
@@ -595,6 +605,112 @@ if triton is not None:
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & mask_n[None, :])
 
     @triton.jit
+    def _il1_words(w_ptr, offs_n, mask_n, stride_wn, k0, K, CH: tl.constexpr, NC: tl.constexpr,
+                   EVEN: tl.constexpr = False):
+        """The words of one K step of the batch-1 word kernel as (BLOCK_N, NC, 16): chunk c's 16 words along the
+        last axis; with the chunk indices and the mask of the chunks inside the row. EVEN: every row and chunk of
+        every program is inside the weight (no masks)."""
+        c_idx = k0 // CH + tl.arange(0, NC)
+        mask_c = c_idx < (K + CH - 1) // CH
+        offs = offs_n[:, None, None] * stride_wn + (c_idx * 16)[None, :, None] + tl.arange(0, 16)[None, None, :]
+        if EVEN:
+            wd = tl.load(w_ptr + offs)
+        else:
+            wd = tl.load(w_ptr + offs, mask=mask_n[:, None, None] & mask_c[None, :, None], other=0)
+        return wd, c_idx, mask_c
+
+    @triton.jit
+    def _il1_step(acc, corr, xacc, wd, c_idx, mask_c, x_ptr, s_ptr, z_ptr, offs_n, mask_n, K, stride_sn, ONE,
+                  BITS: tl.constexpr, PRO_SILU: tl.constexpr, CH: tl.constexpr, RAGGED: tl.constexpr = False,
+                  EVEN: tl.constexpr = False):
+        """One K step of the batch-1 word kernel. Every word position keeps its own fp32 accumulator across the
+        whole K loop (``acc``, (BLOCK_N, NC, 16)), so nothing is summed across threads until the loop ends.
+        int4: acc += s * sum_i x'_i f_i per word; ``corr`` (BLOCK_N, NC) += s (sum x' + z sum x) per group, whose
+        sums over the chunk's columns are shared by all BLOCK_N rows. int8: acc += sum_i x_i f_i and ``xacc``
+        (NC, 16) += sum_i x_i; the per-row scale comes after the loop."""
+        kb = (c_idx * CH)[:, None] + tl.arange(0, 16)[None, :]  # (NC, 16): the column at bit position 0 of each word
+        if EVEN:
+            mask_x = None
+        else:
+            mask_x = mask_c[:, None] & (kb >= 0)
+        if BITS == 4:
+            x0, x1, x2, x3 = _load_x4(x_ptr, kb, mask_x, K, PRO_SILU, RAGGED)
+            x4, x5, x6, x7 = _load_x4(x_ptr, kb + 64, mask_x, K, PRO_SILU, RAGGED)
+            x_sum = tl.sum(x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7, axis=1)  # (NC,)
+            x0 = x0 * 256.0
+            x1 = x1 * 16.0
+            x2 = x2 * 256.0
+            x3 = x3 * 16.0
+            x4 = x4 * 256.0
+            x5 = x5 * 16.0
+            x6 = x6 * 256.0
+            x7 = x7 * 16.0
+            a_sum = tl.sum(x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7, axis=1)
+            sz_off = offs_n[:, None] * stride_sn + c_idx[None, :]
+            sz_mask = mask_n[:, None] & mask_c[None, :]
+            if EVEN:
+                s = tl.load(s_ptr + sz_off).to(tl.float32)  # (BLOCK_N, NC)
+                z = tl.load(z_ptr + sz_off).to(tl.float32)
+            else:
+                s = tl.load(s_ptr + sz_off, mask=sz_mask, other=0.0).to(tl.float32)
+                z = tl.load(z_ptr + sz_off, mask=sz_mask, other=0.0).to(tl.float32)
+            va = wd << 15  # nibbles 0 and 1 at bits 15..18 and 19..22 (as in _il_step)
+            vb = wd << 7
+            vc = wd >> 1
+            vd = wd >> 9
+            part = (_nib_lo(va, ONE) * x0[None] + _nib_hi(va, ONE) * x1[None]
+                    + _nib_lo(vb, ONE) * x2[None] + _nib_hi(vb, ONE) * x3[None]
+                    + _nib_lo(vc, ONE) * x4[None] + _nib_hi(vc, ONE) * x5[None]
+                    + _nib_lo(vd, ONE) * x6[None] + _nib_hi(vd, ONE) * x7[None])  # (BLOCK_N, NC, 16)
+            acc += s[:, :, None] * part
+            corr += s * (a_sum[None, :] + z * x_sum[None, :])
+        else:
+            x0, x1, x2, x3 = _load_x4(x_ptr, kb, mask_x, K, PRO_SILU)
+            f0 = (((wd << 15) & 0x7F8000) ^ ONE).to(tl.float32, bitcast=True)
+            f1 = (((wd << 7) & 0x7F8000) ^ ONE).to(tl.float32, bitcast=True)
+            f2 = (((wd >> 1) & 0x7F8000) ^ ONE).to(tl.float32, bitcast=True)
+            f3 = (((wd >> 9) & 0x7F8000) ^ ONE).to(tl.float32, bitcast=True)
+            acc += f0 * x0[None] + f1 * x1[None] + f2 * x2[None] + f3 * x3[None]
+            xacc += x0 + x1 + x2 + x3
+        return acc, corr, xacc
+
+    @triton.jit
+    def _wo_gemv_il1_kernel(
+        x_ptr, w_ptr, s_ptr, z_ptr, y_ptr,
+        N, K, stride_wn, stride_sn, stride_ys, K_CHUNK, ONE,
+        BITS: tl.constexpr, PRO_SILU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        PDL: tl.constexpr = False, RAGGED: tl.constexpr = False, EVEN: tl.constexpr = False,
+    ):
+        """The word kernel for one activation row (batch-1 decode): the dequantization of ``_wo_gemv_il_kernel``,
+        but the K loop sums nothing across threads. There, each step reduces every group's 16 word products to one
+        number (warp shuffles and a tree of adds, over a third of the loop's instructions in the sm_90 SASS); here
+        each word position accumulates on its own, and the one reduction comes after the loop."""
+        CH: tl.constexpr = 128 if BITS == 4 else 64  # columns per 16-word chunk
+        NC: tl.constexpr = BLOCK_K // CH
+        pid_k, k_lo, k_hi, offs_n, mask_n = _program_tile(N, K, K_CHUNK, BLOCK_N)
+        acc = tl.zeros((BLOCK_N, NC, 16), dtype=tl.float32)
+        corr = tl.zeros((BLOCK_N, NC), dtype=tl.float32)
+        xacc = tl.zeros((NC, 16), dtype=tl.float32)
+        k_first = k_lo
+        if PDL:  # the first words depend on no earlier kernel: load them before waiting for it
+            wd, c_idx, mask_c = _il1_words(w_ptr, offs_n, mask_n, stride_wn, k_lo, K, CH, NC, EVEN)
+            _pdl_enter(PDL)
+            acc, corr, xacc = _il1_step(acc, corr, xacc, wd, c_idx, mask_c, x_ptr, s_ptr, z_ptr, offs_n, mask_n, K,
+                                        stride_sn, ONE, BITS, PRO_SILU, CH, RAGGED, EVEN)
+            k_first = k_lo + BLOCK_K
+        for k0 in range(k_first, k_hi, BLOCK_K):
+            wd, c_idx, mask_c = _il1_words(w_ptr, offs_n, mask_n, stride_wn, k0, K, CH, NC, EVEN)
+            acc, corr, xacc = _il1_step(acc, corr, xacc, wd, c_idx, mask_c, x_ptr, s_ptr, z_ptr, offs_n, mask_n, K,
+                                        stride_sn, ONE, BITS, PRO_SILU, CH, RAGGED, EVEN)
+        y = tl.sum(tl.sum(acc, axis=2), axis=1)  # (BLOCK_N,)
+        if BITS == 4:
+            y = y - tl.sum(corr, axis=1)
+        else:
+            y = (256.0 * y - 384.0 * tl.sum(tl.sum(xacc, axis=1), axis=0)) * tl.load(
+                s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        tl.store(y_ptr + pid_k * stride_ys + offs_n, y.to(y_ptr.dtype.element_ty), mask=mask_n)
+
+    @triton.jit
     def _half_pair(v, dt: tl.constexpr):
         """An int32 holding two 16-bit float bit patterns -> (low half, high half) as floats of type dt."""
         return v.to(tl.int16).to(dt, bitcast=True), (v >> 16).to(tl.int16).to(dt, bitcast=True)
@@ -700,7 +816,8 @@ class GemvConfig:
     num_warps: int = 4
     # "tile": any M, one weight tile reused by all rows; "acc": M = 1, element-wise accumulator (a hint: for
     # M > 1 the tile kernel runs); "tc": int4 on the tensor cores (_wo_gemv_tc_kernel, block_n >= 16, bf16/fp16
-    # activations; Int4Weight or WordWeight). Otherwise a WordWeight runs _wo_gemv_il_kernel (variant ignored).
+    # activations; Int4Weight or WordWeight). A WordWeight runs _wo_gemv_il1_kernel for "acc" at M = 1 (per-word
+    # accumulators), otherwise _wo_gemv_il_kernel.
     variant: str = "tile"
     split: int = 1  # split-K: programs along K write fp32 partials, a second small kernel sums them
 
@@ -740,8 +857,18 @@ CANDIDATES_IL = {
         GemvConfig(32, 1024, 4, split=4), GemvConfig(32, 512, 4, split=4), GemvConfig(8, 2048, 4),
         GemvConfig(16, 2048, 4, split=4)],
 }
+# WordWeight at M = 1: _wo_gemv_il1_kernel (per-word accumulators, no reduction inside the K loop), tried before
+# the kernels above; the first one is the batch-1 default when nothing was tuned
+CANDIDATES_IL1 = {
+    3: [GemvConfig(16, 2048, 8, "acc"), GemvConfig(16, 2048, 4, "acc"), GemvConfig(32, 1024, 4, "acc"),
+        GemvConfig(32, 512, 4, "acc", split=4), GemvConfig(16, 1024, 4, "acc", split=2)],
+    4: [GemvConfig(16, 2048, 4, "acc"), GemvConfig(32, 1024, 4, "acc"), GemvConfig(16, 2048, 8, "acc"),
+        GemvConfig(32, 1024, 4, "acc", split=4), GemvConfig(32, 512, 4, "acc", split=4),
+        GemvConfig(16, 2048, 4, "acc", split=4)],
+}
 _TUNED: dict = {}
 TUNE_FAILURES: list[dict] = []  # every config ``tune`` could not time: {"config", "weight", "M", "error", "resources"}
+_TUNE_TIMES: dict = {}  # the key of ``_TUNED`` -> [(config, ms per call)] of every config ``tune`` timed
 
 
 # int4 on the tensor cores (kinds 2 and 4, bf16/fp16 activations, groups of 128): 64 or 128 rows per program are the
@@ -757,7 +884,7 @@ def candidates_for(kind: int, M: int, dtype=torch.bfloat16, group: int = 128) ->
     tc = CANDIDATES_TC if kind in (2, 4) and group == 128 and dtype in (torch.bfloat16, torch.float16) else []
     if kind in CANDIDATES_IL:
         # one word layout, two kernels: CUDA cores for a single row, the tensor cores for a batch
-        return CANDIDATES_IL[kind] + tc if M == 1 else tc + CANDIDATES_IL[kind]
+        return CANDIDATES_IL1[kind] + CANDIDATES_IL[kind] + tc if M == 1 else tc + CANDIDATES_IL[kind]
     if M == 1:
         return tc + CANDIDATES_M1[kind] + CANDIDATES[kind] + CANDIDATES_SPLIT[kind]
     return tc + CANDIDATES[kind] + CANDIDATES_SPLIT[kind]
@@ -870,6 +997,12 @@ def wo_matmul(x: torch.Tensor, w, silu_gate_up: bool = False, config: GemvConfig
                                  PRO_SILU=silu_gate_up, WORDS=kind == 4, BLOCK_N=cfg.block_n, NG=block_k // 128,
                                  BLOCK_M=1 if M == 1 else 16, EVEN=N % cfg.block_n == 0 and K % k_chunk == 0,
                                  num_warps=cfg.num_warps, **kw)
+    elif kind >= 3 and cfg.variant == "acc" and M == 1:
+        _wo_gemv_il1_kernel[grid](x, wp, sp, zp, y, N, K, stride_wn, stride_sn, M * N, k_chunk,
+                                  0x3F800000 if kind == 4 else 0x3FC00000, BITS=8 if kind == 3 else 4,
+                                  PRO_SILU=silu_gate_up, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
+                                  num_warps=cfg.num_warps, RAGGED=K % group != 0,
+                                  EVEN=N % cfg.block_n == 0 and K % k_chunk == 0 and K % group == 0, **kw)
     elif kind >= 3:
         block_m = max(1, triton.next_power_of_2(M))
         _wo_gemv_il_kernel[grid](x, wp, sp, zp, y, M, N, K, x.stride(0), stride_wn, stride_sn,
@@ -970,6 +1103,34 @@ def config_for(w, M: int = 1, dtype=torch.bfloat16, silu_gate_up: bool = False, 
             or candidates_for(_kind(w), M, dtype, getattr(w, "group", 128))[0])
 
 
+def kernel_name(w, config: GemvConfig, M: int = 1) -> str:
+    """Which kernel ``wo_matmul`` runs for this weight, config and M (``+ split-K`` when it splits)."""
+    kind = _kind(w)
+    if config.variant == "tc":
+        name = "int4 tensor-core GEMV"
+    elif kind >= 3:
+        name = "word kernel, per-word accumulators (M=1)" if config.variant == "acc" and M == 1 else "word kernel"
+    else:
+        name = "element-wise accumulator GEMV (M=1)" if config.variant == "acc" and M == 1 else "tile GEMV"
+    return name + (" + split-K" if config.split > 1 else "")
+
+
+def tuning_report(w, M: int = 1, dtype=torch.bfloat16, silu_gate_up: bool = False, partials: bool = False,
+                  pdl: bool = False) -> dict | None:
+    """What ``tune`` found for this weight and call: the config it chose, and the best microseconds per call of each
+    kernel among the candidates it timed (one run, the same inputs: the kernels side by side). None if not tuned."""
+    times = _TUNE_TIMES.get(_key(_kind(w), *w.shape, M, silu_gate_up, dtype, partials, pdl))
+    if not times:
+        return None
+    best: dict = {}
+    for cfg, t in times:
+        name = kernel_name(w, cfg, M)
+        best[name] = min(best.get(name, float("inf")), t * 1e3)
+    chosen = config_for(w, M, dtype, silu_gate_up, partials, pdl)
+    return {"chosen": asdict(chosen), "chosen_kernel": kernel_name(w, chosen, M),
+            "best_us_by_kernel": dict(sorted(best.items(), key=lambda kv: kv[1]))}
+
+
 def pin_config(w, config: GemvConfig, M: int = 1, dtype=torch.bfloat16, silu_gate_up: bool = False,
                partials: bool = False, pdl: bool = False) -> None:
     """Use ``config`` for this weight's shape and call (as ``tune`` would after timing), without timing anything.
@@ -997,6 +1158,7 @@ def tune(w, M: int = 1, dtype=torch.bfloat16, silu_gate_up: bool = False, candid
     pdl_kwargs(pdl, dev)  # a GPU without PDL fails here with the reason, not as "no config ran"
     x = torch.randn(M, K * (2 if silu_gate_up else 1), device=dev, dtype=dtype)
     best, best_t = None, float("inf")
+    times = _TUNE_TIMES[_key(kind, N, K, M, silu_gate_up, dtype, partials, pdl)] = []
     for cfg in candidates or candidates_for(kind, M, dtype, getattr(w, "group", 128)):
         if cfg.variant == "acc" and M != 1:
             continue
@@ -1012,6 +1174,7 @@ def tune(w, M: int = 1, dtype=torch.bfloat16, silu_gate_up: bool = False, candid
                 warnings.warn(f"wo_matmul.tune: config {cfg} failed on weight {tuple(w.shape)} M={M}: "
                               f"{type(exc).__name__}: {str(exc)[:200]}", RuntimeWarning, stacklevel=2)
             continue
+        times.append((cfg, t))
         if t < best_t:
             best, best_t = cfg, t
     if best is None:
