@@ -124,7 +124,8 @@ def analyse(issue: float, bandwidths: list[float]) -> list[dict]:
             raise RuntimeError(f"{label}: no loop found in the SASS")
         bytes_per_weight = {"int4": 0.5, "int8": 1.0}.get(name[:4], 2.0)
         rows.append({
-            "name": name, "label": label, "loop": len(body), "weights_per_thread": per_thread, "per_weight": len(body) / per_thread,
+            "name": name, "label": label, "loop": len(body), "weights_per_thread": per_thread,
+            "per_weight": len(body) / per_thread,
             "budget": {bw: issue / (bw / bytes_per_weight) for bw in bandwidths},
             "by_class": {k: v / per_thread for k, v in
                          collections.Counter(CLASSES.get(op, "other") for op in body).most_common()},
