@@ -54,31 +54,12 @@ def run_serving_benchmark(model_name: str = "smollm2-135m", sizes: BenchSizes | 
                           progress: bool = True, log=print, tpot_target_ms: float | None = None) -> dict:
     """Static vs continuous batching on one trace, chunked prefill on a trace with long prompts, KV waste paged vs
     contiguous, prefix-cache hit rate, and answers checked against running alone. Writes serving.json + plot."""
-    from labkit import models
-
     sizes = sizes or BenchSizes.for_profile(env.profile())
     dev = env.device()
-    hf, tok = models.load(model_name, device=dev)
-    info = hf.labkit_info
-    eos = getattr(hf.generation_config, "eos_token_id", None)
-    kernels = default_kernels(dev)
-    vocab = hf.config.vocab_size
-    system = (tok("You are a helpful assistant. Answer the question briefly and politely, in plain English.")
-              ["input_ids"] if tok is not None else list(range(100, 132)))
-    main_len = sizes.prompt_len[1] + sizes.answer_len[1] + len(system) + 8
-    max_len = max(main_len, sizes.long_len + sizes.answer_len[1] + 8)
-    bs = 16
-    num_blocks = sizes.max_batch * -(-main_len // bs) + 16  # room for a full batch at the main trace's longest
-    base = EngineConfig(max_batch=sizes.max_batch, block_size=bs, num_blocks=num_blocks, max_model_len=max_len,
-                        prefix_caching=True, kernels=kernels)
-    trace = make_trace(sizes.n_requests, sizes.rate, sizes.prompt_len, sizes.answer_len, system, 0.5, vocab, seed=0)
-    model = shared_weights(hf, max_len)  # one copy of the converted weights for every engine below
+    hf, info, eos, kernels, vocab, trace, base, model = _setup(model_name, sizes)
+    bs = base.block_size
     records, outs = [], {}
     target = tpot_target_ms / 1e3 if tpot_target_ms else None
-    eng = Engine(model, base, eos)  # first-call costs (allocator, kernel compiles) stay out of the timed runs:
-    eng.replay([dataclasses.replace(r, arrival=0.0 if i < 2 else 1e-9) for i, r in enumerate(trace[:3])],
-               progress=False)  # a prefill of two, decode-only steps, and a step mixing a prompt into the decodes
-    eng = None
     # each comparison steps its engines in turn (replay_together): a load on the machine falls on both alike
     names = ("static", "continuous")
     engines = [Engine(model, dataclasses.replace(base, scheduler="static"), eos),
@@ -136,6 +117,8 @@ def run_serving_benchmark(model_name: str = "smollm2-135m", sizes: BenchSizes | 
                   "admit_batch": sizes.admit_batch},
     }
     if dev.type == "cuda":  # the batch-64 decode step is judged on the 7B shape (random weights)
+        from labkit import models
+
         del model
         big = hf if model_name == GPU_FLOOR_MODEL else models.load(GPU_FLOOR_MODEL, device=dev)[0]
         summary["decode_batch64"] = gpu_decode_floor(big, kernels, log=log)
@@ -158,6 +141,89 @@ def run_serving_benchmark(model_name: str = "smollm2-135m", sizes: BenchSizes | 
 
 
 GPU_FLOOR_MODEL = "llama2-7b-shape"
+
+
+def _setup(model_name: str, sizes: BenchSizes):
+    """The model, the main trace and the engine config every run of the benchmark shares; the first-call costs
+    (allocator, kernel compiles) paid by a short warm-up replay, outside the timed runs."""
+    from labkit import models
+
+    dev = env.device()
+    hf, tok = models.load(model_name, device=dev)
+    eos = getattr(hf.generation_config, "eos_token_id", None)
+    vocab = hf.config.vocab_size
+    system = (tok("You are a helpful assistant. Answer the question briefly and politely, in plain English.")
+              ["input_ids"] if tok is not None else list(range(100, 132)))
+    main_len = sizes.prompt_len[1] + sizes.answer_len[1] + len(system) + 8
+    max_len = max(main_len, sizes.long_len + sizes.answer_len[1] + 8)
+    bs = 16
+    num_blocks = sizes.max_batch * -(-main_len // bs) + 16  # room for a full batch at the main trace's longest
+    kernels = default_kernels(dev)
+    base = EngineConfig(max_batch=sizes.max_batch, block_size=bs, num_blocks=num_blocks, max_model_len=max_len,
+                        prefix_caching=True, kernels=kernels)
+    trace = make_trace(sizes.n_requests, sizes.rate, sizes.prompt_len, sizes.answer_len, system, 0.5, vocab, seed=0)
+    model = shared_weights(hf, max_len)  # one copy of the converted weights for every engine
+    Engine(model, base, eos).replay([dataclasses.replace(r, arrival=0.0 if i < 2 else 1e-9)
+                                     for i, r in enumerate(trace[:3])], progress=False)  # a prefill of two,
+    # decode-only steps, and a step mixing a prompt into the decodes
+    return hf, hf.labkit_info, eos, kernels, vocab, trace, base, model
+
+
+def run_prefill_budget_sweep(model_name: str = "smollm2-135m", budgets=(32, 64, 128, 256), sizes=None, out_dir=None,
+                             progress: bool = True, log=print) -> dict:
+    """Static batching against continuous batching with chunked prefill at several token budgets per step, on the
+    main trace: what each budget buys in throughput and costs in time per output token.
+
+    A step computes one token for every decoding sequence and, within ``max_step_tokens``, prompt chunks of the
+    sequences being admitted. A small budget spreads the prompts thinly over many steps (each decode step a little
+    slower, the prompts' first tokens later); a large one takes them in few, long steps that stall every decoding
+    sequence. Static batching keeps the prompts out of the decoding entirely: a batch's prompts run before its first
+    decode step, so its time per token is that of decode-only steps, paid for in time to first token.
+    Writes ``serving-budgets[-<model>].json``; its summary holds, per budget, the throughput ratio over static and
+    the p99 time per output token beside static's, and the best ratio among the budgets whose p99 TPOT is not worse
+    than static's (None when none is)."""
+    sizes = sizes or BenchSizes.for_profile(env.profile())
+    budgets = sorted(set(int(b) for b in budgets))
+    if not budgets or budgets[0] <= sizes.max_batch:
+        raise LabkitError(f"prefill budgets {budgets}: each must exceed max_batch={sizes.max_batch} (a step's decode "
+                          "tokens count against its budget; the rest is room for prompt chunks)")
+    hf, info, eos, kernels, vocab, trace, base, model = _setup(model_name, sizes)
+    records = []
+    runs = [("static", dataclasses.replace(base, scheduler="static"))] + [
+        (f"continuous, budget {b}", dataclasses.replace(base, max_step_tokens=b, chunk_size=b)) for b in budgets]
+    for name, cfg in runs:  # one engine at a time: on a GPU, the 7B shape's KV pools do not fit side by side
+        eng = Engine(model, cfg, eos)
+        seqs = eng.replay(trace, progress, name)
+        s = summarize_run(seqs, eng)
+        records.append({"model": info.label, "trace": "mixed", "scheduler": name,
+                        "max_step_tokens": cfg.max_step_tokens if cfg.scheduler != "static" else None, **s})
+        log(f"{name:>22}: {s['throughput_tok_s']:.1f} tok/s, TPOT p50 {s['tpot_p50_ms']:.1f} p99 "
+            f"{s['tpot_p99_ms']:.1f} ms, TTFT p50 {s['ttft_p50_ms']:.0f} ms, {s['steps']} steps")
+        eng = None
+    static = records[0]
+    rows = [{"max_step_tokens": r["max_step_tokens"],
+             "throughput_vs_static": r["throughput_tok_s"] / static["throughput_tok_s"],
+             "tpot_p99_ms": r["tpot_p99_ms"], "tpot_p99_vs_static": r["tpot_p99_ms"] / static["tpot_p99_ms"],
+             "ttft_p50_ms": r["ttft_p50_ms"]} for r in records[1:]]
+    ok = [r["throughput_vs_static"] for r in rows if r["tpot_p99_vs_static"] <= 1.0]
+    summary = {"model": info.label, "device": env.device_name(), "profile": env.profile(),
+               "clock": "process CPU time" if env.device().type == "cpu" else "wall time",
+               "static_tpot_p99_ms": static["tpot_p99_ms"], "static_ttft_p50_ms": static["ttft_p50_ms"],
+               "budgets": rows, "best_throughput_vs_static_at_equal_or_better_tpot_p99": max(ok) if ok else None,
+               "trace": {"requests": sizes.n_requests, "prompt_len": sizes.prompt_len,
+                         "answer_len_loguniform": sizes.answer_len, "max_batch": sizes.max_batch}}
+    for r in rows:
+        log(f"budget {r['max_step_tokens']:>5}: {r['throughput_vs_static']:.2f}x static's throughput, TPOT p99 "
+            f"{r['tpot_p99_vs_static']:.2f}x static's")
+    doc = {"records": records, "summary": summary}
+    if out_dir is not None:
+        from pathlib import Path
+
+        from labkit import bench
+
+        bench.write_results(Path(out_dir) / f"{results_name(model_name).replace('serving', 'serving-budgets')}.json",
+                            records, summary)
+    return doc
 
 
 def results_name(model_name: str) -> str:
@@ -268,6 +334,10 @@ def cli_main(argv: list[str]) -> int:
     p.add_argument("--profile", choices=["quick", "full"], default=None, help="trace sizes (default: the device's)")
     p.add_argument("--requests", type=int, default=None, help="requests in the main trace (default: the profile's)")
     p.add_argument("--tpot-target-ms", type=float, default=None, help="latency target for goodput")
+    p.add_argument("--prefill-budgets", default=None, metavar="N,N,...",
+                   help="instead: static batching against continuous batching with chunked prefill at each of these "
+                        "token budgets per step (each above the profile's max batch), throughput and p99 time per "
+                        "token side by side")
     p.add_argument("--reference", action="store_true", help="write to results/<device>/ (committed) instead of "
                    "results/local/<device>/")
     p.add_argument("--no-progress", action="store_true")
@@ -282,6 +352,15 @@ def cli_main(argv: list[str]) -> int:
     if args.tpot_target_ms is not None and args.tpot_target_ms <= 0:
         raise LabkitError("--tpot-target-ms must be positive")
     out = results.output_dir(args.reference)
+    if args.prefill_budgets is not None:
+        try:
+            budgets = [int(b) for b in args.prefill_budgets.split(",")]
+        except ValueError:
+            raise LabkitError(f"--prefill-budgets {args.prefill_budgets!r}: give whole numbers separated by commas, "
+                              "e.g. 128,256,512") from None
+        doc = run_prefill_budget_sweep(args.model, budgets, sizes, out, progress=not args.no_progress)
+        print(json.dumps(doc["summary"]["budgets"], indent=2))
+        return 0
     doc = run_serving_benchmark(args.model, sizes, out, progress=not args.no_progress,
                                 tpot_target_ms=args.tpot_target_ms)
     keys = ("continuous_vs_static_throughput", "chunked_prefill_tpot_p99_ratio", "kv_waste_paged",

@@ -47,7 +47,7 @@ CONFIGS = [wo.GemvConfig(8, 128, 4, "tile"), wo.GemvConfig(16, 256, 4, "acc"), w
            wo.GemvConfig(8, 128, 4, "acc", 2)]
 IL_CONFIGS = [wo.GemvConfig(8, 128, 1), wo.GemvConfig(16, 256, 2, split=2), wo.GemvConfig(4, 512, 4),
               wo.GemvConfig(8, 128, 1, "acc"), wo.GemvConfig(16, 256, 2, "acc", split=2),
-              wo.GemvConfig(4, 512, 4, "acc")]
+              wo.GemvConfig(4, 512, 4, "acc"), wo.GemvConfig(8, 128, 1, "pf"), wo.GemvConfig(16, 128, 2, "pf", split=2)]
 TC_CONFIGS = [wo.GemvConfig(16, 128, 4, "tc"), wo.GemvConfig(32, 256, 4, "tc", split=2), wo.GemvConfig(16, 384, 4, "tc")]
 
 

@@ -566,7 +566,7 @@ if triton is not None:
         M, N, K, stride_xm, stride_wn, stride_sn, stride_ym, stride_ys, K_CHUNK, ONE,
         BITS: tl.constexpr, PRO_SILU: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False,
-        RAGGED: tl.constexpr = False,
+        RAGGED: tl.constexpr = False, PREFETCH: tl.constexpr = False,
     ):
         """GEMV over a WordWeight (int8 or int4 codes in 32-bit words, ``interleave`` layout), M <= BLOCK_M.
 
@@ -595,10 +595,18 @@ if triton is not None:
             acc = _il_step(acc, wd, mask_w, k_lo, x_ptr, s_ptr, z_ptr, offs_n, mask_n, M, K, stride_xm, stride_sn,
                            ONE, BITS, PRO_SILU, BLOCK_M, BLOCK_N, CH, NC, W, RAGGED)
             k_first = k_lo + BLOCK_K
-        for k0 in range(k_first, k_hi, BLOCK_K):
-            wd, mask_w = _il_words(w_ptr, offs_n, mask_n, stride_wn, k0, K, CH, W)
-            acc = _il_step(acc, wd, mask_w, k0, x_ptr, s_ptr, z_ptr, offs_n, mask_n, M, K, stride_xm, stride_sn,
-                           ONE, BITS, PRO_SILU, BLOCK_M, BLOCK_N, CH, NC, W, RAGGED)
+        if PREFETCH:  # the next step's words are loaded before this step's math: two steps of loads in flight
+            wd, mask_w = _il_words(w_ptr, offs_n, mask_n, stride_wn, k_first, k_hi, CH, W)
+            for k0 in range(k_first, k_hi, BLOCK_K):
+                wd_next, mask_next = _il_words(w_ptr, offs_n, mask_n, stride_wn, k0 + BLOCK_K, k_hi, CH, W)
+                acc = _il_step(acc, wd, mask_w, k0, x_ptr, s_ptr, z_ptr, offs_n, mask_n, M, K, stride_xm,
+                               stride_sn, ONE, BITS, PRO_SILU, BLOCK_M, BLOCK_N, CH, NC, W, RAGGED)
+                wd, mask_w = wd_next, mask_next
+        else:
+            for k0 in range(k_first, k_hi, BLOCK_K):
+                wd, mask_w = _il_words(w_ptr, offs_n, mask_n, stride_wn, k0, K, CH, W)
+                acc = _il_step(acc, wd, mask_w, k0, x_ptr, s_ptr, z_ptr, offs_n, mask_n, M, K, stride_xm,
+                               stride_sn, ONE, BITS, PRO_SILU, BLOCK_M, BLOCK_N, CH, NC, W, RAGGED)
         if BITS == 8:
             acc = acc * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         y_ptrs = y_ptr + pid_k * stride_ys + offs_m[:, None] * stride_ym + offs_n[None, :]
@@ -817,7 +825,7 @@ class GemvConfig:
     # "tile": any M, one weight tile reused by all rows; "acc": M = 1, element-wise accumulator (a hint: for
     # M > 1 the tile kernel runs); "tc": int4 on the tensor cores (_wo_gemv_tc_kernel, block_n >= 16, bf16/fp16
     # activations; Int4Weight or WordWeight). A WordWeight runs _wo_gemv_il1_kernel for "acc" at M = 1 (per-word
-    # accumulators), otherwise _wo_gemv_il_kernel.
+    # accumulators), otherwise _wo_gemv_il_kernel ("pf": each step's words loaded one step ahead).
     variant: str = "tile"
     split: int = 1  # split-K: programs along K write fp32 partials, a second small kernel sums them
 
@@ -1009,7 +1017,7 @@ def wo_matmul(x: torch.Tensor, w, silu_gate_up: bool = False, config: GemvConfig
                                  N if nsplit > 1 else out.stride(0), M * N, k_chunk,
                                  0x3F800000 if kind == 4 else 0x3FC00000, BITS=8 if kind == 3 else 4,
                                  PRO_SILU=silu_gate_up, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
-                                 num_warps=cfg.num_warps, RAGGED=K % group != 0, **kw)
+                                 num_warps=cfg.num_warps, RAGGED=K % group != 0, PREFETCH=cfg.variant == "pf", **kw)
     elif cfg.variant == "acc" and M == 1:
         _wo_gemv1_kernel[grid](x, wp, sp, zp, y, N, K, stride_wn, stride_sn, M * N, k_chunk, KIND=kind, GROUP=group,
                                PRO_SILU=silu_gate_up, BLOCK_N=cfg.block_n, BLOCK_K=block_k, num_warps=cfg.num_warps, **kw)
@@ -1109,7 +1117,8 @@ def kernel_name(w, config: GemvConfig, M: int = 1) -> str:
     if config.variant == "tc":
         name = "int4 tensor-core GEMV"
     elif kind >= 3:
-        name = "word kernel, per-word accumulators (M=1)" if config.variant == "acc" and M == 1 else "word kernel"
+        name = ("word kernel, per-word accumulators (M=1)" if config.variant == "acc" and M == 1
+                else "word kernel, loads one step ahead" if config.variant == "pf" else "word kernel")
     else:
         name = "element-wise accumulator GEMV (M=1)" if config.variant == "acc" and M == 1 else "tile GEMV"
     return name + (" + split-K" if config.split > 1 else "")
