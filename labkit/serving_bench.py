@@ -56,7 +56,7 @@ def run_serving_benchmark(model_name: str = "smollm2-135m", sizes: BenchSizes | 
     contiguous, prefix-cache hit rate, and answers checked against running alone. Writes serving.json + plot."""
     sizes = sizes or BenchSizes.for_profile(env.profile())
     dev = env.device()
-    hf, info, eos, kernels, vocab, trace, base, model = _setup(model_name, sizes)
+    hf, info, eos, kernels, vocab, trace, base, model, system = _setup(model_name, sizes)
     bs = base.block_size
     records, outs = [], {}
     target = tpot_target_ms / 1e3 if tpot_target_ms else None
@@ -166,7 +166,7 @@ def _setup(model_name: str, sizes: BenchSizes):
     Engine(model, base, eos).replay([dataclasses.replace(r, arrival=0.0 if i < 2 else 1e-9)
                                      for i, r in enumerate(trace[:3])], progress=False)  # a prefill of two,
     # decode-only steps, and a step mixing a prompt into the decodes
-    return hf, hf.labkit_info, eos, kernels, vocab, trace, base, model
+    return hf, hf.labkit_info, eos, kernels, vocab, trace, base, model, system
 
 
 def run_prefill_budget_sweep(model_name: str = "smollm2-135m", budgets=(32, 64, 128, 256), sizes=None, out_dir=None,
@@ -187,7 +187,7 @@ def run_prefill_budget_sweep(model_name: str = "smollm2-135m", budgets=(32, 64, 
     if not budgets or budgets[0] <= sizes.max_batch:
         raise LabkitError(f"prefill budgets {budgets}: each must exceed max_batch={sizes.max_batch} (a step's decode "
                           "tokens count against its budget; the rest is room for prompt chunks)")
-    hf, info, eos, kernels, vocab, trace, base, model = _setup(model_name, sizes)
+    hf, info, eos, kernels, vocab, trace, base, model, _ = _setup(model_name, sizes)
     records = []
     runs = [("static", dataclasses.replace(base, scheduler="static"))] + [
         (f"continuous, budget {b}", dataclasses.replace(base, max_step_tokens=b, chunk_size=b)) for b in budgets]
@@ -325,6 +325,17 @@ def plot_serving(records: list[dict], path=None):
     return fig
 
 
+def _length_range(flag: str, value: str) -> tuple[int, int]:
+    """``"MIN,MAX"`` -> (MIN, MAX), whole numbers with 1 <= MIN <= MAX, or a LabkitError that says what to give."""
+    try:
+        lo, hi = (int(v) for v in value.split(","))
+    except ValueError:
+        raise LabkitError(f"{flag} {value!r}: give two whole numbers MIN,MAX (tokens), e.g. 32,512") from None
+    if not 1 <= lo <= hi:
+        raise LabkitError(f"{flag} {value!r}: need 1 <= MIN <= MAX")
+    return lo, hi
+
+
 def cli_main(argv: list[str]) -> int:
     """``labkit bench serving``: the 07 benchmark from the command line."""
     p = argparse.ArgumentParser(prog="labkit bench serving", description="Static vs continuous batching, chunked "
@@ -333,6 +344,10 @@ def cli_main(argv: list[str]) -> int:
     p.add_argument("--model", default="smollm2-135m", help="a labkit model name (e.g. llama2-7b-shape: random weights)")
     p.add_argument("--profile", choices=["quick", "full"], default=None, help="trace sizes (default: the device's)")
     p.add_argument("--requests", type=int, default=None, help="requests in the main trace (default: the profile's)")
+    p.add_argument("--prompt-len", default=None, metavar="MIN,MAX",
+                   help="prompt lengths of the main trace, uniform in [MIN, MAX] tokens (default: the profile's)")
+    p.add_argument("--answer-len", default=None, metavar="MIN,MAX",
+                   help="answer lengths of the main trace, log-uniform in [MIN, MAX] tokens (default: the profile's)")
     p.add_argument("--tpot-target-ms", type=float, default=None, help="latency target for goodput")
     p.add_argument("--prefill-budgets", default=None, metavar="N,N,...",
                    help="instead: static batching against continuous batching with chunked prefill at each of these "
@@ -349,6 +364,9 @@ def cli_main(argv: list[str]) -> int:
         if args.requests < 2:
             raise LabkitError(f"--requests {args.requests}: use at least 2")
         sizes.n_requests = args.requests
+    for flag, value in (("prompt_len", args.prompt_len), ("answer_len", args.answer_len)):
+        if value is not None:
+            setattr(sizes, flag, _length_range(f"--{flag.replace('_', '-')}", value))
     if args.tpot_target_ms is not None and args.tpot_target_ms <= 0:
         raise LabkitError("--tpot-target-ms must be positive")
     out = results.output_dir(args.reference)
