@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import time
 from dataclasses import dataclass
 
@@ -170,7 +171,7 @@ def _setup(model_name: str, sizes: BenchSizes):
 
 
 def run_prefill_budget_sweep(model_name: str = "smollm2-135m", budgets=(32, 64, 128, 256), sizes=None, out_dir=None,
-                             progress: bool = True, log=print) -> dict:
+                             progress: bool = True, log=print, tag: str | None = None) -> dict:
     """Static batching against continuous batching with chunked prefill at several token budgets per step, on the
     main trace: what each budget buys in throughput and costs in time per output token.
 
@@ -179,7 +180,7 @@ def run_prefill_budget_sweep(model_name: str = "smollm2-135m", budgets=(32, 64, 
     slower, the prompts' first tokens later); a large one takes them in few, long steps that stall every decoding
     sequence. Static batching keeps the prompts out of the decoding entirely: a batch's prompts run before its first
     decode step, so its time per token is that of decode-only steps, paid for in time to first token.
-    Writes ``serving-budgets[-<model>].json``; its summary holds, per budget, the throughput ratio over static and
+    Writes ``serving-budgets[-<model>][-<tag>].json``; its summary holds, per budget, the throughput ratio over static and
     the p99 time per output token beside static's, and the best ratio among the budgets whose p99 TPOT is not worse
     than static's (None when none is)."""
     sizes = sizes or BenchSizes.for_profile(env.profile())
@@ -221,8 +222,8 @@ def run_prefill_budget_sweep(model_name: str = "smollm2-135m", budgets=(32, 64, 
 
         from labkit import bench
 
-        bench.write_results(Path(out_dir) / f"{results_name(model_name).replace('serving', 'serving-budgets')}.json",
-                            records, summary)
+        stem = results_name(model_name).replace("serving", "serving-budgets", 1) + (f"-{tag}" if tag else "")
+        bench.write_results(Path(out_dir) / f"{stem}.json", records, summary)
     return doc
 
 
@@ -348,6 +349,8 @@ def cli_main(argv: list[str]) -> int:
                    help="prompt lengths of the main trace, uniform in [MIN, MAX] tokens (default: the profile's)")
     p.add_argument("--answer-len", default=None, metavar="MIN,MAX",
                    help="answer lengths of the main trace, log-uniform in [MIN, MAX] tokens (default: the profile's)")
+    p.add_argument("--tag", default=None, help="with --prefill-budgets: appended to the results file's name "
+                   "(letters, digits, - and _), e.g. the trace's name")
     p.add_argument("--tpot-target-ms", type=float, default=None, help="latency target for goodput")
     p.add_argument("--prefill-budgets", default=None, metavar="N,N,...",
                    help="instead: static batching against continuous batching with chunked prefill at each of these "
@@ -369,16 +372,22 @@ def cli_main(argv: list[str]) -> int:
             setattr(sizes, flag, _length_range(f"--{flag.replace('_', '-')}", value))
     if args.tpot_target_ms is not None and args.tpot_target_ms <= 0:
         raise LabkitError("--tpot-target-ms must be positive")
-    out = results.output_dir(args.reference)
     if args.prefill_budgets is not None:
         try:
             budgets = [int(b) for b in args.prefill_budgets.split(",")]
         except ValueError:
             raise LabkitError(f"--prefill-budgets {args.prefill_budgets!r}: give whole numbers separated by commas, "
                               "e.g. 128,256,512") from None
-        doc = run_prefill_budget_sweep(args.model, budgets, sizes, out, progress=not args.no_progress)
+        if min(budgets) <= sizes.max_batch:
+            raise LabkitError(f"--prefill-budgets {args.prefill_budgets}: each must exceed max_batch={sizes.max_batch} "
+                              "(a step's decode tokens count against its budget; the rest is room for prompt chunks)")
+        if args.tag is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,40}", args.tag):
+            raise LabkitError(f"--tag {args.tag!r}: use up to 40 letters, digits, - and _")
+        out = results.output_dir(args.reference)
+        doc = run_prefill_budget_sweep(args.model, budgets, sizes, out, progress=not args.no_progress, tag=args.tag)
         print(json.dumps(doc["summary"]["budgets"], indent=2))
         return 0
+    out = results.output_dir(args.reference)
     doc = run_serving_benchmark(args.model, sizes, out, progress=not args.no_progress,
                                 tpot_target_ms=args.tpot_target_ms)
     keys = ("continuous_vs_static_throughput", "chunked_prefill_tpot_p99_ratio", "kv_waste_paged",

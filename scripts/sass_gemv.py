@@ -14,6 +14,9 @@ second`` instructions per weight before instruction issue, not memory, is the wa
 beside the count for each bandwidth of ``--bandwidth`` (default: the read bandwidths measured in the committed decode
 runs, H100 2.97 TB/s and H200 4.22 TB/s). The clock is an assumption (the SXM parts' 1.98 GHz maximum boost): the
 budget scales with it, and a GEMV that runs slower than its budget allows is bound by something else as well.
+The registers per thread (cuobjdump, bundled) bound the warps an SM keeps resident, hence the weight loads in flight:
+the per-word-accumulator kernel issues about a third fewer instructions per weight here but needs more registers,
+and on an H200 it ran slower than the word kernel at every 7B-shape GEMV (results/nvidia-h200/gemv_word_variants.json).
 
     python scripts/sass_gemv.py [--out FILE] [--json FILE] [--bandwidth 2.97e12,4.22e12] [--clock-ghz 1.98] [--sms 132]
 """
@@ -40,22 +43,29 @@ CLASSES = {  # SASS opcode -> what the weight's instruction is for
 }
 
 
-def compile_sass(fn, signature: dict, constexprs: dict, num_warps: int, arch: int = 90) -> str:
+def compile_sass(fn, signature: dict, constexprs: dict, num_warps: int, arch: int = 90) -> tuple[str, int | None]:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     src = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
     kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
-    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     path = f"/tmp/sass_gemv_{os.getpid()}.cubin"
     with open(path, "wb") as f:
         f.write(kernel.asm["cubin"])
     try:
-        out = subprocess.run([nvdisasm, "-c", path], capture_output=True, text=True, check=True).stdout
+        out = subprocess.run([os.path.join(tools, "nvdisasm"), "-c", path], capture_output=True, text=True,
+                             check=True).stdout
+        regs = None
+        if os.path.exists(os.path.join(tools, "cuobjdump")):  # registers per thread: what sets the warps per SM
+            usage = subprocess.run([os.path.join(tools, "cuobjdump"), "--dump-resource-usage", path],
+                                   capture_output=True, text=True).stdout
+            m = re.search(r"REG:(\d+)", usage)
+            regs = int(m.group(1)) if m else None
     finally:
         os.remove(path)
-    return out
+    return out, regs
 
 
 def main_loop(sass: str) -> list[str]:
@@ -87,8 +97,9 @@ def kernels():
     il = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*bf16", "y_ptr": "*bf16",
           "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_sn": "i32",
           "stride_ym": "i32", "stride_ys": "i32", "K_CHUNK": "i32", "ONE": "i32"}
-    il.update({k: "constexpr" for k in ("BITS", "PRO_SILU", "BLOCK_M", "BLOCK_N", "BLOCK_K", "PDL", "RAGGED")})
-    il1 = {k: v for k, v in il.items() if k not in ("M", "stride_xm", "stride_ym", "BLOCK_M")}
+    il.update({k: "constexpr" for k in ("BITS", "PRO_SILU", "BLOCK_M", "BLOCK_N", "BLOCK_K", "PDL", "RAGGED",
+                                        "PREFETCH")})
+    il1 = {k: v for k, v in il.items() if k not in ("M", "stride_xm", "stride_ym", "BLOCK_M", "PREFETCH")}
     il1["EVEN"] = "constexpr"
     out = []
     for bits, kind in ((4, 4), (8, 3)):
@@ -100,7 +111,7 @@ def kernels():
                     cfg.block_n * cfg.block_k / (32 * cfg.num_warps)))
         cfg = wo.CANDIDATES_IL[kind][0]
         c = {"BITS": bits, "PRO_SILU": False, "BLOCK_M": 1, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
-             "PDL": False, "RAGGED": False}
+             "PDL": False, "RAGGED": False, "PREFETCH": False}
         out.append((f"int{bits}", f"int{bits} word kernel reducing each step, {cfg.block_n} rows x {cfg.block_k} "
                     f"columns, {cfg.num_warps} warps", wo._wo_gemv_il_kernel, il, c, cfg.num_warps,
                     cfg.block_n * cfg.block_k / (32 * cfg.num_warps)))
@@ -119,12 +130,15 @@ def analyse(issue: float, bandwidths: list[float]) -> list[dict]:
     bandwidth, the instructions per weight the issue rate ``issue`` (thread-instructions/s) allows."""
     rows = []
     for name, label, fn, sig, consts, warps, per_thread in kernels():
-        body = main_loop(compile_sass(fn, sig, consts, warps))
+        sass, regs = compile_sass(fn, sig, consts, warps)
+        body = main_loop(sass)
         if not body:
             raise RuntimeError(f"{label}: no loop found in the SASS")
         bytes_per_weight = {"int4": 0.5, "int8": 1.0}.get(name[:4], 2.0)
         rows.append({
-            "name": name, "label": label, "loop": len(body), "weights_per_thread": per_thread,
+            "name": name, "label": label, "loop": len(body), "weights_per_thread": per_thread, "registers": regs,
+            # resident warps per SM as the registers allow (64K registers, whole programs of `warps` warps, at most 64)
+            "warps_per_sm": min(64, (65536 // (regs * 32 * warps)) * warps) if regs else None,
             "per_weight": len(body) / per_thread,
             "budget": {bw: issue / (bw / bytes_per_weight) for bw in bandwidths},
             "by_class": {k: v / per_thread for k, v in
@@ -173,6 +187,9 @@ def main(argv=None) -> int:
     for row in rows:
         report.append(f"{row['label']}: loop of {row['loop']} instructions for {row['weights_per_thread']:.0f} weights "
                       f"per thread -> {row['per_weight']:.2f} instructions per weight")
+        if row["registers"]:
+            report.append(f"    {row['registers']} registers per thread: at most {row['warps_per_sm']} warps resident "
+                          "per SM (the loads in flight that hide the memory latency)")
         for bw, budget in row["budget"].items():
             report.append(f"    at {bw / 1e12:.2f} TB/s the budget is {budget:.2f} instructions per weight: "
                           f"issue alone caps the GEMV at {min(1.0, budget / row['per_weight']):.0%} of the "

@@ -443,3 +443,24 @@ def test_cuda_graph_steps_equal_eager_steps():
                             [s.gaps for s in want_seqs])
     assert rep["all_ok"], rep
     assert got.blocks.num_free == cfg.num_blocks
+
+
+def test_prefill_budget_sweep_on_smollm2(tmp_path):
+    """``labkit bench serving --prefill-budgets``: static first, then one continuous run per budget on the same
+    trace. A larger budget takes the prompts in fewer steps (the scheduler's arithmetic, whatever the clock), and the
+    summary's best ratio is one of the budgets' ratios whose p99 time per token is not worse than static's."""
+    from labkit import serving_bench as SB
+
+    sizes = dataclasses.replace(SB.BenchSizes(), n_requests=10, prompt_len=(16, 48), answer_len=(1, 6), max_batch=4)
+    doc = SB.run_prefill_budget_sweep("smollm2-135m", (64, 8), sizes, tmp_path, progress=False, log=lambda *a: None,
+                                      tag="t")
+    recs, summ = doc["records"], doc["summary"]
+    assert [r["scheduler"] for r in recs] == ["static", "continuous, budget 8", "continuous, budget 64"]
+    assert all(r["output_tokens"] == recs[0]["output_tokens"] > 0 for r in recs)  # every answer to its full length
+    assert recs[1]["steps"] > recs[2]["steps"]  # 8 tokens a step, 4 of them decodes: the prompts take longer
+    assert [b["max_step_tokens"] for b in summ["budgets"]] == [8, 64]
+    ok = [b["throughput_vs_static"] for b in summ["budgets"] if b["tpot_p99_vs_static"] <= 1.0]
+    assert summ["best_throughput_vs_static_at_equal_or_better_tpot_p99"] == (max(ok) if ok else None)
+    assert (tmp_path / "serving-budgets-t.json").exists()
+    with pytest.raises(LabkitError, match="must exceed max_batch=4"):
+        SB.run_prefill_budget_sweep("smollm2-135m", (4, 64), sizes, tmp_path)

@@ -865,8 +865,10 @@ CANDIDATES_IL = {
         GemvConfig(32, 1024, 4, split=4), GemvConfig(32, 512, 4, split=4), GemvConfig(8, 2048, 4),
         GemvConfig(16, 2048, 4, split=4)],
 }
-# WordWeight at M = 1: _wo_gemv_il1_kernel (per-word accumulators, no reduction inside the K loop), tried before
-# the kernels above; the first one is the batch-1 default when nothing was tuned
+# WordWeight at M = 1 with per-word accumulators (_wo_gemv_il1_kernel: no reduction inside the K loop; fewer
+# instructions per weight in the sm_90 SASS of Triton 3.9, more registers). Not among the tuner's candidates: on an
+# H200 it was slower than the word kernel above at every 7B-shape GEMV (results/nvidia-h200/gemv_word_variants.json,
+# beside the "pf" variant, also slower); tune(candidates=...) or scripts/gpu_decode.py (GEMV_SWEEP=variants) time it.
 CANDIDATES_IL1 = {
     3: [GemvConfig(16, 2048, 8, "acc"), GemvConfig(16, 2048, 4, "acc"), GemvConfig(32, 1024, 4, "acc"),
         GemvConfig(32, 512, 4, "acc", split=4), GemvConfig(16, 1024, 4, "acc", split=2)],
@@ -892,7 +894,7 @@ def candidates_for(kind: int, M: int, dtype=torch.bfloat16, group: int = 128) ->
     tc = CANDIDATES_TC if kind in (2, 4) and group == 128 and dtype in (torch.bfloat16, torch.float16) else []
     if kind in CANDIDATES_IL:
         # one word layout, two kernels: CUDA cores for a single row, the tensor cores for a batch
-        return CANDIDATES_IL1[kind] + CANDIDATES_IL[kind] + tc if M == 1 else tc + CANDIDATES_IL[kind]
+        return CANDIDATES_IL[kind] + tc if M == 1 else tc + CANDIDATES_IL[kind]
     if M == 1:
         return tc + CANDIDATES_M1[kind] + CANDIDATES[kind] + CANDIDATES_SPLIT[kind]
     return tc + CANDIDATES[kind] + CANDIDATES_SPLIT[kind]
