@@ -180,9 +180,9 @@ def run_prefill_budget_sweep(model_name: str = "smollm2-135m", budgets=(32, 64, 
     slower, the prompts' first tokens later); a large one takes them in few, long steps that stall every decoding
     sequence. Static batching keeps the prompts out of the decoding entirely: a batch's prompts run before its first
     decode step, so its time per token is that of decode-only steps, paid for in time to first token.
-    Writes ``serving-budgets[-<model>][-<tag>].json``; its summary holds, per budget, the throughput ratio over static and
-    the p99 time per output token beside static's, and the best ratio among the budgets whose p99 TPOT is not worse
-    than static's (None when none is)."""
+    Writes ``serving-budgets[-<model>][-<tag>].json``; its summary holds, per budget, the throughput ratio over
+    static and the p99 time per output token beside static's, and the best ratio among the budgets whose p99 TPOT is
+    not worse than static's (None when none is)."""
     sizes = sizes or BenchSizes.for_profile(env.profile())
     budgets = sorted(set(int(b) for b in budgets))
     if not budgets or budgets[0] <= sizes.max_batch:
