@@ -481,6 +481,33 @@ if triton is not None:
         return ((v & 0x780000) | one).to(tl.float32, bitcast=True)
 
     @triton.jit
+    def _nibble_words(wd):
+        """A word of eight int4 codes shifted four ways: nibbles (0, 1), (2, 3), (4, 5), (6, 7) at bits 15..18
+        and 19..22, where _nib_lo and _nib_hi read them."""
+        return wd << 15, wd << 7, wd >> 1, wd >> 9
+
+    @triton.jit
+    def _prescale8(x0, x1, x2, x3, x4, x5, x6, x7):
+        """The activations that meet the even nibbles times 256, the odd ones times 16 (matching 1 + q / 256 and
+        1 + q / 16)."""
+        return x0 * 256.0, x1 * 16.0, x2 * 256.0, x3 * 16.0, x4 * 256.0, x5 * 16.0, x6 * 256.0, x7 * 16.0
+
+    @triton.jit
+    def _nibble_dot(va, vb, vc, vd, x0, x1, x2, x3, x4, x5, x6, x7, ONE):
+        """sum over a word's eight nibbles of (1 + q / 2^e) x' (x' prescaled, broadcast against the words)."""
+        return (_nib_lo(va, ONE) * x0 + _nib_hi(va, ONE) * x1 + _nib_lo(vb, ONE) * x2 + _nib_hi(vb, ONE) * x3
+                + _nib_lo(vc, ONE) * x4 + _nib_hi(vc, ONE) * x5 + _nib_lo(vd, ONE) * x6 + _nib_hi(vd, ONE) * x7)
+
+    @triton.jit
+    def _byte_floats(wd, ONE):
+        """A word's four int8 codes, each moved to bits 15..22 with its sign bit flipped under the exponent of
+        ``ONE`` (1.5): the floats 1 + u / 256 with u = q + 128, so q = 256 f - 384."""
+        return ((((wd << 15) & 0x7F8000) ^ ONE).to(tl.float32, bitcast=True),
+                (((wd << 7) & 0x7F8000) ^ ONE).to(tl.float32, bitcast=True),
+                (((wd >> 1) & 0x7F8000) ^ ONE).to(tl.float32, bitcast=True),
+                (((wd >> 9) & 0x7F8000) ^ ONE).to(tl.float32, bitcast=True))
+
+    @triton.jit
     def _load_x4(xr, kb, mask_w, K, PRO_SILU: tl.constexpr, RAGGED: tl.constexpr = False):
         """The four activation vectors that meet bit positions 0..3 of a tile's words (columns kb + 16 i).
 
@@ -516,10 +543,7 @@ if triton is not None:
         xcol = (offs_w // 16) * CH + offs_w % 16  # (W,) column held at bit position 0 of each word
         kb = k0 + xcol
         if BITS == 4:
-            va = wd << 15  # nibbles 0 and 1 at bits 15..18 and 19..22
-            vb = wd << 7  # nibbles 2, 3
-            vc = wd >> 1  # nibbles 4, 5
-            vd = wd >> 9  # nibbles 6, 7
+            va, vb, vc, vd = _nibble_words(wd)
             c_idx = k0 // CH + tl.arange(0, NC)
             sz_off = offs_n[:, None] * stride_sn + c_idx[None, :]
             sz_mask = mask_n[:, None] & (c_idx < (K + CH - 1) // CH)[None, :]
@@ -530,28 +554,15 @@ if triton is not None:
                 x0, x1, x2, x3 = _load_x4(xr, kb, mask_w, K, PRO_SILU, RAGGED)
                 x4, x5, x6, x7 = _load_x4(xr, kb + 64, mask_w, K, PRO_SILU, RAGGED)
                 x_sum = tl.sum(tl.reshape(x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7, (NC, 16)), axis=1)  # (NC,)
-                x0 = x0 * 256.0
-                x1 = x1 * 16.0
-                x2 = x2 * 256.0
-                x3 = x3 * 16.0
-                x4 = x4 * 256.0
-                x5 = x5 * 16.0
-                x6 = x6 * 256.0
-                x7 = x7 * 16.0
+                x0, x1, x2, x3, x4, x5, x6, x7 = _prescale8(x0, x1, x2, x3, x4, x5, x6, x7)
                 a_sum = tl.sum(tl.reshape(x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7, (NC, 16)), axis=1)
-                part = (_nib_lo(va, ONE) * x0[None, :] + _nib_hi(va, ONE) * x1[None, :]
-                        + _nib_lo(vb, ONE) * x2[None, :] + _nib_hi(vb, ONE) * x3[None, :]
-                        + _nib_lo(vc, ONE) * x4[None, :] + _nib_hi(vc, ONE) * x5[None, :]
-                        + _nib_lo(vd, ONE) * x6[None, :] + _nib_hi(vd, ONE) * x7[None, :])  # (BLOCK_N, W)
+                part = _nibble_dot(va, vb, vc, vd, x0[None, :], x1[None, :], x2[None, :], x3[None, :], x4[None, :],
+                                   x5[None, :], x6[None, :], x7[None, :], ONE)  # (BLOCK_N, W)
                 gsum = tl.sum(tl.reshape(part, (BLOCK_N, NC, 16)), axis=2)  # (BLOCK_N, NC)
                 val = tl.sum(s * (gsum - a_sum[None, :] - z * x_sum[None, :]), axis=1)
                 acc += tl.where(offs_m[:, None] == m, val[None, :], 0.0)
         else:
-            # byte b moved to bits 15..22 with its sign bit flipped, under the exponent of 1.0: 1 + u / 256
-            f0 = (((wd << 15) & 0x7F8000) ^ ONE).to(tl.float32, bitcast=True)
-            f1 = (((wd << 7) & 0x7F8000) ^ ONE).to(tl.float32, bitcast=True)
-            f2 = (((wd >> 1) & 0x7F8000) ^ ONE).to(tl.float32, bitcast=True)
-            f3 = (((wd >> 9) & 0x7F8000) ^ ONE).to(tl.float32, bitcast=True)
+            f0, f1, f2, f3 = _byte_floats(wd, ONE)
             for m in tl.static_range(BLOCK_M):
                 xr = x_ptr + tl.minimum(m, M - 1) * stride_xm
                 x0, x1, x2, x3 = _load_x4(xr, kb, mask_w, K, PRO_SILU)
@@ -645,14 +656,7 @@ if triton is not None:
             x0, x1, x2, x3 = _load_x4(x_ptr, kb, mask_x, K, PRO_SILU, RAGGED)
             x4, x5, x6, x7 = _load_x4(x_ptr, kb + 64, mask_x, K, PRO_SILU, RAGGED)
             x_sum = tl.sum(x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7, axis=1)  # (NC,)
-            x0 = x0 * 256.0
-            x1 = x1 * 16.0
-            x2 = x2 * 256.0
-            x3 = x3 * 16.0
-            x4 = x4 * 256.0
-            x5 = x5 * 16.0
-            x6 = x6 * 256.0
-            x7 = x7 * 16.0
+            x0, x1, x2, x3, x4, x5, x6, x7 = _prescale8(x0, x1, x2, x3, x4, x5, x6, x7)
             a_sum = tl.sum(x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7, axis=1)
             sz_off = offs_n[:, None] * stride_sn + c_idx[None, :]
             sz_mask = mask_n[:, None] & mask_c[None, :]
@@ -662,22 +666,14 @@ if triton is not None:
             else:
                 s = tl.load(s_ptr + sz_off, mask=sz_mask, other=0.0).to(tl.float32)
                 z = tl.load(z_ptr + sz_off, mask=sz_mask, other=0.0).to(tl.float32)
-            va = wd << 15  # nibbles 0 and 1 at bits 15..18 and 19..22 (as in _il_step)
-            vb = wd << 7
-            vc = wd >> 1
-            vd = wd >> 9
-            part = (_nib_lo(va, ONE) * x0[None] + _nib_hi(va, ONE) * x1[None]
-                    + _nib_lo(vb, ONE) * x2[None] + _nib_hi(vb, ONE) * x3[None]
-                    + _nib_lo(vc, ONE) * x4[None] + _nib_hi(vc, ONE) * x5[None]
-                    + _nib_lo(vd, ONE) * x6[None] + _nib_hi(vd, ONE) * x7[None])  # (BLOCK_N, NC, 16)
+            va, vb, vc, vd = _nibble_words(wd)
+            part = _nibble_dot(va, vb, vc, vd, x0[None], x1[None], x2[None], x3[None], x4[None], x5[None], x6[None],
+                               x7[None], ONE)  # (BLOCK_N, NC, 16)
             acc += s[:, :, None] * part
             corr += s * (a_sum[None, :] + z * x_sum[None, :])
         else:
             x0, x1, x2, x3 = _load_x4(x_ptr, kb, mask_x, K, PRO_SILU)
-            f0 = (((wd << 15) & 0x7F8000) ^ ONE).to(tl.float32, bitcast=True)
-            f1 = (((wd << 7) & 0x7F8000) ^ ONE).to(tl.float32, bitcast=True)
-            f2 = (((wd >> 1) & 0x7F8000) ^ ONE).to(tl.float32, bitcast=True)
-            f3 = (((wd >> 9) & 0x7F8000) ^ ONE).to(tl.float32, bitcast=True)
+            f0, f1, f2, f3 = _byte_floats(wd, ONE)
             acc += f0 * x0[None] + f1 * x1[None] + f2 * x2[None] + f3 * x3[None]
             xacc += x0 + x1 + x2 + x3
         return acc, corr, xacc
