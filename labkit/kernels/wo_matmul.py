@@ -500,8 +500,9 @@ if triton is not None:
 
     @triton.jit
     def _byte_floats(wd, ONE):
-        """A word's four int8 codes, each moved to bits 15..22 with its sign bit flipped under the exponent of
-        ``ONE`` (1.5): the floats 1 + u / 256 with u = q + 128, so q = 256 f - 384."""
+        """A word's four int8 codes as floats: each byte moved to bits 15..22, then XOR with ``ONE`` (the bits of
+        1.5) puts the exponent of 1.0 above it and flips its sign bit: f = 1 + u / 256 with u = q + 128, so
+        q = 256 f - 384."""
         return ((((wd << 15) & 0x7F8000) ^ ONE).to(tl.float32, bitcast=True),
                 (((wd << 7) & 0x7F8000) ^ ONE).to(tl.float32, bitcast=True),
                 (((wd >> 1) & 0x7F8000) ^ ONE).to(tl.float32, bitcast=True),
