@@ -57,8 +57,9 @@ def run_serving_benchmark(model_name: str = "smollm2-135m", sizes: BenchSizes | 
     contiguous, prefix-cache hit rate, and answers checked against running alone. Writes serving.json + plot."""
     sizes = sizes or BenchSizes.for_profile(env.profile())
     dev = env.device()
-    hf, info, eos, kernels, vocab, trace, base, model, system = _setup(model_name, sizes)
-    bs = base.block_size
+    st = _setup(model_name, sizes)
+    hf, eos, trace, base, model = st.hf, st.eos, st.trace, st.base, st.model
+    info, kernels, vocab, bs = hf.labkit_info, base.kernels, hf.config.vocab_size, base.block_size
     records, outs = [], {}
     target = tpot_target_ms / 1e3 if tpot_target_ms else None
     # each comparison steps its engines in turn (replay_together): a load on the machine falls on both alike
@@ -113,7 +114,7 @@ def run_serving_benchmark(model_name: str = "smollm2-135m", sizes: BenchSizes | 
         "step_ms_p50": {r["scheduler"]: {"with_prompt_tokens": r["step_ms_mixed_p50"], "decode_only":
                                          r["step_ms_decode_p50"]} for r in records[:2]},
         "trace": {"requests": sizes.n_requests, "prompt_len": sizes.prompt_len, "answer_len_loguniform":
-                  sizes.answer_len, "shared_system_prompt_tokens": len(system), "max_batch": sizes.max_batch,
+                  sizes.answer_len, "shared_system_prompt_tokens": len(st.system), "max_batch": sizes.max_batch,
                   "block_size": bs, "long_prompt_len": sizes.long_len, "chunk_size": sizes.chunk_size,
                   "admit_batch": sizes.admit_batch},
     }
@@ -144,7 +145,17 @@ def run_serving_benchmark(model_name: str = "smollm2-135m", sizes: BenchSizes | 
 GPU_FLOOR_MODEL = "llama2-7b-shape"
 
 
-def _setup(model_name: str, sizes: BenchSizes):
+@dataclass
+class _Setup:
+    hf: object  # the transformers model
+    eos: object
+    system: list  # the shared system prompt's token ids
+    trace: list
+    base: EngineConfig  # the engine config every run starts from
+    model: object  # shared_weights(hf): one converted copy for every engine
+
+
+def _setup(model_name: str, sizes: BenchSizes) -> _Setup:
     """The model, the main trace and the engine config every run of the benchmark shares; the first-call costs
     (allocator, kernel compiles) paid by a short warm-up replay, outside the timed runs."""
     from labkit import models
@@ -167,7 +178,7 @@ def _setup(model_name: str, sizes: BenchSizes):
     Engine(model, base, eos).replay([dataclasses.replace(r, arrival=0.0 if i < 2 else 1e-9)
                                      for i, r in enumerate(trace[:3])], progress=False)  # a prefill of two,
     # decode-only steps, and a step mixing a prompt into the decodes
-    return hf, hf.labkit_info, eos, kernels, vocab, trace, base, model, system
+    return _Setup(hf, eos, system, trace, base, model)
 
 
 def run_prefill_budget_sweep(model_name: str = "smollm2-135m", budgets=(32, 64, 128, 256), sizes=None, out_dir=None,
@@ -184,11 +195,9 @@ def run_prefill_budget_sweep(model_name: str = "smollm2-135m", budgets=(32, 64, 
     static and the p99 time per output token beside static's, and the best ratio among the budgets whose p99 TPOT is
     not worse than static's (None when none is)."""
     sizes = sizes or BenchSizes.for_profile(env.profile())
-    budgets = sorted(set(int(b) for b in budgets))
-    if not budgets or budgets[0] <= sizes.max_batch:
-        raise LabkitError(f"prefill budgets {budgets}: each must exceed max_batch={sizes.max_batch} (a step's decode "
-                          "tokens count against its budget; the rest is room for prompt chunks)")
-    hf, info, eos, kernels, vocab, trace, base, model, _ = _setup(model_name, sizes)
+    budgets = _check_budgets(budgets, sizes.max_batch)
+    st = _setup(model_name, sizes)
+    info, eos, trace, base, model = st.hf.labkit_info, st.eos, st.trace, st.base, st.model
     records = []
     runs = [("static", dataclasses.replace(base, scheduler="static"))] + [
         (f"continuous, budget {b}", dataclasses.replace(base, max_step_tokens=b, chunk_size=b)) for b in budgets]
@@ -326,33 +335,43 @@ def plot_serving(records: list[dict], path=None):
     return fig
 
 
-def _length_range(flag: str, value: str) -> tuple[int, int]:
-    """``"MIN,MAX"`` -> (MIN, MAX), whole numbers with 1 <= MIN <= MAX, or a LabkitError that says what to give."""
-    try:
-        lo, hi = (int(v) for v in value.split(","))
-    except ValueError:
-        raise LabkitError(f"{flag} {value!r}: give two whole numbers MIN,MAX (tokens), e.g. 32,512") from None
-    if not 1 <= lo <= hi:
-        raise LabkitError(f"{flag} {value!r}: need 1 <= MIN <= MAX")
-    return lo, hi
+def _length_range(text: str) -> tuple[int, int]:
+    """argparse type: ``MIN,MAX`` token lengths, whole numbers with 1 <= MIN <= MAX."""
+    from labkit.cli import int_list
+
+    values = int_list(text)
+    if len(values) != 2 or values[0] > values[1]:
+        raise argparse.ArgumentTypeError(f"{text!r}: give MIN,MAX with MIN <= MAX (tokens), e.g. 32,512")
+    return values[0], values[1]
+
+
+def _check_budgets(budgets, max_batch: int) -> list[int]:
+    """The prefill budgets sorted, each above ``max_batch`` (or a LabkitError that says why)."""
+    budgets = sorted(set(int(b) for b in budgets))
+    if not budgets or budgets[0] <= max_batch:
+        raise LabkitError(f"prefill budgets {budgets}: each must exceed max_batch={max_batch} (a step's decode "
+                          "tokens count against its budget; the rest is room for prompt chunks)")
+    return budgets
 
 
 def cli_main(argv: list[str]) -> int:
     """``labkit bench serving``: the 07 benchmark from the command line."""
+    from labkit.cli import int_list
+
     p = argparse.ArgumentParser(prog="labkit bench serving", description="Static vs continuous batching, chunked "
                                 "prefill, paged KV waste and prefix caching on a seeded trace; on a GPU also the "
                                 "batch-64 decode step against its bandwidth floor and vLLM where installed")
     p.add_argument("--model", default="smollm2-135m", help="a labkit model name (e.g. llama2-7b-shape: random weights)")
     p.add_argument("--profile", choices=["quick", "full"], default=None, help="trace sizes (default: the device's)")
     p.add_argument("--requests", type=int, default=None, help="requests in the main trace (default: the profile's)")
-    p.add_argument("--prompt-len", default=None, metavar="MIN,MAX",
+    p.add_argument("--prompt-len", type=_length_range, default=None, metavar="MIN,MAX",
                    help="prompt lengths of the main trace, uniform in [MIN, MAX] tokens (default: the profile's)")
-    p.add_argument("--answer-len", default=None, metavar="MIN,MAX",
+    p.add_argument("--answer-len", type=_length_range, default=None, metavar="MIN,MAX",
                    help="answer lengths of the main trace, log-uniform in [MIN, MAX] tokens (default: the profile's)")
     p.add_argument("--tag", default=None, help="with --prefill-budgets: appended to the results file's name "
                    "(letters, digits, - and _), e.g. the trace's name")
     p.add_argument("--tpot-target-ms", type=float, default=None, help="latency target for goodput")
-    p.add_argument("--prefill-budgets", default=None, metavar="N,N,...",
+    p.add_argument("--prefill-budgets", type=int_list, default=None, metavar="N,N,...",
                    help="instead: static batching against continuous batching with chunked prefill at each of these "
                         "token budgets per step (each above the profile's max batch), throughput and p99 time per "
                         "token side by side")
@@ -367,20 +386,12 @@ def cli_main(argv: list[str]) -> int:
         if args.requests < 2:
             raise LabkitError(f"--requests {args.requests}: use at least 2")
         sizes.n_requests = args.requests
-    for flag, value in (("prompt_len", args.prompt_len), ("answer_len", args.answer_len)):
-        if value is not None:
-            setattr(sizes, flag, _length_range(f"--{flag.replace('_', '-')}", value))
+    sizes.prompt_len = args.prompt_len or sizes.prompt_len
+    sizes.answer_len = args.answer_len or sizes.answer_len
     if args.tpot_target_ms is not None and args.tpot_target_ms <= 0:
         raise LabkitError("--tpot-target-ms must be positive")
     if args.prefill_budgets is not None:
-        try:
-            budgets = [int(b) for b in args.prefill_budgets.split(",")]
-        except ValueError:
-            raise LabkitError(f"--prefill-budgets {args.prefill_budgets!r}: give whole numbers separated by commas, "
-                              "e.g. 128,256,512") from None
-        if min(budgets) <= sizes.max_batch:
-            raise LabkitError(f"--prefill-budgets {args.prefill_budgets}: each must exceed max_batch={sizes.max_batch} "
-                              "(a step's decode tokens count against its budget; the rest is room for prompt chunks)")
+        budgets = _check_budgets(args.prefill_budgets, sizes.max_batch)  # before anything is written
         if args.tag is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,40}", args.tag):
             raise LabkitError(f"--tag {args.tag!r}: use up to 40 letters, digits, - and _")
         out = results.output_dir(args.reference)

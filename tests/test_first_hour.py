@@ -32,10 +32,10 @@ def _labkit(*args, **kw):
     (["bench", "decode", "--new-tokens", "0"], "--new-tokens: 0 must be at least 1"),
     (["bench", "nonsense"], "invalid choice: 'nonsense'"),
     (["bench", "serving", "--prefill-budgets", "4,16"], "each must exceed max_batch"),
-    (["bench", "serving", "--prefill-budgets", "64,x"], "--prefill-budgets '64,x': give whole numbers"),
+    (["bench", "serving", "--prefill-budgets", "64,x"], "--prefill-budgets: 'x' is not a whole number"),
     (["bench", "serving", "--prefill-budgets", "512", "--tag", "a/b"], "--tag 'a/b': use up to 40 letters"),
-    (["bench", "serving", "--answer-len", "9,3"], "--answer-len '9,3': need 1 <= MIN <= MAX"),
-    (["bench", "serving", "--prompt-len", "32"], "--prompt-len '32': give two whole numbers MIN,MAX"),
+    (["bench", "serving", "--answer-len", "9,3"], "--answer-len: '9,3': give MIN,MAX with MIN <= MAX"),
+    (["bench", "serving", "--prompt-len", "32"], "--prompt-len: '32': give MIN,MAX with MIN <= MAX"),
     (["student", "nope.ipynb"], "nope.ipynb is not a notebook file"),
 ])
 def test_bad_input_is_one_clear_line(args, says, tmp_path, monkeypatch, capsys):
