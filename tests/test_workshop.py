@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ast
 import os
+import warnings
 from pathlib import Path
 
 import nbformat
@@ -27,6 +28,7 @@ from labkit import exercises
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
 CHEAP = ("01_quantization_basics.ipynb",)
+CELL_TIMEOUT_S = 1800  # a cell of notebook 02's whole-model table took 23 min on a loaded 2-core machine
 
 
 def _has_cuda() -> bool:
@@ -81,6 +83,7 @@ def _selected():
 @pytest.mark.parametrize("path", _selected(), ids=[p.stem for p in _selected()])
 def test_student_copy_fails_only_at_the_checks(path):
     from nbclient import NotebookClient
+    from nbclient.exceptions import CellTimeoutError
 
     nb = nbformat.read(str(path), 4)
     pairs = dict(_exercises(nb))
@@ -99,9 +102,22 @@ def test_student_copy_fails_only_at_the_checks(path):
                      ("stub", i, stub), ("check fails", pairs[i], check)]
         else:
             plan.append(("cell", i, cell.source))
+    try:
+        problems = _run_plan(NotebookClient, plan, nb, path)
+    except CellTimeoutError:
+        # nbclient can wait forever for a cell that shows ipywidgets (``interact``) although the kernel finished it
+        # and sits idle (jupyter/nbclient#312; seen once here, notebook 01's playground cell, the client stuck for
+        # 30 min): one fresh kernel and a second run before calling it a failure
+        warnings.warn(f"{path.name}: a cell timed out; running the student copy once more in a fresh kernel")
+        problems = _run_plan(NotebookClient, plan, nb, path)
+    assert not problems, f"{path.name}:\n" + "\n".join(problems)
+
+
+def _run_plan(NotebookClient, plan, nb, path) -> list[str]:
+    """Execute ``plan`` [(role, original index, source)] in one kernel; the problems found, in order."""
     run = nbformat.v4.new_notebook(metadata=nb.metadata)
     run.cells = [nbformat.v4.new_code_cell(src) for _, _, src in plan]
-    client = NotebookClient(run, timeout=1800, kernel_name="python3", allow_errors=True,
+    client = NotebookClient(run, timeout=CELL_TIMEOUT_S, kernel_name="python3", allow_errors=True,
                             resources={"metadata": {"path": str(path.parent)}})
     problems = []
     with client.setup_kernel():
@@ -118,4 +134,4 @@ def test_student_copy_fails_only_at_the_checks(path):
                 problems.append(f"cell {i} ({role}) fails: {errors[0].ename}: {errors[0].evalue}")
                 if role != "cell":
                     break
-    assert not problems, f"{path.name}:\n" + "\n".join(problems)
+    return problems
