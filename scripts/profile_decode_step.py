@@ -1,0 +1,111 @@
+"""Where the batch-1 decode step spends its time, kernel by kernel (7B shape, random weights; a CUDA GPU).
+
+    python scripts/profile_decode_step.py [--formats bf16,int8,int4] [--no-pdl] [--out DIR]
+
+For each format: the captured step's time per token (as the decode benchmark measures it), then torch.profiler over
+replays of the CUDA graph. The step launches the same kernels in the same order every time, so kernel i of one step
+is kernel i of the next: the table gives, for every kernel of the first layer and of the step's tail, its median
+duration and the median time from the previous kernel's end to its start (negative: they overlap, as programmatic
+dependent launch allows). The summary splits the step into GEMV time, other kernels and time with no kernel running.
+Writes decode_profile.json to --out (default: results/local/).
+"""
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from labkit import bench, env, models
+from labkit.fastgen import FastLlama, time_decode
+
+
+def kernel_rows(prof) -> list:
+    """(name, start µs, end µs) of every GPU kernel the profiler saw, in start order."""
+    rows = []
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.elapsed_us() > 0:
+            rows.append((e.name, e.time_range.start, e.time_range.end))
+    return sorted(rows, key=lambda r: r[1])
+
+
+def per_position(rows: list, per_step: int, steps: int) -> list:
+    """Median duration and lead gap of kernel i across the profiled steps (the last ``steps`` complete ones)."""
+    rows = rows[-per_step * steps:]
+    out = []
+    for i in range(per_step):
+        durs, gaps = [], []
+        for s in range(steps):
+            name, t0, t1 = rows[s * per_step + i]
+            durs.append(t1 - t0)
+            if s * per_step + i > 0:
+                gaps.append(t0 - rows[s * per_step + i - 1][2])
+        out.append({"i": i, "name": rows[i][0][:60], "us": statistics.median(durs),
+                    "gap_us": statistics.median(gaps) if gaps else None})
+    return out
+
+
+def profile_format(model, fmt: str, pdl: bool, prompt_len: int = 32, steps: int = 16) -> dict:
+    fast = FastLlama(model, weights=fmt, kernels="triton", max_seq_len=prompt_len + 512, pdl=pdl)
+    t = time_decode(fast, 1, prompt_len, 128)
+    # one step's kernels: count them from a profile of a single replay
+    with profile(activities=[ProfilerActivity.CUDA]) as p1:
+        fast.decode_n(1, prompt_len, 1)
+        torch.cuda.synchronize()
+    per_step = len(kernel_rows(p1))
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fast.decode_n(1, prompt_len, steps)
+        torch.cuda.synchronize()
+    rows = kernel_rows(prof)
+    if len(rows) != per_step * steps:
+        raise RuntimeError(f"{len(rows)} kernels for {steps} steps, {per_step} in one: the step is not regular")
+    pos = per_position(rows, per_step, steps)
+    n_layers = fast.cfg.n_layers
+    per_layer = (per_step - 1) // n_layers  # kernels of one layer (the step's tail is what is left)
+    tail = per_step - per_layer * n_layers
+    gemv = sum(r["us"] for r in pos if "gemv" in r["name"] or "sum_splits" in r["name"])
+    busy = sum(r["us"] for r in pos)
+    span = (rows[-1][2] - rows[0][1]) / steps
+    fast_cfgs = {k: str(v) for k, v in fast.gemv_configs(1).items()}
+    rec = {"weights": fmt, "pdl": pdl, "decode_ms_per_token": t["decode_ms_per_token"],
+           "kernels_per_step": per_step, "kernels_per_layer": per_layer, "tail_kernels": tail,
+           "profiled_step_us": span, "kernel_sum_us": busy, "gemv_and_split_sums_us": gemv,
+           "other_kernels_us": busy - gemv, "gemv_configs": fast_cfgs,
+           "first_layer": pos[:per_layer], "tail": pos[per_step - tail:]}
+    del fast
+    torch.cuda.empty_cache()
+    return rec
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--formats", default="bf16,int8,int4")
+    p.add_argument("--no-pdl", action="store_true", help="also profile every format without PDL")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    env.require_cuda("the decode-step profile")
+    dev = env.device()
+    model, _ = models.load("llama2-7b-shape", device=dev)
+    recs = []
+    for fmt in args.formats.split(","):
+        for pdl in ([True, False] if args.no_pdl else [True]):
+            r = profile_format(model, fmt, pdl)
+            recs.append(r)
+            print(f"\n{fmt} pdl={pdl}: {r['decode_ms_per_token'] * 1e3:.0f} us/token (graph timing); profiled step "
+                  f"{r['profiled_step_us']:.0f} us: kernels {r['kernel_sum_us']:.0f} (GEMV {r['gemv_and_split_sums_us']:.0f},"
+                  f" other {r['other_kernels_us']:.0f}); {r['kernels_per_step']} kernels, {r['kernels_per_layer']} a layer",
+                  flush=True)
+            for row in r["first_layer"] + r["tail"]:
+                print(f"  {row['i']:3d} {row['name']:60s} {row['us']:7.2f} us  gap {row['gap_us'] or 0:6.2f}")
+    out = args.out or bench.results_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__,
+            "model": "llama2-7b-shape (RANDOM weights, bfloat16)", "batch": 1, "prompt_len": 32}
+    (out / "decode_profile.json").write_text(json.dumps({"meta": meta, "records": recs}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
