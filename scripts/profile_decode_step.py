@@ -74,7 +74,7 @@ def profile_format(model, fmt: str, pdl: bool, prompt_len: int = 32, steps: int 
            "kernels_per_step": per_step, "kernels_per_layer": per_layer, "tail_kernels": tail,
            "profiled_step_us": span, "kernel_sum_us": busy, "gemv_and_split_sums_us": gemv,
            "other_kernels_us": busy - gemv, "gemv_configs": fast_cfgs,
-           "first_layer": pos[:per_layer], "tail": pos[per_step - tail:]}
+           "first_layer": pos[:per_layer + 1], "tail": pos[per_step - tail:]}
     del fast
     torch.cuda.empty_cache()
     return rec
