@@ -1,12 +1,15 @@
 """Where the batch-1 decode step spends its time, kernel by kernel (7B shape, random weights; a CUDA GPU).
 
-    python scripts/profile_decode_step.py [--formats bf16,int8,int4] [--no-pdl] [--out DIR]
+    python scripts/profile_decode_step.py [--formats bf16,int8,int4] [--no-pdl] [--what-if] [--out DIR]
 
 For each format: the captured step's time per token (as the decode benchmark measures it), then torch.profiler over
 replays of the CUDA graph. The step launches the same kernels in the same order every time, so kernel i of one step
 is kernel i of the next: the table gives, for every kernel of the first layer and of the step's tail, its median
 duration and the median time from the previous kernel's end to its start (negative: they overlap, as programmatic
 dependent launch allows). The summary splits the step into GEMV time, other kernels and time with no kernel running.
+--what-if times the step (no profile) with parts taken out, an upper bound on what fusing them away could save:
+without the add+RMSNorm kernels, without the RoPE+attention kernel, without both (the outputs are then wrong); and
+with programmatic dependent launch but the launch configs tuned without it.
 Writes decode_profile.json to --out (default: results/local/).
 """
 import argparse
@@ -80,17 +83,64 @@ def profile_format(model, fmt: str, pdl: bool, prompt_len: int = 32, steps: int 
     return rec
 
 
+class _Without(FastLlama):
+    """The step with some kernels left out (timing only: the results are wrong)."""
+
+    def __init__(self, *a, skip=(), **kw):
+        super().__init__(*a, **kw)
+        self.skip = set(skip)
+
+    def _ops(self):
+        norm, attn, kern = super()._ops()
+        nq = self.cfg.n_heads * self.cfg.head_dim
+        if "norm" in self.skip:
+            norm = lambda x, delta, w, eps: x  # noqa: E731
+        if "attention" in self.skip:
+            attn = lambda qkv, *a: qkv[:, :nq]  # noqa: E731
+        return norm, attn, kern
+
+
+def what_if(model, fmt: str, prompt_len: int = 32) -> list:
+    out = []
+
+    def run(label, **kw):
+        pin = kw.pop("pin", None)
+        fast = _Without(model, weights=fmt, kernels="triton", max_seq_len=prompt_len + 512, **kw)
+        if pin:
+            fast.pin_gemv_configs(pin)
+        ms = time_decode(fast, 1, prompt_len, 128)["decode_ms_per_token"]
+        cfgs = fast.gemv_configs(1)
+        out.append({"weights": fmt, "what": label, "decode_ms_per_token": ms})
+        print(f"  {fmt} {label}: {ms * 1e3:.0f} us/token", flush=True)
+        del fast
+        torch.cuda.empty_cache()
+        return cfgs
+
+    run("pdl, tuned")
+    run("pdl, no add+rmsnorm", skip=("norm",))
+    run("pdl, no rope+attention", skip=("attention",))
+    run("pdl, neither", skip=("norm", "attention"))
+    no_pdl = run("no pdl, tuned", pdl=False)
+    run("pdl, configs tuned without pdl", pin=no_pdl)  # last: pinning replaces the tuned configs
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--formats", default="bf16,int8,int4")
     p.add_argument("--no-pdl", action="store_true", help="also profile every format without PDL")
+    p.add_argument("--what-if", action="store_true", help="time the step with parts taken out instead of profiling")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     env.require_cuda("the decode-step profile")
     dev = env.device()
     model, _ = models.load("llama2-7b-shape", device=dev)
     recs = []
-    for fmt in args.formats.split(","):
+    if args.what_if:
+        for fmt in args.formats.split(","):
+            recs += what_if(model, fmt)
+        args.formats = ""
+    for fmt in filter(None, args.formats.split(",")):
         for pdl in ([True, False] if args.no_pdl else [True]):
             r = profile_format(model, fmt, pdl)
             recs.append(r)
@@ -104,7 +154,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     meta = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__,
             "model": "llama2-7b-shape (RANDOM weights, bfloat16)", "batch": 1, "prompt_len": 32}
-    (out / "decode_profile.json").write_text(json.dumps({"meta": meta, "records": recs}, indent=1))
+    (out / ("decode_what_if.json" if args.what_if else "decode_profile.json")).write_text(json.dumps({"meta": meta, "records": recs}, indent=1))
     return 0
 
 
