@@ -160,39 +160,88 @@ if triton is not None:
     @triton.jit
     def _add_rmsnorm_kernel(x_ptr, d_ptr, w_ptr, out_ptr, H, eps, stride_x, stride_d, stride_ds, stride_o,
                             HAS_DELTA: tl.constexpr, SPLIT: tl.constexpr, BLOCK_H: tl.constexpr,
-                            PDL: tl.constexpr = False):
-        wo._pdl_enter(PDL)
+                            PDL: tl.constexpr = False, PDL_LATE: tl.constexpr = False):
         row = tl.program_id(0)
         offs = tl.arange(0, BLOCK_H)
         mask = offs < H
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # no kernel writes the norm's weight
+        if PDL_LATE:
+            if PDL:
+                tl.extra.cuda.gdc_wait()
+        else:
+            wo._pdl_enter(PDL)
         x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_DELTA:
             # SPLIT > 1: delta arrives as the fp32 partial sums of a split-K GEMV, summed here in split order and
             # rounded to the dtype, exactly what the GEMV's own reduction kernel would have stored
-            d = tl.zeros((BLOCK_H,), tl.float32)
-            for sp in tl.static_range(SPLIT):
-                d += tl.load(d_ptr + sp * stride_ds + row * stride_d + offs, mask=mask, other=0.0).to(tl.float32)
-            d = d.to(x_ptr.dtype.element_ty).to(tl.float32)
+            d = _load_act(d_ptr + row * stride_d, offs, stride_ds, SPLIT, x_ptr.dtype.element_ty, mask)
             xr = (x + d).to(x_ptr.dtype.element_ty)  # the residual stream is kept in the model dtype
             tl.store(x_ptr + row * stride_x + offs, xr, mask=mask)
             x = xr.to(tl.float32)
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / H + eps)
         normed = (x * rstd).to(out_ptr.dtype.element_ty).to(tl.float32)
-        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + row * stride_o + offs, (w * normed).to(out_ptr.dtype.element_ty), mask=mask)
+        if PDL_LATE:
+            if PDL:
+                tl.extra.cuda.gdc_launch_dependents()
+
+    @triton.jit
+    def _argmax_next_kernel(logits_ptr, tok_ptr, pos_ptr, out_ptr, V, stride_l, stride_o, BLOCK_V: tl.constexpr,
+                            PDL: tl.constexpr = False):
+        """Greedy decoding's bookkeeping for row b in one kernel: the argmax of its logits (the first index of the
+        maximum, as torch.argmax) becomes the next input token tok[b] and is recorded at out[b, pos + 1]."""
+        wo._pdl_enter(PDL)
+        b = tl.program_id(0)
+        offs = tl.arange(0, BLOCK_V)
+        best_v = tl.max(tl.full((BLOCK_V,), float("-inf"), tl.float32), axis=0)
+        best_i = tl.argmax(tl.zeros((BLOCK_V,), tl.int32), axis=0)  # 0
+        for start in range(0, V, BLOCK_V):
+            v = tl.load(logits_ptr + b * stride_l + start + offs, mask=start + offs < V,
+                        other=float("-inf")).to(tl.float32)
+            m = tl.max(v, axis=0)
+            i = tl.argmax(v, axis=0, tie_break_left=True)
+            best_i = tl.where(m > best_v, start + i, best_i)  # strictly greater: the earlier chunk keeps a tie
+            best_v = tl.maximum(best_v, m)
+        pos = tl.load(pos_ptr)
+        tl.store(tok_ptr + b, best_i.to(tl.int64))
+        tl.store(out_ptr + b * stride_o + pos + 1, best_i.to(tl.int64))
+
+    @triton.jit
+    def _load_act(ptr, offs, stride_s, SPLIT: tl.constexpr, dt: tl.constexpr, mask=None):
+        """Activations as fp32: SPLIT = 1, ``ptr`` holds them in the model dtype; SPLIT > 1, fp32 split-K partial
+        sums at stride ``stride_s``, summed in split order and rounded to ``dt`` (what the GEMV's own reduction
+        kernel would have stored)."""
+        if SPLIT == 1:
+            v = wo._load_masked(ptr + offs, mask).to(tl.float32)
+        else:
+            v = tl.zeros(offs.shape, tl.float32)
+            for sp in tl.static_range(SPLIT):
+                v += wo._load_masked(ptr + sp * stride_s + offs, mask)
+            v = v.to(dt).to(tl.float32)
+        return v
 
     @triton.jit
     def _rope_attn_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, o_ptr, scale, REP, NQ, NKV,
-                          stride_qkv, stride_cb, stride_ch, stride_cs, stride_ob,
-                          HD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
-                          PDL: tl.constexpr = False):
+                          stride_qkv, stride_qs, stride_cb, stride_ch, stride_cs, stride_ob,
+                          HD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, SPLIT: tl.constexpr = 1,
+                          PDL: tl.constexpr = False, PDL_LATE: tl.constexpr = False):
         """One (batch row b, KV head j): rotate K_j and write K_j, V_j into the cache at pos, rotate the REP query
         heads that share KV head j, and attend over cache positions 0..pos (single-pass online softmax).
 
         RoPE and attention in one kernel: the rotated queries never leave registers, and a step has one kernel
         per layer for this instead of two. Every RoPE product is rounded to the dtype as torch rounds it.
+        The new position's key and value also stay in registers: the loop reads the cache at positions 0..pos-1
+        only (written by earlier steps), so its loads wait on nothing this kernel computes, and position pos is
+        folded into the softmax last. BLOCK_R = 1 (one query head per KV head): scores and the weighted sum of V
+        are element-wise products and sums; else ``tl.dot`` on a (BLOCK_R, HD) tile of query heads.
+        SPLIT > 1: qkv arrives as the fp32 split-K partials of the GEMV before (see ``_load_act``).
+        PDL_LATE: with PDL, let the next kernel launch only once the attention is done (not at the start).
         """
-        wo._pdl_enter(PDL)
+        if PDL_LATE:
+            if PDL:
+                tl.extra.cuda.gdc_wait()
+        else:
+            wo._pdl_enter(PDL)
         b = tl.program_id(0)
         j = tl.program_id(1)
         pos = tl.load(pos_ptr)
@@ -204,41 +253,57 @@ if triton is not None:
         s = tl.load(sin_ptr + pos * HD + offs_d).to(tl.float32)
         dt = o_ptr.dtype.element_ty
         row = qkv_ptr + b * stride_qkv
-        kx = tl.load(row + (NQ + j) * HD + offs_d).to(tl.float32)
-        kr = tl.load(row + (NQ + j) * HD + rot).to(tl.float32)
+        kx = _load_act(row, (NQ + j) * HD + offs_d, stride_qs, SPLIT, dt)
+        kr = _load_act(row, (NQ + j) * HD + rot, stride_qs, SPLIT, dt)
         k_new = ((kx * c).to(dt).to(tl.float32) + (sign * kr * s).to(dt).to(tl.float32)).to(dt)
+        v_new = _load_act(row, (NQ + NKV + j) * HD + offs_d, stride_qs, SPLIT, dt).to(dt)
         kbase = kc_ptr + b * stride_cb + j * stride_ch
         vbase = vc_ptr + b * stride_cb + j * stride_ch
         tl.store(kbase + pos * stride_cs + offs_d, k_new)
-        tl.store(vbase + pos * stride_cs + offs_d, tl.load(row + (NQ + NKV + j) * HD + offs_d))
+        tl.store(vbase + pos * stride_cs + offs_d, v_new)
         offs_r = tl.arange(0, BLOCK_R)
         mask_r = offs_r < REP
-        qrow = row + (j * REP + offs_r)[:, None] * HD
-        qx = tl.load(qrow + offs_d[None, :], mask=mask_r[:, None], other=0.0).to(tl.float32)
-        qr = tl.load(qrow + rot[None, :], mask=mask_r[:, None], other=0.0).to(tl.float32)
+        qoff = (j * REP + offs_r)[:, None] * HD
+        qx = _load_act(row, qoff + offs_d[None, :], stride_qs, SPLIT, dt, mask_r[:, None])
+        qr = _load_act(row, qoff + rot[None, :], stride_qs, SPLIT, dt, mask_r[:, None])
         q = ((qx * c[None, :]).to(dt).to(tl.float32)
              + (sign[None, :] * qr * s[None, :]).to(dt).to(tl.float32)).to(dt)  # (BLOCK_R, HD)
-        tl.debug_barrier()  # the K, V just stored are read back below by other threads of this program
-        L = pos + 1
         m_i = tl.full((BLOCK_R,), float("-inf"), tl.float32)
         l_i = tl.zeros((BLOCK_R,), tl.float32)
         acc = tl.zeros((BLOCK_R, HD), tl.float32)
-        for start in range(0, L, BLOCK_L):
+        for start in range(0, pos, BLOCK_L):  # the cached positions 0..pos-1
             offs_l = start + tl.arange(0, BLOCK_L)
-            mask_l = offs_l < L
+            mask_l = offs_l < pos
             k = tl.load(kbase + offs_l[:, None] * stride_cs + offs_d[None, :], mask=mask_l[:, None], other=0.0)
             v = tl.load(vbase + offs_l[:, None] * stride_cs + offs_d[None, :], mask=mask_l[:, None], other=0.0)
-            sc = tl.dot(q, tl.trans(k)) * scale  # (BLOCK_R, BLOCK_L), fp32
+            if BLOCK_R == 1:
+                sc = tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], axis=2) * scale
+            else:
+                sc = tl.dot(q, tl.trans(k)) * scale  # (BLOCK_R, BLOCK_L), fp32
             sc = tl.where(mask_l[None, :], sc, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(sc, axis=1))
             p = tl.exp(sc - m_new[:, None])
             alpha = tl.exp(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            if BLOCK_R == 1:
+                pv = tl.sum(p.to(dt).to(tl.float32)[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+            else:
+                pv = tl.dot(p.to(dt), v)
+            acc = acc * alpha[:, None] + pv
             m_i = m_new
+        # position pos, from registers
+        sc = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], axis=1) * scale  # (BLOCK_R,)
+        m_new = tl.maximum(m_i, sc)
+        p = tl.exp(sc - m_new)
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + p
+        acc = acc * alpha[:, None] + p.to(dt).to(tl.float32)[:, None] * v_new.to(tl.float32)[None, :]
         out = acc / l_i[:, None]
         tl.store(o_ptr + b * stride_ob + (j * REP + offs_r)[:, None] * HD + offs_d[None, :],
                  out.to(dt), mask=mask_r[:, None])
+        if PDL_LATE:
+            if PDL:
+                tl.extra.cuda.gdc_launch_dependents()
 
 
 def add_rmsnorm_triton(x: torch.Tensor, delta, weight: torch.Tensor, eps: float, pdl: bool = False) -> torch.Tensor:
@@ -256,8 +321,24 @@ def add_rmsnorm_triton(x: torch.Tensor, delta, weight: torch.Tensor, eps: float,
     _add_rmsnorm_kernel[(B,)](x, d, weight, out, H, eps, x.stride(0), d.stride(-2), d.stride(0) if split > 1 else 0,
                               out.stride(0), HAS_DELTA=delta is not None, SPLIT=split,
                               BLOCK_H=triton.next_power_of_2(H), num_warps=4 if H <= 2048 else 8,
-                              **wo.pdl_kwargs(pdl, x.device))
+                              PDL_LATE=NORM_PDL_LATE, **wo.pdl_kwargs(pdl, x.device))
     return out
+
+
+NORM_PDL_LATE = False  # with PDL: the kernel after add+RMSNorm launches when it ends (True) or when it starts
+
+
+def argmax_next_triton(logits: torch.Tensor, tok: torch.Tensor, pos: torch.Tensor, out_tokens: torch.Tensor,
+                       pdl: bool = False) -> None:
+    """One kernel for the end of a greedy graph step: tok[b] = argmax(logits[b]) and out_tokens[b, pos + 1] = the
+    same token (pos: the (1,) device position, not advanced here). As ``tok.copy_(logits.argmax(-1))`` and
+    ``out_tokens[:, pos + 1] = tok``: three kernels, the argmax a single-block reduction."""
+    B, V = logits.shape
+    if tok.shape != (B,) or tok.dtype != torch.long or out_tokens.dtype != torch.long or logits.stride(1) != 1:
+        raise ValueError("argmax_next_triton takes logits (B, V) contiguous rows, tok (B,) and out_tokens (B, S) long")
+    _argmax_next_kernel[(B,)](logits, tok, pos, out_tokens, V, logits.stride(0), out_tokens.stride(0),
+                              BLOCK_V=min(16384, triton.next_power_of_2(V)), num_warps=16,
+                              **wo.pdl_kwargs(pdl, logits.device))
 
 
 def rope_attention_ref(qkv, pos, cos, sin, k_cache, v_cache, n_heads: int, n_kv_heads: int,
@@ -269,18 +350,30 @@ def rope_attention_ref(qkv, pos, cos, sin, k_cache, v_cache, n_heads: int, n_kv_
 
 def rope_attention_triton(qkv, pos, cos, sin, k_cache, v_cache, n_heads: int, n_kv_heads: int,
                           length: int | None = None, pdl: bool = False) -> torch.Tensor:
-    """Same contract as rope_attention_ref in one kernel (``length`` is ignored: the kernel reads pos on the device)."""
-    B = qkv.shape[0]
+    """Same contract as rope_attention_ref in one kernel (``length`` is ignored: the kernel reads pos on the device).
+
+    ``qkv`` may also be the (S, B, W) fp32 partial sums of a split-K GEMV (``wo.linear(..., partials=True)``): the
+    kernel sums them as it loads them, so the split needs no reduction kernel of its own.
+    """
+    split = qkv.shape[0] if qkv.dim() == 3 else 1
+    B = qkv.shape[-2]
     hd = cos.shape[-1]
     rep = n_heads // n_kv_heads
-    out = torch.empty(B, n_heads * hd, device=qkv.device, dtype=qkv.dtype)
+    if qkv.shape[-1] != (n_heads + 2 * n_kv_heads) * hd or qkv.stride(-1) != 1:
+        raise ValueError(f"qkv {tuple(qkv.shape)} is not (B, (n_heads + 2 n_kv_heads) * head_dim), contiguous")
+    out = torch.empty(B, n_heads * hd, device=qkv.device, dtype=k_cache.dtype)
+    block_r = 1 if rep == 1 else max(16, triton.next_power_of_2(rep))
     _rope_attn_kernel[(B, n_kv_heads)](qkv, pos, cos, sin, k_cache, v_cache, out, hd**-0.5, rep, n_heads, n_kv_heads,
-                                       qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-                                       out.stride(0), HD=hd, BLOCK_R=max(16, triton.next_power_of_2(rep)),
-                                       BLOCK_L=64, num_warps=4,
+                                       qkv.stride(-2), qkv.stride(0) if split > 1 else 0, k_cache.stride(0),
+                                       k_cache.stride(1), k_cache.stride(2), out.stride(0), HD=hd, BLOCK_R=block_r,
+                                       BLOCK_L=ATTN_BLOCK_L, SPLIT=split, num_warps=4,
                                        enable_fp_fusion=False,  # round every RoPE product, as torch does
-                                       **wo.pdl_kwargs(pdl, qkv.device))
+                                       PDL_LATE=ATTN_PDL_LATE, **wo.pdl_kwargs(pdl, qkv.device))
     return out
+
+
+ATTN_BLOCK_L = 64  # cache positions per step of the decode-attention loop
+ATTN_PDL_LATE = False  # with PDL: the kernel after the attention launches when it ends (True) or when it starts
 
 
 # ---------------------------------------------------------------------------------------------- weights
@@ -515,7 +608,8 @@ class FastLlama:
         delta = None
         for li, lw in enumerate(self.layers):
             h = norm(x, delta, lw.attn_norm, cfg.rms_eps)
-            qkv = self._lin(h, lw.wqkv, use_kernel=kern)  # (B, (nq + 2 nkv) * hd)
+            # (B, (nq + 2 nkv) * hd), or its split-K partials: the attention kernel sums them
+            qkv = self._lin(h, lw.wqkv, use_kernel=kern, partials=True)
             o = rope_attn(qkv, pos, self.cos, self.sin, self.k_cache[li], self.v_cache[li], cfg.n_heads,
                           cfg.n_kv_heads, length)  # (B, nq*hd)
             # the GEMVs whose output goes straight into add+RMSNorm hand over split-K partials: the norm sums them
@@ -539,7 +633,7 @@ class FastLlama:
         """The step's distinct GEMVs as ``_step`` calls them: (name, weight, silu_gate_up, partials); every layer
         has the shapes of the first, so these five calls are all a launch config is chosen for."""
         lw = self.layers[0]
-        return (("wqkv", lw.wqkv, False, False), ("wo", lw.wo, False, True), ("w13", lw.w13, False, False),
+        return (("wqkv", lw.wqkv, False, True), ("wo", lw.wo, False, True), ("w13", lw.w13, False, False),
                 ("w2", lw.w2, True, True), ("lm_head", self.lm_head, False, False))
 
     def tune(self, batch: int = 1) -> None:
@@ -596,10 +690,14 @@ class FastLlama:
 
         def body():
             logits = self._step(st["tok"], st["pos"], None)
-            nxt = logits.argmax(dim=-1)  # (B,)
-            st["tok"].copy_(nxt)
-            st["pos"].add_(1)
-            st["out_tokens"].index_copy_(1, st["pos"], nxt[:, None])
+            if self.kernels == "triton":  # one kernel: argmax -> tok and out_tokens[:, pos + 1]
+                argmax_next_triton(logits, st["tok"], st["pos"], st["out_tokens"], pdl=self.pdl)
+                st["pos"].add_(1)
+            else:
+                nxt = logits.argmax(dim=-1)  # (B,)
+                st["tok"].copy_(nxt)
+                st["pos"].add_(1)
+                st["out_tokens"].index_copy_(1, st["pos"], nxt[:, None])
             return logits
 
         # warm up on a side stream (compiles Triton kernels, initialises cuBLAS) at a scratch position

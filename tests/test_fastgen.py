@@ -121,6 +121,54 @@ def test_fused_ops_match_references():
     torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-3)
 
 
+@pytest.mark.parametrize("nq,nkv,pos", [(4, 4, 0), (4, 4, 37), (6, 2, 64)])
+def test_rope_attention_one_head_per_kv_head_and_qkv_partials(nq, nkv, pos):
+    """The element-wise form (one query head per KV head, as the 7B shape) and the tl.dot form against the
+    reference, at the first position (no cached keys), past one loop step, and at a loop-step boundary; qkv given as
+    split-K partials gives bit for bit the output and cache of its reduced form."""
+    torch.manual_seed(2)
+    dev = env.device()
+    B, hd, S = 2, 32, 80
+    cfg = fastgen.FastConfig(64, 128, 1, nq, nkv, hd, 10, 1e-5, 10000.0)
+    cos, sin = fastgen.rope_tables(cfg, S, torch.float16, dev)
+    kc, vc = torch.randn(B, nkv, S, hd, device=dev).half(), torch.randn(B, nkv, S, hd, device=dev).half()
+    p = torch.tensor([pos], device=dev)
+    parts = torch.randn(3, B, (nq + 2 * nkv) * hd, device=dev)
+    qkv = (parts[0] + parts[1] + parts[2]).half()
+    kc1, vc1, kc2, vc2 = kc.clone(), vc.clone(), kc.clone(), vc.clone()
+    ref = fastgen.rope_attention_ref(qkv.float(), p, cos.float(), sin.float(), kc.float(), vc.float(), nq, nkv,
+                                     pos + 1)
+    err_torch = (fastgen.rope_attention_ref(qkv, p, cos, sin, kc.clone(), vc.clone(), nq, nkv, pos + 1).float()
+                 - ref).abs().max().item()
+    o = fastgen.rope_attention_triton(qkv, p, cos, sin, kc1, vc1, nq, nkv)
+    assert (o.float() - ref).abs().max().item() <= 2 * err_torch + 1e-4
+    o2 = fastgen.rope_attention_triton(parts, p, cos, sin, kc2, vc2, nq, nkv)
+    assert o2.dtype == torch.float16 and torch.equal(o, o2) and torch.equal(kc1, kc2) and torch.equal(vc1, vc2)
+    with pytest.raises(ValueError, match="qkv"):
+        fastgen.rope_attention_triton(parts[:, :, :-1], p, cos, sin, kc2, vc2, nq, nkv)
+
+
+def test_argmax_next_kernel():
+    """The graph step's last kernel: the first index of each row's maximum (ties in one block and across blocks, a
+    maximum in the last, ragged block) goes to tok and to out_tokens at pos + 1; nothing else changes."""
+    dev = env.device()
+    V = 40000  # three blocks of 16384, the last one ragged
+    logits = torch.randn(3, V, device=dev).to(torch.bfloat16)
+    logits[0, 5] = logits[0, 7] = 9.0  # tie inside one block: the first wins
+    logits[1, 100] = logits[1, 20000] = 9.0  # tie across blocks
+    logits[2, V - 1] = 9.0  # maximum in the ragged last block
+    tok = torch.full((3,), -1, dtype=torch.long, device=dev)
+    out = torch.full((3, 12), -1, dtype=torch.long, device=dev)
+    pos = torch.tensor([4], device=dev)
+    fastgen.argmax_next_triton(logits, tok, pos, out)
+    want = logits.argmax(dim=-1)
+    assert want.tolist() == [5, 100, V - 1] and torch.equal(tok, want)
+    assert torch.equal(out[:, 5], want) and (out[:, :5] == -1).all() and (out[:, 6:] == -1).all()
+    assert pos.item() == 4
+    with pytest.raises(ValueError, match="long"):
+        fastgen.argmax_next_triton(logits, tok.int(), pos, out)
+
+
 def test_add_rmsnorm_sums_split_partials():
     """delta given as (split, B, H) fp32 partials: summed in split order and rounded, then as with a plain delta."""
     torch.manual_seed(1)
