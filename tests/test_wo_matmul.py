@@ -228,7 +228,10 @@ def test_offline_sass_of_the_gemv_loops(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
-    assert set(rows) == {"int4-acc", "int4", "int8-acc", "int8", "bf16"}
+    assert set(rows) == {"int4-acc", "int4", "int8-acc", "int8", "bf16", "int8-rows"}
+    # the row-major int8 GEMV of the decode path: codes become floats by integer add and float subtract, no I2F
+    assert not any(op.startswith("I2F") for op in rows["int8-rows"]["opcodes"]), rows["int8-rows"]["opcodes"]
+    assert rows["int8-rows"]["opcodes"].get("FADD", 0) >= rows["int8-rows"]["weights_per_thread"]
     for name in ("int4-acc", "int4", "int8-acc", "int8"):
         ops = rows[name]["opcodes"]
         assert ops.get("LOP3", 0) > 0 and ops.get("LDG", 0) > 0, (name, ops)
