@@ -160,16 +160,12 @@ if triton is not None:
     @triton.jit
     def _add_rmsnorm_kernel(x_ptr, d_ptr, w_ptr, out_ptr, H, eps, stride_x, stride_d, stride_ds, stride_o,
                             HAS_DELTA: tl.constexpr, SPLIT: tl.constexpr, BLOCK_H: tl.constexpr,
-                            PDL: tl.constexpr = False, PDL_LATE: tl.constexpr = False):
+                            PDL: tl.constexpr = False):
         row = tl.program_id(0)
         offs = tl.arange(0, BLOCK_H)
         mask = offs < H
         w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # no kernel writes the norm's weight
-        if PDL_LATE:
-            if PDL:
-                tl.extra.cuda.gdc_wait()
-        else:
-            wo._pdl_enter(PDL)
+        wo._pdl_enter(PDL)
         x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_DELTA:
             # SPLIT > 1: delta arrives as the fp32 partial sums of a split-K GEMV, summed here in split order and
@@ -181,9 +177,6 @@ if triton is not None:
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / H + eps)
         normed = (x * rstd).to(out_ptr.dtype.element_ty).to(tl.float32)
         tl.store(out_ptr + row * stride_o + offs, (w * normed).to(out_ptr.dtype.element_ty), mask=mask)
-        if PDL_LATE:
-            if PDL:
-                tl.extra.cuda.gdc_launch_dependents()
 
     @triton.jit
     def _argmax_next_kernel(logits_ptr, tok_ptr, pos_ptr, out_ptr, V, stride_l, stride_o, BLOCK_V: tl.constexpr,
@@ -224,7 +217,7 @@ if triton is not None:
     def _rope_attn_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, o_ptr, scale, REP, NQ, NKV,
                           stride_qkv, stride_qs, stride_cb, stride_ch, stride_cs, stride_ob,
                           HD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, SPLIT: tl.constexpr = 1,
-                          PDL: tl.constexpr = False, PDL_LATE: tl.constexpr = False):
+                          PDL: tl.constexpr = False):
         """One (batch row b, KV head j): rotate K_j and write K_j, V_j into the cache at pos, rotate the REP query
         heads that share KV head j, and attend over cache positions 0..pos (single-pass online softmax).
 
@@ -232,16 +225,11 @@ if triton is not None:
         per layer for this instead of two. Every RoPE product is rounded to the dtype as torch rounds it.
         The new position's key and value also stay in registers: the loop reads the cache at positions 0..pos-1
         only (written by earlier steps), so its loads wait on nothing this kernel computes, and position pos is
-        folded into the softmax last. BLOCK_R = 1 (one query head per KV head): scores and the weighted sum of V
-        are element-wise products and sums; else ``tl.dot`` on a (BLOCK_R, HD) tile of query heads.
+        folded into the softmax last. Scores and the weighted sum of V use ``tl.dot`` on a (BLOCK_R >= 16, HD) tile
+        of query heads, the rows past REP masked (an element-wise form for one query head was slower on an H200).
         SPLIT > 1: qkv arrives as the fp32 split-K partials of the GEMV before (see ``_load_act``).
-        PDL_LATE: with PDL, let the next kernel launch only once the attention is done (not at the start).
         """
-        if PDL_LATE:
-            if PDL:
-                tl.extra.cuda.gdc_wait()
-        else:
-            wo._pdl_enter(PDL)
+        wo._pdl_enter(PDL)
         b = tl.program_id(0)
         j = tl.program_id(1)
         pos = tl.load(pos_ptr)
@@ -276,20 +264,13 @@ if triton is not None:
             mask_l = offs_l < pos
             k = tl.load(kbase + offs_l[:, None] * stride_cs + offs_d[None, :], mask=mask_l[:, None], other=0.0)
             v = tl.load(vbase + offs_l[:, None] * stride_cs + offs_d[None, :], mask=mask_l[:, None], other=0.0)
-            if BLOCK_R == 1:
-                sc = tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], axis=2) * scale
-            else:
-                sc = tl.dot(q, tl.trans(k)) * scale  # (BLOCK_R, BLOCK_L), fp32
+            sc = tl.dot(q, tl.trans(k)) * scale  # (BLOCK_R, BLOCK_L), fp32
             sc = tl.where(mask_l[None, :], sc, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(sc, axis=1))
             p = tl.exp(sc - m_new[:, None])
             alpha = tl.exp(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            if BLOCK_R == 1:
-                pv = tl.sum(p.to(dt).to(tl.float32)[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
-            else:
-                pv = tl.dot(p.to(dt), v)
-            acc = acc * alpha[:, None] + pv
+            acc = acc * alpha[:, None] + tl.dot(p.to(dt), v)
             m_i = m_new
         # position pos, from registers
         sc = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], axis=1) * scale  # (BLOCK_R,)
@@ -301,9 +282,6 @@ if triton is not None:
         out = acc / l_i[:, None]
         tl.store(o_ptr + b * stride_ob + (j * REP + offs_r)[:, None] * HD + offs_d[None, :],
                  out.to(dt), mask=mask_r[:, None])
-        if PDL_LATE:
-            if PDL:
-                tl.extra.cuda.gdc_launch_dependents()
 
 
 def add_rmsnorm_triton(x: torch.Tensor, delta, weight: torch.Tensor, eps: float, pdl: bool = False) -> torch.Tensor:
@@ -321,11 +299,8 @@ def add_rmsnorm_triton(x: torch.Tensor, delta, weight: torch.Tensor, eps: float,
     _add_rmsnorm_kernel[(B,)](x, d, weight, out, H, eps, x.stride(0), d.stride(-2), d.stride(0) if split > 1 else 0,
                               out.stride(0), HAS_DELTA=delta is not None, SPLIT=split,
                               BLOCK_H=triton.next_power_of_2(H), num_warps=4 if H <= 2048 else 8,
-                              PDL_LATE=NORM_PDL_LATE, **wo.pdl_kwargs(pdl, x.device))
+                              **wo.pdl_kwargs(pdl, x.device))
     return out
-
-
-NORM_PDL_LATE = False  # with PDL: the kernel after add+RMSNorm launches when it ends (True) or when it starts
 
 
 def argmax_next_triton(logits: torch.Tensor, tok: torch.Tensor, pos: torch.Tensor, out_tokens: torch.Tensor,
@@ -362,18 +337,17 @@ def rope_attention_triton(qkv, pos, cos, sin, k_cache, v_cache, n_heads: int, n_
     if qkv.shape[-1] != (n_heads + 2 * n_kv_heads) * hd or qkv.stride(-1) != 1:
         raise ValueError(f"qkv {tuple(qkv.shape)} is not (B, (n_heads + 2 n_kv_heads) * head_dim), contiguous")
     out = torch.empty(B, n_heads * hd, device=qkv.device, dtype=k_cache.dtype)
-    block_r = 1 if rep == 1 else max(16, triton.next_power_of_2(rep))
+    block_r = max(16, triton.next_power_of_2(rep))
     _rope_attn_kernel[(B, n_kv_heads)](qkv, pos, cos, sin, k_cache, v_cache, out, hd**-0.5, rep, n_heads, n_kv_heads,
                                        qkv.stride(-2), qkv.stride(0) if split > 1 else 0, k_cache.stride(0),
                                        k_cache.stride(1), k_cache.stride(2), out.stride(0), HD=hd, BLOCK_R=block_r,
                                        BLOCK_L=ATTN_BLOCK_L, SPLIT=split, num_warps=4,
                                        enable_fp_fusion=False,  # round every RoPE product, as torch does
-                                       PDL_LATE=ATTN_PDL_LATE, **wo.pdl_kwargs(pdl, qkv.device))
+                                       **wo.pdl_kwargs(pdl, qkv.device))
     return out
 
 
-ATTN_BLOCK_L = 64  # cache positions per step of the decode-attention loop
-ATTN_PDL_LATE = False  # with PDL: the kernel after the attention launches when it ends (True) or when it starts
+ATTN_BLOCK_L = 64  # cache positions per step of the decode-attention loop (128 was slower on an H200)
 
 
 # ---------------------------------------------------------------------------------------------- weights
