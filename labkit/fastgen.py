@@ -17,8 +17,11 @@ each beside a reference:
 
 Two kernel sets compute the step with the same signatures: ``kernels="torch"`` (PyTorch ops: the
 reference, and the only path on a CPU) and ``kernels="triton"`` (fused Triton kernels: add+RMSNorm, which also sums
-the split-K partials of the GEMV before it; RoPE + cache write + single-pass decode attention as one kernel; and the weight-only GEMV of ``labkit.kernels.wo_matmul`` for
-bf16, int8 and int4 weights). Greedy tokens equal HF ``generate(do_sample=False)``; see tests/test_fastgen.py.
+the split-K partials of the GEMV before it; RoPE + cache write + single-pass decode attention as one kernel, which
+sums the qkv GEMV's partials the same way; the weight-only GEMV of ``labkit.kernels.wo_matmul`` for bf16, int8 and
+int4 weights; and in the graph, one kernel for the argmax and the token bookkeeping). Greedy tokens equal HF
+``generate(do_sample=False)``; see tests/test_fastgen.py. ``scripts/profile_decode_step.py`` shows the step kernel by
+kernel on a GPU.
 
 Prefill (the prompt) runs through the torch path (cuBLAS GEMMs, SDPA causal attention); quantized weights are
 dequantized per layer for it. Layout of activations: ``(batch, tokens, heads, head_dim)`` before the
