@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import torch
+import triton
 from torch.profiler import ProfilerActivity, profile
 
 from labkit import bench, env, models
@@ -75,6 +76,7 @@ def profile_format(model, fmt: str, pdl: bool, prompt_len: int = 32, steps: int 
     span = (rows[-1][2] - rows[0][1]) / steps
     fast_cfgs = {k: str(v) for k, v in fast.gemv_configs(1).items()}
     rec = {"weights": fmt, "pdl": pdl, "decode_ms_per_token": t["decode_ms_per_token"],
+           "bytes_per_step": t["bytes_per_step"],
            "kernels_per_step": per_step, "kernels_per_layer": per_layer, "tail_kernels": tail,
            "profiled_step_us": span, "kernel_sum_us": busy, "gemv_and_split_sums_us": gemv,
            "other_kernels_us": busy - gemv, "gemv_configs": fast_cfgs,
@@ -132,9 +134,11 @@ def main(argv=None) -> int:
     p.add_argument("--no-pdl", action="store_true", help="also profile every format without PDL")
     p.add_argument("--what-if", action="store_true", help="time the step with parts taken out instead of profiling")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--commit", default=None, help="recorded in the output")
     args = p.parse_args(argv)
     env.require_cuda("the decode-step profile")
     dev = env.device()
+    read_bw = env.measure_read_bandwidth(dev)  # the floor of a step: its bytes at this rate
     model, _ = models.load("llama2-7b-shape", device=dev)
     recs = []
     if args.what_if:
@@ -144,8 +148,10 @@ def main(argv=None) -> int:
     for fmt in filter(None, args.formats.split(",")):
         for pdl in ([True, False] if args.no_pdl else [True]):
             r = profile_format(model, fmt, pdl)
+            r["fraction_of_floor"] = r["bytes_per_step"] / read_bw / (r["decode_ms_per_token"] / 1e3)
             recs.append(r)
-            print(f"\n{fmt} pdl={pdl}: {r['decode_ms_per_token'] * 1e3:.0f} us/token (graph timing); profiled step "
+            print(f"\n{fmt} pdl={pdl}: {r['decode_ms_per_token'] * 1e3:.0f} us/token (graph timing), "
+                  f"{r['fraction_of_floor']:.1%} of the floor; profiled step "
                   f"{r['profiled_step_us']:.0f} us: kernels {r['kernel_sum_us']:.0f} (GEMV {r['gemv_and_split_sums_us']:.0f},"
                   f" other {r['other_kernels_us']:.0f}); {r['kernels_per_step']} kernels, {r['kernels_per_layer']} a layer",
                   flush=True)
@@ -154,7 +160,9 @@ def main(argv=None) -> int:
     out = args.out or bench.results_dir()
     out.mkdir(parents=True, exist_ok=True)
     meta = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__,
-            "model": "llama2-7b-shape (RANDOM weights, bfloat16)", "batch": 1, "prompt_len": 32}
+            "model": "llama2-7b-shape (RANDOM weights, bfloat16)", "batch": 1, "prompt_len": 32,
+            "new_tokens_timed": 128, "read_bandwidth_Bps": read_bw, "triton": triton.__version__,
+            "commit": args.commit}
     (out / ("decode_what_if.json" if args.what_if else "decode_profile.json")).write_text(json.dumps({"meta": meta, "records": recs}, indent=1))
     return 0
 
