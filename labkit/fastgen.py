@@ -217,6 +217,14 @@ if triton is not None:
         return v
 
     @triton.jit
+    def _kv_block(kbase, vbase, offs_l, mask_l, offs_d, stride_cs):
+        """Keys and values of cache positions offs_l (zeros where mask_l is False): two (BLOCK_L, HD) tiles."""
+        ptrs = offs_l[:, None] * stride_cs + offs_d[None, :]
+        k = tl.load(kbase + ptrs, mask=mask_l[:, None], other=0.0)
+        v = tl.load(vbase + ptrs, mask=mask_l[:, None], other=0.0)
+        return k, v
+
+    @triton.jit
     def _rope_attn_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, o_ptr, scale, REP, NQ, NKV,
                           stride_qkv, stride_qs, stride_cb, stride_ch, stride_cs, stride_ob,
                           HD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, SPLIT: tl.constexpr = 1,
@@ -232,24 +240,30 @@ if triton is not None:
         of query heads, the rows past REP masked (an element-wise form for one query head was slower on an H200).
         SPLIT > 1: qkv arrives as the fp32 split-K partials of the GEMV before (see ``_load_act``).
         """
-        wo._pdl_enter(PDL)
         b = tl.program_id(0)
         j = tl.program_id(1)
-        pos = tl.load(pos_ptr)
         HALF: tl.constexpr = HD // 2
         offs_d = tl.arange(0, HD)
-        rot = (offs_d + HALF) % HD  # rotate_half(x)[d] = -x[d + HALF] for d < HALF, x[d - HALF] after
-        sign = tl.where(offs_d < HALF, -1.0, 1.0)
+        kbase = kc_ptr + b * stride_cb + j * stride_ch
+        vbase = vc_ptr + b * stride_cb + j * stride_ch
+        # Before the wait for the kernel before (PDL): what no kernel of this step writes. The position and the
+        # cache below it were written by earlier steps, and a step starts with launches that wait for everything
+        # before them (the embedding lookup), so the first block of keys and values is in flight while the
+        # qkv GEMV finishes.
+        pos = tl.load(pos_ptr)
         c = tl.load(cos_ptr + pos * HD + offs_d).to(tl.float32)
         s = tl.load(sin_ptr + pos * HD + offs_d).to(tl.float32)
+        offs_l = tl.arange(0, BLOCK_L)
+        k, v = _kv_block(kbase, vbase, offs_l, offs_l < pos, offs_d, stride_cs)
+        wo._pdl_enter(PDL)
+        rot = (offs_d + HALF) % HD  # rotate_half(x)[d] = -x[d + HALF] for d < HALF, x[d - HALF] after
+        sign = tl.where(offs_d < HALF, -1.0, 1.0)
         dt = o_ptr.dtype.element_ty
         row = qkv_ptr + b * stride_qkv
         kx = _load_act(row, (NQ + j) * HD + offs_d, stride_qs, SPLIT, dt)
         kr = _load_act(row, (NQ + j) * HD + rot, stride_qs, SPLIT, dt)
         k_new = ((kx * c).to(dt).to(tl.float32) + (sign * kr * s).to(dt).to(tl.float32)).to(dt)
         v_new = _load_act(row, (NQ + NKV + j) * HD + offs_d, stride_qs, SPLIT, dt).to(dt)
-        kbase = kc_ptr + b * stride_cb + j * stride_ch
-        vbase = vc_ptr + b * stride_cb + j * stride_ch
         tl.store(kbase + pos * stride_cs + offs_d, k_new)
         tl.store(vbase + pos * stride_cs + offs_d, v_new)
         offs_r = tl.arange(0, BLOCK_R)
@@ -262,11 +276,10 @@ if triton is not None:
         m_i = tl.full((BLOCK_R,), float("-inf"), tl.float32)
         l_i = tl.zeros((BLOCK_R,), tl.float32)
         acc = tl.zeros((BLOCK_R, HD), tl.float32)
-        for start in range(0, pos, BLOCK_L):  # the cached positions 0..pos-1
-            offs_l = start + tl.arange(0, BLOCK_L)
-            mask_l = offs_l < pos
-            k = tl.load(kbase + offs_l[:, None] * stride_cs + offs_d[None, :], mask=mask_l[:, None], other=0.0)
-            v = tl.load(vbase + offs_l[:, None] * stride_cs + offs_d[None, :], mask=mask_l[:, None], other=0.0)
+        for start in range(0, pos, BLOCK_L):  # the cached positions 0..pos-1, k and v hold this block's
+            nxt = start + BLOCK_L + offs_l  # the next block is loaded before this one is used: two in flight
+            k_next, v_next = _kv_block(kbase, vbase, nxt, nxt < pos, offs_d, stride_cs)
+            mask_l = start + offs_l < pos
             sc = tl.dot(q, tl.trans(k)) * scale  # (BLOCK_R, BLOCK_L), fp32
             sc = tl.where(mask_l[None, :], sc, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(sc, axis=1))
@@ -275,6 +288,7 @@ if triton is not None:
             l_i = l_i * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None] + tl.dot(p.to(dt), v)
             m_i = m_new
+            k, v = k_next, v_next
         # position pos, from registers
         sc = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], axis=1) * scale  # (BLOCK_R,)
         m_new = tl.maximum(m_i, sc)
@@ -344,13 +358,14 @@ def rope_attention_triton(qkv, pos, cos, sin, k_cache, v_cache, n_heads: int, n_
     _rope_attn_kernel[(B, n_kv_heads)](qkv, pos, cos, sin, k_cache, v_cache, out, hd**-0.5, rep, n_heads, n_kv_heads,
                                        qkv.stride(-2), qkv.stride(0) if split > 1 else 0, k_cache.stride(0),
                                        k_cache.stride(1), k_cache.stride(2), out.stride(0), HD=hd, BLOCK_R=block_r,
-                                       BLOCK_L=ATTN_BLOCK_L, SPLIT=split, num_warps=4,
+                                       BLOCK_L=ATTN_BLOCK_L, SPLIT=split, num_warps=ATTN_WARPS,
                                        enable_fp_fusion=False,  # round every RoPE product, as torch does
                                        **wo.pdl_kwargs(pdl, qkv.device))
     return out
 
 
 ATTN_BLOCK_L = 64  # cache positions per step of the decode-attention loop (128 was slower on an H200)
+ATTN_WARPS = 4
 
 
 # ---------------------------------------------------------------------------------------------- weights

@@ -1,16 +1,17 @@
 """Where the batch-1 decode step spends its time, kernel by kernel (7B shape, random weights; a CUDA GPU).
 
-    python scripts/profile_decode_step.py [--formats bf16,int8,int4] [--no-pdl] [--what-if] [--out DIR]
+    python scripts/profile_decode_step.py [--formats bf16,int8,int4] [--no-pdl] [--what-if | --attn-knobs] [--out DIR]
 
 For each format: the captured step's time per token (as the decode benchmark measures it), then torch.profiler over
 replays of the CUDA graph. The step launches the same kernels in the same order every time, so kernel i of one step
 is kernel i of the next: the table gives, for every kernel of the first layer and of the step's tail, its median
 duration and the median time from the previous kernel's end to its start (negative: they overlap, as programmatic
 dependent launch allows). The summary splits the step into GEMV time, other kernels and time with no kernel running.
+--attn-knobs times the step (no profile) under each block size and warp count of the decode-attention kernel.
 --what-if times the step (no profile) with parts taken out, an upper bound on what fusing them away could save:
 without the add+RMSNorm kernels, without the RoPE+attention kernel, without both (the outputs are then wrong); and
 with programmatic dependent launch but the launch configs tuned without it.
-Writes decode_profile.json to --out (default: results/local/).
+Writes decode_profile.json (decode_what_if.json, decode_attn_knobs.json) to --out (default: results/local/).
 """
 import argparse
 import json
@@ -128,11 +129,44 @@ def what_if(model, fmt: str, prompt_len: int = 32) -> list:
     return out
 
 
+def attn_knobs(model, fmt: str, blocks=(64, 128), warps=(4, 8), rounds: int = 2, prompt_len: int = 32) -> list:
+    """The step time under each decode-attention launch setting (fastgen.ATTN_BLOCK_L, fastgen.ATTN_WARPS), with
+    and without PDL, and the step without attention (a bound); ``rounds`` passes over the grid, the median kept."""
+    from labkit import fastgen
+
+    grid = [(bl, nw, True) for bl in blocks for nw in warps] + [(blocks[0], warps[0], False)]
+    saved = fastgen.ATTN_BLOCK_L, fastgen.ATTN_WARPS
+    times = {g: [] for g in grid + ["no attention"]}
+    try:
+        for _ in range(rounds):
+            for g in grid + ["no attention"]:
+                if g == "no attention":
+                    fast = _Without(model, weights=fmt, kernels="triton", max_seq_len=prompt_len + 512,
+                                    skip=("attention",))
+                else:
+                    fastgen.ATTN_BLOCK_L, fastgen.ATTN_WARPS = g[0], g[1]
+                    fast = FastLlama(model, weights=fmt, kernels="triton", max_seq_len=prompt_len + 512, pdl=g[2])
+                times[g].append(time_decode(fast, 1, prompt_len, 128)["decode_ms_per_token"])
+                del fast
+                torch.cuda.empty_cache()
+    finally:
+        fastgen.ATTN_BLOCK_L, fastgen.ATTN_WARPS = saved
+    out = []
+    for g, ts in times.items():
+        rec = {"weights": fmt, "decode_ms_per_token": statistics.median(ts), "rounds_ms": ts}
+        rec.update({"what": g} if isinstance(g, str) else {"attn_block_l": g[0], "attn_warps": g[1], "pdl": g[2]})
+        out.append(rec)
+        print(f"  {fmt} {g}: {rec['decode_ms_per_token'] * 1e3:.0f} us/token", flush=True)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--formats", default="bf16,int8,int4")
     p.add_argument("--no-pdl", action="store_true", help="also profile every format without PDL")
     p.add_argument("--what-if", action="store_true", help="time the step with parts taken out instead of profiling")
+    p.add_argument("--attn-knobs", action="store_true",
+                   help="time the step under each decode-attention block size and warp count instead of profiling")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--commit", default=None, help="recorded in the output")
     args = p.parse_args(argv)
@@ -141,9 +175,9 @@ def main(argv=None) -> int:
     read_bw = env.measure_read_bandwidth(dev)  # the floor of a step: its bytes at this rate
     model, _ = models.load("llama2-7b-shape", device=dev)
     recs = []
-    if args.what_if:
+    if args.what_if or args.attn_knobs:
         for fmt in args.formats.split(","):
-            recs += what_if(model, fmt)
+            recs += what_if(model, fmt) if args.what_if else attn_knobs(model, fmt)
         args.formats = ""
     for fmt in filter(None, args.formats.split(",")):
         for pdl in ([True, False] if args.no_pdl else [True]):
@@ -163,7 +197,9 @@ def main(argv=None) -> int:
             "model": "llama2-7b-shape (RANDOM weights, bfloat16)", "batch": 1, "prompt_len": 32,
             "new_tokens_timed": 128, "read_bandwidth_Bps": read_bw, "triton": triton.__version__,
             "commit": args.commit}
-    (out / ("decode_what_if.json" if args.what_if else "decode_profile.json")).write_text(json.dumps({"meta": meta, "records": recs}, indent=1))
+    name = ("decode_what_if.json" if args.what_if else "decode_attn_knobs.json" if args.attn_knobs
+            else "decode_profile.json")
+    (out / name).write_text(json.dumps({"meta": meta, "records": recs}, indent=1))
     return 0
 
 

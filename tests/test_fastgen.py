@@ -121,11 +121,14 @@ def test_fused_ops_match_references():
     torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-3)
 
 
-@pytest.mark.parametrize("nq,nkv,pos", [(4, 4, 0), (4, 4, 37), (6, 2, 64)])
-def test_rope_attention_one_head_per_kv_head_and_qkv_partials(nq, nkv, pos):
-    """The element-wise form (one query head per KV head, as the 7B shape) and the tl.dot form against the
-    reference, at the first position (no cached keys), past one loop step, and at a loop-step boundary; qkv given as
-    split-K partials gives bit for bit the output and cache of its reduced form."""
+@pytest.mark.parametrize("nq,nkv,pos,block_l", [(4, 4, 0, 64), (4, 4, 37, 64), (6, 2, 64, 64), (4, 4, 37, 16),
+                                                (6, 2, 64, 16)])
+def test_rope_attention_one_head_per_kv_head_and_qkv_partials(nq, nkv, pos, block_l, monkeypatch):
+    """One query head per KV head (as the 7B shape) and several against the reference, at the first position (no
+    cached keys), inside the first block of cache positions, at a block boundary, and (block_l 16) over several
+    blocks, the next one in flight while one is used; qkv given as split-K partials gives bit for bit the output and
+    cache of its reduced form."""
+    monkeypatch.setattr(fastgen, "ATTN_BLOCK_L", block_l)
     torch.manual_seed(2)
     dev = env.device()
     B, hd, S = 2, 32, 80
