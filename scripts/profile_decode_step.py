@@ -100,7 +100,7 @@ class _Without(FastLlama):
         if "norm" in self.skip:
             norm = lambda x, delta, w, eps: x  # noqa: E731
         if "attention" in self.skip:
-            attn = lambda qkv, *a: qkv[:, :nq]  # noqa: E731
+            attn = lambda qkv, *a: (qkv[0] if qkv.dim() == 3 else qkv)[:, :nq]  # noqa: E731  (qkv: maybe partials)
         return norm, attn, kern
 
 
@@ -129,7 +129,7 @@ def what_if(model, fmt: str, prompt_len: int = 32) -> list:
     return out
 
 
-def attn_knobs(model, fmt: str, blocks=(64, 128), warps=(4, 8), rounds: int = 2, prompt_len: int = 32) -> list:
+def attn_knobs(model, fmt: str, blocks=(64, 128), warps=(4, 8), rounds: int = 1, prompt_len: int = 32) -> list:
     """The step time under each decode-attention launch setting (fastgen.ATTN_BLOCK_L, fastgen.ATTN_WARPS), with
     and without PDL, and the step without attention (a bound); ``rounds`` passes over the grid, the median kept."""
     from labkit import fastgen
@@ -147,6 +147,7 @@ def attn_knobs(model, fmt: str, blocks=(64, 128), warps=(4, 8), rounds: int = 2,
                     fastgen.ATTN_BLOCK_L, fastgen.ATTN_WARPS = g[0], g[1]
                     fast = FastLlama(model, weights=fmt, kernels="triton", max_seq_len=prompt_len + 512, pdl=g[2])
                 times[g].append(time_decode(fast, 1, prompt_len, 128)["decode_ms_per_token"])
+                print(f"  {fmt} {g}: {times[g][-1] * 1e3:.0f} us/token", flush=True)
                 del fast
                 torch.cuda.empty_cache()
     finally:
@@ -156,7 +157,6 @@ def attn_knobs(model, fmt: str, blocks=(64, 128), warps=(4, 8), rounds: int = 2,
         rec = {"weights": fmt, "decode_ms_per_token": statistics.median(ts), "rounds_ms": ts}
         rec.update({"what": g} if isinstance(g, str) else {"attn_block_l": g[0], "attn_warps": g[1], "pdl": g[2]})
         out.append(rec)
-        print(f"  {fmt} {g}: {rec['decode_ms_per_token'] * 1e3:.0f} us/token", flush=True)
     return out
 
 
