@@ -61,7 +61,7 @@ def versions() -> dict:
 
 def meta(commit: str | None) -> dict:
     m = bench.run_metadata()
-    if commit and not m.get("git_commit"):
+    if commit:  # given on the command line: the checkout's own git state may be a stale copy on a runner
         m["git_commit"] = commit
     m["packages"] = versions()
     return m
