@@ -130,12 +130,14 @@ def what_if(model, fmt: str, prompt_len: int = 32) -> list:
     return out
 
 
-def attn_knobs(model, fmt: str, blocks=(64, 128), warps=(4, 8), rounds: int = 1, prompt_len: int = 32) -> list:
-    """The step time under each decode-attention launch setting (fastgen.ATTN_BLOCK_L, fastgen.ATTN_WARPS), with
-    and without PDL, and the step without attention (a bound); ``rounds`` passes over the grid, the median kept."""
+def attn_knobs(model, fmt: str, grid=None, rounds: int = 1, prompt_len: int = 32) -> list:
+    """The step time under each decode-attention launch setting (fastgen.ATTN_BLOCK_L, fastgen.ATTN_WARPS) of
+    ``grid`` [(block, warps, pdl)], by default blocks 64 and 128 by 4 and 8 warps with PDL and the first without,
+    then the step without attention (a bound); ``rounds`` passes over the grid, the median kept."""
     from labkit import fastgen
 
-    grid = [(bl, nw, True) for bl in blocks for nw in warps] + [(blocks[0], warps[0], False)]
+    if grid is None:
+        grid = [(bl, nw, True) for bl in (64, 128) for nw in (4, 8)] + [(64, 4, False)]
     saved = fastgen.ATTN_BLOCK_L, fastgen.ATTN_WARPS
     times = {g: [] for g in grid + ["no attention"]}
     try:
@@ -168,6 +170,9 @@ def main(argv=None) -> int:
     p.add_argument("--what-if", action="store_true", help="time the step with parts taken out instead of profiling")
     p.add_argument("--attn-knobs", action="store_true",
                    help="time the step under each decode-attention block size and warp count instead of profiling")
+    p.add_argument("--attn-grid", default=None,
+                   help="with --attn-knobs: BLOCKxWARPS settings, comma-separated (e.g. 64x4,128x8), all with PDL")
+    p.add_argument("--rounds", type=int, default=1, help="with --attn-knobs: passes over the settings")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--commit", default=None, help="recorded in the output")
     args = p.parse_args(argv)
@@ -178,7 +183,9 @@ def main(argv=None) -> int:
     recs = []
     if args.what_if or args.attn_knobs:
         for fmt in args.formats.split(","):
-            recs += what_if(model, fmt) if args.what_if else attn_knobs(model, fmt)
+            grid = None if args.attn_grid is None else [
+                (*map(int, g.split("x")), True) for g in args.attn_grid.split(",")]
+            recs += what_if(model, fmt) if args.what_if else attn_knobs(model, fmt, grid, args.rounds)
         args.formats = ""
     for fmt in filter(None, args.formats.split(",")):
         for pdl in ([True, False] if args.no_pdl else [True]):
