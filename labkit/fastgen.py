@@ -364,8 +364,11 @@ def rope_attention_triton(qkv, pos, cos, sin, k_cache, v_cache, n_heads: int, n_
     return out
 
 
-ATTN_BLOCK_L = 64  # cache positions per step of the decode-attention loop (128 was slower on an H200)
-ATTN_WARPS = 4
+# Cache positions per step of the decode-attention loop, and its warps. On an H200 (7B shape, batch 1, contexts 33-160)
+# 128 x 8 gave a 1-2% faster step than 64 x 4 in bf16 and int4 in two runs, int8 within 1% either way
+# (results/nvidia-h200/decode_attn_knobs*.json).
+ATTN_BLOCK_L = 128
+ATTN_WARPS = 8
 
 
 # ---------------------------------------------------------------------------------------------- weights
