@@ -599,7 +599,9 @@ class FastLlama:
         cfg = self.cfg
         norm, rope_attn, kern = self._ops()
         B = tok.shape[0]
-        x = self.embed.index_select(0, tok)  # (B, H), a fresh buffer that carries the residual stream
+        x = self.embed.index_select(0, tok)  # (B, H), a fresh buffer that carries the residual stream;
+        # it must stay an ordinary launch (no PDL): it waits for everything before it, which lets the attention kernel
+        # read the cache of earlier steps before its own PDL wait
         delta = None
         for li, lw in enumerate(self.layers):
             h = norm(x, delta, lw.attn_norm, cfg.rms_eps)
