@@ -8,7 +8,8 @@ decode:  labkit.fastgen.run_decode_benchmark on the 7B shape (HF generate in the
 smollm2: token equality of the fast loop with HF generate on SmolLM2 (bf16, GPU) -> smollm2_check.json.
 pipeline: labkit.pipeline.run_matrix on SmolLM2 and the 7B shape -> pipeline.json.
 Environment: GEMV_FORMATS, GEMV_SHAPES (subsets for kernels), GEMV_M (rows of x, default 1), GEMV_SWEEP=variants
-(sweep: the word kernel's loop variants, each step reducing / loading one step ahead / per-word accumulators).
+(sweep: the word kernel's loop variants, each step reducing / loading one step ahead / per-word accumulators /
+packed fp16 arithmetic for int4).
 """
 import json
 import os
@@ -40,7 +41,8 @@ def _sweep_configs(kind):
     if kind < 3:
         return []
     if os.environ.get("GEMV_SWEEP") == "variants":  # the word kernel's loop variants on a narrower grid (M = 1)
-        return [wo.GemvConfig(bn, bk, warps, variant, split) for variant in ("tile", "pf", "acc")
+        variants = ("tile", "pf", "acc") + (("h2",) if kind == 4 else ())  # h2: int4 in packed fp16 arithmetic
+        return [wo.GemvConfig(bn, bk, warps, variant, split) for variant in variants
                 for bn in (8, 16, 32) for bk in (512, 1024, 2048) for warps in (4, 8) for split in (1, 4)
                 if bn * bk <= 32768 and not (variant == "pf" and bn * bk > 16384)]
     return [wo.GemvConfig(bn, bk, warps, split=split) for bn in (8, 16, 32, 64) for bk in (256, 512, 1024, 2048)

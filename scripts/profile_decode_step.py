@@ -1,12 +1,14 @@
 """Where the batch-1 decode step spends its time, kernel by kernel (7B shape, random weights; a CUDA GPU).
 
-    python scripts/profile_decode_step.py [--formats bf16,int8,int4] [--no-pdl] [--what-if | --attn-knobs] [--out DIR]
+    python scripts/profile_decode_step.py [--formats bf16,int8,int4] [--no-pdl] [--what-if | --attn-knobs | --h2]
+                                          [--out DIR]
 
 For each format: the captured step's time per token (as the decode benchmark measures it), then torch.profiler over
 replays of the CUDA graph. The step launches the same kernels in the same order every time, so kernel i of one step
 is kernel i of the next: the table gives, for every kernel of the first layer and of the step's tail, its median
 duration and the median time from the previous kernel's end to its start (negative: they overlap, as programmatic
 dependent launch allows). The summary splits the step into GEMV time, other kernels and time with no kernel running.
+--h2 times the int4 step tuned without and with the packed-fp16 GEMV among the candidates.
 --attn-knobs times the step (no profile) under each block size and warp count of the decode-attention kernel.
 --what-if times the step (no profile) with parts taken out, an upper bound on what fusing them away could save:
 without the add+RMSNorm kernels, without the RoPE+attention kernel, without both (the outputs are then wrong); and
@@ -163,6 +165,31 @@ def attn_knobs(model, fmt: str, grid=None, rounds: int = 1, prompt_len: int = 32
     return out
 
 
+def h2_step(model, prompt_len: int = 32, rounds: int = 2) -> list:
+    """The int4 step with its GEMVs tuned over the usual candidates, then with the packed-fp16 word kernel among
+    them (wo_matmul.TUNE_H2): step times, ``rounds`` passes, and the configs each tuning chose."""
+    from labkit.kernels import wo_matmul as wo
+
+    out, saved = [], wo.TUNE_H2
+    try:
+        for _ in range(rounds):
+            for h2 in (False, True):
+                wo.TUNE_H2 = h2
+                wo._TUNED.clear()  # tune afresh: the cache does not know the candidate list
+                fast = FastLlama(model, weights="int4", kernels="triton", max_seq_len=prompt_len + 512)
+                ms = time_decode(fast, 1, prompt_len, 128)["decode_ms_per_token"]
+                cfgs = {k: str(v) for k, v in fast.gemv_configs(1).items()}
+                out.append({"weights": "int4", "tune_h2": h2, "decode_ms_per_token": ms, "gemv_configs": cfgs})
+                print(f"  int4 tune_h2={h2}: {ms * 1e3:.0f} us/token; "
+                      + ", ".join(f"{k} {v}" for k, v in cfgs.items()), flush=True)
+                del fast
+                torch.cuda.empty_cache()
+    finally:
+        wo.TUNE_H2 = saved
+        wo._TUNED.clear()
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--formats", default="bf16,int8,int4")
@@ -170,6 +197,8 @@ def main(argv=None) -> int:
     p.add_argument("--what-if", action="store_true", help="time the step with parts taken out instead of profiling")
     p.add_argument("--attn-knobs", action="store_true",
                    help="time the step under each decode-attention block size and warp count instead of profiling")
+    p.add_argument("--h2", action="store_true",
+                   help="time the int4 step tuned without and with the packed-fp16 GEMV (wo_matmul.TUNE_H2)")
     p.add_argument("--attn-grid", default=None,
                    help="with --attn-knobs: BLOCKxWARPS settings, comma-separated (e.g. 64x4,128x8), all with PDL")
     p.add_argument("--rounds", type=int, default=1, help="with --attn-knobs: passes over the settings")
@@ -181,7 +210,10 @@ def main(argv=None) -> int:
     read_bw = env.measure_read_bandwidth(dev)  # the floor of a step: its bytes at this rate
     model, _ = models.load("llama2-7b-shape", device=dev)
     recs = []
-    if args.what_if or args.attn_knobs:
+    if args.h2:
+        recs += h2_step(model)
+        args.formats = ""
+    elif args.what_if or args.attn_knobs:
         for fmt in args.formats.split(","):
             grid = None if args.attn_grid is None else [
                 (*map(int, g.split("x")), True) for g in args.attn_grid.split(",")]
@@ -206,8 +238,8 @@ def main(argv=None) -> int:
             "new_tokens_timed": 128, "read_bandwidth_Bps": read_bw, "triton": triton.__version__,
             "git_commit": args.commit,
             "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    name = ("decode_what_if.json" if args.what_if else "decode_attn_knobs.json" if args.attn_knobs
-            else "decode_profile.json")
+    name = ("decode_h2.json" if args.h2 else "decode_what_if.json" if args.what_if
+            else "decode_attn_knobs.json" if args.attn_knobs else "decode_profile.json")
     (out / name).write_text(json.dumps({"meta": meta, "records": recs}, indent=1))
     return 0
 

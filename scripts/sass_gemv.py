@@ -1,7 +1,8 @@
 """Offline SASS of the decode GEMV kernels: what one weight costs in instructions, without a GPU.
 
 Compiles labkit's word kernels (int4 and int8 codes: ``_wo_gemv_il1_kernel``, the batch-1 one with per-word
-accumulators, and ``_wo_gemv_il_kernel``, which reduces each K step) and the bf16 GEMV (``_wo_gemv1_kernel``)
+accumulators, ``_wo_gemv_il_kernel``, which reduces each K step, and for int4 ``_wo_gemv_h2_kernel``, packed fp16
+arithmetic) and the bf16 GEMV (``_wo_gemv1_kernel``)
 at their default batch-1 configs for a Hopper target (sm_90) with this machine's Triton and its bundled ptxas, then
 disassembles the cubin (nvdisasm, bundled too), finds the main K loop (the backward branch) and counts its
 instructions per weight, by class. No GPU is needed; the runner's Triton may schedule differently from this one, so
@@ -122,6 +123,14 @@ def kernels():
         out.append((f"int{bits}", f"int{bits} word kernel reducing each step, {cfg.block_n} rows x {cfg.block_k} "
                     f"columns, {cfg.num_warps} warps", wo._wo_gemv_il_kernel, il, c, cfg.num_warps,
                     cfg.block_n * cfg.block_k / (32 * cfg.num_warps)))
+    h2 = {k: v for k, v in il1.items() if k not in ("ONE", "BITS")}
+    h2["INTERPRET"] = "constexpr"
+    cfg = wo.CANDIDATES_H2[0]
+    c = {"PRO_SILU": False, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "PDL": False, "RAGGED": False,
+         "EVEN": True, "INTERPRET": False}
+    out.append(("int4-h2", f"int4 word kernel with packed fp16 arithmetic, {cfg.block_n} rows x {cfg.block_k} columns, "
+                f"{cfg.num_warps} warps", wo._wo_gemv_h2_kernel, h2, c, cfg.num_warps,
+                cfg.block_n * cfg.block_k / (32 * cfg.num_warps)))
     g1 = {"x_ptr": "*bf16", "w_ptr": "*bf16", "s_ptr": "*bf16", "z_ptr": "*bf16", "y_ptr": "*bf16",
           "N": "i32", "K": "i32", "stride_wn": "i32", "stride_sn": "i32", "stride_ys": "i32", "K_CHUNK": "i32"}
     g1.update({k: "constexpr" for k in ("KIND", "GROUP", "PRO_SILU", "BLOCK_N", "BLOCK_K", "PDL")})

@@ -26,6 +26,7 @@ Layout: weights are ``(N, K)`` = (out_features, in_features), row-major, like ``
 """
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import asdict, dataclass
 
@@ -724,6 +725,149 @@ if triton is not None:
         tl.store(y_ptr + pid_k * stride_ys + offs_n, y.to(y_ptr.dtype.element_ty), mask=mask_n)
 
     @triton.jit
+    def _h2_codes(wd, INTERPRET: tl.constexpr):
+        """A word of eight int4 codes (WordWeight layout) as four fp16x2 registers, each an int32 holding two fp16:
+        (q0, q4), (16 q1, 16 q5), (q2, q6), (16 q3, 16 q7), nibble n of the word in the low half, n + 4 in the high.
+        One masked OR makes two codes at once: a nibble at bits 0..3 or 4..7 of a half under the bits of 1024.0
+        (0x6400, where the fp16 spacing is 1) reads as 1024 + q or 1024 + 16 q, and one packed subtraction of 1024
+        leaves q or 16 q, exactly. On a GPU this is PTX (lop3, sub.f16x2); under the interpreter the same bits are
+        computed with integer arithmetic (there is no inline assembly there)."""
+        if INTERPRET:
+            lo = wd & 0xFFFF
+            hi = (wd >> 16) & 0xFFFF
+            return ((lo & 0xF) | ((hi & 0xF) << 16), (lo & 0xF0) | ((hi & 0xF0) << 16),
+                    ((lo >> 8) & 0xF) | (((hi >> 8) & 0xF) << 16), ((lo >> 8) & 0xF0) | (((hi >> 8) & 0xF0) << 16))
+        return tl.inline_asm_elementwise(
+            """{
+            .reg .b32 t, m;
+            mov.b32 m, 0x64006400;
+            lop3.b32 $0, $4, 0x000F000F, m, 0xEA;
+            lop3.b32 $1, $4, 0x00F000F0, m, 0xEA;
+            shr.u32 t, $4, 8;
+            lop3.b32 $2, t, 0x000F000F, m, 0xEA;
+            lop3.b32 $3, t, 0x00F000F0, m, 0xEA;
+            mov.b32 m, 0xE400E400;
+            add.rn.f16x2 $0, $0, m;
+            add.rn.f16x2 $1, $1, m;
+            add.rn.f16x2 $2, $2, m;
+            add.rn.f16x2 $3, $3, m;
+            }""",
+            "=r,=r,=r,=r,r", [wd], dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+
+    @triton.jit
+    def _h2_lane(v, HI: tl.constexpr):
+        """The interpreter's value of one half of a _h2_codes / _h2_pack register: a code (or 16 x code) as fp32, or
+        the fp16 bits of an activation."""
+        return ((v >> 16) & 0xFFFF) if HI else (v & 0xFFFF)
+
+    @triton.jit
+    def _h2_dot(c0, c1, c2, c3, x0, x1, x2, x3, INTERPRET: tl.constexpr):
+        """sum over both halves of c0 x0 + c1 x1 + c2 x2 + c3 x3 (fp16x2 codes from _h2_codes, fp16x2 activations from
+        _h2_pack) as fp32: one packed multiply and three packed FMAs in fp16, then the two halves converted and added
+        (four products per half are summed in fp16, with its 11 significant bits, before fp32 takes over)."""
+        if INTERPRET:  # the same arithmetic, each packed operation rounded to fp16 as the hardware rounds it
+            out = tl.zeros(c0.shape, tl.float32)
+            for HI in tl.static_range(2):
+                s = (_h2_lane(c0, HI).to(tl.float32)
+                     * _h2_lane(x0, HI).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)).to(tl.float16)
+                s = (_h2_lane(c1, HI).to(tl.float32)
+                     * _h2_lane(x1, HI).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                     + s.to(tl.float32)).to(tl.float16)
+                s = (_h2_lane(c2, HI).to(tl.float32)
+                     * _h2_lane(x2, HI).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                     + s.to(tl.float32)).to(tl.float16)
+                s = (_h2_lane(c3, HI).to(tl.float32)
+                     * _h2_lane(x3, HI).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                     + s.to(tl.float32)).to(tl.float16)
+                out += s.to(tl.float32)
+            return out
+        return tl.inline_asm_elementwise(
+            """{
+            .reg .b32 s;
+            .reg .b16 lo, hi;
+            .reg .f32 a, b;
+            mul.rn.f16x2 s, $1, $5;
+            fma.rn.f16x2 s, $2, $6, s;
+            fma.rn.f16x2 s, $3, $7, s;
+            fma.rn.f16x2 s, $4, $8, s;
+            mov.b32 {lo, hi}, s;
+            cvt.f32.f16 a, lo;
+            cvt.f32.f16 b, hi;
+            add.f32 $0, a, b;
+            }""",
+            "=f,r,r,r,r,r,r,r,r", [c0, c1, c2, c3, x0, x1, x2, x3], dtype=tl.float32, is_pure=True, pack=1)
+
+    @triton.jit
+    def _h2_pack(lo, hi):
+        """Two fp32 tensors of activations -> int32 holding (fp16(lo), fp16(hi)) as two halves."""
+        a = lo.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        b = hi.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        return a | (b << 16)
+
+    @triton.jit
+    def _h2_step(acc, corr, wd, c_idx, mask_c, x_ptr, s_ptr, z_ptr, offs_n, mask_n, K, stride_sn,
+                 PRO_SILU: tl.constexpr, EVEN: tl.constexpr, RAGGED: tl.constexpr, INTERPRET: tl.constexpr):
+        """One K step of the packed-fp16 word kernel: acc (BLOCK_N, NC, 16) += s * (sum of the word's eight q x /
+        XSCALE), corr (BLOCK_N, NC) += s z (sum x / XSCALE) per group; the caller multiplies by XSCALE at the end."""
+        kb = (c_idx * 128)[:, None] + tl.arange(0, 16)[None, :]  # (NC, 16): the column at nibble 0 of each word
+        mask_x = None if EVEN else mask_c[:, None] & (kb >= 0)
+        x0, x1, x2, x3 = _load_x4(x_ptr, kb, mask_x, K, PRO_SILU, RAGGED)
+        x4, x5, x6, x7 = _load_x4(x_ptr, kb + 64, mask_x, K, PRO_SILU, RAGGED)
+        # activations in fp16 scaled by 1 / XSCALE (a power of two: exact), so that four products of a code (<= 15)
+        # stay inside fp16's range for activations up to about 16000; the 16 q halves meet x / 16
+        XS: tl.constexpr = 1.0 / 16.0
+        x_sum = tl.sum(x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7, axis=1) * XS  # (NC,)
+        p0 = _h2_pack(x0 * XS, x4 * XS)
+        p1 = _h2_pack(x1 * (XS / 16.0), x5 * (XS / 16.0))
+        p2 = _h2_pack(x2 * XS, x6 * XS)
+        p3 = _h2_pack(x3 * (XS / 16.0), x7 * (XS / 16.0))
+        sz_off = offs_n[:, None] * stride_sn + c_idx[None, :]
+        if EVEN:
+            s = tl.load(s_ptr + sz_off).to(tl.float32)  # (BLOCK_N, NC)
+            z = tl.load(z_ptr + sz_off).to(tl.float32)
+        else:
+            sz_mask = mask_n[:, None] & mask_c[None, :]
+            s = tl.load(s_ptr + sz_off, mask=sz_mask, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + sz_off, mask=sz_mask, other=0.0).to(tl.float32)
+        c0, c1, c2, c3 = _h2_codes(wd, INTERPRET)
+        d = _h2_dot(c0, c1, c2, c3, p0[None], p1[None], p2[None], p3[None], INTERPRET)  # (BLOCK_N, NC, 16)
+        acc += s[:, :, None] * d
+        corr += s * z * x_sum[None, :]
+        return acc, corr
+
+    @triton.jit
+    def _wo_gemv_h2_kernel(
+        x_ptr, w_ptr, s_ptr, z_ptr, y_ptr,
+        N, K, stride_wn, stride_sn, stride_ys, K_CHUNK,
+        PRO_SILU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        PDL: tl.constexpr = False, EVEN: tl.constexpr = False, RAGGED: tl.constexpr = False,
+        INTERPRET: tl.constexpr = False,
+    ):
+        """int4 WordWeight (groups of 128), one activation row, on the CUDA cores with packed fp16 arithmetic: the
+        codes of a word become four fp16x2 registers (two codes per masked OR, _h2_codes) and meet the activations
+        two at a time (fp16x2 FMAs, _h2_dot); each word's eight products are summed in fp16, then in fp32 with the
+        group's scale. About 2.5 instructions per weight in the offline sm_90 SASS, against 3.5 to 3.8 for the fp32
+        word kernels (scripts/sass_gemv.py). Rounding: each product and the three additions after it are rounded
+        to fp16 (11 significant bits), on top of the activations' own rounding to fp16."""
+        NC: tl.constexpr = BLOCK_K // 128
+        pid_k, k_lo, k_hi, offs_n, mask_n = _program_tile(N, K, K_CHUNK, BLOCK_N)
+        acc = tl.zeros((BLOCK_N, NC, 16), dtype=tl.float32)
+        corr = tl.zeros((BLOCK_N, NC), dtype=tl.float32)
+        k_first = k_lo
+        if PDL:  # the first words depend on no earlier kernel: load them before waiting for it
+            wd, c_idx, mask_c = _il1_words(w_ptr, offs_n, mask_n, stride_wn, k_lo, K, 128, NC, EVEN)
+            _pdl_enter(PDL)
+            acc, corr = _h2_step(acc, corr, wd, c_idx, mask_c, x_ptr, s_ptr, z_ptr, offs_n, mask_n, K, stride_sn,
+                                 PRO_SILU, EVEN, RAGGED, INTERPRET)
+            k_first = k_lo + BLOCK_K
+        for k0 in range(k_first, k_hi, BLOCK_K):
+            wd, c_idx, mask_c = _il1_words(w_ptr, offs_n, mask_n, stride_wn, k0, K, 128, NC, EVEN)
+            acc, corr = _h2_step(acc, corr, wd, c_idx, mask_c, x_ptr, s_ptr, z_ptr, offs_n, mask_n, K, stride_sn,
+                                 PRO_SILU, EVEN, RAGGED, INTERPRET)
+        y = (tl.sum(tl.sum(acc, axis=2), axis=1) - tl.sum(corr, axis=1)) * 16.0  # undo the 1 / 16 of the activations
+        tl.store(y_ptr + pid_k * stride_ys + offs_n, y.to(y_ptr.dtype.element_ty), mask=mask_n)
+
+    @triton.jit
     def _half_pair(v, dt: tl.constexpr):
         """An int32 holding two 16-bit float bit patterns -> (low half, high half) as floats of type dt."""
         return v.to(tl.int16).to(dt, bitcast=True), (v >> 16).to(tl.int16).to(dt, bitcast=True)
@@ -830,7 +974,8 @@ class GemvConfig:
     # "tile": any M, one weight tile reused by all rows; "acc": M = 1, element-wise accumulator (a hint: for
     # M > 1 the tile kernel runs); "tc": int4 on the tensor cores (_wo_gemv_tc_kernel, block_n >= 16, bf16/fp16
     # activations; Int4Weight or WordWeight). A WordWeight runs _wo_gemv_il1_kernel for "acc" at M = 1 (per-word
-    # accumulators), otherwise _wo_gemv_il_kernel ("pf": each step's words loaded one step ahead).
+    # accumulators), otherwise _wo_gemv_il_kernel ("pf": each step's words loaded one step ahead); "h2": an int4
+    # WordWeight at M = 1 with packed fp16 arithmetic (_wo_gemv_h2_kernel).
     variant: str = "tile"
     split: int = 1  # split-K: programs along K write fp32 partials, a second small kernel sums them
 
@@ -881,6 +1026,15 @@ CANDIDATES_IL1 = {
         GemvConfig(32, 1024, 4, "acc", split=4), GemvConfig(32, 512, 4, "acc", split=4),
         GemvConfig(16, 2048, 4, "acc", split=4)],
 }
+# int4 WordWeight at M = 1 with packed fp16 arithmetic (_wo_gemv_h2_kernel, variant "h2"): fewer instructions per
+# weight than either word kernel in the offline sm_90 SASS, activations rounded to fp16 and each word's eight products
+# summed in fp16. Not among the tuner's candidates until it has been timed and checked on a GPU: set TUNE_H2 = True
+# (before tuning) to let tune() time it beside the others; tune(candidates=...) and scripts/gpu_decode.py
+# (GEMV_SWEEP=variants) time it too.
+TUNE_H2 = False
+CANDIDATES_H2 = [GemvConfig(32, 1024, 4, "h2"), GemvConfig(16, 2048, 4, "h2"), GemvConfig(32, 2048, 8, "h2"),
+                 GemvConfig(32, 1024, 4, "h2", split=4), GemvConfig(32, 512, 4, "h2", split=4),
+                 GemvConfig(64, 512, 4, "h2", split=4), GemvConfig(16, 2048, 4, "h2", split=4)]
 _TUNED: dict = {}
 TUNE_FAILURES: list[dict] = []  # every config ``tune`` could not time: {"config", "weight", "M", "error", "resources"}
 _TUNE_TIMES: dict = {}  # the key of ``_TUNED`` -> [(config, ms per call)] of every config ``tune`` timed
@@ -899,7 +1053,8 @@ def candidates_for(kind: int, M: int, dtype=torch.bfloat16, group: int = 128) ->
     tc = CANDIDATES_TC if kind in (2, 4) and group == 128 and dtype in (torch.bfloat16, torch.float16) else []
     if kind in CANDIDATES_IL:
         # one word layout, two kernels: CUDA cores for a single row, the tensor cores for a batch
-        return CANDIDATES_IL[kind] + tc if M == 1 else tc + CANDIDATES_IL[kind]
+        h2 = CANDIDATES_H2 if TUNE_H2 and kind == 4 and M == 1 and dtype in (torch.bfloat16, torch.float16) else []
+        return CANDIDATES_IL[kind] + h2 + tc if M == 1 else tc + CANDIDATES_IL[kind]
     if M == 1:
         return tc + CANDIDATES_M1[kind] + CANDIDATES[kind] + CANDIDATES_SPLIT[kind]
     return tc + CANDIDATES[kind] + CANDIDATES_SPLIT[kind]
@@ -1012,6 +1167,15 @@ def wo_matmul(x: torch.Tensor, w, silu_gate_up: bool = False, config: GemvConfig
                                  PRO_SILU=silu_gate_up, WORDS=kind == 4, BLOCK_N=cfg.block_n, NG=block_k // 128,
                                  BLOCK_M=1 if M == 1 else 16, EVEN=N % cfg.block_n == 0 and K % k_chunk == 0,
                                  num_warps=cfg.num_warps, **kw)
+    elif cfg.variant == "h2":
+        if kind != 4 or M != 1:
+            raise ValueError("the 'h2' GEMV (packed fp16 arithmetic) takes an int4 WordWeight and one row of x, "
+                             f"got {type(w).__name__} and M={M}")
+        _wo_gemv_h2_kernel[grid](x, wp, sp, zp, y, N, K, stride_wn, stride_sn, M * N, k_chunk,
+                                 PRO_SILU=silu_gate_up, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
+                                 num_warps=cfg.num_warps, RAGGED=K % 128 != 0,
+                                 EVEN=N % cfg.block_n == 0 and K % k_chunk == 0 and K % 128 == 0,
+                                 INTERPRET=os.environ.get("TRITON_INTERPRET") == "1", **kw)
     elif kind >= 3 and cfg.variant == "acc" and M == 1:
         _wo_gemv_il1_kernel[grid](x, wp, sp, zp, y, N, K, stride_wn, stride_sn, M * N, k_chunk,
                                   0x3F800000 if kind == 4 else 0x3FC00000, BITS=8 if kind == 3 else 4,
@@ -1124,7 +1288,8 @@ def kernel_name(w, config: GemvConfig, M: int = 1) -> str:
     if config.variant == "tc":
         name = "int4 tensor-core GEMV"
     elif kind >= 3:
-        name = ("word kernel, per-word accumulators (M=1)" if config.variant == "acc" and M == 1
+        name = ("word kernel, packed fp16 (M=1)" if config.variant == "h2"
+                else "word kernel, per-word accumulators (M=1)" if config.variant == "acc" and M == 1
                 else "word kernel, loads one step ahead" if config.variant == "pf" else "word kernel")
     else:
         name = "element-wise accumulator GEMV (M=1)" if config.variant == "acc" and M == 1 else "tile GEMV"
@@ -1176,7 +1341,7 @@ def tune(w, M: int = 1, dtype=torch.bfloat16, silu_gate_up: bool = False, candid
     best, best_t = None, float("inf")
     times = _TUNE_TIMES[_key(kind, N, K, M, silu_gate_up, dtype, partials, pdl)] = []
     for cfg in candidates or candidates_for(kind, M, dtype, getattr(w, "group", 128)):
-        if cfg.variant == "acc" and M != 1:
+        if (cfg.variant == "acc" and M != 1) or (cfg.variant == "h2" and (M != 1 or kind != 4)):
             continue
         if kind == 2 and (max(cfg.block_k, w.group) % w.group):
             continue
