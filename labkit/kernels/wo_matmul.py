@@ -1363,3 +1363,30 @@ def tune(w, M: int = 1, dtype=torch.bfloat16, silu_gate_up: bool = False, candid
         raise LabkitError(f"no GEMV config ran for weight {tuple(w.shape)} kind {kind} (last failures: {errs})")
     _TUNED[_key(kind, N, K, M, silu_gate_up, dtype, partials, pdl)] = best
     return best
+
+
+def offline_sass(json_path, bandwidths=(2.97e12, 4.22e12), timeout_s: int = 600) -> dict:
+    """Compile the batch-1 GEMV kernels for sm_90 without a GPU and count their K loops (``scripts/sass_gemv.py``,
+    run as its own process: it needs Triton compiling, not the interpreter this process may run under).
+
+    Returns the script's JSON: ``rows`` with, per kernel, ``per_weight`` (loop instructions per weight),
+    ``registers``, ``opcodes`` and ``budget`` {bandwidth: instructions per weight the SMs' issue rate allows}."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from labkit import env
+
+    script = env.repo_root() / "scripts" / "sass_gemv.py"
+    if not script.exists():
+        raise LabkitError(f"{script} is missing: offline_sass runs from a checkout of the workbook")
+    if triton is None:
+        raise LabkitError("offline_sass needs Triton (pip install triton, Linux): its bundled ptxas compiles the "
+                          "kernels")
+    bw = ",".join(f"{b:.6g}" for b in bandwidths)
+    res = subprocess.run([sys.executable, str(script), "--json", str(json_path), "--bandwidth", bw],
+                         capture_output=True, text=True, timeout=timeout_s)
+    if res.returncode != 0:
+        raise LabkitError(f"scripts/sass_gemv.py failed (exit {res.returncode}): {res.stderr.strip()[-1500:]}")
+    return json.loads(Path(json_path).read_text())
