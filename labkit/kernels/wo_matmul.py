@@ -26,7 +26,6 @@ Layout: weights are ``(N, K)`` = (out_features, in_features), row-major, like ``
 """
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import asdict, dataclass
 
@@ -34,6 +33,7 @@ import torch
 
 import labkit.kernels  # noqa: F401  (sets TRITON_INTERPRET=1 when there is no GPU, before triton is imported)
 from labkit import bench
+from labkit.kernels import flash_attn
 from labkit.env import LabkitError
 
 try:
@@ -756,8 +756,8 @@ if triton is not None:
 
     @triton.jit
     def _h2_lane(v, HI: tl.constexpr):
-        """The interpreter's value of one half of a _h2_codes / _h2_pack register: a code (or 16 x code) as fp32, or
-        the fp16 bits of an activation."""
+        """One 16-bit half of an int32 register of the interpreter's model: a code (or 16 x code) from _h2_codes, or
+        the fp16 bits of an activation from _h2_pack."""
         return ((v >> 16) & 0xFFFF) if HI else (v & 0xFFFF)
 
     @triton.jit
@@ -846,7 +846,7 @@ if triton is not None:
         """int4 WordWeight (groups of 128), one activation row, on the CUDA cores with packed fp16 arithmetic: the
         codes of a word become four fp16x2 registers (two codes per masked OR, _h2_codes) and meet the activations
         two at a time (fp16x2 FMAs, _h2_dot); each word's eight products are summed in fp16, then in fp32 with the
-        group's scale. About 2.5 instructions per weight in the offline sm_90 SASS, against 3.5 to 3.8 for the fp32
+        group's scale. About 2.7 instructions per weight in the offline sm_90 SASS, against 3.5 to 3.8 for the fp32
         word kernels (scripts/sass_gemv.py). Rounding: each product and the three additions after it are rounded
         to fp16 (11 significant bits), on top of the activations' own rounding to fp16."""
         NC: tl.constexpr = BLOCK_K // 128
@@ -1175,7 +1175,7 @@ def wo_matmul(x: torch.Tensor, w, silu_gate_up: bool = False, config: GemvConfig
                                  PRO_SILU=silu_gate_up, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
                                  num_warps=cfg.num_warps, RAGGED=K % 128 != 0,
                                  EVEN=N % cfg.block_n == 0 and K % k_chunk == 0 and K % 128 == 0,
-                                 INTERPRET=os.environ.get("TRITON_INTERPRET") == "1", **kw)
+                                 INTERPRET=flash_attn.interpreted(), **kw)
     elif kind >= 3 and cfg.variant == "acc" and M == 1:
         _wo_gemv_il1_kernel[grid](x, wp, sp, zp, y, N, K, stride_wn, stride_sn, M * N, k_chunk,
                                   0x3F800000 if kind == 4 else 0x3FC00000, BITS=8 if kind == 3 else 4,
