@@ -205,7 +205,22 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--commit", default=None, help="recorded in the output")
     args = p.parse_args(argv)
-    env.require_cuda("the decode-step profile")
+    grid = None
+    if args.attn_grid is not None:
+        try:
+            grid = [(int(b), int(w), True) for b, w in (g.split("x") for g in args.attn_grid.split(","))]
+        except ValueError:
+            p.error(f"--attn-grid takes BLOCKxWARPS settings separated by commas (e.g. 64x4,128x8), got "
+                    f"{args.attn_grid!r}")
+        if any(b < 16 or b & (b - 1) or w not in (1, 2, 4, 8, 16) for b, w, _ in grid):
+            p.error("--attn-grid: blocks are powers of two >= 16, warps 1, 2, 4, 8 or 16")
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
+    try:
+        env.require_cuda("the decode-step profile")
+    except env.LabkitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     dev = env.device()
     read_bw = env.measure_read_bandwidth(dev)  # the floor of a step: its bytes at this rate
     model, _ = models.load("llama2-7b-shape", device=dev)
@@ -215,8 +230,6 @@ def main(argv=None) -> int:
         args.formats = ""
     elif args.what_if or args.attn_knobs:
         for fmt in args.formats.split(","):
-            grid = None if args.attn_grid is None else [
-                (*map(int, g.split("x")), True) for g in args.attn_grid.split(",")]
             recs += what_if(model, fmt) if args.what_if else attn_knobs(model, fmt, grid, args.rounds)
         args.formats = ""
     for fmt in filter(None, args.formats.split(",")):
