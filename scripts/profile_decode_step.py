@@ -249,6 +249,7 @@ def main(argv=None) -> int:
     meta = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__,
             "model": "llama2-7b-shape (RANDOM weights, bfloat16)", "batch": 1, "prompt_len": 32,
             "new_tokens_timed": 128, "read_bandwidth_Bps": read_bw, "triton": triton.__version__,
+            "versions": env.versions(),
             "git_commit": args.commit,
             "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     name = ("decode_h2.json" if args.h2 else "decode_what_if.json" if args.what_if

@@ -282,6 +282,52 @@ def matmul_reference(x: torch.Tensor, w, silu_gate_up: bool = False) -> torch.Te
     return x @ dequantize(w, x.dtype).t()
 
 
+def matmul_h2_reference(x: torch.Tensor, w, silu_gate_up: bool = False) -> torch.Tensor:
+    """What the packed-fp16 int4 GEMV (variant "h2") computes, written out slowly: x (M, K) (or (M, 2K) = [gate | up]
+    with silu_gate_up, silu(gate) * up rounded to x's dtype as the kernels round it), w an Int4Weight or int4
+    WordWeight with groups of 128 -> (M, N) float64.
+
+    Activations become fp16 (x / 16 where a code meets them, x / 256 where 16 x code does: both exact unless
+    subnormal); for each word (columns c + j, j < 16, of a 128-column chunk c, and the columns 16, 32, ... 112 after
+    them) each half sums its four products (nibbles 0-3: columns c + j + 16 i; nibbles 4-7: 64 further) one by one,
+    rounded to fp16 after each step as mul/fma.rn.f16x2 round (the products are exact in float64, so that is one
+    rounding per step; numpy rounds float64 to fp16 directly, torch through fp32). The rest is exact: group scale
+    times the word's sum, minus scale x zero point x the chunk's activation sum. Columns past a ragged K hold the
+    zero point and meet zero activations, as in the kernel."""
+    import numpy as np
+
+    if isinstance(w, WordWeight):
+        w = deinterleave(w)
+    if not isinstance(w, Int4Weight) or w.group != 128:
+        raise TypeError(f"the h2 reference takes int4 weights with groups of 128, got {type(w).__name__}")
+    if silu_gate_up:
+        gate, up = x.chunk(2, dim=-1)
+        x = (torch.nn.functional.silu(gate.float()).to(x.dtype).float() * up.float()).to(x.dtype)
+    q = unpack_int4(w.packed).double().cpu().numpy()  # (N, Kp)
+    N, Kp = q.shape
+    if x.shape[-1] != w.shape[1]:
+        raise ValueError(f"x has {x.shape[-1]} columns, the weight {w.shape[1]}")
+    xs = np.zeros((x.shape[0], Kp))
+    xs[:, :x.shape[-1]] = x.double().cpu().numpy()
+    scale, sz = w.scale.double().cpu().numpy(), (w.scale.double() * w.zero.double()).cpu().numpy()  # (N, Kp // 128)
+    chunk = np.arange(Kp // 128)[:, None] * 128 + np.arange(16)[None, :]  # (chunks, 16): nibble 0 of each word
+    out = np.empty((x.shape[0], N))
+    for m, row in enumerate(xs):
+        xe = (row / 16).astype(np.float16).astype(np.float64)
+        xo = (row / 256).astype(np.float16).astype(np.float64)
+        d = np.zeros((N, Kp // 128, 16))
+        for half in (0, 64):
+            acc = None
+            for i in range(4):
+                cols = chunk + half + 16 * i
+                t = q[:, cols] * xe[cols] if i % 2 == 0 else (16 * q[:, cols]) * xo[cols]
+                acc = (t if acc is None else t + acc).astype(np.float16).astype(np.float64)
+            d += acc
+        xsum = (row / 16).reshape(Kp // 128, 128).sum(axis=1)
+        out[m] = 16 * ((scale[:, :, None] * d).sum(axis=(1, 2)) - sz @ xsum)
+    return torch.from_numpy(out)
+
+
 # ---------------------------------------------------------------------------------------------- kernel
 if triton is not None:
 
