@@ -31,6 +31,7 @@ from labkit.kernels import wo_matmul as wo
 def build(model, how: str, seen: dict) -> fastgen.FastLlama:
     fast = fastgen.FastLlama(model, weights="int4", kernels="torch", max_seq_len=512)
     torch_lin = fast._lin
+    dense = {}
 
     def lin(x, w, silu=False, use_kernel=False, partials=False):
         if how == "torch" or x.shape[0] != 1 or not isinstance(w, wo.Int4Weight):
@@ -43,7 +44,9 @@ def build(model, how: str, seen: dict) -> fastgen.FastLlama:
         seen[key] = max(seen.get(key, 0.0), xa.abs().max().item())
         if how == "h2":
             return wo.matmul_h2_reference(x, w, silu_gate_up=silu).to(x.dtype)
-        return (xa.double() @ wo.dequantize(w, torch.float64).t()).to(x.dtype)
+        if id(w) not in dense:  # the codes' exact values, once per weight
+            dense[id(w)] = wo.dequantize(w, torch.float64).t()
+        return (xa.double() @ dense[id(w)]).to(x.dtype)
 
     fast._lin = lin
     return fast
