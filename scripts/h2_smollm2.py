@@ -34,7 +34,7 @@ def build(model, how: str, seen: dict) -> fastgen.FastLlama:
     dense = {}
 
     def lin(x, w, silu=False, use_kernel=False, partials=False):
-        if how == "torch" or x.shape[0] != 1 or not isinstance(w, wo.Int4Weight):
+        if how == "torch" or x.dim() != 2 or x.shape[0] != 1 or not isinstance(w, wo.Int4Weight):  # prefill: torch
             return torch_lin(x, w, silu, use_kernel, partials)
         key = f"{w.shape[0]}x{w.shape[1]}" + (" (silu(gate) * up)" if silu else "")
         xa = x

@@ -166,6 +166,8 @@ def test_packed_fp16_reference_at_a_ragged_k_with_silu():
     assert ((y - model).abs() / mag).max().item() * 2 ** 24 <= 32
     with pytest.raises(TypeError, match="groups of 128"):
         wo.matmul_h2_reference(xa, wo.quantize_int4(torch.randn(N, K), 64))
+    with pytest.raises(ValueError, match=r"shape \(M, K\)"):
+        wo.matmul_h2_reference(xa[None], qw)
 
 
 def test_packed_fp16_kernel_is_tuned_for_int4_at_one_row(monkeypatch):

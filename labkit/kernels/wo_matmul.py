@@ -300,6 +300,8 @@ def matmul_h2_reference(x: torch.Tensor, w, silu_gate_up: bool = False) -> torch
         w = deinterleave(w)
     if not isinstance(w, Int4Weight) or w.group != 128:
         raise TypeError(f"the h2 reference takes int4 weights with groups of 128, got {type(w).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"the h2 reference takes x of shape (M, K), got {tuple(x.shape)}: flatten the leading dims")
     if silu_gate_up:
         gate, up = x.chunk(2, dim=-1)
         x = (torch.nn.functional.silu(gate.float()).to(x.dtype).float() * up.float()).to(x.dtype)
