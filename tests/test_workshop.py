@@ -29,6 +29,9 @@ from labkit import exercises
 NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
 CHEAP = ("01_quantization_basics.ipynb",)
 CELL_TIMEOUT_S = 1800  # a cell of notebook 02's whole-model table took 23 min on a loaded 2-core machine
+# a cell that shows a widget (labkit.widgets.playground) is quick, and it is the one where nbclient can wait forever
+# (jupyter/nbclient#312, below): a short limit there makes such a wait cost minutes before the retry, not half an hour
+WIDGET_CELL_TIMEOUT_S = 300
 
 
 def _has_cuda() -> bool:
@@ -121,7 +124,8 @@ def _run_plan(NotebookClient, plan, nb, path) -> list[str]:
                             resources={"metadata": {"path": str(path.parent)}})
     problems = []
     with client.setup_kernel():
-        for k, (role, i, _) in enumerate(plan):
+        for k, (role, i, src) in enumerate(plan):
+            client.timeout = WIDGET_CELL_TIMEOUT_S if "playground(" in src else CELL_TIMEOUT_S
             client.execute_cell(run.cells[k], k)
             errors = [o for o in run.cells[k].outputs if o.output_type == "error"]
             if role == "check fails":
