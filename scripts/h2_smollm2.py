@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     for how, fast in builds.items():
         tokens[how] = fast.generate(prompt, args.new_tokens, use_graph=False)
         ppl[how] = fastgen.decode_perplexity(fast, ids)
-        print(f"{how:6s} ppl {ppl[how]:.4f}  {tok.decode(tokens[how][0, prompt.shape[1]:])!r}  "
+        print(f"{how:6s} ppl {ppl[how]:.4f}  {tok.decode(tokens[how][0])!r}  "
               f"({time.time() - t0:.0f} s)", flush=True)
 
     def prefix(a, b):
