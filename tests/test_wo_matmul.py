@@ -144,6 +144,37 @@ def test_packed_fp16_kernel_does_the_arithmetic_it_documents():
         wo.wo_matmul(x.expand(2, K).to(dev), qw, config=wo.GemvConfig(16, 512, 4, "h2"))  # M = 2
 
 
+def test_packed_fp16_kernel_has_no_range_limit():
+    """Each 128-column chunk of activations is scaled by its own power of two before it becomes fp16, so an
+    activation of 1e5 (fp16 holds at most 65504; a fixed scale of 1/16 overflowed above about 16000) gives a finite
+    result, and a chunk of activations near 1e-4 keeps fp16's 11 bits (a fixed 1/256 put them among its subnormals):
+    both stay inside the bound of five fp16 roundings, and the kernel equals matmul_h2_reference."""
+    torch.manual_seed(5)
+    dev = env.device()
+    N, K = 32, 512
+    q4 = wo.quantize_int4((torch.randn(N, K) * 0.05).bfloat16(), 128)
+    x = torch.randn(1, K).bfloat16()
+    x[0, 3] = 1e5  # chunk 0
+    x[0, 128:256] *= 1e-4  # chunk 1: tiny
+    ref = x.double() @ wo.dequantize(q4, torch.float64).t()
+    q = wo.unpack_int4(q4.packed).double()
+    sq = q4.scale.double().repeat_interleave(128, dim=1) * q
+    model = wo.matmul_h2_reference(x, q4)
+    y = wo.wo_matmul(x.to(dev), wo.interleave(q4).to(dev), config=wo.GemvConfig(16, 512, 4, "h2"),
+                     out=torch.empty(1, N, device=dev)).cpu().double()
+    assert torch.isfinite(y).all()
+    for part in (slice(0, 128), slice(128, 256)):  # each chunk alone: its own bound (the big one would hide the tiny)
+        xp = torch.zeros_like(x)
+        xp[:, part] = x[:, part]
+        yp = wo.wo_matmul(xp.to(dev), wo.interleave(q4).to(dev), config=wo.GemvConfig(16, 512, 4, "h2"),
+                          out=torch.empty(1, N, device=dev)).cpu().double()
+        refp = xp.double() @ wo.dequantize(q4, torch.float64).t()
+        assert ((yp - refp).abs() <= 5 * 2.0 ** -11 * (xp.double().abs() @ sq.t())).all(), part
+    mag = x.double().abs() @ (sq + (q4.scale.double() * q4.zero.double()).repeat_interleave(128, 1)).t()
+    assert ((y - model).abs() / mag).max().item() * 2 ** 24 <= 32
+    assert ((y - ref).abs() <= 5 * 2.0 ** -11 * (x.double().abs() @ sq.t())).all()
+
+
 def test_packed_fp16_reference_at_a_ragged_k_with_silu():
     """SmolLM2's K of 576 (four groups of 128 and one of 64): the 'h2' kernel does what matmul_h2_reference writes out
     (to fp32's roundoff), which takes the word layout too; the reference's silu(gate) * up is torch's, rounded to

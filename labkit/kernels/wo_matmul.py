@@ -287,12 +287,12 @@ def matmul_h2_reference(x: torch.Tensor, w, silu_gate_up: bool = False) -> torch
     with silu_gate_up, silu(gate) * up rounded to x's dtype as the kernels round it), w an Int4Weight or int4
     WordWeight with groups of 128 -> (M, N) float64.
 
-    Activations become fp16 (x / 16 where a code meets them, x / 256 where 16 x code does: both exact unless
-    subnormal); for each word (columns c + j, j < 16, of a 128-column chunk c, and the columns 16, 32, ... 112 after
+    Activations become fp16, each 128-column chunk first scaled by the power of two 2^k that puts its largest
+    magnitude in [512, 1024) (x 2^k where a code meets them, x 2^k / 16 where 16 x code does); for each word (columns c + j, j < 16, of a 128-column chunk c, and the columns 16, 32, ... 112 after
     them) each half sums its four products (nibbles 0-3: columns c + j + 16 i; nibbles 4-7: 64 further) one by one,
     rounded to fp16 after each step as mul/fma.rn.f16x2 round (the products are exact in float64, so that is one
     rounding per step; numpy rounds float64 to fp16 directly, torch through fp32). The rest is exact: group scale
-    times the word's sum, minus scale x zero point x the chunk's activation sum. Columns past a ragged K hold the
+    times 2^-k times the word's sum, minus scale x zero point x the chunk's activation sum. Columns past a ragged K hold the
     zero point and meet zero activations, as in the kernel."""
     import numpy as np
 
@@ -315,8 +315,12 @@ def matmul_h2_reference(x: torch.Tensor, w, silu_gate_up: bool = False) -> torch
     chunk = np.arange(Kp // 128)[:, None] * 128 + np.arange(16)[None, :]  # (chunks, 16): nibble 0 of each word
     out = np.empty((x.shape[0], N))
     for m, row in enumerate(xs):
-        xe = (row / 16).astype(np.float16).astype(np.float64)
-        xo = (row / 256).astype(np.float16).astype(np.float64)
+        # each chunk's power of two 2^k: its largest |x| to [512, 1024) (exponent from frexp: m = f 2^e, f in [0.5, 1))
+        big = np.abs(row).reshape(Kp // 128, 128).max(axis=1)
+        k = 9 - np.maximum(np.where(big > 0, np.frexp(big)[1] - 1, -127), -20)
+        up = np.repeat(np.ldexp(1.0, k), 128)  # (Kp,)
+        xe = (row * up).astype(np.float16).astype(np.float64)
+        xo = (row * up / 16).astype(np.float16).astype(np.float64)
         d = np.zeros((N, Kp // 128, 16))
         for half in (0, 64):
             acc = None
@@ -325,8 +329,8 @@ def matmul_h2_reference(x: torch.Tensor, w, silu_gate_up: bool = False) -> torch
                 t = q[:, cols] * xe[cols] if i % 2 == 0 else (16 * q[:, cols]) * xo[cols]
                 acc = (t if acc is None else t + acc).astype(np.float16).astype(np.float64)
             d += acc
-        xsum = (row / 16).reshape(Kp // 128, 128).sum(axis=1)
-        out[m] = 16 * ((scale[:, :, None] * d).sum(axis=(1, 2)) - sz @ xsum)
+        xsum = row.reshape(Kp // 128, 128).sum(axis=1)
+        out[m] = ((scale * np.ldexp(1.0, -k))[:, :, None] * d).sum(axis=(1, 2)) - sz @ xsum
     return torch.from_numpy(out)
 
 
@@ -855,20 +859,29 @@ if triton is not None:
     @triton.jit
     def _h2_step(acc, corr, wd, c_idx, mask_c, x_ptr, s_ptr, z_ptr, offs_n, mask_n, K, stride_sn,
                  PRO_SILU: tl.constexpr, EVEN: tl.constexpr, RAGGED: tl.constexpr, INTERPRET: tl.constexpr):
-        """One K step of the packed-fp16 word kernel: acc (BLOCK_N, NC, 16) += s * (sum of the word's eight q x /
-        XSCALE), corr (BLOCK_N, NC) += s z (sum x / XSCALE) per group; the caller multiplies by XSCALE at the end."""
+        """One K step of the packed-fp16 word kernel: acc (BLOCK_N, NC, 16) += s 2^-k * (the word's eight q x 2^k
+        summed in fp16), corr (BLOCK_N, NC) += s z (sum of x) per group, 2^k the power of two of each chunk."""
         kb = (c_idx * 128)[:, None] + tl.arange(0, 16)[None, :]  # (NC, 16): the column at nibble 0 of each word
         mask_x = None if EVEN else mask_c[:, None] & (kb >= 0)
         x0, x1, x2, x3 = _load_x4(x_ptr, kb, mask_x, K, PRO_SILU, RAGGED)
         x4, x5, x6, x7 = _load_x4(x_ptr, kb + 64, mask_x, K, PRO_SILU, RAGGED)
-        # activations in fp16 scaled by 1 / XSCALE (a power of two: exact), so that four products of a code (<= 15)
-        # stay inside fp16's range for activations up to about 16000; the 16 q halves meet x / 16
-        XS: tl.constexpr = 1.0 / 16.0
-        x_sum = tl.sum(x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7, axis=1) * XS  # (NC,)
-        p0 = _h2_pack(x0 * XS, x4 * XS)
-        p1 = _h2_pack(x1 * (XS / 16.0), x5 * (XS / 16.0))
-        p2 = _h2_pack(x2 * XS, x6 * XS)
-        p3 = _h2_pack(x3 * (XS / 16.0), x7 * (XS / 16.0))
+        # activations in fp16, each 128-column chunk scaled by its own power of two 2^k (exact) that puts its largest
+        # magnitude in [512, 1024): four products of a code (<= 15) stay below fp16's 65504 whatever the activations'
+        # size, and small activations keep fp16's 11 bits instead of sinking into its subnormals. k = 9 - E, with E
+        # the exponent of the chunk's largest |x| (read from its fp32 bits), at most 29 (an all-zero chunk); the 16 q
+        # halves meet x 2^k / 16
+        m = tl.max(tl.maximum(tl.maximum(tl.maximum(tl.abs(x0), tl.abs(x1)), tl.maximum(tl.abs(x2), tl.abs(x3))),
+                              tl.maximum(tl.maximum(tl.abs(x4), tl.abs(x5)), tl.maximum(tl.abs(x6), tl.abs(x7)))),
+                   axis=1)  # (NC,)
+        k = 9 - tl.maximum(((m.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -20)
+        up = ((k + 127) << 23).to(tl.float32, bitcast=True)[:, None]  # 2^k, (NC, 1)
+        down = ((127 - k) << 23).to(tl.float32, bitcast=True)  # 2^-k, (NC,)
+        x_sum = tl.sum(x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7, axis=1)  # (NC,)
+        up16 = up * (1.0 / 16.0)
+        p0 = _h2_pack(x0 * up, x4 * up)
+        p1 = _h2_pack(x1 * up16, x5 * up16)
+        p2 = _h2_pack(x2 * up, x6 * up)
+        p3 = _h2_pack(x3 * up16, x7 * up16)
         sz_off = offs_n[:, None] * stride_sn + c_idx[None, :]
         if EVEN:
             s = tl.load(s_ptr + sz_off).to(tl.float32)  # (BLOCK_N, NC)
@@ -879,7 +892,7 @@ if triton is not None:
             z = tl.load(z_ptr + sz_off, mask=sz_mask, other=0.0).to(tl.float32)
         c0, c1, c2, c3 = _h2_codes(wd, INTERPRET)
         d = _h2_dot(c0, c1, c2, c3, p0[None], p1[None], p2[None], p3[None], INTERPRET)  # (BLOCK_N, NC, 16)
-        acc += s[:, :, None] * d
+        acc += (s * down[None, :])[:, :, None] * d  # the chunk's scale undone with the group's (exact: a power of two)
         corr += s * z * x_sum[None, :]
         return acc, corr
 
@@ -894,9 +907,11 @@ if triton is not None:
         """int4 WordWeight (groups of 128), one activation row, on the CUDA cores with packed fp16 arithmetic: the
         codes of a word become four fp16x2 registers (two codes per masked OR, _h2_codes) and meet the activations
         two at a time (fp16x2 FMAs, _h2_dot); each word's eight products are summed in fp16, then in fp32 with the
-        group's scale. About 2.7 instructions per weight in the offline sm_90 SASS, against 3.5 to 3.8 for the fp32
-        word kernels (scripts/sass_gemv.py). Rounding: each product and the three additions after it are rounded
-        to fp16 (11 significant bits), on top of the activations' own rounding to fp16."""
+        group's scale. About 2.8 (Triton 3.9) to 3.0 (Triton 3.6) instructions per weight in the offline sm_90 SASS,
+        against 3.5 to 6.1 for the fp32 word kernels (scripts/sass_gemv.py). Rounding: each 128-column chunk of
+        activations is scaled by a power of two (its largest magnitude to [512, 1024): no overflow, no subnormals)
+        and rounded to fp16; each product and the three additions after it are rounded to fp16 (11 significant
+        bits)."""
         NC: tl.constexpr = BLOCK_K // 128
         pid_k, k_lo, k_hi, offs_n, mask_n = _program_tile(N, K, K_CHUNK, BLOCK_N)
         acc = tl.zeros((BLOCK_N, NC, 16), dtype=tl.float32)
@@ -912,7 +927,7 @@ if triton is not None:
             wd, c_idx, mask_c = _il1_words(w_ptr, offs_n, mask_n, stride_wn, k0, K, 128, NC, EVEN)
             acc, corr = _h2_step(acc, corr, wd, c_idx, mask_c, x_ptr, s_ptr, z_ptr, offs_n, mask_n, K, stride_sn,
                                  PRO_SILU, EVEN, RAGGED, INTERPRET)
-        y = (tl.sum(tl.sum(acc, axis=2), axis=1) - tl.sum(corr, axis=1)) * 16.0  # undo the 1 / 16 of the activations
+        y = tl.sum(tl.sum(acc, axis=2), axis=1) - tl.sum(corr, axis=1)
         tl.store(y_ptr + pid_k * stride_ys + offs_n, y.to(y_ptr.dtype.element_ty), mask=mask_n)
 
     @triton.jit
@@ -1075,11 +1090,12 @@ CANDIDATES_IL1 = {
         GemvConfig(16, 2048, 4, "acc", split=4)],
 }
 # int4 WordWeight at M = 1 with packed fp16 arithmetic (_wo_gemv_h2_kernel, variant "h2"): fewer instructions per
-# weight than either word kernel in the offline sm_90 SASS (Triton 3.6 and 3.9), activations rounded to fp16 and each
-# word's eight products summed in fp16. On an H200 it was the fastest config of every 7B-shape int4 GEMV, 9-25% ahead
-# of the word kernel, and the int4 step went from 2.03 to 1.89 ms (results/nvidia-h200/decode_h2.json). Its range:
-# activations up to about 16000 in magnitude (four products of x / 16 by a code <= 15 must stay below fp16's 65504).
-# TUNE_H2 = False leaves it out of tune()'s candidates (the fp32 word kernels only).
+# weight than either word kernel in the offline sm_90 SASS (Triton 3.6 and 3.9), activations rounded to fp16 (each
+# chunk of 128 scaled by its own power of two) and each word's eight products summed in fp16. On an H200 it was the
+# fastest config of every 7B-shape int4 GEMV, 9-25% ahead of the word kernel, and the int4 step went from 2.03 to
+# 1.89 ms (results/nvidia-h200/decode_h2.json; that kernel scaled every activation by 1/16, which overflowed above
+# about 16000: the per-chunk scale since then costs 0.1-0.15 instructions per weight offline, not yet timed on a
+# GPU). TUNE_H2 = False leaves it out of tune()'s candidates (the fp32 word kernels only).
 TUNE_H2 = True
 CANDIDATES_H2 = [GemvConfig(32, 1024, 4, "h2"), GemvConfig(16, 2048, 4, "h2"), GemvConfig(32, 2048, 8, "h2"),
                  GemvConfig(32, 1024, 4, "h2", split=4), GemvConfig(32, 512, 4, "h2", split=4),
