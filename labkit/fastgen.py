@@ -759,24 +759,30 @@ class FastLlama:
 
 
 @torch.no_grad()
-def decode_logits(fast: FastLlama, ids: torch.Tensor) -> torch.Tensor:
+def decode_logits(fast: FastLlama, ids: torch.Tensor, progress: str | None = None) -> torch.Tensor:
     """Logits (B, T, V) fp32 for every position of ids (B, T), one position at a time through the decode step from
     position 0 (teacher forcing, no graph): the kernels ``generate`` uses after the prompt (with kernels="triton" the
-    Triton GEMVs, add+RMSNorm and RoPE + decode attention), over a whole text instead of a few greedy tokens."""
+    Triton GEMVs, add+RMSNorm and RoPE + decode attention), over a whole text instead of a few greedy tokens.
+    ``progress``: a label for a progress bar over the positions (None: no bar)."""
     B, T = ids.shape
     if B > fast.max_batch or T > fast.max_seq_len:
         raise LabkitError(f"ids {tuple(ids.shape)} exceed max_batch={fast.max_batch} / max_seq_len={fast.max_seq_len}")
     ids = ids.to(fast.device)
-    return torch.stack([fast.decode_step(ids[:, t], t).float() for t in range(T)], dim=1)
+    positions = range(T)
+    if progress is not None:
+        from tqdm.auto import tqdm
+
+        positions = tqdm(positions, desc=progress, unit="position")
+    return torch.stack([fast.decode_step(ids[:, t], t).float() for t in positions], dim=1)
 
 
-def decode_perplexity(fast: FastLlama, ids: torch.Tensor) -> float:
-    """exp(mean next-token NLL) of a 1-D token stream ids (T,) scored through the decode step (``decode_logits``):
-    the T - 1 predictions of one window from position 0, the same tokens ``evaluate.perplexity(model, ids,
-    ctx_len=T, stride=T - 1)`` scores with the model's own forward."""
+def decode_perplexity(fast: FastLlama, ids: torch.Tensor, progress: str | None = None) -> float:
+    """exp(mean next-token NLL) of a 1-D token stream ids (T,) scored through the decode step (``decode_logits``,
+    which ``progress`` is passed to): the T - 1 predictions of one window from position 0, the same tokens
+    ``evaluate.perplexity(model, ids, ctx_len=T, stride=T - 1)`` scores with the model's own forward."""
     if ids.dim() != 1 or ids.numel() < 2:
         raise ValueError(f"expected a 1-D token stream of at least 2 tokens, got shape {tuple(ids.shape)}")
-    logits = decode_logits(fast, ids[None, :-1])[0]  # (T-1, V)
+    logits = decode_logits(fast, ids[None, :-1], progress)[0]  # (T-1, V)
     return math.exp(F.cross_entropy(logits, ids[1:].to(logits.device)).item())
 
 

@@ -68,8 +68,9 @@ def main(argv=None) -> int:
     builds = {how: build(model, how, seen) for how in ("exact", "h2", "torch")}
     tokens, ppl = {}, {}
     for how, fast in builds.items():
+        print(f"{how}: {args.new_tokens} greedy tokens ({time.time() - t0:.0f} s)", flush=True)
         tokens[how] = fast.generate(prompt, args.new_tokens, use_graph=False)
-        ppl[how] = fastgen.decode_perplexity(fast, ids)
+        ppl[how] = fastgen.decode_perplexity(fast, ids, progress=f"{how} perplexity")
         print(f"{how:6s} ppl {ppl[how]:.4f}  {tok.decode(tokens[how][0])!r}  "
               f"({time.time() - t0:.0f} s)", flush=True)
 

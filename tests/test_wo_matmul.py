@@ -103,45 +103,54 @@ def test_kernel_matches_dequantize_then_matmul(fmt, M, silu):
         assert err <= 2 * err_torch + 1e-3 * ref32.abs().max().item(), (cfg, err, err_torch)
 
 
+def _h2_sums(x: torch.Tensor, q4) -> tuple:
+    """For x (1, K) against an Int4Weight: the fp64 product, sum_k s q |x| (the unsigned codes the 'h2' kernel
+    multiplies) and that plus the zero-point term's magnitudes (what its fp32 sums add up)."""
+    K = x.shape[1]
+    ref = x.double() @ wo.dequantize(q4, torch.float64).t()
+    sq = (q4.scale.double().repeat_interleave(128, dim=1) * wo.unpack_int4(q4.packed).double())[:, :K]
+    sz = (q4.scale.double() * q4.zero.double()).repeat_interleave(128, dim=1)[:, :K]
+    return ref, x.double().abs() @ sq.t(), x.double().abs() @ (sq + sz).t()
+
+
+def _gemv(x: torch.Tensor, qw, variant: str = "h2") -> torch.Tensor:
+    """One-row GEMV of x (CPU) with config variant ``variant`` on this machine's device, fp32 out -> CPU fp64."""
+    dev = env.device()
+    return wo.wo_matmul(x.to(dev), qw.to(dev), config=wo.GemvConfig(16, 512, 4, variant),
+                        out=torch.empty(1, qw.shape[0], device=dev)).cpu().double()
+
+
+def _fp32_units(err: torch.Tensor, mag: torch.Tensor) -> float:
+    """An error as a multiple of fp32's unit roundoff times the sum of magnitudes, the largest over the outputs."""
+    return (err.abs() / mag).max().item() * 2 ** 24
+
+
 def test_packed_fp16_kernel_does_the_arithmetic_it_documents():
     """The 'h2' kernel against a model of its arithmetic (fp16 activations, each word's four products per half
     summed in fp16, then fp32): they agree to within fp32's roundoff of the remaining sums, while the fp16 part's own
-    error (model against an fp64 reference) is some 100x larger. So a kernel that pairs codes with the wrong
-    activations, or rounds more or less often than documented, fails. Also: that error stays inside the worst-case
-    bound of 5 fp16 roundings (u = 2^-11) times sum_k s q |x| (the unsigned codes the kernel multiplies). The data
-    (bf16, an outlier of 300 among the activations) is made on the CPU, the same on every device; the output is fp32,
-    so y's own rounding does not hide anything."""
+    error (model against an fp64 reference) is some 100x the fp32 word kernel's. So a kernel that pairs codes with
+    the wrong activations, or rounds more or less often than documented, fails. Also: that error stays inside the
+    worst-case bound of 5 fp16 roundings (u = 2^-11) times sum_k s q |x|. The data (bf16, an outlier of 300 among
+    the activations) is made on the CPU, the same on every device; the output is fp32, so y's own rounding does not
+    hide anything."""
     torch.manual_seed(7)
-    dev = env.device()
     N, K = 64, 1024
     q4 = wo.quantize_int4((torch.randn(N, K) * 0.05).bfloat16(), 128)
     x = torch.randn(1, K).bfloat16() * 3
     x[0, 5] = 300.0
-    q = wo.unpack_int4(q4.packed)
-    ref = x.double() @ wo.dequantize(q4, torch.float64).t()
-    sq = q4.scale.double().repeat_interleave(128, dim=1) * q.double()
-    sz = (q4.scale.double() * q4.zero.double()).repeat_interleave(128, dim=1)
-    mag_q = x.double().abs() @ sq.t()  # sum_k s q |x|
-    mag = x.double().abs() @ (sq + sz).t()  # and the zero-point term's magnitudes: what the fp32 sums add up
+    ref, mag_q, mag = _h2_sums(x, q4)
     model = wo.matmul_h2_reference(x, q4)  # the same arithmetic written out in numpy
-    qw = wo.interleave(q4).to(dev)
-
-    def kernel(variant):
-        y = wo.wo_matmul(x.to(dev), qw, config=wo.GemvConfig(16, 512, 4, variant), out=torch.empty(1, N, device=dev))
-        return y.cpu().double()
-
-    y_h2, y_fp32 = kernel("h2"), kernel("acc")
-
-    def units(err):  # an error as a multiple of fp32's unit roundoff times the sum of magnitudes, per output
-        return (err.abs() / mag).max().item() * 2 ** 24
-
+    qw = wo.interleave(q4)
+    y_h2, y_fp32 = _gemv(x, qw, "h2"), _gemv(x, qw, "acc")
     # fp32 sums a few dozen roundings deep at most (here: the fp32 word kernel about 8, the h2 kernel against its
     # model under 1); the fp16 part's own error is about 740 of these units
-    assert units(y_fp32 - ref) <= 32 and units(y_h2 - model) <= 32, (units(y_fp32 - ref), units(y_h2 - model))
-    assert units(model - ref) > 10 * 32, units(model - ref)
+    assert _fp32_units(y_fp32 - ref, mag) <= 32 and _fp32_units(y_h2 - model, mag) <= 32, (
+        _fp32_units(y_fp32 - ref, mag), _fp32_units(y_h2 - model, mag))
+    assert _fp32_units(model - ref, mag) > 10 * 32, _fp32_units(model - ref, mag)
     assert ((model - ref).abs() <= 5 * 2.0 ** -11 * mag_q).all(), ((model - ref).abs() / mag_q).max() * 2 ** 11
     with pytest.raises(ValueError, match="h2"):
-        wo.wo_matmul(x.expand(2, K).to(dev), qw, config=wo.GemvConfig(16, 512, 4, "h2"))  # M = 2
+        dev = env.device()
+        wo.wo_matmul(x.expand(2, K).to(dev), qw.to(dev), config=wo.GemvConfig(16, 512, 4, "h2"))  # M = 2
 
 
 def test_packed_fp16_kernel_has_no_range_limit():
@@ -150,29 +159,22 @@ def test_packed_fp16_kernel_has_no_range_limit():
     result, and a chunk of activations near 1e-4 keeps fp16's 11 bits (a fixed 1/256 put them among its subnormals):
     both stay inside the bound of five fp16 roundings, and the kernel equals matmul_h2_reference."""
     torch.manual_seed(5)
-    dev = env.device()
     N, K = 32, 512
     q4 = wo.quantize_int4((torch.randn(N, K) * 0.05).bfloat16(), 128)
+    qw = wo.interleave(q4)
     x = torch.randn(1, K).bfloat16()
     x[0, 3] = 1e5  # chunk 0
     x[0, 128:256] *= 1e-4  # chunk 1: tiny
-    ref = x.double() @ wo.dequantize(q4, torch.float64).t()
-    q = wo.unpack_int4(q4.packed).double()
-    sq = q4.scale.double().repeat_interleave(128, dim=1) * q
-    model = wo.matmul_h2_reference(x, q4)
-    y = wo.wo_matmul(x.to(dev), wo.interleave(q4).to(dev), config=wo.GemvConfig(16, 512, 4, "h2"),
-                     out=torch.empty(1, N, device=dev)).cpu().double()
+    y = _gemv(x, qw)
     assert torch.isfinite(y).all()
     for part in (slice(0, 128), slice(128, 256)):  # each chunk alone: its own bound (the big one would hide the tiny)
         xp = torch.zeros_like(x)
         xp[:, part] = x[:, part]
-        yp = wo.wo_matmul(xp.to(dev), wo.interleave(q4).to(dev), config=wo.GemvConfig(16, 512, 4, "h2"),
-                          out=torch.empty(1, N, device=dev)).cpu().double()
-        refp = xp.double() @ wo.dequantize(q4, torch.float64).t()
-        assert ((yp - refp).abs() <= 5 * 2.0 ** -11 * (xp.double().abs() @ sq.t())).all(), part
-    mag = x.double().abs() @ (sq + (q4.scale.double() * q4.zero.double()).repeat_interleave(128, 1)).t()
-    assert ((y - model).abs() / mag).max().item() * 2 ** 24 <= 32
-    assert ((y - ref).abs() <= 5 * 2.0 ** -11 * (x.double().abs() @ sq.t())).all()
+        refp, mag_qp, _ = _h2_sums(xp, q4)
+        assert ((_gemv(xp, qw) - refp).abs() <= 5 * 2.0 ** -11 * mag_qp).all(), part
+    ref, mag_q, mag = _h2_sums(x, q4)
+    assert _fp32_units(y - wo.matmul_h2_reference(x, q4), mag) <= 32
+    assert ((y - ref).abs() <= 5 * 2.0 ** -11 * mag_q).all()
 
 
 def test_packed_fp16_reference_at_a_ragged_k_with_silu():
@@ -182,7 +184,6 @@ def test_packed_fp16_reference_at_a_ragged_k_with_silu():
     and the Triton interpreter (3.9) rounds fp32 to bf16 toward zero where a GPU rounds to nearest, so neither
     gives torch's product bit for bit.)"""
     torch.manual_seed(11)
-    dev = env.device()
     N, K = 48, 576
     q4 = wo.quantize_int4((torch.randn(N, K) * 0.05).bfloat16(), 128)
     x = torch.randn(1, 2 * K).bfloat16() * 2
@@ -190,11 +191,8 @@ def test_packed_fp16_reference_at_a_ragged_k_with_silu():
     qw = wo.interleave(q4)
     model = wo.matmul_h2_reference(xa, qw)
     assert torch.equal(model, wo.matmul_h2_reference(x, q4, silu_gate_up=True))
-    mag = xa.double().abs() @ (wo.dequantize(q4, torch.float64).abs()
-                               + (q4.scale.double() * q4.zero.double()).repeat_interleave(128, 1)[:, :K] * 2).t()
-    y = wo.wo_matmul(xa.to(dev), qw.to(dev), config=wo.GemvConfig(16, 512, 4, "h2"),
-                     out=torch.empty(1, N, device=dev)).cpu().double()
-    assert ((y - model).abs() / mag).max().item() * 2 ** 24 <= 32
+    _, _, mag = _h2_sums(xa, q4)
+    assert _fp32_units(_gemv(xa, qw) - model, mag) <= 32
     with pytest.raises(TypeError, match="groups of 128"):
         wo.matmul_h2_reference(xa, wo.quantize_int4(torch.randn(N, K), 64))
     with pytest.raises(ValueError, match=r"shape \(M, K\)"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from labkit import env
+from labkit.kernels import flash_attn
 
 try:
     import triton
@@ -33,8 +34,6 @@ def triton_cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         raise env.LabkitError("triton is not installed: pip install triton (on a CPU it runs with TRITON_INTERPRET=1)")
     if x.dtype != torch.float32 or dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"triton_cast takes fp32 values to bf16 or fp16, got {x.dtype} -> {dtype}")
-    from labkit.kernels import flash_attn
-
     if x.device.type != "cuda" and not flash_attn.interpreted():
         raise env.LabkitError(f"x is on {x.device}: Triton compiles for a CUDA GPU; set TRITON_INTERPRET=1 before "
                               "importing triton to run the kernel on the CPU")
@@ -47,8 +46,6 @@ def triton_cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def compare_with_torch(x: torch.Tensor, dtype: torch.dtype) -> dict:
     """``triton_cast(x, dtype)`` against ``x.to(dtype)``: {"n", "differ", "toward_zero" (differing values equal to
     x truncated toward zero), "max_ulps" (largest difference in units of the last place of dtype), "interpreted"}."""
-    from labkit.kernels import flash_attn
-
     ours, nearest = triton_cast(x, dtype), x.to(dtype)
     away = nearest.abs().float() > x.abs()  # torch rounded away from zero here: truncation is the next value in
     trunc = torch.where(away, torch.nextafter(nearest, torch.zeros_like(nearest)), nearest)

@@ -284,16 +284,17 @@ def matmul_reference(x: torch.Tensor, w, silu_gate_up: bool = False) -> torch.Te
 
 def matmul_h2_reference(x: torch.Tensor, w, silu_gate_up: bool = False) -> torch.Tensor:
     """What the packed-fp16 int4 GEMV (variant "h2") computes, written out slowly: x (M, K) (or (M, 2K) = [gate | up]
-    with silu_gate_up, silu(gate) * up rounded to x's dtype as the kernels round it), w an Int4Weight or int4
-    WordWeight with groups of 128 -> (M, N) float64.
+    with silu_gate_up: silu(gate) * up in x's dtype, as the kernels round it), w an Int4Weight or int4 WordWeight
+    with groups of 128 -> (M, N) float64.
 
     Activations become fp16, each 128-column chunk first scaled by the power of two 2^k that puts its largest
-    magnitude in [512, 1024) (x 2^k where a code meets them, x 2^k / 16 where 16 x code does); for each word (columns c + j, j < 16, of a 128-column chunk c, and the columns 16, 32, ... 112 after
-    them) each half sums its four products (nibbles 0-3: columns c + j + 16 i; nibbles 4-7: 64 further) one by one,
-    rounded to fp16 after each step as mul/fma.rn.f16x2 round (the products are exact in float64, so that is one
-    rounding per step; numpy rounds float64 to fp16 directly, torch through fp32). The rest is exact: group scale
-    times 2^-k times the word's sum, minus scale x zero point x the chunk's activation sum. Columns past a ragged K hold the
-    zero point and meet zero activations, as in the kernel."""
+    magnitude in [512, 1024) (x 2^k where a code meets them, x 2^k / 16 where 16 x code does). For each word
+    (columns c + j, j < 16, of a chunk starting at c) each half sums its four products (nibbles 0-3: columns
+    c + j + 16 i; nibbles 4-7: 64 further) one by one, rounded to fp16 after each step as mul/fma.rn.f16x2 round
+    (the products are exact in float64, so that is one rounding per step; numpy rounds float64 to fp16 directly,
+    torch through fp32). The rest is exact: group scale times 2^-k times the word's sum, minus scale x zero point x
+    the chunk's activation sum. Columns past a ragged K hold the zero point and meet zero activations, as in the
+    kernel."""
     import numpy as np
 
     if isinstance(w, WordWeight):
@@ -304,7 +305,7 @@ def matmul_h2_reference(x: torch.Tensor, w, silu_gate_up: bool = False) -> torch
         raise ValueError(f"the h2 reference takes x of shape (M, K), got {tuple(x.shape)}: flatten the leading dims")
     if silu_gate_up:
         gate, up = x.chunk(2, dim=-1)
-        x = (torch.nn.functional.silu(gate.float()).to(x.dtype).float() * up.float()).to(x.dtype)
+        x = torch.nn.functional.silu(gate) * up
     q = unpack_int4(w.packed).double().cpu().numpy()  # (N, Kp)
     N, Kp = q.shape
     if x.shape[-1] != w.shape[1]:
