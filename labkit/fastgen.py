@@ -419,11 +419,19 @@ def _from_quantlinear(mods: list, fmt: str, for_kernel: bool, device):
                       f"or 'int8' to serve their codes, not weights={fmt!r}")
 
 
+# The int8 layout the Triton kernels read: "rows" (wo.Int8Weight as quantized, the row-major GEMVs) or "words"
+# (wo.WordWeight: the word kernels, and at one row the packed-fp16 "h2" GEMV among the tuner's candidates).
+INT8_LAYOUT = "rows"
+
+
 def _quantize(w: torch.Tensor, fmt: str, group: int, for_kernel: bool = False):
     if fmt == "bf16":
         return w.contiguous()
     if fmt == "int8":
-        return wo.quantize_int8(w)
+        if INT8_LAYOUT not in ("rows", "words"):
+            raise LabkitError(f"fastgen.INT8_LAYOUT must be 'rows' or 'words', got {INT8_LAYOUT!r}")
+        q = wo.quantize_int8(w)
+        return wo.interleave(q) if for_kernel and INT8_LAYOUT == "words" and w.shape[1] % 64 == 0 else q
     if fmt == "int4":
         q = wo.quantize_int4(w, group)
         # the Triton GEMVs read int4 in the interleaved word layout (same codes, wo.WordWeight): the CUDA-core

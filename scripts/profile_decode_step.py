@@ -1,6 +1,6 @@
 """Where the batch-1 decode step spends its time, kernel by kernel (7B shape, random weights; a CUDA GPU).
 
-    python scripts/profile_decode_step.py [--formats bf16,int8,int4] [--no-pdl] [--what-if | --attn-knobs | --h2]
+    python scripts/profile_decode_step.py [--formats bf16,int8,int4] [--no-pdl] [--what-if | --attn-knobs | --h2 | --int8-layout]
                                           [--out DIR]
 
 For each format: the captured step's time per token (as the decode benchmark measures it), then torch.profiler over
@@ -8,7 +8,8 @@ replays of the CUDA graph. The step launches the same kernels in the same order 
 is kernel i of the next: the table gives, for every kernel of the first layer and of the step's tail, its median
 duration and the median time from the previous kernel's end to its start (negative: they overlap, as programmatic
 dependent launch allows). The summary splits the step into GEMV time, other kernels and time with no kernel running.
---h2 times the int4 step tuned without and with the packed-fp16 GEMV among the candidates.
+--h2 times the int4 step tuned without and with the packed-fp16 GEMV among the candidates; --int8-layout the int8
+step with row-major weights and with word-layout weights (where the packed-fp16 GEMV is a candidate).
 --attn-knobs times the step (no profile) under each block size and warp count of the decode-attention kernel.
 --what-if times the step (no profile) with parts taken out, an upper bound on what fusing them away could save:
 without the add+RMSNorm kernels, without the RoPE+attention kernel, without both (the outputs are then wrong); and
@@ -190,6 +191,34 @@ def h2_step(model, prompt_len: int = 32, rounds: int = 2) -> list:
     return out
 
 
+def int8_layout_step(model, prompt_len: int = 32, rounds: int = 2) -> list:
+    """The int8 step with row-major weights (fastgen.INT8_LAYOUT = "rows") and with word-layout weights ("words",
+    the packed-fp16 GEMV among the tuner's candidates at one row): step times, ``rounds`` passes, the chosen configs."""
+    from labkit import fastgen
+    from labkit.kernels import wo_matmul as wo
+
+    out, saved = [], fastgen.INT8_LAYOUT
+    try:
+        for _ in range(rounds):
+            for layout in ("rows", "words"):
+                fastgen.INT8_LAYOUT = layout
+                wo._TUNED.clear()
+                fast = FastLlama(model, weights="int8", kernels="triton", max_seq_len=prompt_len + 512)
+                t = time_decode(fast, 1, prompt_len, 128)
+                ms = t["decode_ms_per_token"]
+                cfgs = {k: str(v) for k, v in fast.gemv_configs(1).items()}
+                out.append({"weights": "int8", "int8_layout": layout, "decode_ms_per_token": ms,
+                            "bytes_per_step": t["bytes_per_step"], "gemv_configs": cfgs})
+                print(f"  int8 layout={layout}: {ms * 1e3:.0f} us/token; "
+                      + ", ".join(f"{k} {v}" for k, v in cfgs.items()), flush=True)
+                del fast
+                torch.cuda.empty_cache()
+    finally:
+        fastgen.INT8_LAYOUT = saved
+        wo._TUNED.clear()
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--formats", default="bf16,int8,int4")
@@ -199,6 +228,8 @@ def main(argv=None) -> int:
                    help="time the step under each decode-attention block size and warp count instead of profiling")
     p.add_argument("--h2", action="store_true",
                    help="time the int4 step tuned without and with the packed-fp16 GEMV (wo_matmul.TUNE_H2)")
+    p.add_argument("--int8-layout", action="store_true",
+                   help="time the int8 step with row-major and with word-layout weights (fastgen.INT8_LAYOUT)")
     p.add_argument("--attn-grid", default=None,
                    help="with --attn-knobs: BLOCKxWARPS settings, comma-separated (e.g. 64x4,128x8), all with PDL")
     p.add_argument("--rounds", type=int, default=1, help="with --attn-knobs: passes over the settings")
@@ -225,8 +256,12 @@ def main(argv=None) -> int:
     read_bw = env.measure_read_bandwidth(dev)  # the floor of a step: its bytes at this rate
     model, _ = models.load("llama2-7b-shape", device=dev)
     recs = []
-    if args.h2:
-        recs += h2_step(model)
+    if args.h2 or args.int8_layout:
+        recs += h2_step(model) if args.h2 else int8_layout_step(model)
+        for r in recs:
+            if "bytes_per_step" in r:
+                r["fraction_of_floor"] = r["bytes_per_step"] / read_bw / (r["decode_ms_per_token"] / 1e3)
+                print(f"  int8 {r['int8_layout']}: {r['fraction_of_floor']:.1%} of the floor", flush=True)
         args.formats = ""
     elif args.what_if or args.attn_knobs:
         for fmt in args.formats.split(","):
@@ -252,7 +287,7 @@ def main(argv=None) -> int:
             "versions": env.versions(),
             "git_commit": args.commit,
             "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    name = ("decode_h2.json" if args.h2 else "decode_what_if.json" if args.what_if
+    name = ("decode_h2.json" if args.h2 else "decode_int8_layout.json" if args.int8_layout else "decode_what_if.json" if args.what_if
             else "decode_attn_knobs.json" if args.attn_knobs else "decode_profile.json")
     (out / name).write_text(json.dumps({"meta": meta, "records": recs}, indent=1))
     return 0

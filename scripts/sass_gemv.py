@@ -125,12 +125,13 @@ def kernels():
                     cfg.block_n * cfg.block_k / (32 * cfg.num_warps)))
     h2 = {k: v for k, v in il1.items() if k not in ("ONE", "BITS")}
     h2["INTERPRET"] = "constexpr"
-    cfg = wo.CANDIDATES_H2[0]
-    c = {"PRO_SILU": False, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "PDL": False, "RAGGED": False,
-         "EVEN": True, "INTERPRET": False}
-    out.append(("int4-h2", f"int4 word kernel with packed fp16 arithmetic, {cfg.block_n} rows x {cfg.block_k} columns, "
-                f"{cfg.num_warps} warps", wo._wo_gemv_h2_kernel, h2, c, cfg.num_warps,
-                cfg.block_n * cfg.block_k / (32 * cfg.num_warps)))
+    h2["BITS"] = "constexpr"
+    for bits, cfg in ((4, wo.CANDIDATES_H2[0]), (8, wo.CANDIDATES_H2_INT8[0])):
+        c = {"PRO_SILU": False, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "PDL": False, "RAGGED": False,
+             "EVEN": True, "INTERPRET": False, "BITS": bits}
+        out.append((f"int{bits}-h2", f"int{bits} word kernel with packed fp16 arithmetic, {cfg.block_n} rows x "
+                    f"{cfg.block_k} columns, {cfg.num_warps} warps", wo._wo_gemv_h2_kernel, h2, c, cfg.num_warps,
+                    cfg.block_n * cfg.block_k / (32 * cfg.num_warps)))
     g1 = {"x_ptr": "*bf16", "w_ptr": "*bf16", "s_ptr": "*bf16", "z_ptr": "*bf16", "y_ptr": "*bf16",
           "N": "i32", "K": "i32", "stride_wn": "i32", "stride_sn": "i32", "stride_ys": "i32", "K_CHUNK": "i32"}
     g1.update({k: "constexpr" for k in ("KIND", "GROUP", "PRO_SILU", "BLOCK_N", "BLOCK_K", "PDL")})

@@ -77,7 +77,8 @@ def test_interleave_roundtrip_and_errors():
         wo.interleave(w)
 
 
-@pytest.mark.parametrize("fmt", ["fp16", "int8", "int4", "int8-il", "int4-il", "int4-tc", "int4-il-tc", "int4-il-h2"])
+@pytest.mark.parametrize("fmt", ["fp16", "int8", "int4", "int8-il", "int4-il", "int4-tc", "int4-il-tc", "int4-il-h2",
+                                 "int8-il-h2"])
 @pytest.mark.parametrize("M", [1, 3])
 @pytest.mark.parametrize("silu", [False, True])
 def test_kernel_matches_dequantize_then_matmul(fmt, M, silu):
@@ -90,7 +91,8 @@ def test_kernel_matches_dequantize_then_matmul(fmt, M, silu):
           "int4-tc": lambda: wo.quantize_int4(w, 128), "int8-il": lambda: wo.interleave(wo.quantize_int8(w)),
           "int4-il": lambda: wo.interleave(wo.quantize_int4(w, 128)),
           "int4-il-tc": lambda: wo.interleave(wo.quantize_int4(w, 128)),
-          "int4-il-h2": lambda: wo.interleave(wo.quantize_int4(w, 128))}[fmt]()
+          "int4-il-h2": lambda: wo.interleave(wo.quantize_int4(w, 128)),
+          "int8-il-h2": lambda: wo.interleave(wo.quantize_int8(w))}[fmt]()
     x = torch.randn(M, K * (2 if silu else 1), device=dev).half()
     ref32 = wo.matmul_reference(x.float(), wo.dequantize(qw, torch.float32), silu_gate_up=silu)
     err_torch = (wo.matmul_reference(x, qw, silu_gate_up=silu).float() - ref32).abs().max().item()
@@ -103,13 +105,23 @@ def test_kernel_matches_dequantize_then_matmul(fmt, M, silu):
         assert err <= 2 * err_torch + 1e-3 * ref32.abs().max().item(), (cfg, err, err_torch)
 
 
-def _h2_sums(x: torch.Tensor, q4) -> tuple:
-    """For x (1, K) against an Int4Weight: the fp64 product, sum_k s q |x| (the unsigned codes the 'h2' kernel
-    multiplies) and that plus the zero-point term's magnitudes (what its fp32 sums add up)."""
+def _h2_weight(bits: int, N: int, K: int):
+    """A (N, K) Int4Weight (groups of 128) or Int8Weight of small random bf16 weights, made on the CPU."""
+    w = (torch.randn(N, K) * 0.05).bfloat16()
+    return wo.quantize_int4(w, 128) if bits == 4 else wo.quantize_int8(w)
+
+
+def _h2_sums(x: torch.Tensor, qp) -> tuple:
+    """For x (1, K) against an Int4Weight or Int8Weight: the fp64 product, sum_k s |q| |x| (the codes the 'h2' kernel
+    multiplies: unsigned for int4, signed for int8) and that plus the int4 zero-point term's magnitudes (what its
+    fp32 sums add up)."""
     K = x.shape[1]
-    ref = x.double() @ wo.dequantize(q4, torch.float64).t()
-    sq = (q4.scale.double().repeat_interleave(128, dim=1) * wo.unpack_int4(q4.packed).double())[:, :K]
-    sz = (q4.scale.double() * q4.zero.double()).repeat_interleave(128, dim=1)[:, :K]
+    ref = x.double() @ wo.dequantize(qp, torch.float64).t()
+    if isinstance(qp, wo.Int8Weight):
+        sq = qp.scale.double()[:, None] * qp.q.double().abs()
+        return ref, x.double().abs() @ sq.t(), x.double().abs() @ sq.t()
+    sq = (qp.scale.double().repeat_interleave(128, dim=1) * wo.unpack_int4(qp.packed).double())[:, :K]
+    sz = (qp.scale.double() * qp.zero.double()).repeat_interleave(128, dim=1)[:, :K]
     return ref, x.double().abs() @ sq.t(), x.double().abs() @ (sq + sz).t()
 
 
@@ -125,25 +137,26 @@ def _fp32_units(err: torch.Tensor, mag: torch.Tensor) -> float:
     return (err.abs() / mag).max().item() * 2 ** 24
 
 
-def test_packed_fp16_kernel_does_the_arithmetic_it_documents():
-    """The 'h2' kernel against a model of its arithmetic (fp16 activations, each word's four products per half
-    summed in fp16, then fp32): they agree to within fp32's roundoff of the remaining sums, while the fp16 part's own
-    error (model against an fp64 reference) is some 100x the fp32 word kernel's. So a kernel that pairs codes with
-    the wrong activations, or rounds more or less often than documented, fails. Also: that error stays inside the
-    worst-case bound of 5 fp16 roundings (u = 2^-11) times sum_k s q |x|. The data (bf16, an outlier of 300 among
-    the activations) is made on the CPU, the same on every device; the output is fp32, so y's own rounding does not
-    hide anything."""
+@pytest.mark.parametrize("bits", [4, 8])
+def test_packed_fp16_kernel_does_the_arithmetic_it_documents(bits):
+    """The 'h2' kernel against a model of its arithmetic (fp16 activations, eight products per word position summed
+    in fp16 as two halves of four, then fp32): they agree to within fp32's roundoff of the remaining sums, while the
+    fp16 part's own error (model against an fp64 reference) is some 100x the fp32 word kernel's. So a kernel that
+    pairs codes with the wrong activations, or rounds more or less often than documented, fails. Also: that error
+    stays inside the worst-case bound of 5 fp16 roundings (u = 2^-11) times sum_k s |q| |x|. The data (bf16, an
+    outlier of 300 among the activations) is made on the CPU, the same on every device; the output is fp32, so y's
+    own rounding does not hide anything. int4 (groups of 128) and int8 (per row, signed codes)."""
     torch.manual_seed(7)
     N, K = 64, 1024
-    q4 = wo.quantize_int4((torch.randn(N, K) * 0.05).bfloat16(), 128)
+    qp = _h2_weight(bits, N, K)
     x = torch.randn(1, K).bfloat16() * 3
     x[0, 5] = 300.0
-    ref, mag_q, mag = _h2_sums(x, q4)
-    model = wo.matmul_h2_reference(x, q4)  # the same arithmetic written out in numpy
-    qw = wo.interleave(q4)
+    ref, mag_q, mag = _h2_sums(x, qp)
+    model = wo.matmul_h2_reference(x, qp)  # the same arithmetic written out in numpy
+    qw = wo.interleave(qp)
     y_h2, y_fp32 = _gemv(x, qw, "h2"), _gemv(x, qw, "acc")
     # fp32 sums a few dozen roundings deep at most (here: the fp32 word kernel about 8, the h2 kernel against its
-    # model under 1); the fp16 part's own error is about 740 of these units
+    # model under 1); the fp16 part's own error is hundreds of these units
     assert _fp32_units(y_fp32 - ref, mag) <= 32 and _fp32_units(y_h2 - model, mag) <= 32, (
         _fp32_units(y_fp32 - ref, mag), _fp32_units(y_h2 - model, mag))
     assert _fp32_units(model - ref, mag) > 10 * 32, _fp32_units(model - ref, mag)
@@ -153,45 +166,53 @@ def test_packed_fp16_kernel_does_the_arithmetic_it_documents():
         wo.wo_matmul(x.expand(2, K).to(dev), qw.to(dev), config=wo.GemvConfig(16, 512, 4, "h2"))  # M = 2
 
 
-def test_packed_fp16_kernel_has_no_range_limit():
+@pytest.mark.parametrize("bits", [4, 8])
+def test_packed_fp16_kernel_has_no_range_limit(bits):
     """Each 128-column chunk of activations is scaled by its own power of two before it becomes fp16, so an
     activation of 1e5 (fp16 holds at most 65504; a fixed scale of 1/16 overflowed above about 16000) gives a finite
     result, and a chunk of activations near 1e-4 keeps fp16's 11 bits (a fixed 1/256 put them among its subnormals):
-    both stay inside the bound of five fp16 roundings, and the kernel equals matmul_h2_reference."""
+    both stay inside the bound of five fp16 roundings, and the kernel equals matmul_h2_reference. For int8 the
+    codes reach -127 and 127 (every row's largest weight), where four products of a code and an activation in
+    [512, 1024) would overflow fp16: its chunks are scaled to [32, 64)."""
     torch.manual_seed(5)
     N, K = 32, 512
-    q4 = wo.quantize_int4((torch.randn(N, K) * 0.05).bfloat16(), 128)
-    qw = wo.interleave(q4)
+    qp = _h2_weight(bits, N, K)
+    qw = wo.interleave(qp)
     x = torch.randn(1, K).bfloat16()
     x[0, 3] = 1e5  # chunk 0
     x[0, 128:256] *= 1e-4  # chunk 1: tiny
+    if bits == 8:  # chunk 2: the largest activation of the chunk at four columns that meet one row's codes of +-127
+        r = (qp.q[:, 256:384].abs() == 127).any(dim=1).nonzero().flatten()[0]  # a row whose largest code is here
+        cols = (qp.q[r, 256:384].abs() >= 100).nonzero().flatten()[:4] + 256
+        x[0, cols] = (1000.0 * qp.q[r, cols].sign().float()).bfloat16()
     y = _gemv(x, qw)
     assert torch.isfinite(y).all()
-    for part in (slice(0, 128), slice(128, 256)):  # each chunk alone: its own bound (the big one would hide the tiny)
+    for part in (slice(0, 128), slice(128, 256), slice(256, 384)):  # each chunk alone: its own bound
         xp = torch.zeros_like(x)
         xp[:, part] = x[:, part]
-        refp, mag_qp, _ = _h2_sums(xp, q4)
+        refp, mag_qp, _ = _h2_sums(xp, qp)
         assert ((_gemv(xp, qw) - refp).abs() <= 5 * 2.0 ** -11 * mag_qp).all(), part
-    ref, mag_q, mag = _h2_sums(x, q4)
-    assert _fp32_units(y - wo.matmul_h2_reference(x, q4), mag) <= 32
+    ref, mag_q, mag = _h2_sums(x, qp)
+    assert _fp32_units(y - wo.matmul_h2_reference(x, qp), mag) <= 32
     assert ((y - ref).abs() <= 5 * 2.0 ** -11 * mag_q).all()
 
 
-def test_packed_fp16_reference_at_a_ragged_k_with_silu():
-    """SmolLM2's K of 576 (four groups of 128 and one of 64): the 'h2' kernel does what matmul_h2_reference writes out
+@pytest.mark.parametrize("bits", [4, 8])
+def test_packed_fp16_reference_at_a_ragged_k_with_silu(bits):
+    """SmolLM2's K of 576 (four chunks of 128 and one of 64): the 'h2' kernel does what matmul_h2_reference writes out
     (to fp32's roundoff), which takes the word layout too; the reference's silu(gate) * up is torch's, rounded to
     the activations' dtype. (The kernel's own silu is left to the tests above: on a GPU its exp is an approximation,
     and the Triton interpreter (3.9) rounds fp32 to bf16 toward zero where a GPU rounds to nearest, so neither
     gives torch's product bit for bit.)"""
     torch.manual_seed(11)
     N, K = 48, 576
-    q4 = wo.quantize_int4((torch.randn(N, K) * 0.05).bfloat16(), 128)
+    qp = _h2_weight(bits, N, K)
     x = torch.randn(1, 2 * K).bfloat16() * 2
     xa = torch.nn.functional.silu(x[:, :K]) * x[:, K:]  # bf16 in, bf16 out: rounded twice, as the kernels round
-    qw = wo.interleave(q4)
+    qw = wo.interleave(qp)
     model = wo.matmul_h2_reference(xa, qw)
-    assert torch.equal(model, wo.matmul_h2_reference(x, q4, silu_gate_up=True))
-    _, _, mag = _h2_sums(xa, q4)
+    assert torch.equal(model, wo.matmul_h2_reference(x, qp, silu_gate_up=True))
+    _, _, mag = _h2_sums(xa, qp)
     assert _fp32_units(_gemv(xa, qw) - model, mag) <= 32
     with pytest.raises(TypeError, match="groups of 128"):
         wo.matmul_h2_reference(xa, wo.quantize_int4(torch.randn(N, K), 64))
@@ -199,15 +220,25 @@ def test_packed_fp16_reference_at_a_ragged_k_with_silu():
         wo.matmul_h2_reference(xa[None], qw)
 
 
-def test_packed_fp16_kernel_is_tuned_for_int4_at_one_row(monkeypatch):
-    """The tuner times the 'h2' kernel for int4 words at one row only, and not at all when TUNE_H2 is unset."""
+def test_packed_fp16_kernel_is_tuned_for_words_at_one_row(monkeypatch):
+    """The tuner times the 'h2' kernel for int4 and int8 words at one row of bf16/fp16 only, and not at all when
+    TUNE_H2 is unset; every int8 config covers whole chunks of 128 columns."""
     assert wo.TUNE_H2
     assert [c for c in wo.candidates_for(4, 1) if c.variant == "h2"] == wo.CANDIDATES_H2
-    assert not any(c.variant == "h2" for kind in range(5) for M in (1, 4) if (kind, M) != (4, 1)
+    assert [c for c in wo.candidates_for(3, 1, torch.float16) if c.variant == "h2"] == wo.CANDIDATES_H2_INT8
+    assert all(c.block_k % 128 == 0 for c in wo.CANDIDATES_H2 + wo.CANDIDATES_H2_INT8)
+    assert not any(c.variant == "h2" for kind in range(5) for M in (1, 4) if (kind, M) not in ((3, 1), (4, 1))
                    for c in wo.candidates_for(kind, M))
-    assert not any(c.variant == "h2" for c in wo.candidates_for(4, 1, torch.float32))
+    assert not any(c.variant == "h2" for kind in (3, 4) for c in wo.candidates_for(kind, 1, torch.float32))
     monkeypatch.setattr(wo, "TUNE_H2", False)
-    assert not any(c.variant == "h2" for c in wo.candidates_for(4, 1))
+    assert not any(c.variant == "h2" for kind in (3, 4) for c in wo.candidates_for(kind, 1))
+    dev = env.device()
+    qw = wo.interleave(wo.quantize_int8(torch.randn(16, 256, device=dev)))
+    with pytest.raises(ValueError, match="chunks of 128"):
+        wo.wo_matmul(torch.randn(1, 256, device=dev).half(), qw, config=wo.GemvConfig(16, 64, 4, "h2"))
+    with pytest.raises(ValueError, match="int4 or int8 WordWeight"):
+        wo.wo_matmul(torch.randn(1, 256, device=dev).half(), wo.quantize_int8(torch.randn(16, 256, device=dev)),
+                     config=wo.GemvConfig(16, 128, 4, "h2"))
 
 
 def test_ragged_last_group_from_codes():

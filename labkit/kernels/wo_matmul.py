@@ -283,55 +283,71 @@ def matmul_reference(x: torch.Tensor, w, silu_gate_up: bool = False) -> torch.Te
 
 
 def matmul_h2_reference(x: torch.Tensor, w, silu_gate_up: bool = False) -> torch.Tensor:
-    """What the packed-fp16 int4 GEMV (variant "h2") computes, written out slowly: x (M, K) (or (M, 2K) = [gate | up]
-    with silu_gate_up: silu(gate) * up in x's dtype, as the kernels round it), w an Int4Weight or int4 WordWeight
-    with groups of 128 -> (M, N) float64.
+    """What the packed-fp16 GEMV (variant "h2") computes, written out slowly: x (M, K) (or (M, 2K) = [gate | up]
+    with silu_gate_up: silu(gate) * up in x's dtype, as the kernels round it), w an Int4Weight with groups of 128,
+    an Int8Weight, or either as a WordWeight -> (M, N) float64.
 
     Activations become fp16, each 128-column chunk first scaled by the power of two 2^k that puts its largest
-    magnitude in [512, 1024) (x 2^k where a code meets them, x 2^k / 16 where 16 x code does). For each word
-    (columns c + j, j < 16, of a chunk starting at c) each half sums its four products (nibbles 0-3: columns
-    c + j + 16 i; nibbles 4-7: 64 further) one by one, rounded to fp16 after each step as mul/fma.rn.f16x2 round
-    (the products are exact in float64, so that is one rounding per step; numpy rounds float64 to fp16 directly,
-    torch through fp32). The rest is exact: group scale times 2^-k times the word's sum, minus scale x zero point x
-    the chunk's activation sum. Columns past a ragged K hold the zero point and meet zero activations, as in the
-    kernel."""
+    magnitude in [512, 1024) for int4, [32, 64) for int8 (int4: x 2^k where a code meets them, x 2^k / 16 where
+    16 x code does). For each word position j < 16 of a chunk starting at column c, each of two halves sums four
+    products one by one, rounded to fp16 after each step as mul/fma.rn.f16x2 round (the products are exact in
+    float64, so that is one rounding per step; numpy rounds float64 to fp16 directly, torch through fp32): int4,
+    columns c + j + 16 i for i = 0..3 and then 64 further; int8, columns c + j + (0, 16, 64, 80) and
+    c + j + (32, 48, 96, 112). The rest is exact: int4, the group's scale times 2^-k times the two halves, minus
+    scale x zero point x the chunk's activation sum; int8, the row's scale times the sum over chunks of 2^-k times
+    the halves. Columns past a ragged K meet zero activations (int4: their codes are the zero point; int8: zero),
+    as in the kernel."""
     import numpy as np
 
     if isinstance(w, WordWeight):
         w = deinterleave(w)
-    if not isinstance(w, Int4Weight) or w.group != 128:
-        raise TypeError(f"the h2 reference takes int4 weights with groups of 128, got {type(w).__name__}")
+    if not (isinstance(w, Int8Weight) or (isinstance(w, Int4Weight) and w.group == 128)):
+        raise TypeError(f"the h2 reference takes int4 weights with groups of 128 or int8 weights, got "
+                        f"{type(w).__name__}" + (f" with groups of {w.group}" if isinstance(w, Int4Weight) else ""))
     if x.dim() != 2:
         raise ValueError(f"the h2 reference takes x of shape (M, K), got {tuple(x.shape)}: flatten the leading dims")
     if silu_gate_up:
         gate, up = x.chunk(2, dim=-1)
         x = torch.nn.functional.silu(gate) * up
-    q = unpack_int4(w.packed).double().cpu().numpy()  # (N, Kp)
-    N, Kp = q.shape
+    int8 = isinstance(w, Int8Weight)
     if x.shape[-1] != w.shape[1]:
         raise ValueError(f"x has {x.shape[-1]} columns, the weight {w.shape[1]}")
+    if int8:
+        N, K = w.q.shape
+        Kp = -(-K // 128) * 128
+        q = np.zeros((N, Kp))
+        q[:, :K] = w.q.double().cpu().numpy()
+        halves = ((0, 16, 64, 80), (32, 48, 96, 112))  # column offsets of the four products of each half
+        code_mul, top = (1, 1, 1, 1), 5  # largest |x| to [2^5, 2^6)
+    else:
+        q = unpack_int4(w.packed).double().cpu().numpy()  # (N, Kp)
+        N, Kp = q.shape
+        halves = ((0, 16, 32, 48), (64, 80, 96, 112))
+        code_mul, top = (1, 16, 1, 16), 9  # 16 q meets x 2^k / 16; largest |x| to [2^9, 2^10)
+        scale, sz = w.scale.double().cpu().numpy(), (w.scale.double() * w.zero.double()).cpu().numpy()  # (N, G)
     xs = np.zeros((x.shape[0], Kp))
     xs[:, :x.shape[-1]] = x.double().cpu().numpy()
-    scale, sz = w.scale.double().cpu().numpy(), (w.scale.double() * w.zero.double()).cpu().numpy()  # (N, Kp // 128)
-    chunk = np.arange(Kp // 128)[:, None] * 128 + np.arange(16)[None, :]  # (chunks, 16): nibble 0 of each word
+    chunk = np.arange(Kp // 128)[:, None] * 128 + np.arange(16)[None, :]  # (chunks, 16): word position j of each
     out = np.empty((x.shape[0], N))
     for m, row in enumerate(xs):
-        # each chunk's power of two 2^k: its largest |x| to [512, 1024) (exponent from frexp: m = f 2^e, f in [0.5, 1))
+        # each chunk's power of two 2^k (exponent from frexp: m = f 2^e, f in [0.5, 1))
         big = np.abs(row).reshape(Kp // 128, 128).max(axis=1)
-        k = 9 - np.maximum(np.where(big > 0, np.frexp(big)[1] - 1, -127), -20)
+        k = top - np.maximum(np.where(big > 0, np.frexp(big)[1] - 1, -127), -20)
         up = np.repeat(np.ldexp(1.0, k), 128)  # (Kp,)
-        xe = (row * up).astype(np.float16).astype(np.float64)
-        xo = (row * up / 16).astype(np.float16).astype(np.float64)
+        xh = {c: (row * up / c).astype(np.float16).astype(np.float64) for c in set(code_mul)}
         d = np.zeros((N, Kp // 128, 16))
-        for half in (0, 64):
+        for offsets in halves:
             acc = None
-            for i in range(4):
-                cols = chunk + half + 16 * i
-                t = q[:, cols] * xe[cols] if i % 2 == 0 else (16 * q[:, cols]) * xo[cols]
+            for off, c in zip(offsets, code_mul):
+                cols = chunk + off
+                t = (c * q[:, cols]) * xh[c][cols]
                 acc = (t if acc is None else t + acc).astype(np.float16).astype(np.float64)
             d += acc
-        xsum = row.reshape(Kp // 128, 128).sum(axis=1)
-        out[m] = ((scale * np.ldexp(1.0, -k))[:, :, None] * d).sum(axis=(1, 2)) - sz @ xsum
+        if int8:
+            out[m] = (np.ldexp(1.0, -k)[None, :, None] * d).sum(axis=(1, 2)) * w.scale.double().cpu().numpy()
+        else:
+            xsum = row.reshape(Kp // 128, 128).sum(axis=1)
+            out[m] = ((scale * np.ldexp(1.0, -k))[:, :, None] * d).sum(axis=(1, 2)) - sz @ xsum
     return torch.from_numpy(out)
 
 
@@ -808,28 +824,56 @@ if triton is not None:
             "=r,=r,=r,=r,r", [wd], dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
 
     @triton.jit
-    def _h2_lane(v, HI: tl.constexpr):
-        """One 16-bit half of an int32 register of the interpreter's model: a code (or 16 x code) from _h2_codes, or
-        the fp16 bits of an activation from _h2_pack."""
-        return ((v >> 16) & 0xFFFF) if HI else (v & 0xFFFF)
+    def _h2_codes8(wd, INTERPRET: tl.constexpr):
+        """A word of four int8 codes (WordWeight layout, byte b in bits 8b..8b+7) as two fp16x2 registers: (q0, q2)
+        and (q1, q3), byte b in the low half, b + 2 in the high. One lop3 makes two codes at once: a byte under the
+        bits 0x64 reads as 1024 + u; XOR-ing 0x80 into it as well turns the two's-complement code q into
+        u = q + 128, so ``(w & 0x00FF00FF) ^ 0x64806480`` holds 1152 + q in each half, and one packed subtraction of
+        1152 leaves q, exactly. Under the interpreter: the same values as 16-bit two's-complement integers."""
+        if INTERPRET:
+            b0, b1, b2, b3 = wd & 0xFF, (wd >> 8) & 0xFF, (wd >> 16) & 0xFF, (wd >> 24) & 0xFF
+            return (((b0 ^ 0x80) - 0x80) & 0xFFFF) | ((((b2 ^ 0x80) - 0x80) & 0xFFFF) << 16), \
+                (((b1 ^ 0x80) - 0x80) & 0xFFFF) | ((((b3 ^ 0x80) - 0x80) & 0xFFFF) << 16)
+        return tl.inline_asm_elementwise(
+            """{
+            .reg .b32 t, m;
+            mov.b32 m, 0x64806480;
+            lop3.b32 $0, $2, 0x00FF00FF, m, 0x6A;
+            shr.u32 t, $2, 8;
+            lop3.b32 $1, t, 0x00FF00FF, m, 0x6A;
+            mov.b32 m, 0xE480E480;
+            add.rn.f16x2 $0, $0, m;
+            add.rn.f16x2 $1, $1, m;
+            }""",
+            "=r,=r,r", [wd], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
 
     @triton.jit
-    def _h2_dot(c0, c1, c2, c3, x0, x1, x2, x3, INTERPRET: tl.constexpr):
+    def _h2_lane(v, HI: tl.constexpr, SIGNED: tl.constexpr = False):
+        """One 16-bit half of an int32 register of the interpreter's model: a code (or 16 x code) from _h2_codes, a
+        signed code from _h2_codes8 (SIGNED: the half read as two's complement), or the fp16 bits of an activation
+        from _h2_pack."""
+        h = ((v >> 16) & 0xFFFF) if HI else (v & 0xFFFF)
+        if SIGNED:
+            h = (h ^ 0x8000) - 0x8000
+        return h
+
+    @triton.jit
+    def _h2_dot(c0, c1, c2, c3, x0, x1, x2, x3, INTERPRET: tl.constexpr, SIGNED: tl.constexpr = False):
         """sum over both halves of c0 x0 + c1 x1 + c2 x2 + c3 x3 (fp16x2 codes from _h2_codes, fp16x2 activations from
         _h2_pack) as fp32: one packed multiply and three packed FMAs in fp16, then the two halves converted and added
         (four products per half are summed in fp16, with its 11 significant bits, before fp32 takes over)."""
         if INTERPRET:  # the same arithmetic, each packed operation rounded to fp16 as the hardware rounds it
             out = tl.zeros(c0.shape, tl.float32)
             for HI in tl.static_range(2):
-                s = (_h2_lane(c0, HI).to(tl.float32)
+                s = (_h2_lane(c0, HI, SIGNED).to(tl.float32)
                      * _h2_lane(x0, HI).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)).to(tl.float16)
-                s = (_h2_lane(c1, HI).to(tl.float32)
+                s = (_h2_lane(c1, HI, SIGNED).to(tl.float32)
                      * _h2_lane(x1, HI).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
                      + s.to(tl.float32)).to(tl.float16)
-                s = (_h2_lane(c2, HI).to(tl.float32)
+                s = (_h2_lane(c2, HI, SIGNED).to(tl.float32)
                      * _h2_lane(x2, HI).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
                      + s.to(tl.float32)).to(tl.float16)
-                s = (_h2_lane(c3, HI).to(tl.float32)
+                s = (_h2_lane(c3, HI, SIGNED).to(tl.float32)
                      * _h2_lane(x3, HI).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
                      + s.to(tl.float32)).to(tl.float16)
                 out += s.to(tl.float32)
@@ -858,43 +902,77 @@ if triton is not None:
         return a | (b << 16)
 
     @triton.jit
-    def _h2_step(acc, corr, wd, c_idx, mask_c, x_ptr, s_ptr, z_ptr, offs_n, mask_n, K, stride_sn,
-                 PRO_SILU: tl.constexpr, EVEN: tl.constexpr, RAGGED: tl.constexpr, INTERPRET: tl.constexpr):
-        """One K step of the packed-fp16 word kernel: acc (BLOCK_N, NC, 16) += s 2^-k * (the word's eight q x 2^k
-        summed in fp16), corr (BLOCK_N, NC) += s z (sum of x) per group, 2^k the power of two of each chunk."""
-        kb = (c_idx * 128)[:, None] + tl.arange(0, 16)[None, :]  # (NC, 16): the column at nibble 0 of each word
+    def _h2_words(w_ptr, offs_n, mask_n, stride_wn, k0, K, NC: tl.constexpr, EVEN: tl.constexpr, BITS: tl.constexpr):
+        """The words of one K step of the packed-fp16 kernel for NC chunks of 128 columns, as two (BLOCK_N, NC, 16)
+        tensors: int4, the chunk's 16 words (twice, the same tensor); int8, its first and second 64 columns (16 words
+        each). With the chunk indices and the mask of the chunks inside the row."""
+        if BITS == 4:
+            wd, c_idx, mask_c = _il1_words(w_ptr, offs_n, mask_n, stride_wn, k0, K, 128, NC, EVEN)
+            return wd, wd, c_idx, mask_c
+        c_idx = k0 // 128 + tl.arange(0, NC)
+        mask_c = c_idx < (K + 127) // 128
+        offs = offs_n[:, None, None] * stride_wn + (c_idx * 32)[None, :, None] + tl.arange(0, 16)[None, None, :]
+        if EVEN:
+            wa = tl.load(w_ptr + offs)
+            wb = tl.load(w_ptr + offs + 16)
+        else:
+            mask_a = mask_n[:, None, None] & mask_c[None, :, None]
+            mask_b = mask_n[:, None, None] & (2 * c_idx + 1 < (K + 63) // 64)[None, :, None]
+            wa = tl.load(w_ptr + offs, mask=mask_a, other=0)
+            wb = tl.load(w_ptr + offs + 16, mask=mask_b, other=0)
+        return wa, wb, c_idx, mask_c
+
+    @triton.jit
+    def _h2_step(acc, corr, wa, wb, c_idx, mask_c, x_ptr, s_ptr, z_ptr, offs_n, mask_n, K, stride_sn,
+                 PRO_SILU: tl.constexpr, EVEN: tl.constexpr, RAGGED: tl.constexpr, INTERPRET: tl.constexpr,
+                 BITS: tl.constexpr):
+        """One K step of the packed-fp16 word kernel over NC chunks of 128 columns: acc (BLOCK_N, NC, 16) += 2^-k
+        (times the group's scale s for int4) * (eight q x 2^k summed in fp16 per word position), corr (BLOCK_N, NC)
+        += s z (sum of x) per int4 group, 2^k the power of two of each chunk. int4: one word holds the eight codes;
+        int8: the words at the same position of the chunk's two halves (wa, wb) hold them."""
+        kb = (c_idx * 128)[:, None] + tl.arange(0, 16)[None, :]  # (NC, 16): the column at nibble/byte 0 of each word
         mask_x = None if EVEN else mask_c[:, None] & (kb >= 0)
         x0, x1, x2, x3 = _load_x4(x_ptr, kb, mask_x, K, PRO_SILU, RAGGED)
         x4, x5, x6, x7 = _load_x4(x_ptr, kb + 64, mask_x, K, PRO_SILU, RAGGED)
         # activations in fp16, each 128-column chunk scaled by its own power of two 2^k (exact) that puts its largest
-        # magnitude in [512, 1024): four products of a code (<= 15) stay below fp16's 65504 whatever the activations'
-        # size, and small activations keep fp16's 11 bits instead of sinking into its subnormals. k = 9 - E, with E
-        # the exponent of the chunk's largest |x| (read from its fp32 bits), at most 29 (an all-zero chunk); the 16 q
-        # halves meet x 2^k / 16
+        # magnitude in [512, 1024) for int4, [32, 64) for int8: four products of a code (int4 <= 15, int8 >= -128)
+        # stay below fp16's 65504 whatever the activations' size, and small activations keep fp16's 11 bits instead
+        # of sinking into its subnormals. k = 9 - E (int4) or 5 - E (int8), with E the exponent of the chunk's
+        # largest |x| (read from its fp32 bits); an all-zero chunk gives E = -20. int4's 16 q halves meet x 2^k / 16
         m = tl.max(tl.maximum(tl.maximum(tl.maximum(tl.abs(x0), tl.abs(x1)), tl.maximum(tl.abs(x2), tl.abs(x3))),
                               tl.maximum(tl.maximum(tl.abs(x4), tl.abs(x5)), tl.maximum(tl.abs(x6), tl.abs(x7)))),
                    axis=1)  # (NC,)
-        k = 9 - tl.maximum(((m.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -20)
+        k = (9 if BITS == 4 else 5) - tl.maximum(((m.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -20)
         up = ((k + 127) << 23).to(tl.float32, bitcast=True)[:, None]  # 2^k, (NC, 1)
         down = ((127 - k) << 23).to(tl.float32, bitcast=True)  # 2^-k, (NC,)
-        x_sum = tl.sum(x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7, axis=1)  # (NC,)
-        up16 = up * (1.0 / 16.0)
-        p0 = _h2_pack(x0 * up, x4 * up)
-        p1 = _h2_pack(x1 * up16, x5 * up16)
-        p2 = _h2_pack(x2 * up, x6 * up)
-        p3 = _h2_pack(x3 * up16, x7 * up16)
-        sz_off = offs_n[:, None] * stride_sn + c_idx[None, :]
-        if EVEN:
-            s = tl.load(s_ptr + sz_off).to(tl.float32)  # (BLOCK_N, NC)
-            z = tl.load(z_ptr + sz_off).to(tl.float32)
-        else:
-            sz_mask = mask_n[:, None] & mask_c[None, :]
-            s = tl.load(s_ptr + sz_off, mask=sz_mask, other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + sz_off, mask=sz_mask, other=0.0).to(tl.float32)
-        c0, c1, c2, c3 = _h2_codes(wd, INTERPRET)
-        d = _h2_dot(c0, c1, c2, c3, p0[None], p1[None], p2[None], p3[None], INTERPRET)  # (BLOCK_N, NC, 16)
-        acc += (s * down[None, :])[:, :, None] * d  # the chunk's scale undone with the group's (exact: a power of two)
-        corr += s * z * x_sum[None, :]
+        if BITS == 4:
+            x_sum = tl.sum(x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7, axis=1)  # (NC,)
+            up16 = up * (1.0 / 16.0)
+            p0 = _h2_pack(x0 * up, x4 * up)
+            p1 = _h2_pack(x1 * up16, x5 * up16)
+            p2 = _h2_pack(x2 * up, x6 * up)
+            p3 = _h2_pack(x3 * up16, x7 * up16)
+            sz_off = offs_n[:, None] * stride_sn + c_idx[None, :]
+            if EVEN:
+                s = tl.load(s_ptr + sz_off).to(tl.float32)  # (BLOCK_N, NC)
+                z = tl.load(z_ptr + sz_off).to(tl.float32)
+            else:
+                sz_mask = mask_n[:, None] & mask_c[None, :]
+                s = tl.load(s_ptr + sz_off, mask=sz_mask, other=0.0).to(tl.float32)
+                z = tl.load(z_ptr + sz_off, mask=sz_mask, other=0.0).to(tl.float32)
+            c0, c1, c2, c3 = _h2_codes(wa, INTERPRET)
+            d = _h2_dot(c0, c1, c2, c3, p0[None], p1[None], p2[None], p3[None], INTERPRET)  # (BLOCK_N, NC, 16)
+            acc += (s * down[None, :])[:, :, None] * d  # the chunk's scale undone with the group's (exact)
+            corr += s * z * x_sum[None, :]
+        else:  # int8: bytes 0 and 2 of a word meet columns +0 and +32 of its half-chunk, bytes 1 and 3 +16 and +48
+            c0, c1 = _h2_codes8(wa, INTERPRET)
+            c2, c3 = _h2_codes8(wb, INTERPRET)
+            p0 = _h2_pack(x0 * up, x2 * up)
+            p1 = _h2_pack(x1 * up, x3 * up)
+            p2 = _h2_pack(x4 * up, x6 * up)
+            p3 = _h2_pack(x5 * up, x7 * up)
+            d = _h2_dot(c0, c1, c2, c3, p0[None], p1[None], p2[None], p3[None], INTERPRET, True)
+            acc += down[None, :, None] * d  # the row's scale is applied once, at the end
         return acc, corr
 
     @triton.jit
@@ -903,32 +981,36 @@ if triton is not None:
         N, K, stride_wn, stride_sn, stride_ys, K_CHUNK,
         PRO_SILU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         PDL: tl.constexpr = False, EVEN: tl.constexpr = False, RAGGED: tl.constexpr = False,
-        INTERPRET: tl.constexpr = False,
+        INTERPRET: tl.constexpr = False, BITS: tl.constexpr = 4,
     ):
-        """int4 WordWeight (groups of 128), one activation row, on the CUDA cores with packed fp16 arithmetic: the
-        codes of a word become four fp16x2 registers (two codes per masked OR, _h2_codes) and meet the activations
-        two at a time (fp16x2 FMAs, _h2_dot); each word's eight products are summed in fp16, then in fp32 with the
-        group's scale. About 2.8 (Triton 3.9) to 3.0 (Triton 3.6) instructions per weight in the offline sm_90 SASS,
-        against 3.5 to 6.1 for the fp32 word kernels (scripts/sass_gemv.py). Rounding: each 128-column chunk of
-        activations is scaled by a power of two (its largest magnitude to [512, 1024): no overflow, no subnormals)
-        and rounded to fp16; each product and the three additions after it are rounded to fp16 (11 significant
-        bits)."""
+        """An int4 (groups of 128) or int8 (per row) WordWeight, one activation row, on the CUDA cores with packed
+        fp16 arithmetic: the codes of a word become fp16x2 registers (two codes per lop3, _h2_codes / _h2_codes8)
+        and meet the activations two at a time (fp16x2 FMAs, _h2_dot); eight products per word position (one int4
+        word, two int8 words) are summed in fp16, then in fp32 with the group's (int4) or row's (int8) scale.
+        About 2.8 (Triton 3.9) to 3.0 (Triton 3.6) instructions per int4 weight in the offline sm_90 SASS, against
+        3.5 to 6.1 for the fp32 word kernels (scripts/sass_gemv.py). Rounding: each 128-column chunk of activations
+        is scaled by a power of two (its largest magnitude to [512, 1024) for int4, [32, 64) for int8: no overflow,
+        no subnormals) and rounded to fp16; each product and the three additions after it are rounded to fp16 (11
+        significant bits)."""
         NC: tl.constexpr = BLOCK_K // 128
         pid_k, k_lo, k_hi, offs_n, mask_n = _program_tile(N, K, K_CHUNK, BLOCK_N)
         acc = tl.zeros((BLOCK_N, NC, 16), dtype=tl.float32)
         corr = tl.zeros((BLOCK_N, NC), dtype=tl.float32)
         k_first = k_lo
         if PDL:  # the first words depend on no earlier kernel: load them before waiting for it
-            wd, c_idx, mask_c = _il1_words(w_ptr, offs_n, mask_n, stride_wn, k_lo, K, 128, NC, EVEN)
+            wa, wb, c_idx, mask_c = _h2_words(w_ptr, offs_n, mask_n, stride_wn, k_lo, K, NC, EVEN, BITS)
             _pdl_enter(PDL)
-            acc, corr = _h2_step(acc, corr, wd, c_idx, mask_c, x_ptr, s_ptr, z_ptr, offs_n, mask_n, K, stride_sn,
-                                 PRO_SILU, EVEN, RAGGED, INTERPRET)
+            acc, corr = _h2_step(acc, corr, wa, wb, c_idx, mask_c, x_ptr, s_ptr, z_ptr, offs_n, mask_n, K, stride_sn,
+                                 PRO_SILU, EVEN, RAGGED, INTERPRET, BITS)
             k_first = k_lo + BLOCK_K
         for k0 in range(k_first, k_hi, BLOCK_K):
-            wd, c_idx, mask_c = _il1_words(w_ptr, offs_n, mask_n, stride_wn, k0, K, 128, NC, EVEN)
-            acc, corr = _h2_step(acc, corr, wd, c_idx, mask_c, x_ptr, s_ptr, z_ptr, offs_n, mask_n, K, stride_sn,
-                                 PRO_SILU, EVEN, RAGGED, INTERPRET)
-        y = tl.sum(tl.sum(acc, axis=2), axis=1) - tl.sum(corr, axis=1)
+            wa, wb, c_idx, mask_c = _h2_words(w_ptr, offs_n, mask_n, stride_wn, k0, K, NC, EVEN, BITS)
+            acc, corr = _h2_step(acc, corr, wa, wb, c_idx, mask_c, x_ptr, s_ptr, z_ptr, offs_n, mask_n, K, stride_sn,
+                                 PRO_SILU, EVEN, RAGGED, INTERPRET, BITS)
+        if BITS == 4:
+            y = tl.sum(tl.sum(acc, axis=2), axis=1) - tl.sum(corr, axis=1)
+        else:
+            y = tl.sum(tl.sum(acc, axis=2), axis=1) * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         tl.store(y_ptr + pid_k * stride_ys + offs_n, y.to(y_ptr.dtype.element_ty), mask=mask_n)
 
     @triton.jit
@@ -1096,11 +1178,18 @@ CANDIDATES_IL1 = {
 # fastest config of every 7B-shape int4 GEMV, 9-25% ahead of the word kernel, and the int4 step went from 2.03 to
 # 1.89 ms (results/nvidia-h200/decode_h2.json; that kernel scaled every activation by 1/16, which overflowed above
 # about 16000: the per-chunk scale since then costs 0.1-0.15 instructions per weight offline, not yet timed on a
-# GPU). TUNE_H2 = False leaves it out of tune()'s candidates (the fp32 word kernels only).
+# GPU). TUNE_H2 = False leaves it (and the int8 variant below) out of tune()'s candidates (the fp32 word kernels
+# only).
 TUNE_H2 = True
 CANDIDATES_H2 = [GemvConfig(32, 1024, 4, "h2"), GemvConfig(16, 2048, 4, "h2"), GemvConfig(32, 2048, 8, "h2"),
                  GemvConfig(32, 1024, 4, "h2", split=4), GemvConfig(32, 512, 4, "h2", split=4),
                  GemvConfig(64, 512, 4, "h2", split=4), GemvConfig(16, 2048, 4, "h2", split=4)]
+# int8 WordWeight at M = 1 with packed fp16 arithmetic (the same kernel, BITS=8): two lop3 and two packed
+# subtractions turn a word's four codes into fp16 (the fp32 int8 kernels spend 5.3-5.8 instructions per weight
+# offline, against an issue budget of about 8 at an H200's bandwidth). Words per step as the int4 list's.
+CANDIDATES_H2_INT8 = [GemvConfig(16, 1024, 4, "h2"), GemvConfig(32, 512, 4, "h2"), GemvConfig(16, 512, 4, "h2"),
+                      GemvConfig(8, 2048, 4, "h2"), GemvConfig(32, 512, 4, "h2", split=2),
+                      GemvConfig(16, 512, 4, "h2", split=4), GemvConfig(64, 256, 4, "h2", split=4)]
 _TUNED: dict = {}
 TUNE_FAILURES: list[dict] = []  # every config ``tune`` could not time: {"config", "weight", "M", "error", "resources"}
 _TUNE_TIMES: dict = {}  # the key of ``_TUNED`` -> [(config, ms per call)] of every config ``tune`` timed
@@ -1119,7 +1208,8 @@ def candidates_for(kind: int, M: int, dtype=torch.bfloat16, group: int = 128) ->
     tc = CANDIDATES_TC if kind in (2, 4) and group == 128 and dtype in (torch.bfloat16, torch.float16) else []
     if kind in CANDIDATES_IL:
         # one word layout, two kernels: CUDA cores for a single row, the tensor cores for a batch
-        h2 = CANDIDATES_H2 if TUNE_H2 and kind == 4 and M == 1 and dtype in (torch.bfloat16, torch.float16) else []
+        h2 = ({4: CANDIDATES_H2, 3: CANDIDATES_H2_INT8}[kind]
+              if TUNE_H2 and M == 1 and dtype in (torch.bfloat16, torch.float16) else [])
         return CANDIDATES_IL[kind] + h2 + tc if M == 1 else tc + CANDIDATES_IL[kind]
     if M == 1:
         return tc + CANDIDATES_M1[kind] + CANDIDATES[kind] + CANDIDATES_SPLIT[kind]
@@ -1234,14 +1324,16 @@ def wo_matmul(x: torch.Tensor, w, silu_gate_up: bool = False, config: GemvConfig
                                  BLOCK_M=1 if M == 1 else 16, EVEN=N % cfg.block_n == 0 and K % k_chunk == 0,
                                  num_warps=cfg.num_warps, **kw)
     elif cfg.variant == "h2":
-        if kind != 4 or M != 1:
-            raise ValueError("the 'h2' GEMV (packed fp16 arithmetic) takes an int4 WordWeight and one row of x, "
-                             f"got {type(w).__name__} and M={M}")
+        if kind < 3 or M != 1:
+            raise ValueError("the 'h2' GEMV (packed fp16 arithmetic) takes an int4 or int8 WordWeight "
+                             f"(wo_matmul.interleave) and one row of x, got {type(w).__name__} and M={M}")
+        if block_k % 128:
+            raise ValueError(f"the 'h2' GEMV takes block_k in whole chunks of 128 columns, got {cfg.block_k}")
         _wo_gemv_h2_kernel[grid](x, wp, sp, zp, y, N, K, stride_wn, stride_sn, M * N, k_chunk,
                                  PRO_SILU=silu_gate_up, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
                                  num_warps=cfg.num_warps, RAGGED=K % 128 != 0,
                                  EVEN=N % cfg.block_n == 0 and K % k_chunk == 0 and K % 128 == 0,
-                                 INTERPRET=flash_attn.interpreted(), **kw)
+                                 INTERPRET=flash_attn.interpreted(), BITS=8 if kind == 3 else 4, **kw)
     elif kind >= 3 and cfg.variant == "acc" and M == 1:
         _wo_gemv_il1_kernel[grid](x, wp, sp, zp, y, N, K, stride_wn, stride_sn, M * N, k_chunk,
                                   0x3F800000 if kind == 4 else 0x3FC00000, BITS=8 if kind == 3 else 4,
@@ -1407,7 +1499,7 @@ def tune(w, M: int = 1, dtype=torch.bfloat16, silu_gate_up: bool = False, candid
     best, best_t = None, float("inf")
     times = _TUNE_TIMES[_key(kind, N, K, M, silu_gate_up, dtype, partials, pdl)] = []
     for cfg in candidates or candidates_for(kind, M, dtype, getattr(w, "group", 128)):
-        if (cfg.variant == "acc" and M != 1) or (cfg.variant == "h2" and (M != 1 or kind != 4)):
+        if (cfg.variant == "acc" and M != 1) or (cfg.variant == "h2" and (M != 1 or kind < 3)):
             continue
         if kind == 2 and (max(cfg.block_k, w.group) % w.group):
             continue
