@@ -7,7 +7,8 @@ kernels: every 7B-shape GEMV (bf16 / int8 / int4 Triton vs cuBLAS bf16 vs dequan
 decode:  labkit.fastgen.run_decode_benchmark on the 7B shape (HF generate in the same run) -> decode.json.
 smollm2: token equality of the fast loop with HF generate on SmolLM2 (bf16, GPU) -> smollm2_check.json.
 pipeline: labkit.pipeline.run_matrix on SmolLM2 and the 7B shape -> pipeline.json.
-Environment: GEMV_FORMATS, GEMV_SHAPES (subsets for kernels), GEMV_M (rows of x, default 1), GEMV_SWEEP=variants
+Environment: GEMV_FORMATS, GEMV_SHAPES (subsets for kernels), GEMV_M (rows of x, default 1), GEMV_SWEEP=wide (row-major
+int8 at longer K steps) or GEMV_SWEEP=variants
 (sweep: the word kernel's loop variants, each step reducing / loading one step ahead / per-word accumulators /
 packed fp16 arithmetic for int4).
 """
@@ -39,6 +40,10 @@ def _sweep_configs(kind):
     from labkit.kernels import wo_matmul as wo
 
     if kind < 3:
+        if os.environ.get("GEMV_SWEEP") == "wide" and kind == 1:  # int8 rows: longer K steps, more bytes in flight
+            return [wo.GemvConfig(bn, bk, warps, variant, split) for variant in ("tile", "acc")
+                    for bn in (1, 2, 4, 8) for bk in (2048, 4096, 8192) for warps in (4, 8) for split in (1, 2)
+                    if bn * bk <= 32768]
         return []
     if os.environ.get("GEMV_SWEEP") == "variants":  # the word kernel's loop variants on a narrower grid (M = 1)
         variants = ("tile", "pf", "acc") + (("h2",) if kind == 4 else ())  # h2: int4 in packed fp16 arithmetic

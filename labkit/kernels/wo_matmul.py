@@ -1144,6 +1144,9 @@ CANDIDATES_M1 = {
     2: [GemvConfig(8, 256, 4, "acc"), GemvConfig(16, 256, 4, "acc"), GemvConfig(8, 512, 4, "acc"),
         GemvConfig(16, 128, 4, "acc"), GemvConfig(32, 256, 8, "acc"), GemvConfig(4, 512, 4, "acc")],
 }
+# row-major int8 at one row, long K steps (32 KB of codes per program and step, more bytes in flight): on an H200 the
+# fastest of a wider sweep for the 7B shape's qkv, gate_up and lm_head (results/nvidia-h200/gemv_int8_wide.json)
+CANDIDATES_LONG_K = {1: [GemvConfig(8, 4096, 4), GemvConfig(8, 4096, 4, split=2)]}
 # split-K candidates: more rows per program (less re-reading of x) with enough programs along K
 CANDIDATES_SPLIT = {
     0: [GemvConfig(8, 1024, 4, "acc", 2), GemvConfig(16, 512, 8, "acc", 4), GemvConfig(8, 512, 4, "tile", 4)],
@@ -1212,7 +1215,7 @@ def candidates_for(kind: int, M: int, dtype=torch.bfloat16, group: int = 128) ->
               if TUNE_H2 and M == 1 and dtype in (torch.bfloat16, torch.float16) else [])
         return CANDIDATES_IL[kind] + h2 + tc if M == 1 else tc + CANDIDATES_IL[kind]
     if M == 1:
-        return tc + CANDIDATES_M1[kind] + CANDIDATES[kind] + CANDIDATES_SPLIT[kind]
+        return tc + CANDIDATES_M1[kind] + CANDIDATES[kind] + CANDIDATES_SPLIT[kind] + CANDIDATES_LONG_K.get(kind, [])
     return tc + CANDIDATES[kind] + CANDIDATES_SPLIT[kind]
 
 
