@@ -382,7 +382,7 @@ class LayerWeights:
     mlp_norm: torch.Tensor
 
 
-def _from_quantlinear(mods: list, fmt: str, for_kernel: bool, device):
+def _from_quantlinear(mods: list, fmt: str, for_kernel: bool, device, max_batch: int = 1):
     """The stored codes of ``quant.QuantLinear`` layers (GPTQ, RTN or QAT of ``labkit.gptq``/``labkit.qat``) that read
     the same input, stacked along the output rows, as our weight format, without re-quantizing.
 
@@ -414,24 +414,34 @@ def _from_quantlinear(mods: list, fmt: str, for_kernel: bool, device):
             raise LabkitError("weights='int8' takes 8-bit per-channel symmetric QuantLinear layers (zero point 128, "
                               "e.g. gptq_quantize_model(..., bits=8, groupsize=None, sym=True)); these are "
                               f"{bits}-bit, {scale.shape[1]} group(s) per row, asymmetric={not bool((zero == 128).all())}")
-        return wo.Int8Weight((q.to(torch.int16) - 128).to(torch.int8), scale[:, 0].contiguous())
+        w = wo.Int8Weight((q.to(torch.int16) - 128).to(torch.int8), scale[:, 0].contiguous())
+        return wo.interleave(w) if for_kernel and _int8_words(max_batch) and w.q.shape[1] % 64 == 0 else w
     raise LabkitError(f"the model's linear layers are quantized ({bits}-bit QuantLinear): pass weights='int4' "
                       f"or 'int8' to serve their codes, not weights={fmt!r}")
 
 
-# The int8 layout the Triton kernels read: "rows" (wo.Int8Weight as quantized, the row-major GEMVs) or "words"
-# (wo.WordWeight: the word kernels, and at one row the packed-fp16 "h2" GEMV among the tuner's candidates).
-INT8_LAYOUT = "rows"
+# The int8 layout the Triton kernels read: "rows" (wo.Int8Weight as quantized, the row-major GEMVs), "words"
+# (wo.WordWeight: the word kernels, and at one row the packed-fp16 "h2" GEMV among the tuner's candidates) or
+# "auto": words for a model built for batch 1 (max_batch=1), rows otherwise. On an H200 (7B shape,
+# results/nvidia-h200/decode_int8_layout.json, gemv_int8_m4.json) the batch-1 step took 2.39-2.40 ms with words
+# against 2.47-2.53 ms with rows, while at 4 rows every word-layout GEMV was 1.2-2x slower than the row-major one.
+INT8_LAYOUTS = ("auto", "rows", "words")
+INT8_LAYOUT = "auto"
 
 
-def _quantize(w: torch.Tensor, fmt: str, group: int, for_kernel: bool = False):
+def _int8_words(max_batch: int) -> bool:
+    """Whether int8 weights are stored in the word layout for the kernels (INT8_LAYOUT, for this max_batch)."""
+    if INT8_LAYOUT not in INT8_LAYOUTS:
+        raise LabkitError(f"fastgen.INT8_LAYOUT must be one of {INT8_LAYOUTS}, got {INT8_LAYOUT!r}")
+    return INT8_LAYOUT == "words" or (INT8_LAYOUT == "auto" and max_batch == 1)
+
+
+def _quantize(w: torch.Tensor, fmt: str, group: int, for_kernel: bool = False, max_batch: int = 1):
     if fmt == "bf16":
         return w.contiguous()
     if fmt == "int8":
-        if INT8_LAYOUT not in ("rows", "words"):
-            raise LabkitError(f"fastgen.INT8_LAYOUT must be 'rows' or 'words', got {INT8_LAYOUT!r}")
         q = wo.quantize_int8(w)
-        return wo.interleave(q) if for_kernel and INT8_LAYOUT == "words" and w.shape[1] % 64 == 0 else q
+        return wo.interleave(q) if for_kernel and _int8_words(max_batch) and w.shape[1] % 64 == 0 else q
     if fmt == "int4":
         q = wo.quantize_int4(w, group)
         # the Triton GEMVs read int4 in the interleaved word layout (same codes, wo.WordWeight): the CUDA-core
@@ -493,11 +503,11 @@ class FastLlama:
             return p.detach().to(dev)
 
         def qz(w):
-            return _quantize(w, weights, group, for_kernel=kernels == "triton")
+            return _quantize(w, weights, group, for_kernel=kernels == "triton", max_batch=max_batch)
 
         def stack(*mods):
             if self.prequantized:
-                return _from_quantlinear(list(mods), weights, kernels == "triton", dev)
+                return _from_quantlinear(list(mods), weights, kernels == "triton", dev, max_batch)
             return qz(torch.cat([t(m.weight) for m in mods], dim=0))
 
         self.layers: list[LayerWeights] = []
@@ -510,7 +520,7 @@ class FastLlama:
         self.norm = t(hf_model.model.norm.weight)
         head = hf_model.get_output_embeddings()
         if isinstance(head, quant.QuantLinear):
-            self.lm_head = _from_quantlinear([head], weights, kernels == "triton", dev)
+            self.lm_head = _from_quantlinear([head], weights, kernels == "triton", dev, max_batch)
         elif self.prequantized:
             self.lm_head = t(head.weight).contiguous()  # left unquantized by the quantizer: served as it is
         else:

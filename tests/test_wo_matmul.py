@@ -369,12 +369,14 @@ def test_offline_sass_of_the_gemv_loops(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
-    assert set(rows) == {"int4-acc", "int4", "int8-acc", "int8", "bf16", "int8-rows", "int4-h2"}
+    assert set(rows) == {"int4-acc", "int4", "int8-acc", "int8", "bf16", "int8-rows", "int4-h2", "int8-h2"}
     # packed fp16 arithmetic: two codes per masked OR and per FMA, fewer instructions per weight than either fp32 word
-    # kernel, and no conversion instruction per code
-    h2 = rows["int4-h2"]
-    assert h2["opcodes"].get("HFMA2", 0) > 0 and not any(op.startswith("I2F") for op in h2["opcodes"]), h2["opcodes"]
-    assert h2["per_weight"] < min(rows["int4"]["per_weight"], rows["int4-acc"]["per_weight"]), h2
+    # kernel (and for int8 than the row-major GEMV: 3.1-3.25 against 5.6-5.75), and no conversion instruction per code
+    for bits in ("int4", "int8"):
+        h2 = rows[bits + "-h2"]
+        assert h2["opcodes"].get("HFMA2", 0) > 0 and not any(op.startswith("I2F") for op in h2["opcodes"]), h2
+        assert h2["per_weight"] < min(rows[bits]["per_weight"], rows[bits + "-acc"]["per_weight"]), h2
+    assert rows["int8-h2"]["per_weight"] < rows["int8-rows"]["per_weight"], (rows["int8-h2"], rows["int8-rows"])
     # the row-major int8 GEMV of the decode path: codes become floats by integer add and float subtract, no I2F
     assert not any(op.startswith("I2F") for op in rows["int8-rows"]["opcodes"]), rows["int8-rows"]["opcodes"]
     assert rows["int8-rows"]["opcodes"].get("FADD", 0) >= rows["int8-rows"]["weights_per_thread"]
