@@ -166,57 +166,48 @@ def attn_knobs(model, fmt: str, grid=None, rounds: int = 1, prompt_len: int = 32
     return out
 
 
-def h2_step(model, prompt_len: int = 32, rounds: int = 2) -> list:
-    """The int4 step with its GEMVs tuned over the usual candidates, then with the packed-fp16 word kernel among
-    them (wo_matmul.TUNE_H2): step times, ``rounds`` passes, and the configs each tuning chose."""
+def toggled_steps(model, weights: str, owner, attr: str, values: tuple, key: str, prompt_len: int = 32,
+                  rounds: int = 2) -> list:
+    """The step in ``weights`` built and tuned afresh under each value of the module setting ``owner.attr``, ``rounds``
+    passes over the values: one record per build with the value under ``key``, the step time, its bytes and the
+    configs each tuning chose. The setting and the tuning cache are restored afterwards."""
     from labkit.kernels import wo_matmul as wo
 
-    out, saved = [], wo.TUNE_H2
+    out, saved = [], getattr(owner, attr)
     try:
         for _ in range(rounds):
-            for h2 in (False, True):
-                wo.TUNE_H2 = h2
-                wo._TUNED.clear()  # tune afresh: the cache does not know the candidate list
-                fast = FastLlama(model, weights="int4", kernels="triton", max_seq_len=prompt_len + 512)
-                ms = time_decode(fast, 1, prompt_len, 128)["decode_ms_per_token"]
-                cfgs = {k: str(v) for k, v in fast.gemv_configs(1).items()}
-                out.append({"weights": "int4", "tune_h2": h2, "decode_ms_per_token": ms, "gemv_configs": cfgs})
-                print(f"  int4 tune_h2={h2}: {ms * 1e3:.0f} us/token; "
-                      + ", ".join(f"{k} {v}" for k, v in cfgs.items()), flush=True)
-                del fast
-                torch.cuda.empty_cache()
-    finally:
-        wo.TUNE_H2 = saved
-        wo._TUNED.clear()
-    return out
-
-
-def int8_layout_step(model, prompt_len: int = 32, rounds: int = 2) -> list:
-    """The int8 step with row-major weights (fastgen.INT8_LAYOUT = "rows") and with word-layout weights ("words",
-    the packed-fp16 GEMV among the tuner's candidates at one row): step times, ``rounds`` passes, the chosen configs."""
-    from labkit import fastgen
-    from labkit.kernels import wo_matmul as wo
-
-    out, saved = [], fastgen.INT8_LAYOUT
-    try:
-        for _ in range(rounds):
-            for layout in ("rows", "words"):
-                fastgen.INT8_LAYOUT = layout
-                wo._TUNED.clear()
-                fast = FastLlama(model, weights="int8", kernels="triton", max_seq_len=prompt_len + 512)
+            for value in values:
+                setattr(owner, attr, value)
+                wo._TUNED.clear()  # tune afresh: the cache does not know the candidate list or the layout
+                fast = FastLlama(model, weights=weights, kernels="triton", max_seq_len=prompt_len + 512)
                 t = time_decode(fast, 1, prompt_len, 128)
-                ms = t["decode_ms_per_token"]
                 cfgs = {k: str(v) for k, v in fast.gemv_configs(1).items()}
-                out.append({"weights": "int8", "int8_layout": layout, "decode_ms_per_token": ms,
+                out.append({"weights": weights, key: value, "decode_ms_per_token": t["decode_ms_per_token"],
                             "bytes_per_step": t["bytes_per_step"], "gemv_configs": cfgs})
-                print(f"  int8 layout={layout}: {ms * 1e3:.0f} us/token; "
+                print(f"  {weights} {key}={value}: {t['decode_ms_per_token'] * 1e3:.0f} us/token; "
                       + ", ".join(f"{k} {v}" for k, v in cfgs.items()), flush=True)
                 del fast
                 torch.cuda.empty_cache()
     finally:
-        fastgen.INT8_LAYOUT = saved
+        setattr(owner, attr, saved)
         wo._TUNED.clear()
     return out
+
+
+def h2_step(model) -> list:
+    """The int4 step with its GEMVs tuned over the usual candidates, then with the packed-fp16 word kernel among
+    them (wo_matmul.TUNE_H2)."""
+    from labkit.kernels import wo_matmul as wo
+
+    return toggled_steps(model, "int4", wo, "TUNE_H2", (False, True), "tune_h2")
+
+
+def int8_layout_step(model) -> list:
+    """The int8 step with row-major weights (fastgen.INT8_LAYOUT = "rows") and with word-layout weights ("words",
+    the packed-fp16 GEMV among the tuner's candidates at one row)."""
+    from labkit import fastgen
+
+    return toggled_steps(model, "int8", fastgen, "INT8_LAYOUT", ("rows", "words"), "int8_layout")
 
 
 def main(argv=None) -> int:
@@ -259,9 +250,9 @@ def main(argv=None) -> int:
     if args.h2 or args.int8_layout:
         recs += h2_step(model) if args.h2 else int8_layout_step(model)
         for r in recs:
-            if "bytes_per_step" in r:
-                r["fraction_of_floor"] = r["bytes_per_step"] / read_bw / (r["decode_ms_per_token"] / 1e3)
-                print(f"  int8 {r['int8_layout']}: {r['fraction_of_floor']:.1%} of the floor", flush=True)
+            r["fraction_of_floor"] = r["bytes_per_step"] / read_bw / (r["decode_ms_per_token"] / 1e3)
+            print(f"  {r['weights']} {r.get('int8_layout', r.get('tune_h2'))}: {r['fraction_of_floor']:.1%} of the "
+                  "floor", flush=True)
         args.formats = ""
     elif args.what_if or args.attn_knobs:
         for fmt in args.formats.split(","):
