@@ -21,6 +21,20 @@ def test_cast_rounds_to_nearest_or_toward_zero():
         assert bf16["differ"] == 0, bf16
 
 
+def test_dot_of_exact_values():
+    """tl.dot of small integers (exact in bf16 and fp16, and so is every product and sum): fp16 equals torch on both;
+    bf16 equals torch on a GPU, while the interpreter (Triton 3.9) multiplies the operands' raw 16-bit patterns."""
+    half = rounding.dot_matches_torch(torch.float16)
+    bf16 = rounding.dot_matches_torch(torch.bfloat16)
+    assert half["exact"], half
+    if bf16["interpreted"]:
+        assert bf16["exact"] or bf16["bit_patterns"], bf16
+    else:
+        assert bf16["exact"], bf16
+    with pytest.raises(ValueError, match="bf16 or fp16"):
+        rounding.dot_matches_torch(torch.float32)
+
+
 def test_bad_input():
     with pytest.raises(ValueError, match="fp32 values to bf16 or fp16"):
         rounding.triton_cast(torch.randn(4, dtype=torch.float64), torch.bfloat16)

@@ -49,6 +49,7 @@ IL_CONFIGS = [wo.GemvConfig(8, 128, 1), wo.GemvConfig(16, 256, 2, split=2), wo.G
               wo.GemvConfig(8, 128, 1, "acc"), wo.GemvConfig(16, 256, 2, "acc", split=2),
               wo.GemvConfig(4, 512, 4, "acc"), wo.GemvConfig(8, 128, 1, "pf"), wo.GemvConfig(16, 128, 2, "pf", split=2)]
 TC_CONFIGS = [wo.GemvConfig(16, 128, 4, "tc"), wo.GemvConfig(32, 256, 4, "tc", split=2), wo.GemvConfig(16, 384, 4, "tc")]
+TC8_CONFIGS = [wo.GemvConfig(16, 128, 4, "tc"), wo.GemvConfig(32, 256, 4, "tc", split=2), wo.GemvConfig(16, 64, 4, "tc", 3)]
 H2_CONFIGS = [wo.GemvConfig(8, 128, 1, "h2"), wo.GemvConfig(16, 256, 2, "h2", split=2), wo.GemvConfig(4, 512, 4, "h2")]
 
 
@@ -78,7 +79,7 @@ def test_interleave_roundtrip_and_errors():
 
 
 @pytest.mark.parametrize("fmt", ["fp16", "int8", "int4", "int8-il", "int4-il", "int4-tc", "int4-il-tc", "int4-il-h2",
-                                 "int8-il-h2"])
+                                 "int8-il-h2", "int8-tc"])
 @pytest.mark.parametrize("M", [1, 3])
 @pytest.mark.parametrize("silu", [False, True])
 def test_kernel_matches_dequantize_then_matmul(fmt, M, silu):
@@ -92,11 +93,12 @@ def test_kernel_matches_dequantize_then_matmul(fmt, M, silu):
           "int4-il": lambda: wo.interleave(wo.quantize_int4(w, 128)),
           "int4-il-tc": lambda: wo.interleave(wo.quantize_int4(w, 128)),
           "int4-il-h2": lambda: wo.interleave(wo.quantize_int4(w, 128)),
-          "int8-il-h2": lambda: wo.interleave(wo.quantize_int8(w))}[fmt]()
+          "int8-il-h2": lambda: wo.interleave(wo.quantize_int8(w)), "int8-tc": lambda: wo.quantize_int8(w)}[fmt]()
     x = torch.randn(M, K * (2 if silu else 1), device=dev).half()
     ref32 = wo.matmul_reference(x.float(), wo.dequantize(qw, torch.float32), silu_gate_up=silu)
     err_torch = (wo.matmul_reference(x, qw, silu_gate_up=silu).float() - ref32).abs().max().item()
-    for cfg in {"il": IL_CONFIGS, "tc": TC_CONFIGS, "h2": H2_CONFIGS}.get(fmt.split("-")[-1], CONFIGS):
+    for cfg in {"il": IL_CONFIGS, "tc": TC8_CONFIGS if fmt == "int8-tc" else TC_CONFIGS,
+                "h2": H2_CONFIGS}.get(fmt.split("-")[-1], CONFIGS):
         if cfg.variant in ("acc", "h2") and M != 1:
             continue
         y = wo.wo_matmul(x, qw, silu_gate_up=silu, config=cfg)
@@ -239,6 +241,30 @@ def test_packed_fp16_kernel_is_tuned_for_words_at_one_row(monkeypatch):
     with pytest.raises(ValueError, match="int4 or int8 WordWeight"):
         wo.wo_matmul(torch.randn(1, 256, device=dev).half(), wo.quantize_int8(torch.randn(16, 256, device=dev)),
                      config=wo.GemvConfig(16, 128, 4, "h2"))
+
+
+def test_int8_tensor_core_gemv_for_a_batch():
+    """Int8Weight on the tensor cores (variant 'tc', any M up to 16): codes become fp16 (or bf16) exactly and every
+    product of such an activation and a code is exact in the fp32 accumulator, so the fp32 output equals the fp64
+    product up to fp32's roundoff of the sums (and the scale's one multiplication). The tuner offers it for a batch
+    of bf16/fp16 rows only. fp16 activations: the Triton interpreter (3.9) multiplies the raw bit patterns of bf16
+    operands in tl.dot (labkit.kernels.rounding.dot_matches_torch), so bf16 is checked on a GPU only."""
+    torch.manual_seed(2)
+    dev = env.device()
+    N, K, M = 48, 256, 16
+    q8 = wo.quantize_int8((torch.randn(N, K) * 0.05).bfloat16())
+    x = torch.randn(M, K).half()
+    ref = x.double() @ wo.dequantize(q8, torch.float64).t()
+    mag = x.double().abs() @ (q8.scale.double()[:, None] * q8.q.double().abs()).t()
+    for cfg in (wo.GemvConfig(16, 128, 4, "tc"), wo.GemvConfig(64, 64, 4, "tc", 2)):
+        y = wo.wo_matmul(x.to(dev), q8.to(dev), config=cfg, out=torch.empty(M, N, device=dev)).cpu().double()
+        assert _fp32_units(y - ref, mag) <= 32, (cfg, _fp32_units(y - ref, mag))
+    assert wo.candidates_for(1, 4)[:len(wo.CANDIDATES_TC8)] == wo.CANDIDATES_TC8
+    assert not any(c.variant == "tc" for c in wo.candidates_for(1, 1) + wo.candidates_for(1, 4, torch.float32))
+    with pytest.raises(ValueError, match="power of two"):
+        wo.wo_matmul(x.to(dev), q8.to(dev), config=wo.GemvConfig(16, 384, 4, "tc"))
+    with pytest.raises(ValueError, match="bf16/fp16"):
+        wo.wo_matmul(x.float().to(dev), q8.to(dev), config=wo.GemvConfig(16, 128, 4, "tc"))
 
 
 def test_ragged_last_group_from_codes():

@@ -5,6 +5,9 @@ interpreter (``TRITON_INTERPRET=1``), which runs the same kernel in numpy and ne
 - ``compare_with_torch(x, dtype)``: that cast against torch's ``x.to(dtype)`` (round to nearest, ties to even):
   how many values differ, how many of those are the truncation of ``x`` (rounding toward zero), and the largest
   difference in units of the last place of ``dtype``.
+- ``dot_matches_torch(dtype)``: a 16 x 16 ``tl.dot`` of small integers held in ``dtype`` (every product and sum exact)
+  against torch. Triton 3.9's interpreter multiplies the raw 16-bit patterns of bf16 operands (an fp16 dot is
+  right), so a kernel whose ``tl.dot`` takes bf16 can be checked on a CPU only with fp16 data.
 """
 from __future__ import annotations
 
@@ -26,6 +29,16 @@ if triton is not None:
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=mask).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _dot_kernel(a_ptr, b_ptr, c_ptr, N: tl.constexpr):
+        i = tl.arange(0, N)
+        a = tl.load(a_ptr + i[:, None] * N + i[None, :])
+        b = tl.load(b_ptr + i[:, None] * N + i[None, :])
+        tl.store(c_ptr + i[:, None] * N + i[None, :], tl.dot(a, b))
 
 
 def triton_cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -54,3 +67,26 @@ def compare_with_torch(x: torch.Tensor, dtype: torch.dtype) -> dict:
     return {"n": x.numel(), "differ": int(differ.sum()), "toward_zero": int((differ & (ours == trunc)).sum()),
             "max_ulps": float(((ours.float() - nearest.float()).abs() / ulp).max()),
             "interpreted": flash_attn.interpreted()}
+
+
+def dot_matches_torch(dtype: torch.dtype, device=None, seed: int = 0) -> dict:
+    """A (16, 16) x (16, 16) ``tl.dot`` of integers in [-4, 4] stored as ``dtype`` (bf16 or fp16: exact, and so is
+    every product and sum in the fp32 accumulator) against torch's fp32 product: {"exact", "max_abs_error",
+    "bit_patterns" (the result equals the product of the operands' raw unsigned 16-bit patterns), "interpreted"}."""
+    if triton is None:
+        raise env.LabkitError("triton is not installed: pip install triton (on a CPU it runs with TRITON_INTERPRET=1)")
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"dot_matches_torch takes bf16 or fp16, got {dtype}")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() and not flash_attn.interpreted() else "cpu"))
+    if device.type != "cuda" and not flash_attn.interpreted():
+        raise env.LabkitError(f"{device} is not a CUDA GPU: Triton compiles for one; set TRITON_INTERPRET=1 before "
+                              "importing triton to run the kernel on the CPU")
+    g = torch.Generator().manual_seed(seed)
+    a, b = (torch.randint(-4, 5, (16, 16), generator=g).to(dtype) for _ in range(2))
+    c = torch.empty(16, 16, device=device)
+    _dot_kernel[(1,)](a.to(device), b.to(device), c, N=16)
+    c = c.cpu()
+    ref = a.float() @ b.float()
+    raw = (a.view(torch.int16).long() & 0xFFFF).double() @ (b.view(torch.int16).long() & 0xFFFF).double()
+    return {"exact": bool(torch.equal(c, ref)), "max_abs_error": float((c - ref).abs().max()),
+            "bit_patterns": bool(torch.allclose(c.double(), raw, rtol=1e-6)), "interpreted": flash_attn.interpreted()}

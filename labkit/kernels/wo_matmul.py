@@ -1098,6 +1098,45 @@ if triton is not None:
         tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_m[None, :])
 
     @triton.jit
+    def _wo_gemv_tc8_kernel(
+        x_ptr, w_ptr, s_ptr, y_ptr,
+        M, N, K, stride_xm, stride_wn, stride_ym, stride_ys, K_CHUNK,
+        PRO_SILU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
+        PDL: tl.constexpr = False,
+    ):
+        """int8 rows (Int8Weight) for a batch of up to 16 activation rows, on the tensor cores: each (BLOCK_N,
+        BLOCK_K) tile of codes becomes bf16/fp16 (every code from -128 to 127 is exact in either) and meets the
+        (BLOCK_K, BLOCK_M) activations in one ``tl.dot`` with fp32 accumulation; the row's scale multiplies the sum
+        once at the end. The codes are dequantized once per tile for all rows of x, where the CUDA-core kernels
+        reduce a product per row of x."""
+        dt: tl.constexpr = x_ptr.dtype.element_ty
+        pid_k, k_lo, k_hi, offs_n, mask_n = _program_tile(N, K, K_CHUNK, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        offs_m = tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
+        x_rows = x_ptr + offs_m[None, :] * stride_xm  # (1, BLOCK_M)
+        acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+        k_first = k_lo
+        if PDL:  # the first tile of codes depends on no earlier kernel: load it before waiting for it
+            kk = k_lo + offs_k
+            w = tl.load(w_ptr + offs_n[:, None] * stride_wn + kk[None, :], mask=mask_n[:, None] & (kk < K)[None, :],
+                        other=0)
+            _pdl_enter(PDL)
+            xt = _load_x(x_rows, kk[:, None], mask_m[None, :] & (kk < K)[:, None], K, PRO_SILU)  # (BLOCK_K, BLOCK_M)
+            acc += tl.dot(w.to(tl.float32).to(dt), xt.to(dt))
+            k_first = k_lo + BLOCK_K
+        for k0 in range(k_first, k_hi, BLOCK_K):
+            kk = k0 + offs_k
+            mask_k = kk < K
+            w = tl.load(w_ptr + offs_n[:, None] * stride_wn + kk[None, :], mask=mask_n[:, None] & mask_k[None, :],
+                        other=0)
+            xt = _load_x(x_rows, kk[:, None], mask_m[None, :] & mask_k[:, None], K, PRO_SILU)
+            acc += tl.dot(w.to(tl.float32).to(dt), xt.to(dt))
+        out = acc * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+        y_ptrs = y_ptr + pid_k * stride_ys + offs_m[None, :] * stride_ym + offs_n[:, None]
+        tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_m[None, :])
+
+    @triton.jit
     def _sum_splits_kernel(p_ptr, y_ptr, MN, SPLIT: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
         """y[i] = sum over s of p[s, i] (fp32 partials of a split-K GEMV), cast to y's dtype."""
         _pdl_enter(PDL)
@@ -1205,6 +1244,13 @@ CANDIDATES_TC = [GemvConfig(64, 512, 4, "tc"), GemvConfig(64, 512, 4, "tc", 2), 
                  GemvConfig(64, 1024, 4, "tc")]
 
 
+# int8 rows on the tensor cores for a batch (_wo_gemv_tc8_kernel, M > 1, bf16/fp16 activations): on an H200 the
+# CUDA-core int8 GEMVs at 4 rows reached only 26-37% of the read bandwidth, behind cuBLAS in bf16 reading twice the
+# bytes (results/nvidia-h200/gemv_int8_m4.json). Not yet timed on a GPU: the tuner times it against the others.
+CANDIDATES_TC8 = [GemvConfig(64, 256, 4, "tc"), GemvConfig(64, 256, 4, "tc", 2), GemvConfig(64, 256, 4, "tc", 4),
+                  GemvConfig(128, 128, 8, "tc"), GemvConfig(64, 512, 4, "tc", 2), GemvConfig(128, 256, 8, "tc", 4)]
+
+
 def candidates_for(kind: int, M: int, dtype=torch.bfloat16, group: int = 128) -> list:
     """The configs tune() tries for a weight kind (0 float, 1 int8, 2 int4, 3/4 WordWeight int8/int4) at M rows;
     the first is the default when nothing was tuned."""
@@ -1214,6 +1260,8 @@ def candidates_for(kind: int, M: int, dtype=torch.bfloat16, group: int = 128) ->
         h2 = ({4: CANDIDATES_H2, 3: CANDIDATES_H2_INT8}[kind]
               if TUNE_H2 and M == 1 and dtype in (torch.bfloat16, torch.float16) else [])
         return CANDIDATES_IL[kind] + h2 + tc if M == 1 else tc + CANDIDATES_IL[kind]
+    if kind == 1 and dtype in (torch.bfloat16, torch.float16):
+        tc = [] if M == 1 else CANDIDATES_TC8
     if M == 1:
         return tc + CANDIDATES_M1[kind] + CANDIDATES[kind] + CANDIDATES_SPLIT[kind] + CANDIDATES_LONG_K.get(kind, [])
     return tc + CANDIDATES[kind] + CANDIDATES_SPLIT[kind]
@@ -1315,10 +1363,18 @@ def wo_matmul(x: torch.Tensor, w, silu_gate_up: bool = False, config: GemvConfig
             raise ValueError("split-K needs a contiguous output")
     else:
         y = out
-    if cfg.variant == "tc":
+    if cfg.variant == "tc" and kind == 1:
+        if x.dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"the 'tc' GEMV takes bf16/fp16 activations, got {x.dtype}")
+        if block_k < 16 or block_k & (block_k - 1):
+            raise ValueError(f"the int8 'tc' GEMV takes block_k a power of two >= 16, got {block_k}")
+        _wo_gemv_tc8_kernel[grid](x, wp, sp, y, M, N, K, x.stride(0), stride_wn, N if nsplit > 1 else out.stride(0),
+                                  M * N, k_chunk, PRO_SILU=silu_gate_up, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
+                                  BLOCK_M=16, num_warps=cfg.num_warps, **kw)
+    elif cfg.variant == "tc":
         if kind not in (2, 4) or group != 128 or x.dtype not in (torch.bfloat16, torch.float16):
-            raise ValueError("the 'tc' GEMV takes int4 (Int4Weight or WordWeight) with groups of 128 and bf16/fp16 "
-                             "activations")
+            raise ValueError("the 'tc' GEMV takes int8 rows (Int8Weight), or int4 (Int4Weight or WordWeight) with "
+                             "groups of 128, and bf16/fp16 activations")
         magic, bias = (0x43004300, 128.0) if x.dtype == torch.bfloat16 else (0x64006400, 1024.0)
         words = wp if kind == 4 else wp.view(torch.int32)
         _wo_gemv_tc_kernel[grid](x, words, sp, zp, y, M, N, K, x.stride(0), words.stride(0), stride_sn,
@@ -1447,7 +1503,7 @@ def kernel_name(w, config: GemvConfig, M: int = 1) -> str:
     """Which kernel ``wo_matmul`` runs for this weight, config and M (``+ split-K`` when it splits)."""
     kind = _kind(w)
     if config.variant == "tc":
-        name = "int4 tensor-core GEMV"
+        name = "int8 tensor-core GEMV" if kind == 1 else "int4 tensor-core GEMV"
     elif kind >= 3:
         name = ("word kernel, packed fp16 (M=1)" if config.variant == "h2"
                 else "word kernel, per-word accumulators (M=1)" if config.variant == "acc" and M == 1
