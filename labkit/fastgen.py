@@ -453,7 +453,8 @@ def _quantize(w: torch.Tensor, fmt: str, group: int, for_kernel: bool = False, m
 class FastLlama:
     """Our Llama forward + static KV cache + CUDA-graph decode over weights copied from an HF LlamaForCausalLM.
 
-    ``weights``: "bf16" (the model's dtype as is), "int8" (per-channel) or "int4" (group-wise, ``group``);
+    ``weights``: "bf16" (the model's dtype as is), "int8" (per-channel; for the Triton kernels stored in the word
+    layout when ``max_batch`` is 1, row-major otherwise: ``INT8_LAYOUT``) or "int4" (group-wise, ``group``);
     every linear layer including the LM head is converted, the embedding table stays as it is (a step
     reads one row of it). A model whose linear layers are ``quant.QuantLinear`` (from ``labkit.gptq``: GPTQ or RTN)
     is served from its own codes instead (``weights`` must name their format, see ``_from_quantlinear``); its
