@@ -73,6 +73,25 @@ def test_pinned_gemv_configs(monkeypatch):
         fast.pin_gemv_configs({"wqkv": cfgs["wqkv"]})
 
 
+def test_int8_layout_follows_max_batch(monkeypatch):
+    """int8 for the Triton kernels: words (WordWeight) for a batch-1 model, row-major (Int8Weight) for a batch, or as
+    fastgen.INT8_LAYOUT says; the torch path keeps the row-major codes; an unknown layout is an error."""
+    model, _ = models.load("tiny-llama-shape", dtype=torch.float16)
+
+    def layout(**kw):
+        return type(fastgen.FastLlama(model, weights="int8", max_seq_len=16, **kw).layers[0].wqkv).__name__
+
+    assert layout(kernels="triton") == "WordWeight" and layout(kernels="triton", max_batch=4) == "Int8Weight"
+    assert layout(kernels="torch") == "Int8Weight"
+    monkeypatch.setattr(fastgen, "INT8_LAYOUT", "rows")
+    assert layout(kernels="triton") == "Int8Weight"
+    monkeypatch.setattr(fastgen, "INT8_LAYOUT", "words")
+    assert layout(kernels="triton", max_batch=4) == "WordWeight"
+    monkeypatch.setattr(fastgen, "INT8_LAYOUT", "columns")
+    with pytest.raises(LabkitError, match="INT8_LAYOUT"):
+        layout(kernels="triton")
+
+
 def test_errors(tiny):
     with pytest.raises(LabkitError):
         fastgen.FastLlama(tiny, weights="int3")
