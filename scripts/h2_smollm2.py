@@ -1,19 +1,19 @@
-"""The packed-fp16 int4 GEMV's arithmetic on the real SmolLM2, on a CPU: greedy tokens and perplexity.
+"""The packed-fp16 GEMV's arithmetic on the real SmolLM2, on a CPU: greedy tokens and perplexity, int4 or int8.
 
-    python scripts/h2_smollm2.py [--new-tokens 32] [--ppl-tokens 128] [--out DIR]
+    python scripts/h2_smollm2.py [--weights int4|int8] [--new-tokens 32] [--ppl-tokens 128] [--out DIR]
 
-The GPU's int4 decode step uses the "h2" GEMV wherever the tuner finds it fastest (on an H200: every 7B-shape GEMV),
-so its fp16 roundings meet real weights and real activations. This runs SmolLM2-135M-Instruct's int4 build
-(FastLlama's own group-128 quantization) through the decode step three ways, every one-row GEMV of int4 codes
-computed as
-  exact:  in float64 from the bf16 activations (what the fp32 word kernels approximate),
+The GPU's int4 decode step uses the "h2" GEMV wherever the tuner finds it fastest (on an H200: most 7B-shape GEMVs),
+and the int8 step of a batch-1 model (word layout) where it wins (on an H200: the o projection), so its fp16
+roundings meet real weights and real activations. This runs SmolLM2-135M-Instruct's int4 (FastLlama's own group-128
+quantization) or int8 (per channel) build through the decode step three ways, every one-row GEMV of codes computed as
+  exact:  in float64 from the bf16 activations (what the fp32 kernels approximate),
   h2:     wo_matmul.matmul_h2_reference, the h2 kernel's arithmetic written out (checked against the kernel in
-          tests/test_wo_matmul.py), activations to fp16 and each word's four products per half summed in fp16,
+          tests/test_wo_matmul.py), activations to fp16 and eight products per word position summed in fp16,
   torch:  FastLlama's torch path, dequantize-then-matmul in bf16 (the reference the GPU token checks use),
 and compares greedy continuations (prefix of equal tokens), decode perplexity over pydoc eval tokens, and the
-largest activation magnitude each GEMV saw (the h2 kernel's range ends near 16000). Prompts run through torch's
-prefill in every case (the GPU runs them on the tensor-core kernel, not h2). Writes h2_smollm2.json to --out
-(default results/local/). Slow: the reference is numpy, several seconds a token.
+largest activation magnitude each GEMV saw. Prompts run through torch's prefill in every case. Writes
+h2_smollm2.json (int4) or h2_smollm2_int8.json to --out (default results/local/). Slow: the reference is numpy,
+several seconds a token.
 """
 import argparse
 import json
@@ -28,13 +28,14 @@ from labkit import bench, data, env, fastgen, models
 from labkit.kernels import wo_matmul as wo
 
 
-def build(model, how: str, seen: dict) -> fastgen.FastLlama:
-    fast = fastgen.FastLlama(model, weights="int4", kernels="torch", max_seq_len=512)
+def build(model, how: str, seen: dict, weights: str = "int4") -> fastgen.FastLlama:
+    fast = fastgen.FastLlama(model, weights=weights, kernels="torch", max_seq_len=512)
+    kind = wo.Int4Weight if weights == "int4" else wo.Int8Weight
     torch_lin = fast._lin
     dense = {}
 
     def lin(x, w, silu=False, use_kernel=False, partials=False):
-        if how == "torch" or x.dim() != 2 or x.shape[0] != 1 or not isinstance(w, wo.Int4Weight):  # prefill: torch
+        if how == "torch" or x.dim() != 2 or x.shape[0] != 1 or not isinstance(w, kind):  # prefill: torch
             return torch_lin(x, w, silu, use_kernel, partials)
         key = f"{w.shape[0]}x{w.shape[1]}" + (" (silu(gate) * up)" if silu else "")
         xa = x
@@ -54,6 +55,7 @@ def build(model, how: str, seen: dict) -> fastgen.FastLlama:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--weights", choices=("int4", "int8"), default="int4")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--ppl-tokens", type=int, default=128)
     p.add_argument("--out", type=Path, default=None)
@@ -65,7 +67,7 @@ def main(argv=None) -> int:
     ids = data.load_splits(tok, "pydoc").eval[:args.ppl_tokens]
     prompt = tok("The three primary colours are", return_tensors="pt").input_ids
     seen: dict = {}
-    builds = {how: build(model, how, seen) for how in ("exact", "h2", "torch")}
+    builds = {how: build(model, how, seen, args.weights) for how in ("exact", "h2", "torch")}
     tokens, ppl = {}, {}
     for how, fast in builds.items():
         print(f"{how}: {args.new_tokens} greedy tokens ({time.time() - t0:.0f} s)", flush=True)
@@ -77,7 +79,8 @@ def main(argv=None) -> int:
     def prefix(a, b):
         return int((a == b).long().cumprod(dim=1).sum())
 
-    summary = {"model": "SmolLM2-135M-Instruct (real weights), FastLlama int4 (group 128)",
+    summary = {"model": "SmolLM2-135M-Instruct (real weights), FastLlama "
+                        + ("int4 (group 128)" if args.weights == "int4" else "int8 (per channel)"),
                "new_tokens": args.new_tokens, "ppl_tokens": int(ids.numel()), "corpus": "pydoc",
                "greedy_prefix": {"h2_vs_exact": prefix(tokens["h2"], tokens["exact"]),
                                  "h2_vs_torch": prefix(tokens["h2"], tokens["torch"]),
@@ -91,7 +94,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     meta = bench.run_metadata()
     meta["note"] = "the h2 GEMV's arithmetic emulated in numpy on this machine's CPU (no GPU kernel ran)"
-    bench.write_results(out / "h2_smollm2.json", [], summary, meta)
+    bench.write_results(out / ("h2_smollm2.json" if args.weights == "int4" else "h2_smollm2_int8.json"), [], summary,
+                        meta)
     return 0
 
 
