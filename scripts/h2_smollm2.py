@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from labkit import bench, data, env, fastgen, models
+from labkit import bench, data, fastgen, models
 from labkit.kernels import wo_matmul as wo
 
 
