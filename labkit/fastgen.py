@@ -414,8 +414,8 @@ def _from_quantlinear(mods: list, fmt: str, for_kernel: bool, device, max_batch:
             raise LabkitError("weights='int8' takes 8-bit per-channel symmetric QuantLinear layers (zero point 128, "
                               "e.g. gptq_quantize_model(..., bits=8, groupsize=None, sym=True)); these are "
                               f"{bits}-bit, {scale.shape[1]} group(s) per row, asymmetric={not bool((zero == 128).all())}")
-        w = wo.Int8Weight((q.to(torch.int16) - 128).to(torch.int8), scale[:, 0].contiguous())
-        return wo.interleave(w) if for_kernel and _int8_words(max_batch) and w.q.shape[1] % 64 == 0 else w
+        return _int8_layout(wo.Int8Weight((q.to(torch.int16) - 128).to(torch.int8), scale[:, 0].contiguous()),
+                            for_kernel, max_batch)
     raise LabkitError(f"the model's linear layers are quantized ({bits}-bit QuantLinear): pass weights='int4' "
                       f"or 'int8' to serve their codes, not weights={fmt!r}")
 
@@ -429,19 +429,20 @@ INT8_LAYOUTS = ("auto", "rows", "words")
 INT8_LAYOUT = "auto"
 
 
-def _int8_words(max_batch: int) -> bool:
-    """Whether int8 weights are stored in the word layout for the kernels (INT8_LAYOUT, for this max_batch)."""
+def _int8_layout(w, for_kernel: bool, max_batch: int):
+    """An Int8Weight as the kernels of a model built for ``max_batch`` rows read it (INT8_LAYOUT): interleaved into
+    words, or as it is (also for the torch path, and for rows not a multiple of 64 columns)."""
     if INT8_LAYOUT not in INT8_LAYOUTS:
         raise LabkitError(f"fastgen.INT8_LAYOUT must be one of {INT8_LAYOUTS}, got {INT8_LAYOUT!r}")
-    return INT8_LAYOUT == "words" or (INT8_LAYOUT == "auto" and max_batch == 1)
+    words = INT8_LAYOUT == "words" or (INT8_LAYOUT == "auto" and max_batch == 1)
+    return wo.interleave(w) if for_kernel and words and w.q.shape[1] % 64 == 0 else w
 
 
 def _quantize(w: torch.Tensor, fmt: str, group: int, for_kernel: bool = False, max_batch: int = 1):
     if fmt == "bf16":
         return w.contiguous()
     if fmt == "int8":
-        q = wo.quantize_int8(w)
-        return wo.interleave(q) if for_kernel and _int8_words(max_batch) and w.shape[1] % 64 == 0 else q
+        return _int8_layout(wo.quantize_int8(w), for_kernel, max_batch)
     if fmt == "int4":
         q = wo.quantize_int4(w, group)
         # the Triton GEMVs read int4 in the interleaved word layout (same codes, wo.WordWeight): the CUDA-core

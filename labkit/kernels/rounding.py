@@ -30,9 +30,6 @@ if triton is not None:
         mask = offs < n
         tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=mask).to(y_ptr.dtype.element_ty), mask=mask)
 
-
-if triton is not None:
-
     @triton.jit
     def _dot_kernel(a_ptr, b_ptr, c_ptr, N: tl.constexpr):
         i = tl.arange(0, N)

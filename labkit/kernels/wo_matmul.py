@@ -1098,6 +1098,13 @@ if triton is not None:
         tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_m[None, :])
 
     @triton.jit
+    def _tc8_dot(acc, w, x_rows, kk, mask_m, K, PRO_SILU: tl.constexpr, dt: tl.constexpr):
+        """acc (BLOCK_N, BLOCK_M) += the (BLOCK_N, BLOCK_K) int8 codes w, as dt (exact), times the activations of the
+        columns kk, (BLOCK_K, BLOCK_M), in one tl.dot."""
+        xt = _load_x(x_rows, kk[:, None], mask_m[None, :] & (kk < K)[:, None], K, PRO_SILU)
+        return acc + tl.dot(w.to(tl.float32).to(dt), xt.to(dt))
+
+    @triton.jit
     def _wo_gemv_tc8_kernel(
         x_ptr, w_ptr, s_ptr, y_ptr,
         M, N, K, stride_xm, stride_wn, stride_ym, stride_ys, K_CHUNK,
@@ -1122,16 +1129,13 @@ if triton is not None:
             w = tl.load(w_ptr + offs_n[:, None] * stride_wn + kk[None, :], mask=mask_n[:, None] & (kk < K)[None, :],
                         other=0)
             _pdl_enter(PDL)
-            xt = _load_x(x_rows, kk[:, None], mask_m[None, :] & (kk < K)[:, None], K, PRO_SILU)  # (BLOCK_K, BLOCK_M)
-            acc += tl.dot(w.to(tl.float32).to(dt), xt.to(dt))
+            acc = _tc8_dot(acc, w, x_rows, kk, mask_m, K, PRO_SILU, dt)
             k_first = k_lo + BLOCK_K
         for k0 in range(k_first, k_hi, BLOCK_K):
             kk = k0 + offs_k
-            mask_k = kk < K
-            w = tl.load(w_ptr + offs_n[:, None] * stride_wn + kk[None, :], mask=mask_n[:, None] & mask_k[None, :],
+            w = tl.load(w_ptr + offs_n[:, None] * stride_wn + kk[None, :], mask=mask_n[:, None] & (kk < K)[None, :],
                         other=0)
-            xt = _load_x(x_rows, kk[:, None], mask_m[None, :] & mask_k[:, None], K, PRO_SILU)
-            acc += tl.dot(w.to(tl.float32).to(dt), xt.to(dt))
+            acc = _tc8_dot(acc, w, x_rows, kk, mask_m, K, PRO_SILU, dt)
         out = acc * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
         y_ptrs = y_ptr + pid_k * stride_ys + offs_m[None, :] * stride_ym + offs_n[:, None]
         tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_m[None, :])
@@ -1219,8 +1223,8 @@ CANDIDATES_IL1 = {
 # chunk of 128 scaled by its own power of two) and each word's eight products summed in fp16. On an H200 it was the
 # fastest config of every 7B-shape int4 GEMV, 9-25% ahead of the word kernel, and the int4 step went from 2.03 to
 # 1.89 ms (results/nvidia-h200/decode_h2.json; that kernel scaled every activation by 1/16, which overflowed above
-# about 16000: the per-chunk scale since then costs 0.1-0.15 instructions per weight offline, not yet timed on a
-# GPU). TUNE_H2 = False leaves it (and the int8 variant below) out of tune()'s candidates (the fp32 word kernels
+# about 16000). With the per-chunk scale (0.1-0.15 more instructions per weight offline) the tuner of decode.json
+# (e130716) still chose it for four of the five GEMVs, and the step took 1.94 ms. TUNE_H2 = False leaves it (and the int8 variant below) out of tune()'s candidates (the fp32 word kernels
 # only).
 TUNE_H2 = True
 CANDIDATES_H2 = [GemvConfig(32, 1024, 4, "h2"), GemvConfig(16, 2048, 4, "h2"), GemvConfig(32, 2048, 8, "h2"),
