@@ -8,10 +8,12 @@ decode:  labkit.fastgen.run_decode_benchmark on the 7B shape (HF generate in the
 smollm2: token equality of the fast loop with HF generate on SmolLM2 (bf16, GPU) -> smollm2_check.json.
 pipeline: labkit.pipeline.run_matrix on SmolLM2 and the 7B shape -> pipeline.json.
 Environment: GEMV_FORMATS, GEMV_SHAPES (subsets for kernels), GEMV_M (rows of x, default 1), GEMV_SWEEP=wide (row-major
-int8 at longer K steps) or GEMV_SWEEP=variants
+int8 at longer K steps), GEMV_SWEEP=stages (the batch-1 CUDA-core configs with their K loop pipelined 2-4 deep) or
+GEMV_SWEEP=variants
 (sweep: the word kernel's loop variants, each step reducing / loading one step ahead / per-word accumulators /
 packed fp16 arithmetic for int4).
 """
+import dataclasses
 import json
 import os
 import sys
@@ -39,6 +41,10 @@ def _sweep_configs(kind):
     """A wider grid than the tuner's, for the interleaved-word kernel (exploration)."""
     from labkit.kernels import wo_matmul as wo
 
+    if os.environ.get("GEMV_SWEEP") == "stages":  # the batch-1 CUDA-core configs, each with its K loop pipelined
+        base = {0: wo.CANDIDATES_M1[0], 1: wo.CANDIDATES_M1[1] + wo.CANDIDATES_LONG_K[1], 2: [],
+                3: wo.CANDIDATES_H2_INT8, 4: wo.CANDIDATES_H2}[kind]
+        return [dataclasses.replace(c, stages=st) for c in base for st in (None, 2, 3, 4)]
     if kind < 3:
         if os.environ.get("GEMV_SWEEP") == "wide" and kind == 1:  # int8 rows: longer K steps, more bytes in flight
             return [wo.GemvConfig(bn, bk, warps, variant, split) for variant in ("tile", "acc")
@@ -89,6 +95,8 @@ def part_kernels(sweep=False):
             err_torch = (ref16 - ref32).abs().max().item()
             nbytes = wo.weight_nbytes(qw)
             cands = wo.candidates_for(kind, M) + (_sweep_configs(kind) if sweep else [])
+            if os.environ.get("GEMV_SWEEP") == "stages":
+                cands = _sweep_configs(kind)
             timed = []
             for cfg in dict.fromkeys(cands):
                 try:
@@ -104,7 +112,7 @@ def part_kernels(sweep=False):
             ok = all(e <= 2 * err_torch + 1e-3 * ref32.abs().max().item() for _, _, e in timed)
             best_by_variant = {}
             for tv, cv, _ in timed:
-                best_by_variant.setdefault(cv.variant, {"ms": tv, "config": cv.__dict__,
+                best_by_variant.setdefault(cv.variant + (f"/stages={cv.stages}" if cv.stages else ""), {"ms": tv, "config": cv.__dict__,
                                                         "fraction_of_read_bw": nbytes / (tv / 1e3) / read_bw})
             r = {"shape": name, "N": N, "K": K, "M": M, "weights": fmt, "config": cfg.__dict__, "max_err": err,
                  "torch_bf16_err": err_torch, "ok": ok, "ms": t, "cublas_bf16_ms": t_cublas,

@@ -41,16 +41,23 @@ def test_bad_input():
         wo.wo_matmul(torch.randn(1, 32).half(), w)  # wrong K
     with pytest.raises(TypeError):
         wo.dequantize("not a weight")
+    for bad in (wo.GemvConfig(16, 64, 4, "tc", stages=3), wo.GemvConfig(8, 64, 4, stages=0)):
+        with pytest.raises(ValueError, match="stages"):  # pipelining is for the CUDA-core kernels, n >= 1
+            wo.wo_matmul(torch.randn(2, 64).half(), w, config=bad)
+    with pytest.raises(ValueError, match="stages"):  # the fp32 word kernels have no pipelined loop
+        wo.wo_matmul(torch.randn(1, 64).half(), wo.interleave(w), config=wo.GemvConfig(8, 64, 4, "acc", stages=2))
 
 
 CONFIGS = [wo.GemvConfig(8, 128, 4, "tile"), wo.GemvConfig(16, 256, 4, "acc"), wo.GemvConfig(16, 128, 4, "tile", 3),
-           wo.GemvConfig(8, 128, 4, "acc", 2)]
+           wo.GemvConfig(8, 128, 4, "acc", 2), wo.GemvConfig(8, 128, 4, "tile", stages=3),
+           wo.GemvConfig(16, 128, 4, "acc", 2, stages=2)]
 IL_CONFIGS = [wo.GemvConfig(8, 128, 1), wo.GemvConfig(16, 256, 2, split=2), wo.GemvConfig(4, 512, 4),
               wo.GemvConfig(8, 128, 1, "acc"), wo.GemvConfig(16, 256, 2, "acc", split=2),
               wo.GemvConfig(4, 512, 4, "acc"), wo.GemvConfig(8, 128, 1, "pf"), wo.GemvConfig(16, 128, 2, "pf", split=2)]
 TC_CONFIGS = [wo.GemvConfig(16, 128, 4, "tc"), wo.GemvConfig(32, 256, 4, "tc", split=2), wo.GemvConfig(16, 384, 4, "tc")]
 TC8_CONFIGS = [wo.GemvConfig(16, 128, 4, "tc"), wo.GemvConfig(32, 256, 4, "tc", split=2), wo.GemvConfig(16, 64, 4, "tc", 3)]
-H2_CONFIGS = [wo.GemvConfig(8, 128, 1, "h2"), wo.GemvConfig(16, 256, 2, "h2", split=2), wo.GemvConfig(4, 512, 4, "h2")]
+H2_CONFIGS = [wo.GemvConfig(8, 128, 1, "h2"), wo.GemvConfig(16, 256, 2, "h2", split=2), wo.GemvConfig(4, 512, 4, "h2"),
+              wo.GemvConfig(16, 128, 2, "h2", stages=3)]
 
 
 def test_interleave_roundtrip_and_errors():

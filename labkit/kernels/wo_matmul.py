@@ -427,6 +427,7 @@ if triton is not None:
         KIND: tl.constexpr, GROUP: tl.constexpr, PRO_SILU: tl.constexpr,
         # tiling
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False,
+        STAGES: tl.constexpr = None,
     ):
         """y[m, n] = sum_k x[m, k] * W[n, k] for BLOCK_N rows n, all M <= BLOCK_M rows of x, fp32 accumulator.
 
@@ -442,7 +443,7 @@ if triton is not None:
             HALF: tl.constexpr = GROUP // 2
             offs_g = tl.arange(0, NG)
             offs_j = tl.arange(0, HALF)
-            for k0 in range(k_lo, k_hi, BLOCK_K):
+            for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
                 g_idx = k0 // GROUP + offs_g  # (NG,)
                 mask_g = g_idx < (K + GROUP - 1) // GROUP  # a ragged last group is read, its columns masked
                 wptr = (w_ptr + offs_n[:, None, None] * stride_wn + g_idx[None, :, None] * HALF
@@ -475,7 +476,7 @@ if triton is not None:
                 _pdl_enter(PDL)
                 acc = _tile_rows(acc, w, x_ptr, kk, kk < K, M, K, stride_xm, PRO_SILU, BLOCK_M)
                 k_first = k_lo + BLOCK_K
-            for k0 in range(k_first, k_hi, BLOCK_K):
+            for k0 in tl.range(k_first, k_hi, BLOCK_K, num_stages=STAGES):
                 kk = k0 + offs_k
                 mask_k = kk < K
                 w = _row_tile(w_ptr, offs_n, mask_n, stride_wn, kk, mask_k)  # (BLOCK_N, BLOCK_K)
@@ -498,7 +499,7 @@ if triton is not None:
         # weight format, as in _wo_gemv_kernel
         KIND: tl.constexpr, GROUP: tl.constexpr, PRO_SILU: tl.constexpr,
         # tiling
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False, STAGES: tl.constexpr = None,
     ):
         """M = 1: products accumulate element-wise in a (BLOCK_N, BLOCK_K) fp32 tile, reduced once at the end.
 
@@ -511,7 +512,7 @@ if triton is not None:
             HALF: tl.constexpr = GROUP // 2
             offs_j = tl.arange(0, HALF)
             acc = tl.zeros((BLOCK_N, HALF), dtype=tl.float32)
-            for k0 in range(k_lo, k_hi, BLOCK_K):
+            for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
                 for g in tl.static_range(BLOCK_K // GROUP):
                     kg = k0 + g * GROUP  # first k of this group
                     k_even = kg + 2 * offs_j  # (HALF,)
@@ -537,7 +538,7 @@ if triton is not None:
                 _pdl_enter(PDL)
                 acc += w * _load_x(x_ptr, kk, kk < K, K, PRO_SILU)[None, :]
                 k_first = k_lo + BLOCK_K
-            for k0 in range(k_first, k_hi, BLOCK_K):
+            for k0 in tl.range(k_first, k_hi, BLOCK_K, num_stages=STAGES):
                 kk = k0 + offs_k
                 mask_k = kk < K
                 w = _row_tile(w_ptr, offs_n, mask_n, stride_wn, kk, mask_k)
@@ -981,7 +982,7 @@ if triton is not None:
         N, K, stride_wn, stride_sn, stride_ys, K_CHUNK,
         PRO_SILU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         PDL: tl.constexpr = False, EVEN: tl.constexpr = False, RAGGED: tl.constexpr = False,
-        INTERPRET: tl.constexpr = False, BITS: tl.constexpr = 4,
+        INTERPRET: tl.constexpr = False, BITS: tl.constexpr = 4, STAGES: tl.constexpr = None,
     ):
         """An int4 (groups of 128) or int8 (per row) WordWeight, one activation row, on the CUDA cores with packed
         fp16 arithmetic: the codes of a word become fp16x2 registers (two codes per lop3, _h2_codes / _h2_codes8)
@@ -1003,7 +1004,7 @@ if triton is not None:
             acc, corr = _h2_step(acc, corr, wa, wb, c_idx, mask_c, x_ptr, s_ptr, z_ptr, offs_n, mask_n, K, stride_sn,
                                  PRO_SILU, EVEN, RAGGED, INTERPRET, BITS)
             k_first = k_lo + BLOCK_K
-        for k0 in range(k_first, k_hi, BLOCK_K):
+        for k0 in tl.range(k_first, k_hi, BLOCK_K, num_stages=STAGES):
             wa, wb, c_idx, mask_c = _h2_words(w_ptr, offs_n, mask_n, stride_wn, k0, K, NC, EVEN, BITS)
             acc, corr = _h2_step(acc, corr, wa, wb, c_idx, mask_c, x_ptr, s_ptr, z_ptr, offs_n, mask_n, K, stride_sn,
                                  PRO_SILU, EVEN, RAGGED, INTERPRET, BITS)
@@ -1167,6 +1168,11 @@ class GemvConfig:
     # WordWeight at M = 1 with packed fp16 arithmetic (_wo_gemv_h2_kernel).
     variant: str = "tile"
     split: int = 1  # split-K: programs along K write fp32 partials, a second small kernel sums them
+    # software pipelining of the K loop's weight loads (the CUDA-core kernels: "tile", "acc", "h2"): None, a plain
+    # loop (each step's loads wait for the step before to be done with its registers); n >= 2, Triton's pipeliner
+    # copies the next n - 1 steps' weights into shared memory asynchronously (cp.async) while this step computes,
+    # so more bytes are in flight per program
+    stages: int | None = None
 
 
 # candidates the tuner tries; the first is the default when nothing was tuned
@@ -1359,6 +1365,9 @@ def wo_matmul(x: torch.Tensor, w, silu_gate_up: bool = False, config: GemvConfig
         block_k = max(block_k, group)
         if block_k % group:
             raise ValueError(f"block_k={block_k} must be a multiple of the group size {group}")
+    if cfg.stages is not None and (cfg.stages < 1 or cfg.variant == "tc" or (kind >= 3 and cfg.variant != "h2")):
+        raise ValueError(f"stages={cfg.stages}: software pipelining takes an int >= 1 and applies to the CUDA-core "
+                         "kernels ('tile', 'acc', and 'h2' for a WordWeight); leave it None for the others")
     kw = pdl_kwargs(pdl, x.device)
     k_chunk = triton.cdiv(triton.cdiv(K, cfg.split), block_k) * block_k  # whole K blocks per split
     nsplit = triton.cdiv(K, k_chunk)
@@ -1398,7 +1407,8 @@ def wo_matmul(x: torch.Tensor, w, silu_gate_up: bool = False, config: GemvConfig
                                  PRO_SILU=silu_gate_up, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
                                  num_warps=cfg.num_warps, RAGGED=K % 128 != 0,
                                  EVEN=N % cfg.block_n == 0 and K % k_chunk == 0 and K % 128 == 0,
-                                 INTERPRET=flash_attn.interpreted(), BITS=8 if kind == 3 else 4, **kw)
+                                 INTERPRET=flash_attn.interpreted(), BITS=8 if kind == 3 else 4, STAGES=cfg.stages,
+                                 **kw)
     elif kind >= 3 and cfg.variant == "acc" and M == 1:
         _wo_gemv_il1_kernel[grid](x, wp, sp, zp, y, N, K, stride_wn, stride_sn, M * N, k_chunk,
                                   0x3F800000 if kind == 4 else 0x3FC00000, BITS=8 if kind == 3 else 4,
@@ -1414,12 +1424,14 @@ def wo_matmul(x: torch.Tensor, w, silu_gate_up: bool = False, config: GemvConfig
                                  num_warps=cfg.num_warps, RAGGED=K % group != 0, PREFETCH=cfg.variant == "pf", **kw)
     elif cfg.variant == "acc" and M == 1:
         _wo_gemv1_kernel[grid](x, wp, sp, zp, y, N, K, stride_wn, stride_sn, M * N, k_chunk, KIND=kind, GROUP=group,
-                               PRO_SILU=silu_gate_up, BLOCK_N=cfg.block_n, BLOCK_K=block_k, num_warps=cfg.num_warps, **kw)
+                               PRO_SILU=silu_gate_up, BLOCK_N=cfg.block_n, BLOCK_K=block_k, num_warps=cfg.num_warps,
+                               STAGES=cfg.stages, **kw)
     else:
         block_m = max(1, triton.next_power_of_2(M))
         _wo_gemv_kernel[grid](x, wp, sp, zp, y, M, N, K, x.stride(0), stride_wn, stride_sn, N if nsplit > 1 else out.stride(0),
                               M * N, k_chunk, KIND=kind, GROUP=group, PRO_SILU=silu_gate_up, BLOCK_M=block_m,
-                              BLOCK_N=cfg.block_n, BLOCK_K=block_k, num_warps=cfg.num_warps, **kw)
+                              BLOCK_N=cfg.block_n, BLOCK_K=block_k, num_warps=cfg.num_warps, STAGES=cfg.stages,
+                              **kw)
     if nsplit > 1 and partials:
         return y
     if nsplit > 1:
