@@ -1196,6 +1196,12 @@ CANDIDATES_M1 = {
 # row-major int8 at one row, long K steps (32 KB of codes per program and step, more bytes in flight): on an H200 the
 # fastest of a wider sweep for the 7B shape's qkv, gate_up and lm_head (results/nvidia-h200/gemv_int8_wide.json)
 CANDIDATES_LONG_K = {1: [GemvConfig(8, 4096, 4), GemvConfig(8, 4096, 4, split=2)]}
+# batch-1 configs with the K loop pipelined (GemvConfig.stages): on an H200 the fastest for the 7B shape's o and down
+# in bf16 (10.5 / 27.9 us against 10.9 / 29.7 plain) and qkv and o in row-major int8 (15.7 / 7.3 us against 16.6 /
+# 7.6), within 1-4% elsewhere or slower; the packed-fp16 word kernel was 10-40% slower pipelined at every GEMV
+# (results/nvidia-h200/gemv_stages.json), so none is offered for it
+CANDIDATES_STAGES = {0: [GemvConfig(4, 512, 4, "acc", stages=4), GemvConfig(4, 512, 4, "acc", stages=3)],
+                     1: [GemvConfig(16, 256, 4, "acc", stages=4), GemvConfig(8, 512, 4, "acc", stages=3)]}
 # split-K candidates: more rows per program (less re-reading of x) with enough programs along K
 CANDIDATES_SPLIT = {
     0: [GemvConfig(8, 1024, 4, "acc", 2), GemvConfig(16, 512, 8, "acc", 4), GemvConfig(8, 512, 4, "tile", 4)],
@@ -1275,7 +1281,8 @@ def candidates_for(kind: int, M: int, dtype=torch.bfloat16, group: int = 128) ->
     if kind == 1 and dtype in (torch.bfloat16, torch.float16):
         tc = [] if M == 1 else CANDIDATES_TC8
     if M == 1:
-        return tc + CANDIDATES_M1[kind] + CANDIDATES[kind] + CANDIDATES_SPLIT[kind] + CANDIDATES_LONG_K.get(kind, [])
+        return (tc + CANDIDATES_M1[kind] + CANDIDATES[kind] + CANDIDATES_SPLIT[kind] + CANDIDATES_LONG_K.get(kind, [])
+                + CANDIDATES_STAGES.get(kind, []))
     return tc + CANDIDATES[kind] + CANDIDATES_SPLIT[kind]
 
 
