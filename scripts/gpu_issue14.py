@@ -3,7 +3,7 @@ decode GEMVs, GPTQ weights of SmolLM2 served by the fast decode loop. Installs n
 scripts/gpu_wheelhouse.sh must already be importable: /root/site-flash on PYTHONPATH).
 
     . .gpu/bin/env.sh && . /root/site-flash/env.sh     # the two bundles' paths (scripts/gpu_wheelhouse.sh)
-    python3 scripts/gpu_issue14.py --out $OUT [--commit SHA] [--steps attention,gptq,decode]
+    python3 scripts/gpu_issue14.py --out $OUT [--commit SHA] [--steps attention,formats,gptq,decode]
 
 Writes under --out: attention.json (+ .png), decode.json (+ .png), gptq.json, issue14.json (the summaries, the package
 versions) and issue14.log. Every step records its failure and the run goes on with the next one.
@@ -16,6 +16,9 @@ versions) and issue14.log. Every step records its failure and the run goes on wi
 - decode: the 7B shape (random weights), batch 1, HF generate, then bf16/int8/int4 through our loop, with
   torchao's weight-only int8 and int4 (tinygemm) for each GEMV and a whole step
   (labkit.fastgen.run_decode_benchmark(torchao=True)).
+- formats: SmolLM2-135M (real weights, bf16) in FastLlama's own int8 and int4, the Triton path against the torch path
+  and the fp32 dequantization: greedy token prefixes and teacher-forced logits over 256 pydoc tokens -> formats.json
+  (also part of gptq).
 - gptq: SmolLM2-135M (real weights, bf16), GPTQ W4 g128 act-order (labkit.gptq) calibrated on the pydoc calibration
   split, served by FastLlama from its codes: perplexity of the Triton decode path against the dequantize-then-matmul
   model (HF forward over QuantLinear), greedy tokens Triton vs torch dequant, speed in each format beside bf16.
@@ -129,6 +132,62 @@ def step_decode(out: Path, commit) -> dict:
     return doc
 
 
+# ---------------------------------------------------------------------------------------------- formats
+FORMAT_EVAL_TOKENS = 256  # teacher-forced positions of the pydoc eval split for the logit agreement
+
+
+def format_checks(model, prompt, ids) -> tuple[dict, dict]:
+    """FastLlama's own int8 and int4 quantization of the real SmolLM2, Triton path against the torch path (the same
+    codes, each weight dequantized to bf16) and the fp32 dequantization (the exact value of the codes): greedy token
+    prefixes (of 32) from ``prompt``, and the logits of every position of ``ids`` under teacher forcing
+    (fastgen.logit_agreement: RMS and max difference, argmax flips and the fp32 path's top-2 gap where they flip).
+    A prefix ends at the first near-tie whichever rounding is right; the logits show whether the paths differ by
+    rounding (flips only at small gaps) or by a fault."""
+    from labkit import fastgen
+
+    checks, agreement = {}, {}
+    for fmt in ("int8", "int4"):  # int4: ragged groups at K=576
+        ref_fl = fastgen.FastLlama(model, weights=fmt, kernels="torch", max_seq_len=max(128, ids.numel() + 1))
+        fast = fastgen.FastLlama(model, weights=fmt, kernels="triton", max_seq_len=max(128, ids.numel() + 1))
+        exact = ref_fl.dequantized(torch.float32)
+        r = ref_fl.generate(prompt, 32, use_graph=False)
+        f = fast.generate(prompt, 32)
+        # both bf16 paths are roundings of the same codes (the torch one rounds each dequantized weight to bf16): the
+        # exact value is the fp32 dequantization, and a bf16 continuation parts from it at the first near-tie
+        e = exact.generate(prompt, 32, use_graph=False)
+        checks[f"{fmt}_triton_vs_torch_dequant"] = int((r == f).long().cumprod(dim=1).sum())
+        checks[f"{fmt}_triton_vs_fp32_dequant"] = int((e == f).long().cumprod(dim=1).sum())
+        checks[f"{fmt}_torch_dequant_vs_fp32_dequant"] = int((e == r).long().cumprod(dim=1).sum())
+        ctx = ids[None, :-1]
+        le = fastgen.decode_logits(exact, ctx)[0]
+        agreement[fmt] = {"triton_vs_fp32_dequant": fastgen.logit_agreement(le, fastgen.decode_logits(fast, ctx)[0]),
+                          "torch_vs_fp32_dequant": fastgen.logit_agreement(le, fastgen.decode_logits(ref_fl, ctx)[0]),
+                          "layouts": {"wqkv": type(fast.layers[0].wqkv).__name__}}
+        for k in ("triton_vs_fp32_dequant", "torch_vs_fp32_dequant"):
+            a = agreement[fmt][k]
+            log(f"{fmt} logits {k}: rms {a['rms']:.4f} max {a['max_abs']:.3f}, argmax agrees at {a['top1_agree']}/"
+                f"{a['positions']}, flips at top-2 gaps {[round(g, 3) for g in a['flip_gaps']]} (median gap "
+                f"{a['median_gap']:.3f})")
+        del ref_fl, fast, exact
+    return checks, agreement
+
+
+def step_formats(out: Path, commit) -> dict:
+    """format_checks alone (no GPTQ): formats.json."""
+    from labkit import data, models
+
+    t0 = time.time()
+    model, tok = models.load("smollm2-135m", device="cuda", dtype=torch.bfloat16)
+    ids = data.load_splits(tok, "pydoc").eval[:FORMAT_EVAL_TOKENS]
+    prompt = tok("The three primary colours are", return_tensors="pt").input_ids.cuda()
+    checks, agreement = format_checks(model, prompt, ids)
+    summary = {"token_checks_of_32": checks, "logit_agreement": agreement, "eval_tokens": ids.numel(),
+               "corpus": "pydoc", "model": "SmolLM2-135M-Instruct (real weights, bf16)"}
+    bench.write_results(out / "formats.json", [], summary, meta(commit))
+    log(f"formats: {time.time() - t0:.0f} s; {json.dumps(checks)}")
+    return summary
+
+
 # ---------------------------------------------------------------------------------------------- GPTQ
 def step_gptq(out: Path, commit) -> dict:
     import copy
@@ -160,16 +219,8 @@ def step_gptq(out: Path, commit) -> dict:
     b = fast.generate(prompt, 32)
     checks["gptq_int4_triton_vs_torch_dequant"] = int((a == b).long().cumprod(dim=1).sum())
     del torch_path
-    for fmt in ("int8", "int4"):  # FastLlama's own quantization of the real weights (int4: ragged groups at K=576)
-        ref_fl = fastgen.FastLlama(model, weights=fmt, kernels="torch", max_seq_len=128)
-        r = ref_fl.generate(prompt, 32, use_graph=False)
-        f = fastgen.FastLlama(model, weights=fmt, kernels="triton", max_seq_len=128).generate(prompt, 32)
-        # both bf16 paths are roundings of the same codes (the torch one rounds each dequantized weight to bf16): the
-        # exact value is the fp32 dequantization, and a bf16 continuation parts from it at the first near-tie
-        e = ref_fl.dequantized(torch.float32).generate(prompt, 32, use_graph=False)
-        checks[f"{fmt}_triton_vs_torch_dequant"] = int((r == f).long().cumprod(dim=1).sum())
-        checks[f"{fmt}_triton_vs_fp32_dequant"] = int((e == f).long().cumprod(dim=1).sum())
-        checks[f"{fmt}_torch_dequant_vs_fp32_dequant"] = int((e == r).long().cumprod(dim=1).sum())
+    fmt_checks, agreement = format_checks(model, prompt, ids[:FORMAT_EVAL_TOKENS])
+    checks.update(fmt_checks)
     log(f"greedy token prefixes (of 32), Triton vs torch dequant on real SmolLM2: {json.dumps(checks)}")
     records = []
     speed = {}
@@ -188,7 +239,7 @@ def step_gptq(out: Path, commit) -> dict:
     summary = {"gptq_int4_ppl_vs_reference": ratio, "ppl_tolerance_bf16": PPL_TOLERANCE_BF16, "perplexity": ppl,
                "eval_tokens": T, "corpus": "pydoc", "gptq": {"bits": 4, "groupsize": 128, "actorder": True,
                                                             "calib": list(calib.shape), "seconds": info["seconds"]},
-               "token_checks_of_32": checks, "smollm2_ms_per_token": speed}
+               "token_checks_of_32": checks, "logit_agreement": agreement, "smollm2_ms_per_token": speed}
     bench.write_results(out / "gptq.json", records, summary, meta(commit))
     log(f"gptq: {time.time() - t0:.0f} s")
     return summary
@@ -219,6 +270,8 @@ def main(argv=None) -> int:
                 decode_doc = step_decode(args.out, args.commit)
                 result["decode"] = {k: decode_doc["summary"].get(k) for k in
                                     ("fraction_of_floor", "ratio_vs_torchao", "torchao_gemv_ratios")}
+            elif step == "formats":
+                result["formats"] = step_formats(args.out, args.commit)
             elif step == "gptq":
                 gptq_summary = step_gptq(args.out, args.commit)
                 result["gptq"] = gptq_summary
