@@ -126,21 +126,24 @@ def kernels():
     h2 = {k: v for k, v in il1.items() if k not in ("ONE", "BITS")}
     h2["INTERPRET"] = "constexpr"
     h2["BITS"] = "constexpr"
+    h2["STAGES"] = "constexpr"  # None: the plain K loop the tuner's h2 configs run
     for bits, cfg in ((4, wo.CANDIDATES_H2[0]), (8, wo.CANDIDATES_H2_INT8[0])):
         c = {"PRO_SILU": False, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "PDL": False, "RAGGED": False,
-             "EVEN": True, "INTERPRET": False, "BITS": bits}
+             "EVEN": True, "INTERPRET": False, "BITS": bits, "STAGES": None}
         out.append((f"int{bits}-h2", f"int{bits} word kernel with packed fp16 arithmetic, {cfg.block_n} rows x "
                     f"{cfg.block_k} columns, {cfg.num_warps} warps", wo._wo_gemv_h2_kernel, h2, c, cfg.num_warps,
                     cfg.block_n * cfg.block_k / (32 * cfg.num_warps)))
     g1 = {"x_ptr": "*bf16", "w_ptr": "*bf16", "s_ptr": "*bf16", "z_ptr": "*bf16", "y_ptr": "*bf16",
           "N": "i32", "K": "i32", "stride_wn": "i32", "stride_sn": "i32", "stride_ys": "i32", "K_CHUNK": "i32"}
-    g1.update({k: "constexpr" for k in ("KIND", "GROUP", "PRO_SILU", "BLOCK_N", "BLOCK_K", "PDL")})
+    g1.update({k: "constexpr" for k in ("KIND", "GROUP", "PRO_SILU", "BLOCK_N", "BLOCK_K", "PDL", "STAGES")})
     cfg = wo.CANDIDATES_M1[0][0]
-    c = {"KIND": 0, "GROUP": 128, "PRO_SILU": False, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "PDL": False}
+    c = {"KIND": 0, "GROUP": 128, "PRO_SILU": False, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "PDL": False,
+         "STAGES": None}
     out.append(("bf16", f"bf16 GEMV (acc), {cfg.block_n} rows x {cfg.block_k} columns, {cfg.num_warps} warps",
                 wo._wo_gemv1_kernel, g1, c, cfg.num_warps, cfg.block_n * cfg.block_k / (32 * cfg.num_warps)))
     cfg = wo.CANDIDATES_M1[1][0]  # the row-major int8 weight of the decode path (Int8Weight), same kernel
-    c = {"KIND": 1, "GROUP": 128, "PRO_SILU": False, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "PDL": False}
+    c = {"KIND": 1, "GROUP": 128, "PRO_SILU": False, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "PDL": False,
+         "STAGES": None}
     out.append(("int8-rows", f"int8 row-major GEMV (acc), {cfg.block_n} rows x {cfg.block_k} columns, "
                 f"{cfg.num_warps} warps", wo._wo_gemv1_kernel, {**g1, "w_ptr": "*i8"}, c, cfg.num_warps,
                 cfg.block_n * cfg.block_k / (32 * cfg.num_warps)))
@@ -167,6 +170,9 @@ def analyse(issue: float, bandwidths: list[float]) -> list[dict]:
                          collections.Counter(CLASSES.get(op, "other") for op in body).most_common()},
             "top": {op: n / per_thread for op, n in collections.Counter(body).most_common(8)},
             "opcodes": dict(collections.Counter(body)),
+            # bar.sync per K step: Triton moves data between layouts through shared memory, and every warp of the
+            # program waits at each barrier, so only other programs on the SM hide the latency meanwhile
+            "barriers": body.count("BAR"),
         })
     return rows
 
@@ -216,6 +222,7 @@ def main(argv=None) -> int:
             report.append(f"    at {bw / 1e12:.2f} TB/s the budget is {budget:.2f} instructions per weight: "
                           f"issue alone caps the GEMV at {min(1.0, budget / row['per_weight']):.0%} of the "
                           "bandwidth floor")
+        report.append(f"    {row['barriers']} barriers (bar.sync) per K step")
         report.append("    per weight by class: " + ", ".join(f"{k} {v:.2f}" for k, v in row["by_class"].items()))
         report.append("    top opcodes per weight: " + ", ".join(f"{k} {v:.2f}" for k, v in row["top"].items()))
     text = "\n".join(report)

@@ -1198,8 +1198,8 @@ CANDIDATES_M1 = {
 CANDIDATES_LONG_K = {1: [GemvConfig(8, 4096, 4), GemvConfig(8, 4096, 4, split=2)]}
 # batch-1 configs with the K loop pipelined (GemvConfig.stages): on an H200 the fastest for the 7B shape's o and down
 # in bf16 (10.5 / 27.9 us against 10.9 / 29.7 plain) and qkv and o in row-major int8 (15.7 / 7.3 us against 16.6 /
-# 7.6), within 1-4% elsewhere or slower; the packed-fp16 word kernel was 10-40% slower pipelined at every GEMV
-# (results/nvidia-h200/gemv_stages.json), so none is offered for it
+# 7.6), within 1-4% elsewhere or slower; the packed-fp16 word kernel was 11-23% slower pipelined at every GEMV, at
+# the best of 2-4 stages (results/nvidia-h200/gemv_stages.json), so none is offered for it
 CANDIDATES_STAGES = {0: [GemvConfig(4, 512, 4, "acc", stages=4), GemvConfig(4, 512, 4, "acc", stages=3)],
                      1: [GemvConfig(16, 256, 4, "acc", stages=4), GemvConfig(8, 512, 4, "acc", stages=3)]}
 # split-K candidates: more rows per program (less re-reading of x) with enough programs along K
