@@ -94,9 +94,10 @@ def part_kernels(sweep=False):
             ref16 = wo.matmul_reference(x, qw, silu_gate_up=silu).float()
             err_torch = (ref16 - ref32).abs().max().item()
             nbytes = wo.weight_nbytes(qw)
-            cands = wo.candidates_for(kind, M) + (_sweep_configs(kind) if sweep else [])
-            if os.environ.get("GEMV_SWEEP") == "stages":
+            if sweep and os.environ.get("GEMV_SWEEP") == "stages":  # the pipelining sweep replaces the tuner's list
                 cands = _sweep_configs(kind)
+            else:
+                cands = wo.candidates_for(kind, M) + (_sweep_configs(kind) if sweep else [])
             timed = []
             for cfg in dict.fromkeys(cands):
                 try:
@@ -112,8 +113,9 @@ def part_kernels(sweep=False):
             ok = all(e <= 2 * err_torch + 1e-3 * ref32.abs().max().item() for _, _, e in timed)
             best_by_variant = {}
             for tv, cv, _ in timed:
-                best_by_variant.setdefault(cv.variant + (f"/stages={cv.stages}" if cv.stages else ""), {"ms": tv, "config": cv.__dict__,
-                                                        "fraction_of_read_bw": nbytes / (tv / 1e3) / read_bw})
+                key = cv.variant + (f"/stages={cv.stages}" if cv.stages else "")
+                best_by_variant.setdefault(key, {"ms": tv, "config": cv.__dict__,
+                                                 "fraction_of_read_bw": nbytes / (tv / 1e3) / read_bw})
             r = {"shape": name, "N": N, "K": K, "M": M, "weights": fmt, "config": cfg.__dict__, "max_err": err,
                  "torch_bf16_err": err_torch, "ok": ok, "ms": t, "cublas_bf16_ms": t_cublas,
                  "weight_bytes": nbytes, "fraction_of_read_bw": nbytes / (t / 1e3) / read_bw,

@@ -136,13 +136,15 @@ def step_decode(out: Path, commit) -> dict:
 FORMAT_EVAL_TOKENS = 256  # teacher-forced positions of the pydoc eval split for the logit agreement
 
 
-def format_checks(model, prompt, ids, n_new: int = 32) -> tuple[dict, dict]:
+def format_checks(model, prompt, ids) -> tuple[dict, dict]:
     """FastLlama's own int8 and int4 quantization of the real SmolLM2, Triton path against the torch path (the same
     codes, each weight dequantized to bf16) and the fp32 dequantization (the exact value of the codes): greedy token
-    prefixes (of ``n_new``) from ``prompt``, and the logits of every position of ``ids`` under teacher forcing
+    prefixes (of 32) from ``prompt``, and the logits of every position of ``ids`` under teacher forcing
     (fastgen.logit_agreement: RMS and max difference, argmax flips and the fp32 path's top-2 gap where they flip).
     A prefix ends at the first near-tie whichever rounding is right; the logits show whether the paths differ by
-    rounding (flips only at small gaps) or by a fault."""
+    rounding (flips only at small gaps) or by a fault. tests/test_fastgen_gptq.py::
+    test_own_quantization_on_gpu_against_fp32_dequant asserts the same comparison on a GPU (along the fp32 path's
+    own greedy continuation); this records it, over eval text, in the run's results."""
     from labkit import fastgen
 
     checks, agreement = {}, {}
@@ -150,11 +152,11 @@ def format_checks(model, prompt, ids, n_new: int = 32) -> tuple[dict, dict]:
         ref_fl = fastgen.FastLlama(model, weights=fmt, kernels="torch", max_seq_len=max(128, ids.numel() + 1))
         fast = fastgen.FastLlama(model, weights=fmt, kernels="triton", max_seq_len=max(128, ids.numel() + 1))
         exact = ref_fl.dequantized(torch.float32)
-        r = ref_fl.generate(prompt, n_new, use_graph=False)
-        f = fast.generate(prompt, n_new)
+        r = ref_fl.generate(prompt, 32, use_graph=False)
+        f = fast.generate(prompt, 32)
         # both bf16 paths are roundings of the same codes (the torch one rounds each dequantized weight to bf16): the
         # exact value is the fp32 dequantization, and a bf16 continuation parts from it at the first near-tie
-        e = exact.generate(prompt, n_new, use_graph=False)
+        e = exact.generate(prompt, 32, use_graph=False)
         checks[f"{fmt}_triton_vs_torch_dequant"] = int((r == f).long().cumprod(dim=1).sum())
         checks[f"{fmt}_triton_vs_fp32_dequant"] = int((e == f).long().cumprod(dim=1).sum())
         checks[f"{fmt}_torch_dequant_vs_fp32_dequant"] = int((e == r).long().cumprod(dim=1).sum())

@@ -1168,8 +1168,8 @@ class GemvConfig:
     # WordWeight at M = 1 with packed fp16 arithmetic (_wo_gemv_h2_kernel).
     variant: str = "tile"
     split: int = 1  # split-K: programs along K write fp32 partials, a second small kernel sums them
-    # software pipelining of the K loop's weight loads (the CUDA-core kernels: "tile", "acc", "h2"): None, a plain
-    # loop (each step's loads wait for the step before to be done with its registers); n >= 2, Triton's pipeliner
+    # software pipelining of the K loop's weight loads (the CUDA-core kernels: "tile", "acc", "h2"): None (or 1), a
+    # plain loop (each step's loads wait for the step before to be done with its registers); n >= 2, Triton's pipeliner
     # copies the next n - 1 steps' weights into shared memory asynchronously (cp.async) while this step computes,
     # so more bytes are in flight per program
     stages: int | None = None
@@ -1236,8 +1236,8 @@ CANDIDATES_IL1 = {
 # fastest config of every 7B-shape int4 GEMV, 9-25% ahead of the word kernel, and the int4 step went from 2.03 to
 # 1.89 ms (results/nvidia-h200/decode_h2.json; that kernel scaled every activation by 1/16, which overflowed above
 # about 16000). With the per-chunk scale (0.1-0.15 more instructions per weight offline) the tuner of decode.json
-# (e130716) still chose it for four of the five GEMVs, and the step took 1.94 ms. TUNE_H2 = False leaves it (and the int8 variant below) out of tune()'s candidates (the fp32 word kernels
-# only).
+# (e130716) still chose it for four of the five GEMVs, and the step took 1.94 ms. TUNE_H2 = False leaves it (and the
+# int8 variant below) out of tune()'s candidates (the fp32 word kernels only).
 TUNE_H2 = True
 CANDIDATES_H2 = [GemvConfig(32, 1024, 4, "h2"), GemvConfig(16, 2048, 4, "h2"), GemvConfig(32, 2048, 8, "h2"),
                  GemvConfig(32, 1024, 4, "h2", split=4), GemvConfig(32, 512, 4, "h2", split=4),
