@@ -162,9 +162,25 @@ if triton is not None:
 
     @triton.jit
     def _add_rmsnorm_kernel(x_ptr, d_ptr, w_ptr, out_ptr, H, eps, stride_x, stride_d, stride_ds, stride_o,
+                            pf_ptr, pf_bytes, ROWS,
                             HAS_DELTA: tl.constexpr, SPLIT: tl.constexpr, BLOCK_H: tl.constexpr,
-                            PDL: tl.constexpr = False):
+                            PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0, PF_THREADS: tl.constexpr = 128):
+        """Programs 0..ROWS-1: one row each. With PREFETCH (1 bulk, 2 per line: ``wo._l2_prefetch``) the programs
+        past them only ask L2 for their share of the next GEMV's first ``pf_bytes`` weight bytes, and end."""
         row = tl.program_id(0)
+        if PREFETCH:
+            if row >= ROWS:
+                wo._l2_prefetch(pf_ptr, pf_bytes, row - ROWS, tl.num_programs(0) - ROWS, PF_THREADS, PREFETCH)
+            else:
+                _add_rmsnorm_row(x_ptr, d_ptr, w_ptr, out_ptr, H, eps, stride_x, stride_d, stride_ds, stride_o, row,
+                                 HAS_DELTA, SPLIT, BLOCK_H, PDL)
+        else:
+            _add_rmsnorm_row(x_ptr, d_ptr, w_ptr, out_ptr, H, eps, stride_x, stride_d, stride_ds, stride_o, row,
+                             HAS_DELTA, SPLIT, BLOCK_H, PDL)
+
+    @triton.jit
+    def _add_rmsnorm_row(x_ptr, d_ptr, w_ptr, out_ptr, H, eps, stride_x, stride_d, stride_ds, stride_o, row,
+                         HAS_DELTA: tl.constexpr, SPLIT: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr):
         offs = tl.arange(0, BLOCK_H)
         mask = offs < H
         w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # no kernel writes the norm's weight
@@ -226,9 +242,9 @@ if triton is not None:
 
     @triton.jit
     def _rope_attn_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, o_ptr, scale, REP, NQ, NKV,
-                          stride_qkv, stride_qs, stride_cb, stride_ch, stride_cs, stride_ob,
+                          stride_qkv, stride_qs, stride_cb, stride_ch, stride_cs, stride_ob, pf_ptr, pf_bytes,
                           HD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, SPLIT: tl.constexpr = 1,
-                          PDL: tl.constexpr = False):
+                          PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0, PF_THREADS: tl.constexpr = 128):
         """One (batch row b, KV head j): rotate K_j and write K_j, V_j into the cache at pos, rotate the REP query
         heads that share KV head j, and attend over cache positions 0..pos (single-pass online softmax).
 
@@ -239,9 +255,14 @@ if triton is not None:
         folded into the softmax last. Scores and the weighted sum of V use ``tl.dot`` on a (BLOCK_R >= 16, HD) tile
         of query heads, the rows past REP masked (an element-wise form for one query head was slower on an H200).
         SPLIT > 1: qkv arrives as the fp32 split-K partials of the GEMV before (see ``_load_act``).
+        PREFETCH (1 bulk, 2 per line): every program first asks L2 for its share of ``pf_bytes`` at ``pf_ptr`` (the
+        output projection's weights, which the next kernel reads; ``wo._l2_prefetch``).
         """
         b = tl.program_id(0)
         j = tl.program_id(1)
+        if PREFETCH:
+            wo._l2_prefetch(pf_ptr, pf_bytes, b * tl.num_programs(1) + j, tl.num_programs(0) * tl.num_programs(1),
+                            PF_THREADS, PREFETCH)
         HALF: tl.constexpr = HD // 2
         offs_d = tl.arange(0, HD)
         kbase = kc_ptr + b * stride_cb + j * stride_ch
@@ -301,11 +322,16 @@ if triton is not None:
                  out.to(dt), mask=mask_r[:, None])
 
 
-def add_rmsnorm_triton(x: torch.Tensor, delta, weight: torch.Tensor, eps: float, pdl: bool = False) -> torch.Tensor:
+def add_rmsnorm_triton(x: torch.Tensor, delta, weight: torch.Tensor, eps: float, pdl: bool = False,
+                       prefetch=None, prefetch_bytes: int = 0, prefetch_mode: str = "lines",
+                       prefetch_programs: int = 32) -> torch.Tensor:
     """Same contract as add_rmsnorm_ref, one kernel: x (B, H) += delta in place; returns RMSNorm(x) * weight.
 
     ``delta`` may also be the (S, B, H) fp32 partial sums of a split-K GEMV (``wo.linear(..., partials=True)``):
-    the split reduction then happens here instead of in a kernel of its own.
+    the split reduction then happens here instead of in a kernel of its own. ``prefetch``: a weight (the next
+    GEMV's) whose first ``prefetch_bytes`` ``prefetch_programs`` extra programs ask L2 to fetch meanwhile
+    (``wo.prefetch_args``; ``prefetch_mode`` "lines" or "bulk", see ``wo._l2_prefetch``; a hint that changes no
+    result).
     """
     B, H = x.shape
     out = torch.empty_like(x)
@@ -313,9 +339,14 @@ def add_rmsnorm_triton(x: torch.Tensor, delta, weight: torch.Tensor, eps: float,
     split = d.shape[0] if d.dim() == 3 else 1
     if d.shape[-2:] != x.shape:
         raise ValueError(f"delta {tuple(d.shape)} does not match x {tuple(x.shape)}")
-    _add_rmsnorm_kernel[(B,)](x, d, weight, out, H, eps, x.stride(0), d.stride(-2), d.stride(0) if split > 1 else 0,
-                              out.stride(0), HAS_DELTA=delta is not None, SPLIT=split,
-                              BLOCK_H=triton.next_power_of_2(H), num_warps=4 if H <= 2048 else 8,
+    pf, pf_bytes = _prefetch(prefetch, prefetch_bytes, x.device)
+    extra = prefetch_programs if pf is not None else 0
+    warps = 4 if H <= 2048 else 8
+    _add_rmsnorm_kernel[(B + extra,)](x, d, weight, out, H, eps, x.stride(0), d.stride(-2),
+                                      d.stride(0) if split > 1 else 0, out.stride(0), x if pf is None else pf,
+                                      pf_bytes, B, PREFETCH=_prefetch_mode(prefetch_mode) if extra else 0,
+                                      PF_THREADS=32 * warps, HAS_DELTA=delta is not None, SPLIT=split,
+                                      BLOCK_H=triton.next_power_of_2(H), num_warps=warps,
                               **wo.pdl_kwargs(pdl, x.device))
     return out
 
@@ -333,6 +364,20 @@ def argmax_next_triton(logits: torch.Tensor, tok: torch.Tensor, pos: torch.Tenso
                               **wo.pdl_kwargs(pdl, logits.device))
 
 
+def _prefetch(w, nbytes: int, device) -> tuple:
+    pf = wo.prefetch_args(w, nbytes)
+    if pf[0] is not None and not wo.l2_prefetch_supported(device):
+        raise LabkitError("the L2 prefetch runs PTX for compute capability 9.0+ (Hopper): on this device pass "
+                          "prefetch_bytes=0")
+    return pf
+
+
+def _prefetch_mode(mode: str) -> int:
+    if mode not in PREFETCH_MODES:
+        raise LabkitError(f"prefetch mode {mode!r} is not one of {tuple(PREFETCH_MODES)}")
+    return PREFETCH_MODES[mode]
+
+
 def rope_attention_ref(qkv, pos, cos, sin, k_cache, v_cache, n_heads: int, n_kv_heads: int,
                        length: int | None = None) -> torch.Tensor:
     """RoPE + cache write (``rope_cache_ref``), then attention over positions 0..pos: (B, nq * hd)."""
@@ -341,11 +386,13 @@ def rope_attention_ref(qkv, pos, cos, sin, k_cache, v_cache, n_heads: int, n_kv_
 
 
 def rope_attention_triton(qkv, pos, cos, sin, k_cache, v_cache, n_heads: int, n_kv_heads: int,
-                          length: int | None = None, pdl: bool = False) -> torch.Tensor:
+                          length: int | None = None, pdl: bool = False, prefetch=None,
+                          prefetch_bytes: int = 0, prefetch_mode: str = "lines") -> torch.Tensor:
     """Same contract as rope_attention_ref in one kernel (``length`` is ignored: the kernel reads pos on the device).
 
     ``qkv`` may also be the (S, B, W) fp32 partial sums of a split-K GEMV (``wo.linear(..., partials=True)``): the
-    kernel sums them as it loads them, so the split needs no reduction kernel of its own.
+    kernel sums them as it loads them, so the split needs no reduction kernel of its own. ``prefetch``,
+    ``prefetch_bytes``: as in ``add_rmsnorm_triton`` (the programs share the requests).
     """
     split = qkv.shape[0] if qkv.dim() == 3 else 1
     B = qkv.shape[-2]
@@ -355,9 +402,12 @@ def rope_attention_triton(qkv, pos, cos, sin, k_cache, v_cache, n_heads: int, n_
         raise ValueError(f"qkv {tuple(qkv.shape)} is not (B, (n_heads + 2 n_kv_heads) * head_dim), contiguous")
     out = torch.empty(B, n_heads * hd, device=qkv.device, dtype=k_cache.dtype)
     block_r = max(16, triton.next_power_of_2(rep))
+    pf, pf_bytes = _prefetch(prefetch, prefetch_bytes, qkv.device)
     _rope_attn_kernel[(B, n_kv_heads)](qkv, pos, cos, sin, k_cache, v_cache, out, hd**-0.5, rep, n_heads, n_kv_heads,
                                        qkv.stride(-2), qkv.stride(0) if split > 1 else 0, k_cache.stride(0),
-                                       k_cache.stride(1), k_cache.stride(2), out.stride(0), HD=hd, BLOCK_R=block_r,
+                                       k_cache.stride(1), k_cache.stride(2), out.stride(0), out if pf is None else pf,
+                                       pf_bytes, PREFETCH=_prefetch_mode(prefetch_mode) if pf is not None else 0,
+                                       PF_THREADS=32 * ATTN_WARPS, HD=hd, BLOCK_R=block_r,
                                        BLOCK_L=ATTN_BLOCK_L, SPLIT=split, num_warps=ATTN_WARPS,
                                        enable_fp_fusion=False,  # round every RoPE product, as torch does
                                        **wo.pdl_kwargs(pdl, qkv.device))
@@ -369,6 +419,16 @@ def rope_attention_triton(qkv, pos, cos, sin, k_cache, v_cache, n_heads: int, n_
 # (results/nvidia-h200/decode_attn_knobs*.json).
 ATTN_BLOCK_L = 128
 ATTN_WARPS = 8
+
+# Bytes of the next GEMV's weights that the small kernels of a Triton decode step ask L2 to prefetch (Hopper's bulk
+# prefetch, wo._l2_prefetch) while they run and HBM would otherwise idle: "norm", each add+RMSNorm (before the qkv
+# and gate+up GEMVs and the LM head); "attention", the RoPE+attention kernel (before the output projection). A
+# hint: no result changes. "mode": "lines" (a prefetch instruction per 128-byte line from every thread) or "bulk"
+# (one copy-engine request per thread); "norm_programs": the extra programs of the add+RMSNorm kernel that issue its
+# requests (the norm itself is one program per row). FastLlama.prefetch_l2 starts as a copy of this; 0 bytes turn a
+# site off.
+PREFETCH_L2 = {"norm": 0, "attention": 0, "mode": "lines", "norm_programs": 32}
+PREFETCH_MODES = {"bulk": 1, "lines": 2}
 
 
 # ---------------------------------------------------------------------------------------------- weights
@@ -534,6 +594,7 @@ class FastLlama:
         self._graphs: dict = {}
         self._static: dict = {}
         self._pinned: set = set()  # batch sizes whose GEMV configs were pinned: capture() does not re-tune them
+        self.prefetch_l2 = dict(PREFETCH_L2)  # read when a step is traced: set it before capture()
 
     def dequantized(self, dtype=torch.float32) -> "FastLlama":
         """A copy whose linear layers are dense ``wo.dequantize(w, dtype)`` of this build's codes and whose
@@ -573,11 +634,24 @@ class FastLlama:
         return self.weight_bytes_per_step() + self.kv_bytes_per_step(context_len, batch)
 
     # ------------------------------------------------------------------ ops
+    def l2_prefetch(self) -> dict:
+        """The bytes each small kernel of the Triton step asks L2 to prefetch of the next GEMV's weights
+        ({"norm": ..., "attention": ...}, ``prefetch_l2`` where the device can: all zero on the torch path, under the
+        interpreter and before Hopper)."""
+        on = self.kernels == "triton" and wo.l2_prefetch_supported(self.device)
+        pf = {**PREFETCH_L2, **self.prefetch_l2}
+        _prefetch_mode(pf["mode"])
+        return {**pf, "norm": int(pf["norm"]) if on else 0, "attention": int(pf["attention"]) if on else 0}
+
     def _ops(self):
         if self.kernels == "triton":
-            pdl = self.pdl
-            return (lambda *a: add_rmsnorm_triton(*a, pdl=pdl)), (lambda *a: rope_attention_triton(*a, pdl=pdl)), True
-        return add_rmsnorm_ref, rope_attention_ref, False
+            pdl, pf = self.pdl, self.l2_prefetch()
+            nb, ab, mode, progs = pf["norm"], pf["attention"], pf["mode"], pf["norm_programs"]
+            return ((lambda *a, nxt=None: add_rmsnorm_triton(*a, pdl=pdl, prefetch=nxt, prefetch_bytes=nb,
+                                                             prefetch_mode=mode, prefetch_programs=progs)),
+                    (lambda *a, nxt=None: rope_attention_triton(*a, pdl=pdl, prefetch=nxt, prefetch_bytes=ab,
+                                                                prefetch_mode=mode)), True)
+        return (lambda *a, nxt=None: add_rmsnorm_ref(*a)), (lambda *a, nxt=None: rope_attention_ref(*a)), False
 
     def _lin(self, x, w, silu=False, use_kernel=False, partials=False):
         return wo.linear(x, w, silu_gate_up=silu, use_kernel=use_kernel, partials=partials,
@@ -624,17 +698,18 @@ class FastLlama:
         # read the cache of earlier steps before its own PDL wait
         delta = None
         for li, lw in enumerate(self.layers):
-            h = norm(x, delta, lw.attn_norm, cfg.rms_eps)
+            # each small kernel asks L2 for the first bytes of the weights the GEMV after it reads (l2_prefetch)
+            h = norm(x, delta, lw.attn_norm, cfg.rms_eps, nxt=lw.wqkv)
             # (B, (nq + 2 nkv) * hd), or its split-K partials: the attention kernel sums them
             qkv = self._lin(h, lw.wqkv, use_kernel=kern, partials=True)
             o = rope_attn(qkv, pos, self.cos, self.sin, self.k_cache[li], self.v_cache[li], cfg.n_heads,
-                          cfg.n_kv_heads, length)  # (B, nq*hd)
+                          cfg.n_kv_heads, length, nxt=lw.wo)  # (B, nq*hd)
             # the GEMVs whose output goes straight into add+RMSNorm hand over split-K partials: the norm sums them
             delta = self._lin(o, lw.wo, use_kernel=kern, partials=True)
-            h = norm(x, delta, lw.mlp_norm, cfg.rms_eps)
+            h = norm(x, delta, lw.mlp_norm, cfg.rms_eps, nxt=lw.w13)
             gu = self._lin(h, lw.w13, use_kernel=kern)  # (B, 2 * intermediate) = [gate | up]
             delta = self._lin(gu, lw.w2, silu=True, use_kernel=kern, partials=True)
-        h = norm(x, delta, self.norm, cfg.rms_eps)
+        h = norm(x, delta, self.norm, cfg.rms_eps, nxt=self.lm_head)
         return self._lin(h, self.lm_head, use_kernel=kern)  # (B, V)
 
     @torch.no_grad()
@@ -977,13 +1052,14 @@ def compare_torchao_gemvs(fast: FastLlama, model, fmt: str, log=print) -> list[d
     copies beyond L2). One record per GEMV; ``ratio_vs_torchao`` = torchao's time / ours (> 1: ours is faster)."""
     from labkit import bench
 
-    lw, hf = fast.layers[0], model.model.layers[0]
+    hf = model.model.layers[0]
     a, m = hf.self_attn, hf.mlp
     dense = {"qkv": torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), "o": a.o_proj.weight,
              "gate_up": torch.cat([m.gate_proj.weight, m.up_proj.weight]), "down": m.down_proj.weight,
              "lm_head": model.get_output_embeddings().weight}
-    ours = {"qkv": (lw.wqkv, False, False), "o": (lw.wo, False, True), "gate_up": (lw.w13, False, False),
-            "down": (lw.w2, True, True), "lm_head": (fast.lm_head, False, False)}
+    # each GEMV with the flags the step calls it with (gemv_calls), hence the config tune() chose for the step
+    step = {"wqkv": "qkv", "wo": "o", "w13": "gate_up", "w2": "down", "lm_head": "lm_head"}
+    ours = {step[name]: (w, silu, part) for name, w, silu, part in fast.gemv_calls()}
     out = []
     for name, w in dense.items():
         qw, silu, part = ours[name]

@@ -7,6 +7,7 @@ kernels: every 7B-shape GEMV (bf16 / int8 / int4 Triton vs cuBLAS bf16 vs dequan
 decode:  labkit.fastgen.run_decode_benchmark on the 7B shape (HF generate in the same run) -> decode.json.
 smollm2: token equality of the fast loop with HF generate on SmolLM2 (bf16, GPU) -> smollm2_check.json.
 pipeline: labkit.pipeline.run_matrix on SmolLM2 and the 7B shape -> pipeline.json.
+prefetch: the batch-1 step with the small kernels' L2 prefetch at several sizes -> decode_prefetch.json.
 Environment: GEMV_FORMATS, GEMV_SHAPES (subsets for kernels), GEMV_M (rows of x, default 1), GEMV_SWEEP=wide (row-major
 int8 at longer K steps), GEMV_SWEEP=stages (the batch-1 CUDA-core configs with their K loop pipelined 2-4 deep) or
 GEMV_SWEEP=variants
@@ -164,13 +165,64 @@ def part_smollm2():
     bench.write_results(OUT / "smollm2_check.json", res, {"ours": t, "hf_generate": hf})
 
 
+def part_prefetch():
+    """The batch-1 step of the 7B shape with the small kernels' L2 prefetch of the next GEMV's weights at several
+    sizes (fastgen.PREFETCH_L2), in each format: one build and one tuning per format, so only the prefetch differs;
+    the settings are timed in two rounds, the second in reverse order. Logits of 8 greedy steps with and without
+    prefetch are compared bit for bit first (a hint must change no result) -> decode_prefetch.json."""
+    from labkit import fastgen, models
+
+    MB = 1 << 20
+    on = {"norm": 8 * MB, "attention": 16 * MB, "mode": "lines", "norm_programs": 32}
+    settings = [{**on, **st} for st in (
+        {"norm": 0, "attention": 0}, {}, {"norm": 4 * MB, "attention": 8 * MB}, {"norm": 16 * MB, "attention": 32 * MB},
+        {"norm": 0}, {"attention": 0}, {"mode": "bulk"}, {"norm_programs": 128})]
+    model, _ = models.load("llama2-7b-shape", device="cuda")
+    ids = torch.randint(3, 32000, (1, 32), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    recs, read_bw = [], fastgen.measure_read_bandwidth(torch.device("cuda"))
+    for fmt in os.environ.get("GEMV_FORMATS", "bf16,int8,int4").split(","):
+        fast = fastgen.FastLlama(model, weights=fmt, kernels="triton", max_seq_len=32 + 512)
+        fast.tune(1)
+        fast.pin_gemv_configs(fast.gemv_configs(1), 1)
+        logits = {}
+        for i, st in enumerate(settings[:2]):
+            fast.prefetch_l2 = dict(st)
+            fast._graphs.clear()
+            logits[i] = fast.generate(ids, 8, use_graph=True, return_logits=True)
+        same = torch.equal(logits[0][0], logits[1][0]) and all(torch.equal(a, b) for a, b in zip(logits[0][1], logits[1][1]))
+        log(f"  {fmt}: tokens and logits of 8 steps with prefetch {settings[1]} vs none bit for bit equal: {same}")
+        times = {i: [] for i in range(len(settings))}
+        for order in (range(len(settings)), reversed(range(len(settings)))):
+            for i in order:
+                fast.prefetch_l2 = dict(settings[i])
+                fast._graphs.clear()
+                times[i].append(fastgen.time_decode(fast, 1, 32, 128))
+        for i, st in enumerate(settings):
+            ms = sorted(t["decode_ms_per_token"] for t in times[i])
+            floor = times[i][0]["bytes_per_step"] / read_bw * 1e3
+            rec = {"weights": fmt, "prefetch_l2": st, "effective": fast.l2_prefetch() if i else None,
+                   "decode_ms_per_token": ms[0], "runs_ms": ms, "floor_ms": floor, "fraction_of_floor": floor / ms[0],
+                   "logits_equal_with_and_without": same}
+            recs.append(rec)
+            log(f"  {fmt} prefetch norm {st['norm'] // MB} MB, attention {st['attention'] // MB} MB, {st['mode']}, "
+                f"{st['norm_programs']} norm programs: "
+                f"{ms[0]:.3f} ms/token (runs {', '.join(f'{m:.3f}' for m in ms)}), {floor / ms[0]:.1%} of the floor")
+        del fast
+        torch.cuda.empty_cache()
+    bench.write_results(OUT / "decode_prefetch.json", recs,
+                        {"model": "llama2-7b-shape (RANDOM weights, bfloat16)", "batch": 1, "prompt_len": 32,
+                         "new_tokens": 128, "read_bandwidth_Bps": read_bw,
+                         "gemv_configs": "tuned once per format and pinned: only the prefetch differs"})
+
+
 def part_pipeline():
     from labkit import pipeline
 
     pipeline.run_all(out_dir=OUT, log=log)
 
 
-PARTS = {"kernels": part_kernels, "sweep": part_sweep, "decode": part_decode, "smollm2": part_smollm2, "pipeline": part_pipeline}
+PARTS = {"kernels": part_kernels, "sweep": part_sweep, "decode": part_decode, "smollm2": part_smollm2,
+         "prefetch": part_prefetch, "pipeline": part_pipeline}
 
 if __name__ == "__main__":
     log(f"== {time.strftime('%H:%M:%S')} {env.device_name()} {json.dumps(env.versions())}")

@@ -102,9 +102,9 @@ class _Without(FastLlama):
         norm, attn, kern = super()._ops()
         nq = self.cfg.n_heads * self.cfg.head_dim
         if "norm" in self.skip:
-            norm = lambda x, delta, w, eps: x  # noqa: E731
+            norm = lambda x, delta, w, eps, nxt=None: x  # noqa: E731
         if "attention" in self.skip:
-            attn = lambda qkv, *a: (qkv[0] if qkv.dim() == 3 else qkv)[:, :nq]  # noqa: E731  (qkv: maybe partials)
+            attn = lambda qkv, *a, nxt=None: (qkv[0] if qkv.dim() == 3 else qkv)[:, :nq]  # noqa: E731  (maybe partials)
         return norm, attn, kern
 
 

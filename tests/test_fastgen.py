@@ -305,6 +305,111 @@ def test_pdl_graph_gives_the_same_logits(weights):
     assert all(same), (configs, same, [(a - b).abs().max().item() for a, b in zip(la, lb)])
 
 
+def test_prefetch_args_and_where_prefetch_is_off(tiny):
+    """What the small kernels hand to the L2 prefetch: the weight's main buffer, at most the bytes asked for, whole
+    16-byte units (the bulk request's unit); nothing for 0 bytes or no weight; a clear error for a buffer the
+    request cannot take. On the torch path and under the interpreter every site prefetches nothing."""
+    w = torch.randn(64, 256, dtype=torch.bfloat16)
+    buf, n = wo.prefetch_args(w, 1000)
+    assert buf is w and n == 992  # 1000 rounded down to 16-byte units
+    assert wo.prefetch_args(w, 1 << 30) == (w, 64 * 256 * 2)  # capped at the buffer
+    assert wo.prefetch_args(w, 0) == (None, 0) and wo.prefetch_args(None, 1 << 20) == (None, 0)
+    q = wo.quantize_int4(w.float(), 128)
+    assert wo.prefetch_args(q, 1 << 20)[0] is q.packed
+    assert wo.weight_buffer(wo.interleave(q)).dtype == torch.int32
+    assert wo.weight_buffer(wo.quantize_int8(w.float())).dtype == torch.int8
+    with pytest.raises(LabkitError, match="contiguous buffer aligned to 16 bytes"):
+        wo.prefetch_args(w.t(), 1 << 20)
+    with pytest.raises(LabkitError, match="contiguous buffer aligned to 16 bytes"):
+        wo.prefetch_args(w.flatten()[1:], 1 << 20)
+    assert not wo.l2_prefetch_supported("cpu")
+    # triton on the CPU: the interpreter, which runs no PTX
+    for kernels in ("torch",) + (() if torch.cuda.is_available() else ("triton",)):
+        fast = fastgen.FastLlama(tiny, kernels=kernels, max_seq_len=16)
+        assert fast.prefetch_l2 == fastgen.PREFETCH_L2 and set(fast.l2_prefetch()) == set(fastgen.PREFETCH_L2)
+        assert fast.l2_prefetch()["norm"] == fast.l2_prefetch()["attention"] == 0, fast.l2_prefetch()
+        fast.prefetch_l2["mode"] = "fast"
+        with pytest.raises(LabkitError, match="prefetch mode 'fast' is not one of"):
+            fast.l2_prefetch()
+
+
+_PTX_OF_PREFETCH = """
+import os, sys
+os.environ["TRITON_INTERPRET"] = "0"
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from labkit import fastgen
+
+def ptx(fn, sig, consts, warps):
+    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["ptx"]
+
+norm = {"x_ptr": "*bf16", "d_ptr": "*fp32", "w_ptr": "*bf16", "out_ptr": "*bf16", "H": "i32", "eps": "fp32",
+        "stride_x": "i32", "stride_d": "i32", "stride_ds": "i32", "stride_o": "i32", "pf_ptr": "*i8", "pf_bytes": "i32",
+        "ROWS": "i32", "HAS_DELTA": "constexpr", "SPLIT": "constexpr", "BLOCK_H": "constexpr", "PDL": "constexpr",
+        "PREFETCH": "constexpr", "PF_THREADS": "constexpr"}
+attn = {"qkv_ptr": "*bf16", "pos_ptr": "*i64", "cos_ptr": "*bf16", "sin_ptr": "*bf16", "kc_ptr": "*bf16",
+        "vc_ptr": "*bf16", "o_ptr": "*bf16", "scale": "fp32", "REP": "i32", "NQ": "i32", "NKV": "i32",
+        "stride_qkv": "i32", "stride_qs": "i32", "stride_cb": "i32", "stride_ch": "i32", "stride_cs": "i32",
+        "stride_ob": "i32", "pf_ptr": "*i8", "pf_bytes": "i32", "HD": "constexpr", "BLOCK_R": "constexpr",
+        "BLOCK_L": "constexpr", "SPLIT": "constexpr", "PDL": "constexpr", "PREFETCH": "constexpr",
+        "PF_THREADS": "constexpr"}
+for pf, op in ((0, "prefetch"), (1, "cp.async.bulk.prefetch.L2.global"), (2, "prefetch.global.L2")):
+    a = ptx(fastgen._add_rmsnorm_kernel, norm, dict(HAS_DELTA=True, SPLIT=2, BLOCK_H=4096, PDL=True, PREFETCH=pf,
+                                                     PF_THREADS=256), 8)
+    b = ptx(fastgen._rope_attn_kernel, attn, dict(HD=128, BLOCK_R=16, BLOCK_L=128, SPLIT=1, PDL=True, PREFETCH=pf,
+                                                   PF_THREADS=256), 8)
+    for name, text in (("norm", a), ("attention", b)):
+        lines = [l for l in text.splitlines() if op in l]
+        wait, first = text.find("griddepcontrol.wait"), text.find(op)
+        print(name, pf, len(lines), first >= 0 and wait >= 0 and first < wait)
+"""
+
+
+def test_l2_prefetch_is_in_the_hopper_code_before_the_pdl_wait():
+    """Compiled for sm_90 without a GPU (Triton's bundled ptxas): with PREFETCH the add+RMSNorm and RoPE+attention
+    kernels issue the L2 prefetch of the mode asked for (bulk requests or one per line), the attention kernel before
+    its PDL wait (so it overlaps the kernel before; in the norm kernel extra programs that never wait issue it);
+    without PREFETCH there is no prefetch of any kind."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", _PTX_OF_PREFETCH], capture_output=True, text=True, timeout=600,
+                         cwd=env.repo_root())
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = {(r.split()[0], r.split()[1]): r.split()[2:] for r in res.stdout.strip().splitlines()}
+    for name in ("norm", "attention"):
+        for mode in ("1", "2"):
+            n, before_wait = rows[(name, mode)]
+            assert int(n) >= 1 and (before_wait == "True" or name == "norm"), (name, mode, rows)
+        assert rows[(name, "0")][0] == "0", (name, rows)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("weights", ["bf16", "int8", "int4"])
+def test_l2_prefetch_changes_no_result(weights):
+    """The prefetch is a hint: with the same GEMV configs, tokens and logits of a graph-replayed run are bit for bit
+    those without it, in either mode."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("needs a GPU of compute capability 9.0+")
+    model, _ = models.load("smollm2-135m-shape", device="cuda")
+    ids = torch.randint(3, 49152, (1, 12), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    fast = fastgen.FastLlama(model, weights=weights, max_seq_len=64, group=64)
+    fast.tune(1)
+    fast.pin_gemv_configs(fast.gemv_configs(1), 1)  # one summation order for every run
+    runs = []
+    on = {"norm": 1 << 20, "attention": 2 << 20, "mode": "lines", "norm_programs": 16}
+    for pf in ({}, {"mode": "bulk"}, {"norm": 0, "attention": 0}):
+        fast.prefetch_l2 = {**on, **pf}
+        assert fast.l2_prefetch() == fast.prefetch_l2
+        fast._graphs.clear()
+        runs.append(fast.generate(ids, 12, use_graph=True, return_logits=True))
+    (ta, la) = runs[-1]
+    for tb, lb in runs[:-1]:
+        assert torch.equal(ta, tb) and all(torch.equal(a, b) for a, b in zip(la, lb))
+
+
 def test_plot_decode_writes_the_batch1_rows(tmp_path):
     recs = [{"model": "m", "variant": "HF generate", "batch": 1, "decode_ms_per_token": 30.0, "floor_ms": 4.5, "fraction_of_floor": 0.15},
             {"model": "m", "variant": "ours", "batch": 1, "decode_ms_per_token": 4.9, "floor_ms": 4.5, "fraction_of_floor": 0.92},
@@ -313,6 +418,26 @@ def test_plot_decode_writes_the_batch1_rows(tmp_path):
     assert (tmp_path / "d.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     fastgen.plot_decode(recs[2:], tmp_path / "none.png")  # no batch-1 row: nothing to draw
     assert not (tmp_path / "none.png").exists()
+
+
+def test_torchao_comparison_times_each_gemv_as_the_step_calls_it(tiny, monkeypatch):
+    """Each of our GEMVs is timed with the flags the step calls it with (``gemv_calls``: split-K partials, the fused
+    SiLU), hence with the launch config ``tune`` chose for the step: the qkv GEMV was once timed without its
+    partials, i.e. with an untuned default config, and looked slower than torchao's."""
+    from labkit import bench
+
+    fast = fastgen.FastLlama(tiny, max_seq_len=16)
+    timed = []
+    monkeypatch.setattr(wo, "time_gemv", lambda x, w, silu, partials, pdl: timed.append((w, silu, partials)) or 1.0)
+    monkeypatch.setattr(fastgen, "torchao_weight", lambda w, fmt: (w, "stub"))
+    monkeypatch.setattr(bench, "graph_time_ms", lambda fns: 2.0)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    recs = fastgen.compare_torchao_gemvs(fast, tiny, "int8", log=lambda *a: None)
+    assert [r["gemv"] for r in recs] == ["qkv", "o", "gate_up", "down", "lm_head"]
+    calls = {name: (w, silu, part) for name, w, silu, part in fast.gemv_calls()}
+    expect = [calls[n] for n in ("wqkv", "wo", "w13", "w2", "lm_head")]
+    assert len(timed) == 5 and all(a[0] is b[0] and a[1:] == b[1:] for a, b in zip(timed, expect)), timed
+    assert all(r["ratio_vs_torchao"] == 2.0 for r in recs)
 
 
 def test_torchao_peer_needs_package_and_gpu():

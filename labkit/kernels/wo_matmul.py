@@ -26,6 +26,7 @@ Layout: weights are ``(N, K)`` = (out_features, in_features), row-major, like ``
 """
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import asdict, dataclass
 
@@ -167,6 +168,33 @@ def weight_nbytes(w) -> int:
     if isinstance(w, torch.Tensor):
         return w.numel() * w.element_size()
     return w.nbytes()
+
+
+def weight_buffer(w) -> torch.Tensor:
+    """The largest buffer of a weight as stored (what a GEMV streams: the values, codes or words)."""
+    if isinstance(w, torch.Tensor):
+        return w
+    return {Int8Weight: lambda: w.q, Int4Weight: lambda: w.packed, WordWeight: lambda: w.words}[type(w)]()
+
+
+def l2_prefetch_supported(device) -> bool:
+    """Bulk L2 prefetch (``_l2_prefetch``) needs compute capability 9.0+ and a compiled kernel (not the interpreter)."""
+    device = torch.device(device)
+    return (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+            and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"))
+
+
+def prefetch_args(w, max_bytes: int) -> tuple:
+    """(buffer, bytes) for a kernel's L2 prefetch of weight ``w``: up to ``max_bytes`` of its main buffer from the
+    start, whole 16-byte units (what the bulk request takes); (None, 0) for no prefetch."""
+    if w is None or max_bytes <= 0:
+        return None, 0
+    buf = weight_buffer(w)
+    if not buf.is_contiguous() or buf.data_ptr() % 16:
+        raise LabkitError("an L2 prefetch reads a contiguous buffer aligned to 16 bytes; this weight's is not "
+                          "(call .contiguous() on it, or pass 0 bytes to prefetch nothing)")
+    n = min(int(max_bytes), buf.numel() * buf.element_size()) // 16 * 16
+    return (buf, n) if n > 0 else (None, 0)
 
 
 def _check_2d(w: torch.Tensor):
@@ -362,6 +390,47 @@ if triton is not None:
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
+
+    @triton.jit
+    def _l2_prefetch(base_ptr, nbytes, part, nparts, NT: tl.constexpr, MODE: tl.constexpr):
+        """Ask the L2 cache to fetch this program's share (``part`` of ``nparts``) of the first ``nbytes`` bytes at
+        ``base_ptr``. A hint: nothing is returned and no result depends on it. NT: the program's threads (each
+        issues its own requests; a tensor of more elements than threads would repeat them). MODE 1: one bulk request
+        per thread (Hopper's ``cp.async.bulk.prefetch.L2``, served by the SM's copy engine); MODE 2: one
+        ``prefetch.global.L2`` per 128-byte line, the threads stepping through the share together.
+        ``base_ptr`` must be 16-byte aligned and ``nbytes`` a multiple of 16 (``prefetch_args`` sees to both).
+
+        For the small kernels between a decode step's GEMVs: while they run, HBM would idle; with this, the next
+        GEMV's weights are on their way into L2 meanwhile (weights are written by no kernel of the step, so the
+        requests may go out before the PDL wait)."""
+        share = tl.cdiv(tl.cdiv(nbytes, nparts), 128 * NT) * (128 * NT)  # bytes per program, whole lines per thread
+        lo = part.to(tl.int64) * share
+        hi = tl.minimum(lo + share, nbytes)
+        base = base_ptr.to(tl.pointer_type(tl.int8))
+        if MODE == 1:
+            chunk = share // NT  # a multiple of 128
+            offs = lo + tl.arange(0, NT).to(tl.int64) * chunk
+            size = tl.minimum(tl.maximum(hi - offs, 0), chunk).to(tl.int32)  # 0 past the end: no request
+            tl.inline_asm_elementwise(
+                """{
+                .reg .pred p;
+                setp.gt.s32 p, $2, 0;
+                @p cp.async.bulk.prefetch.L2.global [$1], $2;
+                mov.u32 $0, 0;
+                }""",
+                "=r,l,r", [base + offs, size], dtype=tl.int32, is_pure=False, pack=1)
+        else:
+            for i in range(0, share // (128 * NT)):
+                offs = lo + (i * NT + tl.arange(0, NT)).to(tl.int64) * 128
+                live = (offs < hi).to(tl.int32)
+                tl.inline_asm_elementwise(
+                    """{
+                    .reg .pred p;
+                    setp.ne.s32 p, $2, 0;
+                    @p prefetch.global.L2 [$1];
+                    mov.u32 $0, 0;
+                    }""",
+                    "=r,l,r", [base + offs, live], dtype=tl.int32, is_pure=False, pack=1)
 
     @triton.jit
     def _program_tile(N, K, K_CHUNK, BLOCK_N: tl.constexpr):
