@@ -426,7 +426,10 @@ ATTN_WARPS = 8
 # hint: no result changes. "mode": "lines" (a prefetch instruction per 128-byte line from every thread) or "bulk"
 # (one copy-engine request per thread); "norm_programs": the extra programs of the add+RMSNorm kernel that issue its
 # requests (the norm itself is one program per row). FastLlama.prefetch_l2 starts as a copy of this; 0 bytes turn a
-# site off.
+# site off. Off by default: on an H200 (7B shape, batch 1, the same pinned GEMV configs; scripts/gpu_decode.py
+# prefetch -> results/nvidia-h200/decode_prefetch.json, 686d0b6) every setting made the step slower, the more so the
+# more it fetched: 3.39 / 2.40 / 1.97 ms (bf16 / int8 / int4) without, 3.42 / 2.41 / 2.05 with 4 MB per norm and 8 MB
+# per attention kernel, 3.70 / 2.73 / 2.27 with 16 and 32 MB; bulk requests no better than lines.
 PREFETCH_L2 = {"norm": 0, "attention": 0, "mode": "lines", "norm_programs": 32}
 PREFETCH_MODES = {"bulk": 1, "lines": 2}
 

@@ -196,11 +196,11 @@ def part_prefetch():
             for i in order:
                 fast.prefetch_l2 = dict(settings[i])
                 fast._graphs.clear()
-                times[i].append(fastgen.time_decode(fast, 1, 32, 128))
+                times[i].append({**fastgen.time_decode(fast, 1, 32, 128), "effective": fast.l2_prefetch()})
         for i, st in enumerate(settings):
             ms = sorted(t["decode_ms_per_token"] for t in times[i])
             floor = times[i][0]["bytes_per_step"] / read_bw * 1e3
-            rec = {"weights": fmt, "prefetch_l2": st, "effective": fast.l2_prefetch() if i else None,
+            rec = {"weights": fmt, "prefetch_l2": st, "effective": times[i][0]["effective"],
                    "decode_ms_per_token": ms[0], "runs_ms": ms, "floor_ms": floor, "fraction_of_floor": floor / ms[0],
                    "logits_equal_with_and_without": same}
             recs.append(rec)
