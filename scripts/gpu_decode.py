@@ -8,6 +8,8 @@ decode:  labkit.fastgen.run_decode_benchmark on the 7B shape (HF generate in the
 smollm2: token equality of the fast loop with HF generate on SmolLM2 (bf16, GPU) -> smollm2_check.json.
 pipeline: labkit.pipeline.run_matrix on SmolLM2 and the 7B shape -> pipeline.json.
 prefetch: the batch-1 step with the small kernels' L2 prefetch at several sizes -> decode_prefetch.json.
+rowpf:   the batch-1 step with the word-layout GEMVs prefetching their own rows before the PDL wait
+         -> decode_row_prefetch.json.
 Environment: GEMV_FORMATS, GEMV_SHAPES (subsets for kernels), GEMV_M (rows of x, default 1), GEMV_SWEEP=wide (row-major
 int8 at longer K steps), GEMV_SWEEP=stages (the batch-1 CUDA-core configs with their K loop pipelined 2-4 deep) or
 GEMV_SWEEP=variants
@@ -215,6 +217,52 @@ def part_prefetch():
                          "gemv_configs": "tuned once per format and pinned: only the prefetch differs"})
 
 
+def part_rowpf():
+    """The batch-1 step of the 7B shape with the word-layout GEMVs asking L2 for their own next weight rows before
+    their PDL wait (wo.ROW_PREFETCH K steps: 0, 2, all), per format one build with pinned configs (tuned without it);
+    logits with and without compared bit for bit first -> decode_row_prefetch.json."""
+    from labkit import fastgen, models
+    from labkit.kernels import wo_matmul as wo
+
+    model, _ = models.load("llama2-7b-shape", device="cuda")
+    ids = torch.randint(3, 32000, (1, 32), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    recs, read_bw = [], fastgen.measure_read_bandwidth(torch.device("cuda"))
+    steps = (0, 2, 64)
+    for fmt in os.environ.get("GEMV_FORMATS", "int4,int8").split(","):
+        wo.ROW_PREFETCH = 0
+        fast = fastgen.FastLlama(model, weights=fmt, kernels="triton", max_seq_len=32 + 512)
+        fast.tune(1)
+        fast.pin_gemv_configs(fast.gemv_configs(1), 1)
+        outs = {}
+        for n in (0, 64):
+            wo.ROW_PREFETCH = n
+            fast._graphs.clear()
+            outs[n] = fast.generate(ids, 8, use_graph=True, return_logits=True)
+        same = torch.equal(outs[0][0], outs[64][0]) and all(torch.equal(a, b) for a, b in zip(outs[0][1], outs[64][1]))
+        log(f"  {fmt}: tokens and logits of 8 steps with and without the row prefetch bit for bit equal: {same}")
+        times = {n: [] for n in steps}
+        for order in (steps, steps[::-1]):
+            for n in order:
+                wo.ROW_PREFETCH = n
+                fast._graphs.clear()
+                times[n].append(fastgen.time_decode(fast, 1, 32, 128))
+        for n in steps:
+            ms = sorted(t["decode_ms_per_token"] for t in times[n])
+            floor = times[n][0]["bytes_per_step"] / read_bw * 1e3
+            recs.append({"weights": fmt, "row_prefetch_steps": n, "decode_ms_per_token": ms[0], "runs_ms": ms,
+                         "floor_ms": floor, "fraction_of_floor": floor / ms[0], "logits_equal_with_and_without": same,
+                         "gemv_configs": {k: dataclasses.asdict(v) for k, v in fast.gemv_configs(1).items()}})
+            log(f"  {fmt} row prefetch {n:2d} steps: {ms[0]:.3f} ms/token (runs {', '.join(f'{m:.3f}' for m in ms)}), "
+                f"{floor / ms[0]:.1%} of the floor")
+        wo.ROW_PREFETCH = 0
+        del fast
+        torch.cuda.empty_cache()
+    bench.write_results(OUT / "decode_row_prefetch.json", recs,
+                        {"model": "llama2-7b-shape (RANDOM weights, bfloat16)", "batch": 1, "prompt_len": 32,
+                         "new_tokens": 128, "read_bandwidth_Bps": read_bw,
+                         "gemv_configs": "tuned once per format without the row prefetch and pinned"})
+
+
 def part_pipeline():
     from labkit import pipeline
 
@@ -222,7 +270,7 @@ def part_pipeline():
 
 
 PARTS = {"kernels": part_kernels, "sweep": part_sweep, "decode": part_decode, "smollm2": part_smollm2,
-         "prefetch": part_prefetch, "pipeline": part_pipeline}
+         "prefetch": part_prefetch, "rowpf": part_rowpf, "pipeline": part_pipeline}
 
 if __name__ == "__main__":
     log(f"== {time.strftime('%H:%M:%S')} {env.device_name()} {json.dumps(env.versions())}")

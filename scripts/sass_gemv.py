@@ -106,8 +106,8 @@ def kernels():
           "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_sn": "i32",
           "stride_ym": "i32", "stride_ys": "i32", "K_CHUNK": "i32", "ONE": "i32"}
     il.update({k: "constexpr" for k in ("BITS", "PRO_SILU", "BLOCK_M", "BLOCK_N", "BLOCK_K", "PDL", "RAGGED",
-                                        "PREFETCH")})
-    il1 = {k: v for k, v in il.items() if k not in ("M", "stride_xm", "stride_ym", "BLOCK_M", "PREFETCH")}
+                                        "PREFETCH", "ROW_PF")})
+    il1 = {k: v for k, v in il.items() if k not in ("M", "stride_xm", "stride_ym", "BLOCK_M", "PREFETCH", "ROW_PF")}
     il1["EVEN"] = "constexpr"
     out = []
     for bits, kind in ((4, 4), (8, 3)):
@@ -119,7 +119,7 @@ def kernels():
                     cfg.block_n * cfg.block_k / (32 * cfg.num_warps)))
         cfg = wo.CANDIDATES_IL[kind][0]
         c = {"BITS": bits, "PRO_SILU": False, "BLOCK_M": 1, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
-             "PDL": False, "RAGGED": False, "PREFETCH": False}
+             "PDL": False, "RAGGED": False, "PREFETCH": False, "ROW_PF": 0}
         out.append((f"int{bits}", f"int{bits} word kernel reducing each step, {cfg.block_n} rows x {cfg.block_k} "
                     f"columns, {cfg.num_warps} warps", wo._wo_gemv_il_kernel, il, c, cfg.num_warps,
                     cfg.block_n * cfg.block_k / (32 * cfg.num_warps)))
@@ -127,9 +127,10 @@ def kernels():
     h2["INTERPRET"] = "constexpr"
     h2["BITS"] = "constexpr"
     h2["STAGES"] = "constexpr"  # None: the plain K loop the tuner's h2 configs run
+    h2["ROW_PF"] = "constexpr"
     for bits, cfg in ((4, wo.CANDIDATES_H2[0]), (8, wo.CANDIDATES_H2_INT8[0])):
         c = {"PRO_SILU": False, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "PDL": False, "RAGGED": False,
-             "EVEN": True, "INTERPRET": False, "BITS": bits, "STAGES": None}
+             "EVEN": True, "INTERPRET": False, "BITS": bits, "STAGES": None, "ROW_PF": 0}
         out.append((f"int{bits}-h2", f"int{bits} word kernel with packed fp16 arithmetic, {cfg.block_n} rows x "
                     f"{cfg.block_k} columns, {cfg.num_warps} warps", wo._wo_gemv_h2_kernel, h2, c, cfg.num_warps,
                     cfg.block_n * cfg.block_k / (32 * cfg.num_warps)))

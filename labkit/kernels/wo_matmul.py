@@ -433,6 +433,24 @@ if triton is not None:
                     "=r,l,r", [base + offs, live], dtype=tl.int32, is_pure=False, pack=1)
 
     @triton.jit
+    def _prefetch_rows(w_ptr, offs_n, mask_n, stride_wn, w_lo, w_hi, LINES: tl.constexpr):
+        """``prefetch.global.L2`` for words [w_lo, w_hi) of the rows offs_n of a 32-bit word weight: one request per
+        128-byte line (32 words), LINES lines of every row per loop step. A hint; no result depends on it."""
+        offs = tl.arange(0, LINES) * 32
+        for base in range(w_lo, w_hi, LINES * 32):
+            wofs = base + offs
+            live = (mask_n[:, None] & (wofs < w_hi)[None, :]).to(tl.int32)
+            tl.inline_asm_elementwise(
+                """{
+                .reg .pred p;
+                setp.ne.s32 p, $2, 0;
+                @p prefetch.global.L2 [$1];
+                mov.u32 $0, 0;
+                }""",
+                "=r,l,r", [w_ptr + offs_n[:, None] * stride_wn + wofs[None, :], live], dtype=tl.int32,
+                is_pure=False, pack=1)
+
+    @triton.jit
     def _program_tile(N, K, K_CHUNK, BLOCK_N: tl.constexpr):
         """This program's split (axis 1), its K range [k_lo, k_hi), and its BLOCK_N output rows (axis 0)."""
         pid_k = tl.program_id(1)
@@ -726,9 +744,10 @@ if triton is not None:
         M, N, K, stride_xm, stride_wn, stride_sn, stride_ym, stride_ys, K_CHUNK, ONE,
         BITS: tl.constexpr, PRO_SILU: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False,
-        RAGGED: tl.constexpr = False, PREFETCH: tl.constexpr = False,
+        RAGGED: tl.constexpr = False, PREFETCH: tl.constexpr = False, ROW_PF: tl.constexpr = 0,
     ):
         """GEMV over a WordWeight (int8 or int4 codes in 32-bit words, ``interleave`` layout), M <= BLOCK_M.
+        ROW_PF (with PDL): before the wait, ask L2 for the program's next ROW_PF K steps of words (``ROW_PREFETCH``).
 
         Codes become floats without int-to-float conversions (which run at a fraction of the FMA rate): a code
         moved to the top of a float's mantissa, under the exponent of 1.0, reads as ``1 + code * 2^-e``.
@@ -751,6 +770,9 @@ if triton is not None:
         k_first = k_lo
         if PDL:  # the first words depend on no earlier kernel: load them before waiting for it
             wd, mask_w = _il_words(w_ptr, offs_n, mask_n, stride_wn, k_lo, K, CH, W)
+            if ROW_PF > 0:
+                _prefetch_rows(w_ptr, offs_n, mask_n, stride_wn, (k_lo // CH + NC) * 16,
+                               (tl.minimum(k_hi, k_lo + (ROW_PF + 1) * BLOCK_K) + CH - 1) // CH * 16, 4)
             _pdl_enter(PDL)
             acc = _il_step(acc, wd, mask_w, k_lo, x_ptr, s_ptr, z_ptr, offs_n, mask_n, M, K, stride_xm, stride_sn,
                            ONE, BITS, PRO_SILU, BLOCK_M, BLOCK_N, CH, NC, W, RAGGED)
@@ -1052,6 +1074,7 @@ if triton is not None:
         PRO_SILU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         PDL: tl.constexpr = False, EVEN: tl.constexpr = False, RAGGED: tl.constexpr = False,
         INTERPRET: tl.constexpr = False, BITS: tl.constexpr = 4, STAGES: tl.constexpr = None,
+        ROW_PF: tl.constexpr = 0,
     ):
         """An int4 (groups of 128) or int8 (per row) WordWeight, one activation row, on the CUDA cores with packed
         fp16 arithmetic: the codes of a word become fp16x2 registers (two codes per lop3, _h2_codes / _h2_codes8)
@@ -1069,6 +1092,10 @@ if triton is not None:
         k_first = k_lo
         if PDL:  # the first words depend on no earlier kernel: load them before waiting for it
             wa, wb, c_idx, mask_c = _h2_words(w_ptr, offs_n, mask_n, stride_wn, k_lo, K, NC, EVEN, BITS)
+            if ROW_PF > 0:  # and ask L2 for the next ROW_PF steps' words (ROW_PREFETCH); 128 columns = 16 or 32 words
+                WPC: tl.constexpr = 16 if BITS == 4 else 32
+                _prefetch_rows(w_ptr, offs_n, mask_n, stride_wn, (k_lo // 128 + NC) * WPC,
+                               (tl.minimum(k_hi, k_lo + (ROW_PF + 1) * BLOCK_K) + 127) // 128 * WPC, 4)
             _pdl_enter(PDL)
             acc, corr = _h2_step(acc, corr, wa, wb, c_idx, mask_c, x_ptr, s_ptr, z_ptr, offs_n, mask_n, K, stride_sn,
                                  PRO_SILU, EVEN, RAGGED, INTERPRET, BITS)
@@ -1393,6 +1420,16 @@ def pdl_kwargs(pdl: bool, device) -> dict:
     return {"PDL": True, "launch_pdl": True}
 
 
+# K steps of its own weight rows that a word-layout GEMV program (the word kernel and the packed-fp16 one) asks L2
+# to prefetch before its PDL wait, while the kernel before it still runs (0: none). Read at launch time, so a captured
+# graph keeps the value it was captured with.
+ROW_PREFETCH = 0
+
+
+def _row_pf(pdl: bool) -> int:
+    return int(ROW_PREFETCH) if pdl and not flash_attn.interpreted() else 0
+
+
 def wo_matmul(x: torch.Tensor, w, silu_gate_up: bool = False, config: GemvConfig | None = None,
               out: torch.Tensor | None = None, partials: bool = False, pdl: bool = False) -> torch.Tensor:
     """Triton GEMV: x (M, K) [or (M, 2K) = [gate | up] with silu_gate_up] times W^T -> (M, N) in x's dtype.
@@ -1484,7 +1521,7 @@ def wo_matmul(x: torch.Tensor, w, silu_gate_up: bool = False, config: GemvConfig
                                  num_warps=cfg.num_warps, RAGGED=K % 128 != 0,
                                  EVEN=N % cfg.block_n == 0 and K % k_chunk == 0 and K % 128 == 0,
                                  INTERPRET=flash_attn.interpreted(), BITS=8 if kind == 3 else 4, STAGES=cfg.stages,
-                                 **kw)
+                                 ROW_PF=_row_pf(pdl), **kw)
     elif kind >= 3 and cfg.variant == "acc" and M == 1:
         _wo_gemv_il1_kernel[grid](x, wp, sp, zp, y, N, K, stride_wn, stride_sn, M * N, k_chunk,
                                   0x3F800000 if kind == 4 else 0x3FC00000, BITS=8 if kind == 3 else 4,
@@ -1497,7 +1534,8 @@ def wo_matmul(x: torch.Tensor, w, silu_gate_up: bool = False, config: GemvConfig
                                  N if nsplit > 1 else out.stride(0), M * N, k_chunk,
                                  0x3F800000 if kind == 4 else 0x3FC00000, BITS=8 if kind == 3 else 4,
                                  PRO_SILU=silu_gate_up, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
-                                 num_warps=cfg.num_warps, RAGGED=K % group != 0, PREFETCH=cfg.variant == "pf", **kw)
+                                 num_warps=cfg.num_warps, RAGGED=K % group != 0, PREFETCH=cfg.variant == "pf",
+                                 ROW_PF=_row_pf(pdl), **kw)
     elif cfg.variant == "acc" and M == 1:
         _wo_gemv1_kernel[grid](x, wp, sp, zp, y, N, K, stride_wn, stride_sn, M * N, k_chunk, KIND=kind, GROUP=group,
                                PRO_SILU=silu_gate_up, BLOCK_N=cfg.block_n, BLOCK_K=block_k, num_warps=cfg.num_warps,
