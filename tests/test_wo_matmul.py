@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from labkit import env
+from labkit.kernels import flash_attn
 from labkit.kernels import wo_matmul as wo
 
 
@@ -338,6 +339,70 @@ def test_bf16_on_gpu():
         err_torch = (wo.matmul_reference(x, qw).float() - ref32).abs().max().item()
         err = (wo.wo_matmul(x, qw).float() - ref32).abs().max().item()
         assert err <= 2 * err_torch + 1e-3 * ref32.abs().max().item()
+
+
+_ROW_PF_PTX = """
+import os, sys
+os.environ["TRITON_INTERPRET"] = "0"
+sys.path.insert(0, os.path.join(os.getcwd(), "scripts"))
+import sass_gemv, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+for name, _, fn, sig, c, warps, _ in sass_gemv.kernels():
+    if "ROW_PF" in c:
+        for pdl, pf in ((True, 0), (True, 4), (False, 4)):
+            cc = dict(c, PDL=pdl, ROW_PF=pf)
+            src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in cc.items()})
+            ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["ptx"]
+            first, wait = ptx.find("prefetch.global.L2"), ptx.find("griddepcontrol.wait")
+            print(name, pdl, pf, ptx.count("prefetch.global.L2"), 0 <= first < wait)
+"""
+
+
+def test_row_prefetch_goes_out_before_the_pdl_wait():
+    """wo.ROW_PREFETCH: compiled for sm_90 without a GPU, the word kernel and the packed-fp16 kernel (int4 and int8)
+    ask L2 for their next rows before the PDL wait when ROW_PF > 0 and the launch uses PDL, and never otherwise;
+    the launch passes it only with PDL on a compiled (not interpreted) kernel."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", _ROW_PF_PTX], capture_output=True, text=True, timeout=600,
+                         cwd=env.repo_root())
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [r.split() for r in res.stdout.strip().splitlines()]
+    assert {r[0] for r in rows} == {"int4", "int8", "int4-h2", "int8-h2"}, rows
+    for name, pdl, pf, n, before in rows:
+        on = pdl == "True" and pf == "4"
+        assert (int(n) > 0 and before == "True") if on else int(n) == 0, (name, pdl, pf, n, before)
+    old = wo.ROW_PREFETCH
+    try:
+        wo.ROW_PREFETCH = 4
+        assert wo._row_pf(False) == 0
+        assert wo._row_pf(True) == (0 if flash_attn.interpreted() else 4)
+    finally:
+        wo.ROW_PREFETCH = old
+
+
+@pytest.mark.gpu
+def test_row_prefetch_changes_no_result_on_gpu():
+    """The row prefetch is a hint: with PDL and the same config, outputs are bit for bit those without it."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("needs a GPU of compute capability 9.0+")
+    w = (torch.randn(4096, 4096, device="cuda") * 0.02).bfloat16()
+    x = torch.randn(1, 4096, device="cuda").bfloat16()
+    old = wo.ROW_PREFETCH
+    try:
+        for qw, cfg in ((wo.interleave(wo.quantize_int4(w)), wo.GemvConfig(32, 1024, 4, "h2")),
+                        (wo.interleave(wo.quantize_int8(w)), wo.GemvConfig(16, 1024, 4, "h2")),
+                        (wo.interleave(wo.quantize_int4(w)), wo.GemvConfig(16, 2048, 4)),
+                        (wo.interleave(wo.quantize_int8(w)), wo.GemvConfig(16, 2048, 8, split=4))):
+            outs = []
+            for n in (0, 2, 64):
+                wo.ROW_PREFETCH = n
+                outs.append(wo.wo_matmul(x, qw, config=cfg, pdl=True))
+            assert all(torch.equal(outs[0], o) for o in outs[1:]), cfg
+    finally:
+        wo.ROW_PREFETCH = old
 
 
 def test_partials_are_the_split_k_sums():

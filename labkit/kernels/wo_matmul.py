@@ -1422,7 +1422,11 @@ def pdl_kwargs(pdl: bool, device) -> dict:
 
 # K steps of its own weight rows that a word-layout GEMV program (the word kernel and the packed-fp16 one) asks L2
 # to prefetch before its PDL wait, while the kernel before it still runs (0: none). Read at launch time, so a captured
-# graph keeps the value it was captured with.
+# graph keeps the value it was captured with. The idea: with PDL a GEMV's programs are resident while the small
+# kernel before them runs and HBM idles; today they load only their first step there. Prefetching from that small
+# kernel itself made the step slower (fastgen.PREFETCH_L2; one explanation, not measured: the small kernel ends only
+# once its requests are served, and the GEMV's PDL wait is for its end); here the GEMV's own programs ask. Not measured on a GPU yet: off until
+# scripts/gpu_decode.py rowpf says otherwise.
 ROW_PREFETCH = 0
 
 
