@@ -167,100 +167,80 @@ def part_smollm2():
     bench.write_results(OUT / "smollm2_check.json", res, {"ours": t, "hf_generate": hf})
 
 
-def part_prefetch():
-    """The batch-1 step of the 7B shape with the small kernels' L2 prefetch of the next GEMV's weights at several
-    sizes (fastgen.PREFETCH_L2), in each format: one build and one tuning per format, so only the prefetch differs;
-    the settings are timed in two rounds, the second in reverse order. Logits of 8 greedy steps with and without
-    prefetch are compared bit for bit first (a hint must change no result) -> decode_prefetch.json."""
+def _decode_settings(settings, apply, label, key, out_name, note, formats):
+    """The batch-1 step of the 7B shape under each of ``settings``, per format: one build, its GEMV configs tuned
+    under settings[0] and pinned (only the setting differs); tokens and logits of 8 greedy steps under settings[0]
+    and settings[1] compared bit for bit; then every setting timed twice, the second round in reverse order.
+    ``apply(fast, setting)`` puts a setting in place before a capture; ``label(setting)`` names it in the log."""
     from labkit import fastgen, models
 
+    model, _ = models.load("llama2-7b-shape", device="cuda")
+    ids = torch.randint(3, 32000, (1, 32), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    recs, read_bw = [], fastgen.measure_read_bandwidth(torch.device("cuda"))
+    for fmt in formats:
+        fast = fastgen.FastLlama(model, weights=fmt, kernels="triton", max_seq_len=32 + 512)
+        apply(fast, settings[0])
+        fast.tune(1)
+        fast.pin_gemv_configs(fast.gemv_configs(1), 1)
+
+        def run(st, what):
+            apply(fast, st)
+            fast._graphs.clear()
+            return what()
+
+        (ta, la), (tb, lb) = [run(st, lambda: fast.generate(ids, 8, use_graph=True, return_logits=True))
+                              for st in settings[:2]]
+        same = torch.equal(ta, tb) and all(torch.equal(a, b) for a, b in zip(la, lb))
+        log(f"  {fmt}: tokens and logits of 8 steps, {label(settings[1])} against {label(settings[0])}: "
+            f"bit for bit equal {same}")
+        times = {i: [] for i in range(len(settings))}
+        for order in (range(len(settings)), reversed(range(len(settings)))):
+            for i in order:
+                times[i].append(run(settings[i], lambda: fastgen.time_decode(fast, 1, 32, 128)))
+        for i, st in enumerate(settings):
+            ms = sorted(t["decode_ms_per_token"] for t in times[i])
+            floor = times[i][0]["bytes_per_step"] / read_bw * 1e3
+            recs.append({"weights": fmt, key: st, "decode_ms_per_token": ms[0], "runs_ms": ms, "floor_ms": floor,
+                         "fraction_of_floor": floor / ms[0], "logits_equal_first_two_settings": same,
+                         "gemv_configs": {k: dataclasses.asdict(v) for k, v in fast.gemv_configs(1).items()}})
+            log(f"  {fmt} {label(st)}: {ms[0]:.3f} ms/token (runs {', '.join(f'{m:.3f}' for m in ms)}), "
+                f"{floor / ms[0]:.1%} of the floor")
+        apply(fast, settings[0])
+        del fast
+        torch.cuda.empty_cache()
+    bench.write_results(OUT / out_name, recs,
+                        {"model": "llama2-7b-shape (RANDOM weights, bfloat16)", "batch": 1, "prompt_len": 32,
+                         "new_tokens": 128, "read_bandwidth_Bps": read_bw, "what": note,
+                         "gemv_configs": "tuned once per format under the first setting and pinned"})
+
+
+def part_prefetch():
+    """The small kernels' L2 prefetch of the next GEMV's weights at several sizes (fastgen.PREFETCH_L2), against
+    none -> decode_prefetch.json."""
     MB = 1 << 20
     on = {"norm": 8 * MB, "attention": 16 * MB, "mode": "lines", "norm_programs": 32}
     settings = [{**on, **st} for st in (
         {"norm": 0, "attention": 0}, {}, {"norm": 4 * MB, "attention": 8 * MB}, {"norm": 16 * MB, "attention": 32 * MB},
         {"norm": 0}, {"attention": 0}, {"mode": "bulk"}, {"norm_programs": 128})]
-    model, _ = models.load("llama2-7b-shape", device="cuda")
-    ids = torch.randint(3, 32000, (1, 32), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
-    recs, read_bw = [], fastgen.measure_read_bandwidth(torch.device("cuda"))
-    for fmt in os.environ.get("GEMV_FORMATS", "bf16,int8,int4").split(","):
-        fast = fastgen.FastLlama(model, weights=fmt, kernels="triton", max_seq_len=32 + 512)
-        fast.tune(1)
-        fast.pin_gemv_configs(fast.gemv_configs(1), 1)
-        logits = {}
-        for i, st in enumerate(settings[:2]):
-            fast.prefetch_l2 = dict(st)
-            fast._graphs.clear()
-            logits[i] = fast.generate(ids, 8, use_graph=True, return_logits=True)
-        same = torch.equal(logits[0][0], logits[1][0]) and all(torch.equal(a, b) for a, b in zip(logits[0][1], logits[1][1]))
-        log(f"  {fmt}: tokens and logits of 8 steps with prefetch {settings[1]} vs none bit for bit equal: {same}")
-        times = {i: [] for i in range(len(settings))}
-        for order in (range(len(settings)), reversed(range(len(settings)))):
-            for i in order:
-                fast.prefetch_l2 = dict(settings[i])
-                fast._graphs.clear()
-                times[i].append({**fastgen.time_decode(fast, 1, 32, 128), "effective": fast.l2_prefetch()})
-        for i, st in enumerate(settings):
-            ms = sorted(t["decode_ms_per_token"] for t in times[i])
-            floor = times[i][0]["bytes_per_step"] / read_bw * 1e3
-            rec = {"weights": fmt, "prefetch_l2": st, "effective": times[i][0]["effective"],
-                   "decode_ms_per_token": ms[0], "runs_ms": ms, "floor_ms": floor, "fraction_of_floor": floor / ms[0],
-                   "logits_equal_with_and_without": same}
-            recs.append(rec)
-            log(f"  {fmt} prefetch norm {st['norm'] // MB} MB, attention {st['attention'] // MB} MB, {st['mode']}, "
-                f"{st['norm_programs']} norm programs: "
-                f"{ms[0]:.3f} ms/token (runs {', '.join(f'{m:.3f}' for m in ms)}), {floor / ms[0]:.1%} of the floor")
-        del fast
-        torch.cuda.empty_cache()
-    bench.write_results(OUT / "decode_prefetch.json", recs,
-                        {"model": "llama2-7b-shape (RANDOM weights, bfloat16)", "batch": 1, "prompt_len": 32,
-                         "new_tokens": 128, "read_bandwidth_Bps": read_bw,
-                         "gemv_configs": "tuned once per format and pinned: only the prefetch differs"})
+
+    def label(st):
+        return (f"prefetch norm {st['norm'] // MB} MB, attention {st['attention'] // MB} MB, {st['mode']}, "
+                f"{st['norm_programs']} norm programs")
+
+    _decode_settings(settings, lambda fast, st: setattr(fast, "prefetch_l2", dict(st)), label, "prefetch_l2",
+                     "decode_prefetch.json", "the small kernels' L2 prefetch of the next GEMV's weights",
+                     os.environ.get("GEMV_FORMATS", "bf16,int8,int4").split(","))
 
 
 def part_rowpf():
-    """The batch-1 step of the 7B shape with the word-layout GEMVs asking L2 for their own next weight rows before
-    their PDL wait (wo.ROW_PREFETCH K steps: 0, 2, all), per format one build with pinned configs (tuned without it);
-    logits with and without compared bit for bit first -> decode_row_prefetch.json."""
-    from labkit import fastgen, models
+    """The word-layout GEMVs asking L2 for their own next weight rows before their PDL wait (wo.ROW_PREFETCH K
+    steps: 0, all, 2) -> decode_row_prefetch.json."""
     from labkit.kernels import wo_matmul as wo
 
-    model, _ = models.load("llama2-7b-shape", device="cuda")
-    ids = torch.randint(3, 32000, (1, 32), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
-    recs, read_bw = [], fastgen.measure_read_bandwidth(torch.device("cuda"))
-    steps = (0, 2, 64)
-    for fmt in os.environ.get("GEMV_FORMATS", "int4,int8").split(","):
-        wo.ROW_PREFETCH = 0
-        fast = fastgen.FastLlama(model, weights=fmt, kernels="triton", max_seq_len=32 + 512)
-        fast.tune(1)
-        fast.pin_gemv_configs(fast.gemv_configs(1), 1)
-        outs = {}
-        for n in (0, 64):
-            wo.ROW_PREFETCH = n
-            fast._graphs.clear()
-            outs[n] = fast.generate(ids, 8, use_graph=True, return_logits=True)
-        same = torch.equal(outs[0][0], outs[64][0]) and all(torch.equal(a, b) for a, b in zip(outs[0][1], outs[64][1]))
-        log(f"  {fmt}: tokens and logits of 8 steps with and without the row prefetch bit for bit equal: {same}")
-        times = {n: [] for n in steps}
-        for order in (steps, steps[::-1]):
-            for n in order:
-                wo.ROW_PREFETCH = n
-                fast._graphs.clear()
-                times[n].append(fastgen.time_decode(fast, 1, 32, 128))
-        for n in steps:
-            ms = sorted(t["decode_ms_per_token"] for t in times[n])
-            floor = times[n][0]["bytes_per_step"] / read_bw * 1e3
-            recs.append({"weights": fmt, "row_prefetch_steps": n, "decode_ms_per_token": ms[0], "runs_ms": ms,
-                         "floor_ms": floor, "fraction_of_floor": floor / ms[0], "logits_equal_with_and_without": same,
-                         "gemv_configs": {k: dataclasses.asdict(v) for k, v in fast.gemv_configs(1).items()}})
-            log(f"  {fmt} row prefetch {n:2d} steps: {ms[0]:.3f} ms/token (runs {', '.join(f'{m:.3f}' for m in ms)}), "
-                f"{floor / ms[0]:.1%} of the floor")
-        wo.ROW_PREFETCH = 0
-        del fast
-        torch.cuda.empty_cache()
-    bench.write_results(OUT / "decode_row_prefetch.json", recs,
-                        {"model": "llama2-7b-shape (RANDOM weights, bfloat16)", "batch": 1, "prompt_len": 32,
-                         "new_tokens": 128, "read_bandwidth_Bps": read_bw,
-                         "gemv_configs": "tuned once per format without the row prefetch and pinned"})
+    _decode_settings((0, 64, 2), lambda fast, n: setattr(wo, "ROW_PREFETCH", n), lambda n: f"row prefetch {n} steps",
+                     "row_prefetch_steps", "decode_row_prefetch.json",
+                     "the word-layout GEMVs' prefetch of their own next rows before the PDL wait (wo.ROW_PREFETCH)",
+                     os.environ.get("GEMV_FORMATS", "int4,int8").split(","))
 
 
 def part_pipeline():

@@ -422,15 +422,19 @@ if triton is not None:
         else:
             for i in range(0, share // (128 * NT)):
                 offs = lo + (i * NT + tl.arange(0, NT)).to(tl.int64) * 128
-                live = (offs < hi).to(tl.int32)
-                tl.inline_asm_elementwise(
-                    """{
-                    .reg .pred p;
-                    setp.ne.s32 p, $2, 0;
-                    @p prefetch.global.L2 [$1];
-                    mov.u32 $0, 0;
-                    }""",
-                    "=r,l,r", [base + offs, live], dtype=tl.int32, is_pure=False, pack=1)
+                _prefetch_line(base + offs, offs < hi)
+
+    @triton.jit
+    def _prefetch_line(ptrs, live):
+        """``prefetch.global.L2`` of the 128-byte line at each pointer where ``live`` is True (a hint)."""
+        tl.inline_asm_elementwise(
+            """{
+            .reg .pred p;
+            setp.ne.s32 p, $2, 0;
+            @p prefetch.global.L2 [$1];
+            mov.u32 $0, 0;
+            }""",
+            "=r,l,r", [ptrs, live.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
 
     @triton.jit
     def _prefetch_rows(w_ptr, offs_n, mask_n, stride_wn, w_lo, w_hi, LINES: tl.constexpr):
@@ -439,16 +443,7 @@ if triton is not None:
         offs = tl.arange(0, LINES) * 32
         for base in range(w_lo, w_hi, LINES * 32):
             wofs = base + offs
-            live = (mask_n[:, None] & (wofs < w_hi)[None, :]).to(tl.int32)
-            tl.inline_asm_elementwise(
-                """{
-                .reg .pred p;
-                setp.ne.s32 p, $2, 0;
-                @p prefetch.global.L2 [$1];
-                mov.u32 $0, 0;
-                }""",
-                "=r,l,r", [w_ptr + offs_n[:, None] * stride_wn + wofs[None, :], live], dtype=tl.int32,
-                is_pure=False, pack=1)
+            _prefetch_line(w_ptr + offs_n[:, None] * stride_wn + wofs[None, :], mask_n[:, None] & (wofs < w_hi)[None, :])
 
     @triton.jit
     def _program_tile(N, K, K_CHUNK, BLOCK_N: tl.constexpr):
