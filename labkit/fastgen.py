@@ -347,7 +347,7 @@ def add_rmsnorm_triton(x: torch.Tensor, delta, weight: torch.Tensor, eps: float,
                                       pf_bytes, B, PREFETCH=_prefetch_mode(prefetch_mode) if extra else 0,
                                       PF_THREADS=32 * warps, HAS_DELTA=delta is not None, SPLIT=split,
                                       BLOCK_H=triton.next_power_of_2(H), num_warps=warps,
-                              **wo.pdl_kwargs(pdl, x.device))
+                                      **wo.pdl_kwargs(pdl, x.device))
     return out
 
 

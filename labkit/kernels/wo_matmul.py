@@ -178,7 +178,7 @@ def weight_buffer(w) -> torch.Tensor:
 
 
 def l2_prefetch_supported(device) -> bool:
-    """Bulk L2 prefetch (``_l2_prefetch``) needs compute capability 9.0+ and a compiled kernel (not the interpreter)."""
+    """The L2 prefetch (``_l2_prefetch``) needs compute capability 9.0+ and a compiled kernel (not the interpreter)."""
     device = torch.device(device)
     return (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
             and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"))
@@ -443,7 +443,8 @@ if triton is not None:
         offs = tl.arange(0, LINES) * 32
         for base in range(w_lo, w_hi, LINES * 32):
             wofs = base + offs
-            _prefetch_line(w_ptr + offs_n[:, None] * stride_wn + wofs[None, :], mask_n[:, None] & (wofs < w_hi)[None, :])
+            _prefetch_line(w_ptr + offs_n[:, None] * stride_wn + wofs[None, :],
+                           mask_n[:, None] & (wofs < w_hi)[None, :])
 
     @triton.jit
     def _program_tile(N, K, K_CHUNK, BLOCK_N: tl.constexpr):
@@ -1420,8 +1421,8 @@ def pdl_kwargs(pdl: bool, device) -> dict:
 # graph keeps the value it was captured with. The idea: with PDL a GEMV's programs are resident while the small
 # kernel before them runs and HBM idles; today they load only their first step there. Prefetching from that small
 # kernel itself made the step slower (fastgen.PREFETCH_L2; one explanation, not measured: the small kernel ends only
-# once its requests are served, and the GEMV's PDL wait is for its end); here the GEMV's own programs ask. Not measured on a GPU yet: off until
-# scripts/gpu_decode.py rowpf says otherwise.
+# once its requests are served, and the GEMV's PDL wait is for its end); here the GEMV's own programs ask. Not
+# measured on a GPU yet: off until scripts/gpu_decode.py rowpf says otherwise.
 ROW_PREFETCH = 0
 
 
