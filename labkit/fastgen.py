@@ -424,7 +424,7 @@ ATTN_WARPS = 8
 # prefetch, wo._l2_prefetch) while they run and HBM would otherwise idle: "norm", each add+RMSNorm (before the qkv
 # and gate+up GEMVs and the LM head); "attention", the RoPE+attention kernel (before the output projection). A
 # hint: no result changes. "mode": "lines" (a prefetch instruction per 128-byte line from every thread) or "bulk"
-# (one copy-engine request per thread); "norm_programs": the extra programs of the add+RMSNorm kernel that issue its
+# (one bulk TMA request per thread); "norm_programs": the extra programs of the add+RMSNorm kernel that issue its
 # requests (the norm itself is one program per row). FastLlama.prefetch_l2 starts as a copy of this; 0 bytes turn a
 # site off. Off by default: on an H200 (7B shape, batch 1, the same pinned GEMV configs; scripts/gpu_decode.py
 # prefetch -> results/nvidia-h200/decode_prefetch.json, 686d0b6) every setting made the step slower, the more so the

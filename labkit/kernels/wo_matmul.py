@@ -396,8 +396,8 @@ if triton is not None:
         """Ask the L2 cache to fetch this program's share (``part`` of ``nparts``) of the first ``nbytes`` bytes at
         ``base_ptr``. A hint: nothing is returned and no result depends on it. NT: the program's threads (each
         issues its own requests; a tensor of more elements than threads would repeat them). MODE 1: one bulk request
-        per thread (Hopper's ``cp.async.bulk.prefetch.L2``, served by the SM's copy engine); MODE 2: one
-        ``prefetch.global.L2`` per 128-byte line, the threads stepping through the share together.
+        per thread (Hopper's ``cp.async.bulk.prefetch.L2``, served by the SM's tensor memory accelerator, TMA);
+        MODE 2: one ``prefetch.global.L2`` per 128-byte line, the threads stepping through the share together.
         ``base_ptr`` must be 16-byte aligned and ``nbytes`` a multiple of 16 (``prefetch_args`` sees to both).
 
         For the small kernels between a decode step's GEMVs: while they run, HBM would idle; with this, the next
