@@ -29,11 +29,14 @@ import torch
 from labkit import bench, env
 
 OUT = Path(os.environ.get("LABKIT_OUT") or bench.results_dir())
-OUT.mkdir(parents=True, exist_ok=True)
-LOG = open(OUT / "gpu_log.txt", "a")
+LOG = None  # opened by the first log line: a run refused for its arguments writes nothing
 
 
 def log(*a):
+    global LOG
+    if LOG is None:
+        OUT.mkdir(parents=True, exist_ok=True)
+        LOG = open(OUT / "gpu_log.txt", "a")
     msg = " ".join(str(x) for x in a)
     print(msg, flush=True)
     LOG.write(msg + "\n")
@@ -253,6 +256,14 @@ PARTS = {"kernels": part_kernels, "sweep": part_sweep, "decode": part_decode, "s
          "prefetch": part_prefetch, "rowpf": part_rowpf, "pipeline": part_pipeline}
 
 if __name__ == "__main__":
+    unknown = [a for a in sys.argv[1:] if a not in PARTS]
+    if unknown or len(sys.argv) < 2:
+        sys.exit(f"error: name parts to run from {', '.join(PARTS)} (got {' '.join(sys.argv[1:]) or 'none'})")
+    step_parts = {"prefetch", "rowpf"} & set(sys.argv[1:])  # whole decode steps: FastLlama's weight formats only
+    ok = ("bf16", "int8", "int4") if step_parts else ("bf16", "int8", "int4", "int8-il", "int4-il")
+    bad = [f for f in os.environ.get("GEMV_FORMATS", "bf16").split(",") if f not in ok]
+    if bad:
+        sys.exit(f"error: GEMV_FORMATS takes {', '.join(ok)} separated by commas (got {', '.join(bad)})")
     log(f"== {time.strftime('%H:%M:%S')} {env.device_name()} {json.dumps(env.versions())}")
     for name in sys.argv[1:]:
         t0 = time.time()

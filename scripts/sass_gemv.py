@@ -44,7 +44,10 @@ CLASSES = {  # SASS opcode -> what the weight's instruction is for
 }
 
 
-def compile_sass(fn, signature: dict, constexprs: dict, num_warps: int, arch: int = 90) -> tuple[str, int | None]:
+def compile_offline(fn, signature: dict, constexprs: dict, num_warps: int, arch: int = 90):
+    """A Triton kernel compiled for sm_``arch`` without a GPU (Triton's bundled ptxas): ``.asm`` holds its PTX and
+    cubin. ``signature`` maps argument names to Triton types ("*bf16", "i32", "constexpr"), ``constexprs`` gives
+    the constexpr values."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -57,7 +60,13 @@ def compile_sass(fn, signature: dict, constexprs: dict, num_warps: int, arch: in
              if v.startswith("*") or v == "i32"}
     src = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()},
                     attrs=attrs)
-    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+
+
+def compile_sass(fn, signature: dict, constexprs: dict, num_warps: int, arch: int = 90) -> tuple[str, int | None]:
+    import triton
+
+    kernel = compile_offline(fn, signature, constexprs, num_warps, arch)
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     path = f"/tmp/sass_gemv_{os.getpid()}.cubin"
     with open(path, "wb") as f:

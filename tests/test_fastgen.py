@@ -336,14 +336,12 @@ def test_prefetch_args_and_where_prefetch_is_off(tiny):
 _PTX_OF_PREFETCH = """
 import os, sys
 os.environ["TRITON_INTERPRET"] = "0"
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+sys.path.insert(0, "scripts")
+from sass_gemv import compile_offline
 from labkit import fastgen
 
 def ptx(fn, sig, consts, warps):
-    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["ptx"]
+    return compile_offline(fn, sig, consts, warps).asm["ptx"]
 
 norm = {"x_ptr": "*bf16", "d_ptr": "*fp32", "w_ptr": "*bf16", "out_ptr": "*bf16", "H": "i32", "eps": "fp32",
         "stride_x": "i32", "stride_d": "i32", "stride_ds": "i32", "stride_o": "i32", "pf_ptr": "*i8", "pf_bytes": "i32",

@@ -344,16 +344,12 @@ def test_bf16_on_gpu():
 _ROW_PF_PTX = """
 import os, sys
 os.environ["TRITON_INTERPRET"] = "0"
-sys.path.insert(0, os.path.join(os.getcwd(), "scripts"))
-import sass_gemv, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+sys.path.insert(0, "scripts")
+import sass_gemv
 for name, _, fn, sig, c, warps, _ in sass_gemv.kernels():
     if "ROW_PF" in c:
         for pdl, pf in ((True, 0), (True, 4), (False, 4)):
-            cc = dict(c, PDL=pdl, ROW_PF=pf)
-            src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in cc.items()})
-            ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["ptx"]
+            ptx = sass_gemv.compile_offline(fn, sig, dict(c, PDL=pdl, ROW_PF=pf), warps).asm["ptx"]
             first, wait = ptx.find("prefetch.global.L2"), ptx.find("griddepcontrol.wait")
             print(name, pdl, pf, ptx.count("prefetch.global.L2"), 0 <= first < wait)
 """

@@ -26,7 +26,6 @@ Layout: weights are ``(N, K)`` = (out_features, in_features), row-major, like ``
 """
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import asdict, dataclass
 
@@ -172,16 +171,18 @@ def weight_nbytes(w) -> int:
 
 def weight_buffer(w) -> torch.Tensor:
     """The largest buffer of a weight as stored (what a GEMV streams: the values, codes or words)."""
-    if isinstance(w, torch.Tensor):
-        return w
-    return {Int8Weight: lambda: w.q, Int4Weight: lambda: w.packed, WordWeight: lambda: w.words}[type(w)]()
+    if isinstance(w, Int8Weight):
+        return w.q
+    if isinstance(w, Int4Weight):
+        return w.packed
+    return w.words if isinstance(w, WordWeight) else w
 
 
 def l2_prefetch_supported(device) -> bool:
     """The L2 prefetch (``_l2_prefetch``) needs compute capability 9.0+ and a compiled kernel (not the interpreter)."""
     device = torch.device(device)
     return (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
-            and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"))
+            and not flash_attn.interpreted())
 
 
 def prefetch_args(w, max_bytes: int) -> tuple:
