@@ -1422,8 +1422,10 @@ def pdl_kwargs(pdl: bool, device) -> dict:
 # graph keeps the value it was captured with. The idea: with PDL a GEMV's programs are resident while the small
 # kernel before them runs and HBM idles; today they load only their first step there. Prefetching from that small
 # kernel itself made the step slower (fastgen.PREFETCH_L2; one explanation, not measured: the small kernel ends only
-# once its requests are served, and the GEMV's PDL wait is for its end); here the GEMV's own programs ask. Not
-# measured on a GPU yet: off until scripts/gpu_decode.py rowpf says otherwise.
+# once its requests are served, and the GEMV's PDL wait is for its end); here the GEMV's own programs ask. Measured
+# on an NVIDIA H200 (scripts/gpu_decode.py rowpf -> results/nvidia-h200/decode_row_prefetch.json, 43bb006, configs
+# tuned once and pinned, logits bit for bit equal): slower at 2 and at 64 steps, int4 1.967 -> 2.109 / 2.115 ms per
+# token, int8 2.393 -> 2.844 / 2.842. Off.
 ROW_PREFETCH = 0
 
 
