@@ -216,9 +216,84 @@ def step_bench(out: Path, seqlens) -> dict:
     return summary
 
 
+def step_hopper(out: Path) -> dict:
+    """The Gluon kernel for Hopper (labkit.kernels.flash_attn_hopper): every config checked against the fp32
+    reference on the check shapes (and a Hugging Face (batch, seq, heads, dim) view), then timed beside SDPA's cuDNN
+    and flash backends and the TMA kernel at 4k and 16k -> hopper.json."""
+    from labkit.kernels import flash_attn_fast as fast
+    from labkit.kernels import flash_attn_hopper as hop
+
+    dev = torch.device("cuda")
+    checks, fails = [], 0
+    shapes = [(2, 4, 4, 1, 1), (2, 4, 4, 97, 97), (1, 9, 3, 1025, 1025), (2, 9, 3, 1, 1025), (1, 4, 2, 97, 1025),
+              (1, 8, 8, 4096, 4096), (3, 6, 2, 130, 130)]
+    for ci, cfg in enumerate(hop.CONFIGS):
+        for dtype in ((torch.bfloat16, torch.float16) if ci == 0 else (torch.bfloat16,)):
+            for d in ((64, 128) if ci == 0 else (128,)):
+                for causal in (False, True):
+                    for (b, h, hkv, nq, nkv) in shapes + [("hf", 2, 8, 8, 300, 300)]:
+                        hf = b == "hf"
+                        if hf:
+                            b, h, hkv, nq, nkv = h, hkv, nq, nkv, 300
+                        g = torch.Generator(device=dev).manual_seed(nq * 7 + nkv + d)
+                        if hf:  # a transformers model's layout: (batch, seq, heads, dim) transposed, not copied
+                            q, k, v = (torch.randn(b, nq, hh, d, device=dev, dtype=dtype, generator=g).transpose(1, 2)
+                                       for hh in (h, hkv, hkv))
+                        else:
+                            q = torch.randn(b, h, nq, d, device=dev, dtype=dtype, generator=g)
+                            k = torch.randn(b, hkv, nkv, d, device=dev, dtype=dtype, generator=g)
+                            v = torch.randn(b, hkv, nkv, d, device=dev, dtype=dtype, generator=g)
+                        try:
+                            r = A.compare_to_reference(lambda *a: hop.flash_attention_hopper(*a, **cfg), q, k, v,
+                                                       causal)
+                            r["lse_ok"] = r["lse_err"] < 1e-3
+                        except Exception as exc:
+                            r = dict(ok=False, lse_ok=False, error=f"{type(exc).__name__}: {str(exc)[:300]}")
+                        checks.append(dict(config=ci, dtype=str(dtype), d=d, causal=causal, hf_layout=hf,
+                                           shape=[b, h, hkv, nq, nkv], **r))
+                        if not (r["ok"] and r["lse_ok"]):
+                            fails += 1
+                            log("FAIL", checks[-1])
+    log(f"hopper check: {len(checks)} cases, {fails} failures")
+    rows = []
+    h, d, dtype, tokens = 32, 128, torch.bfloat16, 16384
+    for causal in (True, False):
+        for n in (4096, 16384):
+            b = max(1, tokens // n)
+            g = torch.Generator(device=dev).manual_seed(n)
+            q, k, v = (torch.randn(b, h, n, d, device=dev, dtype=dtype, generator=g) for _ in range(3))
+            flops = A.attention_flops(b, h, n, n, d, causal)
+            ref = A.sdpa_attention(q, k, v, causal, backend="flash")
+            row = dict(causal=causal, n=n, batch=b)
+            runs = {"sdpa_cudnn": lambda: A.sdpa_attention(q, k, v, causal, backend="cudnn"),
+                    "sdpa_flash": lambda: A.sdpa_attention(q, k, v, causal, backend="flash"),
+                    "triton_fast": lambda: fast.flash_attention_fast(q, k, v, causal, **fast.CONFIGS[0])}
+            for ci, cfg in enumerate(hop.CONFIGS):
+                runs[f"hopper_c{ci}"] = (lambda cfg=cfg: hop.flash_attention_hopper(q, k, v, causal, **cfg))
+            for name, fn in runs.items():
+                try:
+                    o = fn()
+                    o = o[0] if isinstance(o, tuple) else o
+                    diff = (o.float() - ref.float()).abs().max().item()
+                    if not diff <= 0.05:
+                        raise AssertionError(f"differs from SDPA flash by {diff:.3g}")
+                    row[name] = bench.tflops(flops, _time(fn))
+                except Exception as exc:
+                    row[name] = None
+                    log(name, "failed:", str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__)
+            rows.append(row)
+            log(json.dumps({k: (round(v, 1) if isinstance(v, float) else v) for k, v in row.items()}))
+            del q, k, v, ref
+            torch.cuda.empty_cache()
+    doc = dict(configs=list(hop.CONFIGS), checks=dict(n=len(checks), fails=fails, rows=checks), tflops=rows,
+               versions=env.versions())
+    (out / "hopper.json").write_text(json.dumps(doc, indent=1, default=str))
+    return doc
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("steps", nargs="+", choices=["check", "tune", "hf", "bench"])
+    p.add_argument("steps", nargs="+", choices=["check", "tune", "hf", "bench", "hopper"])
     p.add_argument("--out", type=Path, default=Path(os.environ.get("LABKIT_OUT", "out")))
     p.add_argument("--seqlens", default="512,1024,2048,4096,8192,16384")
     args = p.parse_args(argv)

@@ -1,0 +1,312 @@
+"""The FlashAttention forward written for Hopper in Gluon, Triton's lower-level language: the third kernel of the
+attention notebook, beside the teaching kernel (``flash_attn.py``) and the TMA one (``flash_attn_fast.py``).
+
+``tl.dot`` leaves to the compiler how the tensor cores are fed and when the program waits for them. Gluon hands
+those choices to the kernel: the layout of every tile in registers and shared memory, each warpgroup matrix-multiply
+(``wgmma``) issued asynchronously and waited for by name, every TMA copy with the ``mbarrier`` that says it has
+landed. That is what FlashAttention-3 does on an H100, and what this kernel does, in three parts:
+
+1. **A ring of K/V tiles.** ``STAGES`` shared-memory slots for K and for V, each filled by one TMA copy that signals
+   its own barrier; tile j lives in slot ``j % STAGES``, and the copy of tile ``j + STAGES`` goes out as soon as
+   both warpgroups are done with tile j. Loads run that many tiles ahead of the math.
+2. **Both warpgroups on one query tile.** 8 warps = 2 warpgroups; the 128 query rows split 64 / 64, each warpgroup
+   issuing its own wgmmas on shared K and V (the accumulators' layout, ``NVMMADistributedLayout`` v3 with warps
+   [8, 1], says so).
+3. **Scores of the next tile under this tile's softmax** (``PIPE``, FlashAttention-3's intra-warpgroup overlap):
+   ``Q K_{j+1}^T`` is issued before the exponentials of tile j and waited for only after ``P_j V_j`` has been
+   issued, so the tensor cores have work while the special-function units compute ``exp2``. It costs a second
+   score tile in registers, which is why it pairs with 64-wide key tiles.
+
+P goes from the score accumulator to the PV wgmma in registers (FlashAttention-3's "RS" form); nothing but K, V and
+Q goes through shared memory. Same signature, layout, result ``(o, lse)`` and references as the other two kernels.
+Needs compute capability 9.0 (an H100/H200): the interpreter cannot run Gluon, so on a CPU it is only compiled
+(for sm_90, offline), which is what CI checks.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from labkit.kernels import flash_attn as _fa
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                                   warpgroup_mma_init, warpgroup_mma_wait)
+    # the TMA copies were renamed after Triton 3.6 (async_copy_global_to_shared -> async_load, and the store;
+    # thread_barrier -> barrier)
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
+    _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # every warp of the program (bar.sync)
+except ImportError:  # no triton, or one without Gluon's Hopper module
+    gluon = None
+
+
+def _cfg(block_m, block_n, num_warps, stages, pipe) -> dict:
+    return dict(block_m=block_m, block_n=block_n, num_warps=num_warps, stages=stages, pipe=pipe)
+
+
+# configurations tune() tries; the first is the default until a tune() in this process picks one per (head_dim, causal)
+CONFIGS = (
+    _cfg(128, 128, 8, 2, False), _cfg(128, 64, 8, 3, True), _cfg(128, 128, 8, 3, True), _cfg(128, 64, 8, 4, True),
+    _cfg(128, 64, 8, 3, False),
+)
+_TUNED: dict[tuple[int, bool], dict] = {}
+
+
+if gluon is not None:
+
+    @gluon.jit
+    def _issue_kv(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, tile, n_tiles, STAGES: gl.constexpr,
+                  BLOCK_N: gl.constexpr):
+        """Start the TMA copies of key/value tile ``tile`` into its slot (nothing past the last tile)."""
+        slot = tile % STAGES
+        pred = tile < n_tiles
+        mbarrier.expect(k_bar.index(slot), k_desc.block_type.nbytes, pred)
+        _tma_load(k_desc, [tile * BLOCK_N, 0], k_bar.index(slot), k_smem.index(slot), pred)
+        mbarrier.expect(v_bar.index(slot), v_desc.block_type.nbytes, pred)
+        _tma_load(v_desc, [tile * BLOCK_N, 0], v_bar.index(slot), v_smem.index(slot), pred)
+
+    @gluon.jit
+    def _softmax_step(s, m_i, l_i, start_n, hi_full, offs_m, seqlen_kv, causal_shift, qk_scale,
+                      s_layout: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+        """The online-softmax statistics for one score tile (the teaching kernel's update): returns P~ (fp32),
+        the factor that rescales the old statistics, and the new row sums and maxima. Tiles at or past
+        ``hi_full`` get the bounds and causal masks."""
+        if start_n >= hi_full:
+            cols = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+            keep = gl.expand_dims(cols, 0) < seqlen_kv
+            if CAUSAL:
+                keep = keep & (gl.expand_dims(cols, 0) <= gl.expand_dims(offs_m, 1) + causal_shift)
+            s = gl.where(keep, s * qk_scale, float("-inf"))
+            m_new = gl.maximum(m_i, gl.max(s, 1))
+            s = s - gl.expand_dims(m_new, 1)
+        else:
+            m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+            s = s * qk_scale - gl.expand_dims(m_new, 1)
+        p = gl.exp2(s)
+        alpha = gl.exp2(m_i - m_new)
+        l_i = l_i * alpha + gl.sum(p, 1)
+        return p, alpha, l_i, m_new
+
+    @gluon.jit
+    def _attn_fwd_hopper(Q, K, V, O, LSE,
+                         stride_qb, stride_qh, stride_qm,
+                         stride_kb, stride_kh, stride_kn,
+                         stride_vb, stride_vh, stride_vn,
+                         stride_ob, stride_oh, stride_om,
+                         n_heads, group, seqlen_q, seqlen_kv, qk_scale,
+                         HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                         STAGES: gl.constexpr, CAUSAL: gl.constexpr, HEAVY_FIRST: gl.constexpr, PIPE: gl.constexpr,
+                         Q_SMEM: gl.constexpr, KV_SMEM: gl.constexpr, num_warps: gl.constexpr):
+        # registers: wgmma accumulators (16 rows per warp, all warps stacked along the rows), P as the A operand
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                           instr_shape=[16, BLOCK_N, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                           instr_shape=[16, HEAD_DIM, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        rows_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        rows_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        dtype: gl.constexpr = Q.dtype.element_ty
+
+        pid_m = gl.program_id(0)
+        if HEAVY_FIRST:
+            pid_m = gl.num_programs(0) - 1 - pid_m
+        pid_bh = gl.program_id(1)
+        b = pid_bh // n_heads
+        h = pid_bh % n_heads
+        h_kv = h // group
+        # one descriptor per tensor for this (batch, head), bounded by its sequence: zeros past it on load, nothing
+        # written past it on store
+        q_desc = tma.make_tensor_descriptor(Q + b.to(gl.int64) * stride_qb + h.to(gl.int64) * stride_qh,
+                                            shape=[seqlen_q, HEAD_DIM], strides=[stride_qm, 1],
+                                            block_shape=[BLOCK_M, HEAD_DIM], layout=Q_SMEM)
+        k_desc = tma.make_tensor_descriptor(K + b.to(gl.int64) * stride_kb + h_kv.to(gl.int64) * stride_kh,
+                                            shape=[seqlen_kv, HEAD_DIM], strides=[stride_kn, 1],
+                                            block_shape=[BLOCK_N, HEAD_DIM], layout=KV_SMEM)
+        v_desc = tma.make_tensor_descriptor(V + b.to(gl.int64) * stride_vb + h_kv.to(gl.int64) * stride_vh,
+                                            shape=[seqlen_kv, HEAD_DIM], strides=[stride_vn, 1],
+                                            block_shape=[BLOCK_N, HEAD_DIM], layout=KV_SMEM)
+        o_desc = tma.make_tensor_descriptor(O + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh,
+                                            shape=[seqlen_q, HEAD_DIM], strides=[stride_om, 1],
+                                            block_shape=[BLOCK_M, HEAD_DIM], layout=Q_SMEM)
+
+        m0 = pid_m * BLOCK_M
+        causal_shift = seqlen_kv - seqlen_q
+        if CAUSAL:  # keys [0, m0 + shift] are visible to every row of the block; past that, the diagonal
+            hi_full = (gl.minimum(m0 + causal_shift + 1, seqlen_kv) // BLOCK_N) * BLOCK_N
+            hi = gl.minimum(m0 + BLOCK_M + causal_shift, seqlen_kv)
+        else:
+            hi_full = (seqlen_kv // BLOCK_N) * BLOCK_N
+            hi = seqlen_kv
+        n_tiles = gl.maximum(gl.cdiv(hi, BLOCK_N), 1)  # a block that sees no key still runs one (masked) tile
+
+        q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], Q_SMEM)
+        k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], KV_SMEM)
+        v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], KV_SMEM)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        k_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_bar.index(i), count=1)
+            mbarrier.init(v_bar.index(i), count=1)
+        fence_async_shared()
+
+        mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+        _tma_load(q_desc, [m0, 0], q_bar, q_smem)
+        for i in gl.static_range(STAGES):                                    # the ring's first STAGES tiles
+            _issue_kv(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, i, n_tiles, STAGES, BLOCK_N)
+
+        offs_m = m0 + gl.arange(0, BLOCK_M, layout=rows_s)
+        m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=rows_s)
+        l_i = gl.zeros([BLOCK_M], gl.float32, layout=rows_s)
+        acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
+        s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+        mbarrier.wait(q_bar, 0)
+
+        if PIPE:
+            # tile j + 1 is waited for at the top of step j and a slot is refilled only in its middle, so the
+            # ring must hold tiles j - 1, j and j + 1 at once
+            gl.static_assert(STAGES >= 3, "PIPE needs STAGES >= 3")
+            # scores of tile 0, then per tile j: issue Q K_{j+1}^T, softmax of j, issue P_j V_j, wait for the scores
+            mbarrier.wait(k_bar.index(0), 0)
+            s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            s = warpgroup_mma_wait(0, deps=(s, q_smem, k_smem.index(0)))[0]
+            acc = warpgroup_mma_init(acc)                                     # the loop carries it in flight
+            for j in range(0, n_tiles - 1):
+                nxt = (j + 1) % STAGES
+                mbarrier.wait(k_bar.index(nxt), ((j + 1) // STAGES) & 1)
+                s_next = warpgroup_mma(q_smem, k_smem.index(nxt).permute((1, 0)), s_zero, use_acc=False,
+                                       is_async=True)
+                p, alpha, l_i, m_i = _softmax_step(s, m_i, l_i, j * BLOCK_N, hi_full, offs_m, seqlen_kv,
+                                                   causal_shift, qk_scale, s_layout, BLOCK_N, CAUSAL)
+                # P_{j-1} V_{j-1} was issued before Q K_{j+1}^T: with one group left in flight, it is done
+                acc = warpgroup_mma_wait(1, deps=(acc, ))
+                if j > 0:  # both warpgroups are done with tile j - 1: its slot takes tile j - 1 + STAGES
+                    _cta_barrier()
+                    _issue_kv(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, j - 1 + STAGES, n_tiles, STAGES,
+                              BLOCK_N)
+                acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_o), 1)
+                cur = j % STAGES
+                mbarrier.wait(v_bar.index(cur), (j // STAGES) & 1)
+                acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(cur), acc,
+                                    is_async=True)
+                s = warpgroup_mma_wait(1, deps=(s_next, q_smem, k_smem.index(nxt)))[0]
+            last = n_tiles - 1
+            p, alpha, l_i, m_i = _softmax_step(s, m_i, l_i, last * BLOCK_N, hi_full, offs_m, seqlen_kv,
+                                               causal_shift, qk_scale, s_layout, BLOCK_N, CAUSAL)
+            acc = warpgroup_mma_wait(0, deps=(acc, ))
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_o), 1)
+            mbarrier.wait(v_bar.index(last % STAGES), (last // STAGES) & 1)
+            acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(last % STAGES), acc,
+                                is_async=True)
+            acc = warpgroup_mma_wait(0, deps=(acc, ))
+        else:
+            for j in range(0, n_tiles):
+                cur = j % STAGES
+                phase = (j // STAGES) & 1
+                mbarrier.wait(k_bar.index(cur), phase)
+                s = warpgroup_mma(q_smem, k_smem.index(cur).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                s = warpgroup_mma_wait(0, deps=(s, q_smem, k_smem.index(cur)))[0]
+                p, alpha, l_i, m_i = _softmax_step(s, m_i, l_i, j * BLOCK_N, hi_full, offs_m, seqlen_kv,
+                                                   causal_shift, qk_scale, s_layout, BLOCK_N, CAUSAL)
+                acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_o), 1)
+                mbarrier.wait(v_bar.index(cur), phase)
+                acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(cur), acc,
+                                    is_async=True)
+                acc = warpgroup_mma_wait(0, deps=(acc, v_smem.index(cur)))[0]
+                _cta_barrier()                                                # both warpgroups done with slot cur
+                _issue_kv(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, j + STAGES, n_tiles, STAGES, BLOCK_N)
+
+        mbarrier.invalidate(q_bar)
+        for i in gl.static_range(STAGES):
+            mbarrier.invalidate(k_bar.index(i))
+            mbarrier.invalidate(v_bar.index(i))
+        out = acc / gl.expand_dims(gl.convert_layout(l_i, rows_o), 1)
+        q_smem.store(out.to(dtype))                                           # Q's tile is free: stage O there
+        fence_async_shared()
+        _tma_store(o_desc, [m0, 0], q_smem)             # rows past the end are dropped
+        lse = (m_i + gl.log2(l_i)) * 0.6931471805599453
+        gl.store(LSE + pid_bh.to(gl.int64) * seqlen_q + offs_m, lse, mask=offs_m < seqlen_q)
+        tma.store_wait(0)
+
+
+def available() -> bool:
+    """Gluon's Hopper module imports (the kernel can be compiled; running it needs compute capability 9.0)."""
+    return gluon is not None
+
+
+def smem_layouts(head_dim: int, block_m: int, block_n: int, dtype=torch.bfloat16):
+    """The NVMMA shared-memory layouts (swizzled for wgmma and TMA) of the Q/O tile and of a K/V tile."""
+    gdt = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}[dtype]
+    return (gl.NVMMASharedLayout.get_default_for([block_m, head_dim], gdt),
+            gl.NVMMASharedLayout.get_default_for([block_n, head_dim], gdt))
+
+
+def default_config(head_dim: int, causal: bool) -> dict:
+    """The configuration ``tune`` picked in this process for (head_dim, causal), else the first of CONFIGS."""
+    return dict(_TUNED.get((head_dim, bool(causal)), CONFIGS[0]))
+
+
+def _require_hopper(q: torch.Tensor) -> None:
+    if gluon is None:
+        raise _fa.LabkitError("flash_attention_hopper needs Triton with Gluon's Hopper module "
+                              "(triton.experimental.gluon.language.nvidia.hopper, Triton 3.5 or newer): "
+                              "pip install -U triton, or use labkit.kernels.flash_attn_fast")
+    if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
+        where = torch.cuda.get_device_name(q.device) if q.is_cuda else f"a {q.device.type} tensor"
+        raise _fa.LabkitError(f"flash_attention_hopper is written for Hopper (compute capability 9.0: H100, H200) "
+                              f"and got {where}; use labkit.kernels.flash_attn_fast.flash_attention_fast (any "
+                              f"GPU with TMA) or flash_attn.flash_attention (any GPU, or the CPU interpreter)")
+    if q.dtype not in (torch.bfloat16, torch.float16):
+        raise _fa.LabkitError(f"flash_attention_hopper computes in bf16 or fp16, got {q.dtype}: cast q, k, v first")
+
+
+def flash_attention_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+                           scale: float | None = None, *, out: torch.Tensor | None = None, block_m: int | None = None,
+                           block_n: int | None = None, num_warps: int | None = None, stages: int | None = None,
+                           pipe: bool | None = None, heavy_first: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``flash_attn.flash_attention`` as a Gluon kernel for Hopper: same arguments, layout and result ``(o, lse)``.
+
+    Row strides (dim 2) and base addresses must be multiples of 16 bytes, as for ``flash_attention_fast``;
+    ``stages`` is the depth of the K/V ring, ``pipe`` the overlap of the next tile's scores with this tile's softmax.
+    """
+    from labkit.kernels import flash_attn_fast as _fast
+
+    _fa._check_inputs(q, k, v, causal)
+    _require_hopper(q)
+    b, h, n_q, d = q.shape
+    h_kv, n_kv = k.shape[1], k.shape[2]
+    if d not in (64, 128):
+        raise _fa.LabkitError(f"flash_attention_hopper takes head_dim 64 or 128 (its wgmma tiles), got {d}")
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    cfg = default_config(d, causal)
+    cfg.update({key: val for key, val in dict(block_m=block_m, block_n=block_n, num_warps=num_warps, stages=stages,
+                                               pipe=pipe).items() if val is not None})
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise ValueError(f"out must have q's shape {tuple(q.shape)} and dtype {q.dtype} with a contiguous last dim")
+    _fast._check_descriptor_strides(q, k, v, out)
+    _fast._ensure_allocator()
+    if cfg["pipe"] and cfg["stages"] < 3:
+        raise ValueError(f"pipe=True needs stages >= 3 (the ring holds the tiles before, at and after the one in "
+                         f"the softmax), got stages={cfg['stages']}")
+    q_sl, kv_sl = smem_layouts(d, cfg["block_m"], cfg["block_n"], q.dtype)
+    lse = torch.empty((b, h, n_q), device=q.device, dtype=torch.float32)
+    grid = (_fa.triton_cdiv(n_q, cfg["block_m"]), b * h)
+    _attn_fwd_hopper[grid](
+        q, k, v, out, lse,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        h, h // h_kv, n_q, n_kv, scale * _fa.LOG2E,
+        HEAD_DIM=d, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], STAGES=cfg["stages"], CAUSAL=bool(causal),
+        HEAVY_FIRST=bool(causal and heavy_first), PIPE=bool(cfg["pipe"]), Q_SMEM=q_sl, KV_SMEM=kv_sl,
+        num_warps=cfg["num_warps"],
+    )
+    return out, lse
