@@ -231,10 +231,7 @@ def step_hopper(out: Path) -> dict:
         for dtype in ((torch.bfloat16, torch.float16) if ci == 0 else (torch.bfloat16,)):
             for d in ((64, 128) if ci == 0 else (128,)):
                 for causal in (False, True):
-                    for (b, h, hkv, nq, nkv) in shapes + [("hf", 2, 8, 8, 300, 300)]:
-                        hf = b == "hf"
-                        if hf:
-                            b, h, hkv, nq, nkv = h, hkv, nq, nkv, 300
+                    for hf, (b, h, hkv, nq, nkv) in [(False, sh) for sh in shapes] + [(True, (2, 8, 8, 300, 300))]:
                         g = torch.Generator(device=dev).manual_seed(nq * 7 + nkv + d)
                         if hf:  # a transformers model's layout: (batch, seq, heads, dim) transposed, not copied
                             q, k, v = (torch.randn(b, nq, hh, d, device=dev, dtype=dtype, generator=g).transpose(1, 2)

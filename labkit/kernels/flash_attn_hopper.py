@@ -44,16 +44,21 @@ except ImportError:  # no triton, or one without Gluon's Hopper module
     gluon = None
 
 
-def _cfg(block_m, block_n, num_warps, stages, pipe) -> dict:
-    return dict(block_m=block_m, block_n=block_n, num_warps=num_warps, stages=stages, pipe=pipe)
+def _cfg(block_m, block_n, num_warps, stages, pipe, ws=False) -> dict:
+    return dict(block_m=block_m, block_n=block_n, num_warps=num_warps, stages=stages, pipe=pipe, ws=ws)
 
 
 # configurations tune() tries; the first is the default until a tune() in this process picks one per (head_dim, causal)
 CONFIGS = (
     _cfg(128, 128, 8, 2, False), _cfg(128, 64, 8, 3, True), _cfg(128, 128, 8, 3, True), _cfg(128, 64, 8, 4, True),
-    _cfg(128, 64, 8, 3, False),
+    _cfg(128, 64, 8, 3, False), _cfg(64, 64, 4, 2, False), _cfg(64, 64, 4, 3, False), _cfg(64, 64, 4, 3, True),
+    _cfg(64, 128, 4, 2, False), _cfg(128, 128, 4, 2, False, True), _cfg(128, 128, 4, 3, True, True),
+    _cfg(128, 64, 4, 4, True, True), _cfg(128, 64, 4, 3, False, True),
 )
 _TUNED: dict[tuple[int, bool], dict] = {}
+# the warp-specialized form runs 9 warps, allocated as 3 warpgroups: at most 168 registers per thread on average
+# keeps them within the SM's 64K; the loader warp gives back all but 24, and each consumer warpgroup takes 240
+WS_MAXNREG, WS_CONSUMER_REGS = 168, 240
 
 
 if gluon is not None:
@@ -234,6 +239,191 @@ if gluon is not None:
         tma.store_wait(0)
 
 
+    # ---- the warp-specialized form: one loader warp and two independent consumer warpgroups (FlashAttention-3's
+    # producer/consumer split). Each consumer owns 64 query rows; they share the K/V ring and release a slot by
+    # arriving on its "empty" barrier (count 2), so neither waits for the other: the warp schedulers interleave one
+    # consumer's softmax with the other's wgmmas.
+
+    @gluon.jit
+    def _ws_loader(descs, bufs, bars, scalars, STAGES: gl.constexpr, BLOCK_N: gl.constexpr, PIPE: gl.constexpr):
+        q_desc, k_desc, v_desc, o_desc = descs
+        q_smem, k_smem, v_smem = bufs
+        q_bar, k_bar, v_bar, empty_bar = bars
+        m0, n_tiles, hi_full, lse_base, seqlen_q, seqlen_kv, causal_shift, qk_scale = scalars
+        for j in range(n_tiles):
+            slot = j % STAGES
+            mbarrier.wait(empty_bar.index(slot), ((j // STAGES) & 1) ^ 1)  # first pass: free from the start
+            mbarrier.expect(k_bar.index(slot), k_desc.block_type.nbytes)
+            _tma_load(k_desc, [j * BLOCK_N, 0], k_bar.index(slot), k_smem.index(slot))
+            mbarrier.expect(v_bar.index(slot), v_desc.block_type.nbytes)
+            _tma_load(v_desc, [j * BLOCK_N, 0], v_bar.index(slot), v_smem.index(slot))
+
+    @gluon.jit
+    def _ws_consumer(descs, bufs, bars, scalars, LSE, HALF: gl.constexpr, STAGES: gl.constexpr,
+                     BLOCK_N: gl.constexpr, PIPE: gl.constexpr, CAUSAL: gl.constexpr):
+        """One warpgroup's 64 query rows (HALF 0 or 1 of the block) through every key tile of the block."""
+        q_desc, k_desc, v_desc, o_desc = descs
+        q_smem, k_smem, v_smem = bufs
+        q_bar, k_bar, v_bar, empty_bar = bars
+        m0, n_tiles, hi_full_block, lse_base, seqlen_q, seqlen_kv, causal_shift, qk_scale = scalars
+        ROWS: gl.constexpr = q_desc.block_type.shape[0]
+        HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BLOCK_N, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, HEAD_DIM, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        rows_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        rows_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        dtype: gl.constexpr = q_desc.dtype
+        mq = m0 + HALF * ROWS
+        if CAUSAL:  # this half's own unmasked range; its last tiles may be all masked (p = 0 there)
+            hi_full = (gl.minimum(mq + causal_shift + 1, seqlen_kv) // BLOCK_N) * BLOCK_N
+        else:
+            hi_full = hi_full_block
+        my_q = q_smem.index(HALF)
+        mbarrier.expect(q_bar.index(HALF), q_desc.block_type.nbytes)
+        _tma_load(q_desc, [mq, 0], q_bar.index(HALF), my_q)
+        offs_m = mq + gl.arange(0, ROWS, layout=rows_s)
+        m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=rows_s)
+        l_i = gl.zeros([ROWS], gl.float32, layout=rows_s)
+        acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
+        s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
+        mbarrier.wait(q_bar.index(HALF), 0)
+        if PIPE:
+            gl.static_assert(STAGES >= 3, "PIPE needs STAGES >= 3")
+            mbarrier.wait(k_bar.index(0), 0)
+            s = warpgroup_mma(my_q, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            s = warpgroup_mma_wait(0, deps=(s, my_q, k_smem.index(0)))[0]
+            acc = warpgroup_mma_init(acc)
+            for j in range(0, n_tiles - 1):
+                nxt = (j + 1) % STAGES
+                mbarrier.wait(k_bar.index(nxt), ((j + 1) // STAGES) & 1)
+                s_next = warpgroup_mma(my_q, k_smem.index(nxt).permute((1, 0)), s_zero, use_acc=False,
+                                       is_async=True)
+                p, alpha, l_i, m_i = _softmax_step(s, m_i, l_i, j * BLOCK_N, hi_full, offs_m, seqlen_kv,
+                                                   causal_shift, qk_scale, s_layout, BLOCK_N, CAUSAL)
+                acc = warpgroup_mma_wait(1, deps=(acc, ))                     # P_{j-1} V_{j-1} done
+                if j > 0:
+                    mbarrier.arrive(empty_bar.index((j - 1) % STAGES), count=1)  # tile j - 1: this half is done
+                acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_o), 1)
+                cur = j % STAGES
+                mbarrier.wait(v_bar.index(cur), (j // STAGES) & 1)
+                acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(cur), acc,
+                                    is_async=True)
+                s = warpgroup_mma_wait(1, deps=(s_next, my_q, k_smem.index(nxt)))[0]
+            last = n_tiles - 1
+            p, alpha, l_i, m_i = _softmax_step(s, m_i, l_i, last * BLOCK_N, hi_full, offs_m, seqlen_kv,
+                                               causal_shift, qk_scale, s_layout, BLOCK_N, CAUSAL)
+            acc = warpgroup_mma_wait(0, deps=(acc, ))
+            if last > 0:
+                mbarrier.arrive(empty_bar.index((last - 1) % STAGES), count=1)
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_o), 1)
+            mbarrier.wait(v_bar.index(last % STAGES), (last // STAGES) & 1)
+            acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(last % STAGES), acc,
+                                is_async=True)
+            acc = warpgroup_mma_wait(0, deps=(acc, ))
+        else:
+            for j in range(0, n_tiles):
+                cur = j % STAGES
+                phase = (j // STAGES) & 1
+                mbarrier.wait(k_bar.index(cur), phase)
+                s = warpgroup_mma(my_q, k_smem.index(cur).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                s = warpgroup_mma_wait(0, deps=(s, my_q, k_smem.index(cur)))[0]
+                p, alpha, l_i, m_i = _softmax_step(s, m_i, l_i, j * BLOCK_N, hi_full, offs_m, seqlen_kv,
+                                                   causal_shift, qk_scale, s_layout, BLOCK_N, CAUSAL)
+                acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_o), 1)
+                mbarrier.wait(v_bar.index(cur), phase)
+                acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(cur), acc,
+                                    is_async=True)
+                acc = warpgroup_mma_wait(0, deps=(acc, v_smem.index(cur)))[0]
+                mbarrier.arrive(empty_bar.index(cur), count=1)
+        out = acc / gl.expand_dims(gl.convert_layout(l_i, rows_o), 1)
+        my_q.store(out.to(dtype))                                             # this half's Q tile stages its O
+        fence_async_shared()
+        _tma_store(o_desc, [mq, 0], my_q)
+        lse = (m_i + gl.log2(l_i)) * 0.6931471805599453
+        gl.store(LSE + lse_base + offs_m, lse, mask=offs_m < seqlen_q)
+        tma.store_wait(0)
+
+    @gluon.jit
+    def _ws_consumer_1(descs, bufs, bars, scalars, LSE, STAGES: gl.constexpr, BLOCK_N: gl.constexpr,
+                       PIPE: gl.constexpr, CAUSAL: gl.constexpr):
+        _ws_consumer(descs, bufs, bars, scalars, LSE, 1, STAGES, BLOCK_N, PIPE, CAUSAL)
+
+    @gluon.jit
+    def _ws_loader_w(descs, bufs, bars, scalars, LSE, STAGES: gl.constexpr, BLOCK_N: gl.constexpr,
+                     PIPE: gl.constexpr, CAUSAL: gl.constexpr):
+        _ws_loader(descs, bufs, bars, scalars, STAGES, BLOCK_N, PIPE)
+
+    @gluon.jit
+    def _attn_fwd_hopper_ws(Q, K, V, O, LSE,
+                            stride_qb, stride_qh, stride_qm,
+                            stride_kb, stride_kh, stride_kn,
+                            stride_vb, stride_vh, stride_vn,
+                            stride_ob, stride_oh, stride_om,
+                            n_heads, group, seqlen_q, seqlen_kv, qk_scale,
+                            HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                            STAGES: gl.constexpr, CAUSAL: gl.constexpr, HEAVY_FIRST: gl.constexpr,
+                            PIPE: gl.constexpr, Q_SMEM: gl.constexpr, KV_SMEM: gl.constexpr,
+                            CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+        gl.static_assert(num_warps == 4, "the default partition is one consumer warpgroup")
+        HALF_M: gl.constexpr = BLOCK_M // 2
+        pid_m = gl.program_id(0)
+        if HEAVY_FIRST:
+            pid_m = gl.num_programs(0) - 1 - pid_m
+        pid_bh = gl.program_id(1)
+        b = pid_bh // n_heads
+        h = pid_bh % n_heads
+        h_kv = h // group
+        q_desc = tma.make_tensor_descriptor(Q + b.to(gl.int64) * stride_qb + h.to(gl.int64) * stride_qh,
+                                            shape=[seqlen_q, HEAD_DIM], strides=[stride_qm, 1],
+                                            block_shape=[HALF_M, HEAD_DIM], layout=Q_SMEM)
+        k_desc = tma.make_tensor_descriptor(K + b.to(gl.int64) * stride_kb + h_kv.to(gl.int64) * stride_kh,
+                                            shape=[seqlen_kv, HEAD_DIM], strides=[stride_kn, 1],
+                                            block_shape=[BLOCK_N, HEAD_DIM], layout=KV_SMEM)
+        v_desc = tma.make_tensor_descriptor(V + b.to(gl.int64) * stride_vb + h_kv.to(gl.int64) * stride_vh,
+                                            shape=[seqlen_kv, HEAD_DIM], strides=[stride_vn, 1],
+                                            block_shape=[BLOCK_N, HEAD_DIM], layout=KV_SMEM)
+        o_desc = tma.make_tensor_descriptor(O + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh,
+                                            shape=[seqlen_q, HEAD_DIM], strides=[stride_om, 1],
+                                            block_shape=[HALF_M, HEAD_DIM], layout=Q_SMEM)
+        m0 = pid_m * BLOCK_M
+        causal_shift = seqlen_kv - seqlen_q
+        if CAUSAL:
+            hi_full = (gl.minimum(m0 + causal_shift + 1, seqlen_kv) // BLOCK_N) * BLOCK_N
+            hi = gl.minimum(m0 + BLOCK_M + causal_shift, seqlen_kv)
+        else:
+            hi_full = (seqlen_kv // BLOCK_N) * BLOCK_N
+            hi = seqlen_kv
+        n_tiles = gl.maximum(gl.cdiv(hi, BLOCK_N), 1)
+        dtype: gl.constexpr = Q.dtype.element_ty
+        q_smem = gl.allocate_shared_memory(dtype, [2, HALF_M, HEAD_DIM], Q_SMEM)
+        k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], KV_SMEM)
+        v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], KV_SMEM)
+        q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        k_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(2):
+            mbarrier.init(q_bar.index(i), count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_bar.index(i), count=1)
+            mbarrier.init(v_bar.index(i), count=1)
+            mbarrier.init(empty_bar.index(i), count=2)                        # one arrival per consumer
+        fence_async_shared()
+        descs = (q_desc, k_desc, v_desc, o_desc)
+        bufs = (q_smem, k_smem, v_smem)
+        bars = (q_bar, k_bar, v_bar, empty_bar)
+        scalars = (m0, n_tiles, hi_full, pid_bh.to(gl.int64) * seqlen_q, seqlen_q, seqlen_kv, causal_shift,
+                   qk_scale)
+        gl.warp_specialize([
+            (_ws_consumer, (descs, bufs, bars, scalars, LSE, 0, STAGES, BLOCK_N, PIPE, CAUSAL)),
+            (_ws_consumer_1, (descs, bufs, bars, scalars, LSE, STAGES, BLOCK_N, PIPE, CAUSAL)),
+            (_ws_loader_w, (descs, bufs, bars, scalars, LSE, STAGES, BLOCK_N, PIPE, CAUSAL)),
+        ], [4, 1], [CONSUMER_REGS, 24])
+
+
 def available() -> bool:
     """Gluon's Hopper module imports (the kernel can be compiled; running it needs compute capability 9.0)."""
     return gluon is not None
@@ -295,10 +485,16 @@ def flash_attention_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ca
     if cfg["pipe"] and cfg["stages"] < 3:
         raise ValueError(f"pipe=True needs stages >= 3 (the ring holds the tiles before, at and after the one in "
                          f"the softmax), got stages={cfg['stages']}")
-    q_sl, kv_sl = smem_layouts(d, cfg["block_m"], cfg["block_n"], q.dtype)
+    ws = bool(cfg.get("ws"))
+    if ws and (cfg["block_m"] != 128 or cfg["num_warps"] != 4):
+        raise ValueError("ws=True splits a 128-row query block between two consumer warpgroups: it needs "
+                         f"block_m=128 and num_warps=4 (the first consumer), got {cfg['block_m']} and "
+                         f"{cfg['num_warps']}")
+    q_sl, kv_sl = smem_layouts(d, cfg["block_m"] // 2 if ws else cfg["block_m"], cfg["block_n"], q.dtype)
     lse = torch.empty((b, h, n_q), device=q.device, dtype=torch.float32)
     grid = (_fa.triton_cdiv(n_q, cfg["block_m"]), b * h)
-    _attn_fwd_hopper[grid](
+    extra = dict(CONSUMER_REGS=WS_CONSUMER_REGS, maxnreg=WS_MAXNREG) if ws else {}
+    (_attn_fwd_hopper_ws if ws else _attn_fwd_hopper)[grid](
         q, k, v, out, lse,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -307,6 +503,6 @@ def flash_attention_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ca
         h, h // h_kv, n_q, n_kv, scale * _fa.LOG2E,
         HEAD_DIM=d, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], STAGES=cfg["stages"], CAUSAL=bool(causal),
         HEAVY_FIRST=bool(causal and heavy_first), PIPE=bool(cfg["pipe"]), Q_SMEM=q_sl, KV_SMEM=kv_sl,
-        num_warps=cfg["num_warps"],
+        num_warps=cfg["num_warps"], **extra,
     )
     return out, lse
