@@ -44,8 +44,9 @@ except ImportError:  # no triton, or one without Gluon's Hopper module
     gluon = None
 
 
-def _cfg(block_m, block_n, num_warps, stages, pipe, ws=False) -> dict:
-    return dict(block_m=block_m, block_n=block_n, num_warps=num_warps, stages=stages, pipe=pipe, ws=ws)
+def _cfg(block_m, block_n, num_warps, stages, pipe, ws=False, defer=False, pingpong=False) -> dict:
+    return dict(block_m=block_m, block_n=block_n, num_warps=num_warps, stages=stages, pipe=pipe, ws=ws, defer=defer,
+                pingpong=pingpong)
 
 
 # configurations tune() tries; the first is the default until a tune() in this process picks one per (head_dim, causal)
@@ -53,7 +54,9 @@ CONFIGS = (
     _cfg(128, 128, 8, 2, False), _cfg(128, 64, 8, 3, True), _cfg(128, 128, 8, 3, True), _cfg(128, 64, 8, 4, True),
     _cfg(128, 64, 8, 3, False), _cfg(64, 64, 4, 2, False), _cfg(64, 64, 4, 3, False), _cfg(64, 64, 4, 3, True),
     _cfg(64, 128, 4, 2, False), _cfg(128, 128, 4, 2, False, True), _cfg(128, 128, 4, 3, True, True),
-    _cfg(128, 64, 4, 4, True, True), _cfg(128, 64, 4, 3, False, True),
+    _cfg(128, 64, 4, 4, True, True), _cfg(128, 64, 4, 3, False, True), _cfg(128, 128, 4, 2, False, True, True),
+    _cfg(128, 128, 4, 3, False, True), _cfg(128, 128, 4, 3, False, True, True), _cfg(128, 64, 4, 4, False, True, True),
+    _cfg(128, 128, 4, 2, False, True, True, True), _cfg(128, 128, 4, 3, False, True, True, True),
 )
 _TUNED: dict[tuple[int, bool], dict] = {}
 # the warp-specialized form runs 9 warps, allocated as 3 warpgroups: at most 168 registers per thread on average
@@ -248,7 +251,7 @@ if gluon is not None:
     def _ws_loader(descs, bufs, bars, scalars, STAGES: gl.constexpr, BLOCK_N: gl.constexpr, PIPE: gl.constexpr):
         q_desc, k_desc, v_desc, o_desc = descs
         q_smem, k_smem, v_smem = bufs
-        q_bar, k_bar, v_bar, empty_bar = bars
+        q_bar, k_bar, v_bar, empty_bar, turn_bar = bars
         m0, n_tiles, hi_full, lse_base, seqlen_q, seqlen_kv, causal_shift, qk_scale = scalars
         for j in range(n_tiles):
             slot = j % STAGES
@@ -260,11 +263,12 @@ if gluon is not None:
 
     @gluon.jit
     def _ws_consumer(descs, bufs, bars, scalars, LSE, HALF: gl.constexpr, STAGES: gl.constexpr,
-                     BLOCK_N: gl.constexpr, PIPE: gl.constexpr, CAUSAL: gl.constexpr):
+                     BLOCK_N: gl.constexpr, PIPE: gl.constexpr, CAUSAL: gl.constexpr, DEFER: gl.constexpr,
+                     PINGPONG: gl.constexpr):
         """One warpgroup's 64 query rows (HALF 0 or 1 of the block) through every key tile of the block."""
         q_desc, k_desc, v_desc, o_desc = descs
         q_smem, k_smem, v_smem = bufs
-        q_bar, k_bar, v_bar, empty_bar = bars
+        q_bar, k_bar, v_bar, empty_bar, turn_bar = bars
         m0, n_tiles, hi_full_block, lse_base, seqlen_q, seqlen_kv, causal_shift, qk_scale = scalars
         ROWS: gl.constexpr = q_desc.block_type.shape[0]
         HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
@@ -323,6 +327,30 @@ if gluon is not None:
             acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(last % STAGES), acc,
                                 is_async=True)
             acc = warpgroup_mma_wait(0, deps=(acc, ))
+        elif DEFER:
+            # P_j V_j is waited for only after Q K_{j+1}^T has been issued: the two run back to back on the tensor
+            # cores, and slot j is released once both are done
+            acc = warpgroup_mma_init(acc)
+            for j in range(0, n_tiles):
+                cur = j % STAGES
+                phase = (j // STAGES) & 1
+                mbarrier.wait(k_bar.index(cur), phase)
+                if PINGPONG:  # the consumers take turns issuing their scores: their softmaxes fall half a step apart
+                    mbarrier.wait(turn_bar.index(HALF), (j & 1) ^ (1 - HALF))
+                s = warpgroup_mma(my_q, k_smem.index(cur).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                if PINGPONG:
+                    mbarrier.arrive(turn_bar.index(1 - HALF), count=1)
+                acc, s = warpgroup_mma_wait(0, deps=(acc, s, my_q, k_smem.index(cur)))[:2]
+                if j > 0:
+                    mbarrier.arrive(empty_bar.index((j - 1) % STAGES), count=1)
+                p, alpha, l_i, m_i = _softmax_step(s, m_i, l_i, j * BLOCK_N, hi_full, offs_m, seqlen_kv,
+                                                   causal_shift, qk_scale, s_layout, BLOCK_N, CAUSAL)
+                acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_o), 1)
+                mbarrier.wait(v_bar.index(cur), phase)
+                acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(cur), acc,
+                                    is_async=True)
+            acc = warpgroup_mma_wait(0, deps=(acc, ))
+            mbarrier.arrive(empty_bar.index((n_tiles - 1) % STAGES), count=1)
         else:
             for j in range(0, n_tiles):
                 cur = j % STAGES
@@ -348,12 +376,14 @@ if gluon is not None:
 
     @gluon.jit
     def _ws_consumer_1(descs, bufs, bars, scalars, LSE, STAGES: gl.constexpr, BLOCK_N: gl.constexpr,
-                       PIPE: gl.constexpr, CAUSAL: gl.constexpr):
-        _ws_consumer(descs, bufs, bars, scalars, LSE, 1, STAGES, BLOCK_N, PIPE, CAUSAL)
+                       PIPE: gl.constexpr, CAUSAL: gl.constexpr, DEFER: gl.constexpr,
+                     PINGPONG: gl.constexpr):
+        _ws_consumer(descs, bufs, bars, scalars, LSE, 1, STAGES, BLOCK_N, PIPE, CAUSAL, DEFER, PINGPONG)
 
     @gluon.jit
     def _ws_loader_w(descs, bufs, bars, scalars, LSE, STAGES: gl.constexpr, BLOCK_N: gl.constexpr,
-                     PIPE: gl.constexpr, CAUSAL: gl.constexpr):
+                     PIPE: gl.constexpr, CAUSAL: gl.constexpr, DEFER: gl.constexpr,
+                     PINGPONG: gl.constexpr):
         _ws_loader(descs, bufs, bars, scalars, STAGES, BLOCK_N, PIPE)
 
     @gluon.jit
@@ -366,7 +396,8 @@ if gluon is not None:
                             HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                             STAGES: gl.constexpr, CAUSAL: gl.constexpr, HEAVY_FIRST: gl.constexpr,
                             PIPE: gl.constexpr, Q_SMEM: gl.constexpr, KV_SMEM: gl.constexpr,
-                            CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+                            DEFER: gl.constexpr, PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                            num_warps: gl.constexpr):
         gl.static_assert(num_warps == 4, "the default partition is one consumer warpgroup")
         HALF_M: gl.constexpr = BLOCK_M // 2
         pid_m = gl.program_id(0)
@@ -405,8 +436,10 @@ if gluon is not None:
         k_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        turn_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(2):
             mbarrier.init(q_bar.index(i), count=1)
+            mbarrier.init(turn_bar.index(i), count=1)
         for i in gl.static_range(STAGES):
             mbarrier.init(k_bar.index(i), count=1)
             mbarrier.init(v_bar.index(i), count=1)
@@ -414,13 +447,13 @@ if gluon is not None:
         fence_async_shared()
         descs = (q_desc, k_desc, v_desc, o_desc)
         bufs = (q_smem, k_smem, v_smem)
-        bars = (q_bar, k_bar, v_bar, empty_bar)
+        bars = (q_bar, k_bar, v_bar, empty_bar, turn_bar)
         scalars = (m0, n_tiles, hi_full, pid_bh.to(gl.int64) * seqlen_q, seqlen_q, seqlen_kv, causal_shift,
                    qk_scale)
         gl.warp_specialize([
-            (_ws_consumer, (descs, bufs, bars, scalars, LSE, 0, STAGES, BLOCK_N, PIPE, CAUSAL)),
-            (_ws_consumer_1, (descs, bufs, bars, scalars, LSE, STAGES, BLOCK_N, PIPE, CAUSAL)),
-            (_ws_loader_w, (descs, bufs, bars, scalars, LSE, STAGES, BLOCK_N, PIPE, CAUSAL)),
+            (_ws_consumer, (descs, bufs, bars, scalars, LSE, 0, STAGES, BLOCK_N, PIPE, CAUSAL, DEFER, PINGPONG)),
+            (_ws_consumer_1, (descs, bufs, bars, scalars, LSE, STAGES, BLOCK_N, PIPE, CAUSAL, DEFER, PINGPONG)),
+            (_ws_loader_w, (descs, bufs, bars, scalars, LSE, STAGES, BLOCK_N, PIPE, CAUSAL, DEFER, PINGPONG)),
         ], [4, 1], [CONSUMER_REGS, 24])
 
 
@@ -458,7 +491,9 @@ def _require_hopper(q: torch.Tensor) -> None:
 def flash_attention_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
                            scale: float | None = None, *, out: torch.Tensor | None = None, block_m: int | None = None,
                            block_n: int | None = None, num_warps: int | None = None, stages: int | None = None,
-                           pipe: bool | None = None, heavy_first: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                           pipe: bool | None = None, ws: bool | None = None, defer: bool | None = None,
+                           pingpong: bool | None = None,
+                           heavy_first: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """``flash_attn.flash_attention`` as a Gluon kernel for Hopper: same arguments, layout and result ``(o, lse)``.
 
     Row strides (dim 2) and base addresses must be multiples of 16 bytes, as for ``flash_attention_fast``;
@@ -475,7 +510,8 @@ def flash_attention_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ca
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     cfg = default_config(d, causal)
     cfg.update({key: val for key, val in dict(block_m=block_m, block_n=block_n, num_warps=num_warps, stages=stages,
-                                               pipe=pipe).items() if val is not None})
+                                               pipe=pipe, ws=ws, defer=defer,
+                                               pingpong=pingpong).items() if val is not None})
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
@@ -493,7 +529,8 @@ def flash_attention_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ca
     q_sl, kv_sl = smem_layouts(d, cfg["block_m"] // 2 if ws else cfg["block_m"], cfg["block_n"], q.dtype)
     lse = torch.empty((b, h, n_q), device=q.device, dtype=torch.float32)
     grid = (_fa.triton_cdiv(n_q, cfg["block_m"]), b * h)
-    extra = dict(CONSUMER_REGS=WS_CONSUMER_REGS, maxnreg=WS_MAXNREG) if ws else {}
+    extra = dict(CONSUMER_REGS=WS_CONSUMER_REGS, DEFER=bool(cfg.get("defer")),
+                 PINGPONG=bool(cfg.get("pingpong")), maxnreg=WS_MAXNREG) if ws else {}
     (_attn_fwd_hopper_ws if ws else _attn_fwd_hopper)[grid](
         q, k, v, out, lse,
         q.stride(0), q.stride(1), q.stride(2),
