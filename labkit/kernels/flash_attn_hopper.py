@@ -28,6 +28,7 @@ import math
 
 import torch
 
+from labkit.env import LabkitError
 from labkit.kernels import flash_attn as _fa
 
 try:
@@ -51,12 +52,11 @@ def _cfg(block_m, block_n, num_warps, stages, pipe, ws=False, defer=False, pingp
 
 # configurations tune() tries; the first is the default until a tune() in this process picks one per (head_dim, causal)
 CONFIGS = (
-    _cfg(128, 128, 8, 2, False), _cfg(128, 64, 8, 3, True), _cfg(128, 128, 8, 3, True), _cfg(128, 64, 8, 4, True),
-    _cfg(128, 64, 8, 3, False), _cfg(64, 64, 4, 2, False), _cfg(64, 64, 4, 3, False), _cfg(64, 64, 4, 3, True),
-    _cfg(64, 128, 4, 2, False), _cfg(128, 128, 4, 2, False, True), _cfg(128, 128, 4, 3, True, True),
-    _cfg(128, 64, 4, 4, True, True), _cfg(128, 64, 4, 3, False, True), _cfg(128, 128, 4, 2, False, True, True),
-    _cfg(128, 128, 4, 3, False, True), _cfg(128, 128, 4, 3, False, True, True), _cfg(128, 64, 4, 4, False, True, True),
-    _cfg(128, 128, 4, 2, False, True, True, True), _cfg(128, 128, 4, 3, False, True, True, True),
+    _cfg(128, 128, 4, 2, False, True), _cfg(128, 128, 4, 3, False, True), _cfg(128, 128, 4, 2, True, True),
+    _cfg(128, 128, 4, 3, True, True), _cfg(128, 128, 4, 2, True, True, pingpong=True),
+    _cfg(128, 128, 4, 3, True, True, pingpong=True), _cfg(128, 128, 4, 2, False, True, defer=True),
+    _cfg(128, 128, 4, 2, False, True, defer=True, pingpong=True), _cfg(128, 64, 4, 3, False, True),
+    _cfg(128, 64, 4, 4, True, True), _cfg(128, 128, 8, 2, False), _cfg(64, 64, 4, 2, False),
 )
 _TUNED: dict[tuple[int, bool], dict] = {}
 # the warp-specialized form runs 9 warps, allocated as 3 warpgroups: at most 168 registers per thread on average
@@ -107,7 +107,7 @@ if gluon is not None:
                          stride_ob, stride_oh, stride_om,
                          n_heads, group, seqlen_q, seqlen_kv, qk_scale,
                          HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                         STAGES: gl.constexpr, CAUSAL: gl.constexpr, HEAVY_FIRST: gl.constexpr, PIPE: gl.constexpr,
+                         STAGES: gl.constexpr, CAUSAL: gl.constexpr, HEAVY_FIRST: gl.constexpr,
                          Q_SMEM: gl.constexpr, KV_SMEM: gl.constexpr, num_warps: gl.constexpr):
         # registers: wgmma accumulators (16 rows per warp, all warps stacked along the rows), P as the A operand
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
@@ -175,59 +175,21 @@ if gluon is not None:
         s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
         mbarrier.wait(q_bar, 0)
 
-        if PIPE:
-            # tile j + 1 is waited for at the top of step j and a slot is refilled only in its middle, so the
-            # ring must hold tiles j - 1, j and j + 1 at once
-            gl.static_assert(STAGES >= 3, "PIPE needs STAGES >= 3")
-            # scores of tile 0, then per tile j: issue Q K_{j+1}^T, softmax of j, issue P_j V_j, wait for the scores
-            mbarrier.wait(k_bar.index(0), 0)
-            s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            s = warpgroup_mma_wait(0, deps=(s, q_smem, k_smem.index(0)))[0]
-            acc = warpgroup_mma_init(acc)                                     # the loop carries it in flight
-            for j in range(0, n_tiles - 1):
-                nxt = (j + 1) % STAGES
-                mbarrier.wait(k_bar.index(nxt), ((j + 1) // STAGES) & 1)
-                s_next = warpgroup_mma(q_smem, k_smem.index(nxt).permute((1, 0)), s_zero, use_acc=False,
-                                       is_async=True)
-                p, alpha, l_i, m_i = _softmax_step(s, m_i, l_i, j * BLOCK_N, hi_full, offs_m, seqlen_kv,
-                                                   causal_shift, qk_scale, s_layout, BLOCK_N, CAUSAL)
-                # P_{j-1} V_{j-1} was issued before Q K_{j+1}^T: with one group left in flight, it is done
-                acc = warpgroup_mma_wait(1, deps=(acc, ))
-                if j > 0:  # both warpgroups are done with tile j - 1: its slot takes tile j - 1 + STAGES
-                    _cta_barrier()
-                    _issue_kv(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, j - 1 + STAGES, n_tiles, STAGES,
-                              BLOCK_N)
-                acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_o), 1)
-                cur = j % STAGES
-                mbarrier.wait(v_bar.index(cur), (j // STAGES) & 1)
-                acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(cur), acc,
-                                    is_async=True)
-                s = warpgroup_mma_wait(1, deps=(s_next, q_smem, k_smem.index(nxt)))[0]
-            last = n_tiles - 1
-            p, alpha, l_i, m_i = _softmax_step(s, m_i, l_i, last * BLOCK_N, hi_full, offs_m, seqlen_kv,
+        for j in range(0, n_tiles):
+            cur = j % STAGES
+            phase = (j // STAGES) & 1
+            mbarrier.wait(k_bar.index(cur), phase)
+            s = warpgroup_mma(q_smem, k_smem.index(cur).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            s = warpgroup_mma_wait(0, deps=(s, q_smem, k_smem.index(cur)))[0]
+            p, alpha, l_i, m_i = _softmax_step(s, m_i, l_i, j * BLOCK_N, hi_full, offs_m, seqlen_kv,
                                                causal_shift, qk_scale, s_layout, BLOCK_N, CAUSAL)
-            acc = warpgroup_mma_wait(0, deps=(acc, ))
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_o), 1)
-            mbarrier.wait(v_bar.index(last % STAGES), (last // STAGES) & 1)
-            acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(last % STAGES), acc,
+            mbarrier.wait(v_bar.index(cur), phase)
+            acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(cur), acc,
                                 is_async=True)
-            acc = warpgroup_mma_wait(0, deps=(acc, ))
-        else:
-            for j in range(0, n_tiles):
-                cur = j % STAGES
-                phase = (j // STAGES) & 1
-                mbarrier.wait(k_bar.index(cur), phase)
-                s = warpgroup_mma(q_smem, k_smem.index(cur).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-                s = warpgroup_mma_wait(0, deps=(s, q_smem, k_smem.index(cur)))[0]
-                p, alpha, l_i, m_i = _softmax_step(s, m_i, l_i, j * BLOCK_N, hi_full, offs_m, seqlen_kv,
-                                                   causal_shift, qk_scale, s_layout, BLOCK_N, CAUSAL)
-                acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_o), 1)
-                mbarrier.wait(v_bar.index(cur), phase)
-                acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(cur), acc,
-                                    is_async=True)
-                acc = warpgroup_mma_wait(0, deps=(acc, v_smem.index(cur)))[0]
-                _cta_barrier()                                                # both warpgroups done with slot cur
-                _issue_kv(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, j + STAGES, n_tiles, STAGES, BLOCK_N)
+            acc = warpgroup_mma_wait(0, deps=(acc, v_smem.index(cur)))[0]
+            _cta_barrier()                                                # both warpgroups done with slot cur
+            _issue_kv(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, j + STAGES, n_tiles, STAGES, BLOCK_N)
 
         mbarrier.invalidate(q_bar)
         for i in gl.static_range(STAGES):
@@ -295,38 +257,44 @@ if gluon is not None:
         s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
         mbarrier.wait(q_bar.index(HALF), 0)
         if PIPE:
-            gl.static_assert(STAGES >= 3, "PIPE needs STAGES >= 3")
+            # FlashAttention-3's order: one block of tensor-core work per step, Q K_{j+1}^T then P_j V_j, issued
+            # together (in turns with the other consumer when PINGPONG); the softmax of tile j + 1 runs while
+            # P_j V_j is still on the tensor cores, and slot j is released once P_j V_j is done
             mbarrier.wait(k_bar.index(0), 0)
             s = warpgroup_mma(my_q, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
             s = warpgroup_mma_wait(0, deps=(s, my_q, k_smem.index(0)))[0]
-            acc = warpgroup_mma_init(acc)
+            p, alpha, l_i, m_i = _softmax_step(s, m_i, l_i, 0, hi_full, offs_m, seqlen_kv, causal_shift, qk_scale,
+                                               s_layout, BLOCK_N, CAUSAL)
             for j in range(0, n_tiles - 1):
+                cur = j % STAGES
                 nxt = (j + 1) % STAGES
                 mbarrier.wait(k_bar.index(nxt), ((j + 1) // STAGES) & 1)
+                mbarrier.wait(v_bar.index(cur), (j // STAGES) & 1)
+                if PINGPONG:
+                    mbarrier.wait(turn_bar.index(HALF), (j & 1) ^ (1 - HALF))
                 s_next = warpgroup_mma(my_q, k_smem.index(nxt).permute((1, 0)), s_zero, use_acc=False,
                                        is_async=True)
-                p, alpha, l_i, m_i = _softmax_step(s, m_i, l_i, j * BLOCK_N, hi_full, offs_m, seqlen_kv,
-                                                   causal_shift, qk_scale, s_layout, BLOCK_N, CAUSAL)
-                acc = warpgroup_mma_wait(1, deps=(acc, ))                     # P_{j-1} V_{j-1} done
-                if j > 0:
-                    mbarrier.arrive(empty_bar.index((j - 1) % STAGES), count=1)  # tile j - 1: this half is done
                 acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_o), 1)
-                cur = j % STAGES
-                mbarrier.wait(v_bar.index(cur), (j // STAGES) & 1)
-                acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(cur), acc,
-                                    is_async=True)
-                s = warpgroup_mma_wait(1, deps=(s_next, my_q, k_smem.index(nxt)))[0]
+                pv = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(cur), acc,
+                                   is_async=True)
+                if PINGPONG:
+                    mbarrier.arrive(turn_bar.index(1 - HALF), count=1)
+                s = warpgroup_mma_wait(1, deps=(s_next, my_q, k_smem.index(nxt)))[0]  # P_j V_j may still run
+                p, alpha, l_i, m_i = _softmax_step(s, m_i, l_i, (j + 1) * BLOCK_N, hi_full, offs_m, seqlen_kv,
+                                                   causal_shift, qk_scale, s_layout, BLOCK_N, CAUSAL)
+                acc = warpgroup_mma_wait(0, deps=(pv, v_smem.index(cur)))[0]
+                mbarrier.arrive(empty_bar.index(cur), count=1)
             last = n_tiles - 1
-            p, alpha, l_i, m_i = _softmax_step(s, m_i, l_i, last * BLOCK_N, hi_full, offs_m, seqlen_kv,
-                                               causal_shift, qk_scale, s_layout, BLOCK_N, CAUSAL)
-            acc = warpgroup_mma_wait(0, deps=(acc, ))
-            if last > 0:
-                mbarrier.arrive(empty_bar.index((last - 1) % STAGES), count=1)
-            acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_o), 1)
             mbarrier.wait(v_bar.index(last % STAGES), (last // STAGES) & 1)
-            acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(last % STAGES), acc,
-                                is_async=True)
-            acc = warpgroup_mma_wait(0, deps=(acc, ))
+            if PINGPONG:
+                mbarrier.wait(turn_bar.index(HALF), (last & 1) ^ (1 - HALF))
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_o), 1)
+            pv = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(last % STAGES), acc,
+                               is_async=True)
+            if PINGPONG:
+                mbarrier.arrive(turn_bar.index(1 - HALF), count=1)
+            acc = warpgroup_mma_wait(0, deps=(pv, v_smem.index(last % STAGES)))[0]
+            mbarrier.arrive(empty_bar.index(last % STAGES), count=1)
         elif DEFER:
             # P_j V_j is waited for only after Q K_{j+1}^T has been issued: the two run back to back on the tensor
             # cores, and slot j is released once both are done
@@ -469,6 +437,56 @@ def smem_layouts(head_dim: int, block_m: int, block_n: int, dtype=torch.bfloat16
             gl.NVMMASharedLayout.get_default_for([block_n, head_dim], gdt))
 
 
+def compile_offline(cfg: dict, causal: bool = False, head_dim: int = 128, dtype=torch.bfloat16):
+    """The kernel of configuration ``cfg`` compiled for sm_90 without a GPU (Triton's bundled ptxas), as it would be
+    launched on bf16/fp16 tensors whose strides are multiples of 16 elements: ``.asm`` holds its PTX and cubin.
+    Needs a process where Triton was imported without TRITON_INTERPRET=1."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    check_config(cfg)
+    ws = bool(cfg.get("ws"))
+    fn = _attn_fwd_hopper_ws if ws else _attn_fwd_hopper
+    q_sl, kv_sl = smem_layouts(head_dim, cfg["block_m"] // 2 if ws else cfg["block_m"], cfg["block_n"], dtype)
+    ptr = {torch.bfloat16: "*bf16", torch.float16: "*fp16"}[dtype]
+    sig = dict(Q=ptr, K=ptr, V=ptr, O=ptr, LSE="*fp32", qk_scale="fp32")
+    sig.update({n: "i32" for n in fn.arg_names if n.startswith("stride") or n in ("n_heads", "group", "seqlen_q",
+                                                                                 "seqlen_kv")})
+    consts = dict(HEAD_DIM=head_dim, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], STAGES=cfg["stages"],
+                  CAUSAL=bool(causal), HEAVY_FIRST=bool(causal), Q_SMEM=q_sl, KV_SMEM=kv_sl,
+                  num_warps=cfg["num_warps"])
+    options = {"num_warps": cfg["num_warps"]}
+    if ws:
+        consts.update(PIPE=bool(cfg["pipe"]), DEFER=bool(cfg.get("defer")), PINGPONG=bool(cfg.get("pingpong")),
+                      CONSUMER_REGS=WS_CONSUMER_REGS)
+        options["maxnreg"] = WS_MAXNREG
+    sig.update({name: "constexpr" for name in consts})
+    # pointers and strides are marked as multiples of 16, as Triton marks them at launch for such tensors
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in sig.items()
+             if t.startswith("*") or n.startswith("stride")}
+    src = GluonASTSource(fn, sig, constexprs={(fn.arg_names.index(n),): v for n, v in consts.items()}, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def check_config(cfg: dict) -> None:
+    """Refuse a configuration the kernels cannot run, saying which knob to change."""
+    ws = bool(cfg.get("ws"))
+    if ws and (cfg["block_m"] != 128 or cfg["num_warps"] != 4):
+        raise ValueError("ws=True splits a 128-row query block between two consumer warpgroups: it needs "
+                         f"block_m=128 and num_warps=4 (the first consumer), got {cfg['block_m']} and "
+                         f"{cfg['num_warps']}")
+    if not ws and (cfg.get("pipe") or cfg.get("defer") or cfg.get("pingpong")):
+        raise ValueError("pipe, defer and pingpong order the work of the two consumer warpgroups: they need ws=True")
+    if cfg.get("pipe") and cfg.get("defer"):
+        raise ValueError("pipe and defer are two orders of the same loop: choose one")
+    if cfg.get("pingpong") and not (cfg.get("pipe") or cfg.get("defer")):
+        raise ValueError("pingpong takes turns between the blocks of tensor-core work that pipe or defer issue: "
+                         "set one of them")
+    if cfg["stages"] < 2:
+        raise ValueError(f"stages={cfg['stages']}: the K/V ring needs at least 2 slots")
+
+
 def default_config(head_dim: int, causal: bool) -> dict:
     """The configuration ``tune`` picked in this process for (head_dim, causal), else the first of CONFIGS."""
     return dict(_TUNED.get((head_dim, bool(causal)), CONFIGS[0]))
@@ -476,16 +494,16 @@ def default_config(head_dim: int, causal: bool) -> dict:
 
 def _require_hopper(q: torch.Tensor) -> None:
     if gluon is None:
-        raise _fa.LabkitError("flash_attention_hopper needs Triton with Gluon's Hopper module "
+        raise LabkitError("flash_attention_hopper needs Triton with Gluon's Hopper module "
                               "(triton.experimental.gluon.language.nvidia.hopper, Triton 3.5 or newer): "
                               "pip install -U triton, or use labkit.kernels.flash_attn_fast")
     if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
         where = torch.cuda.get_device_name(q.device) if q.is_cuda else f"a {q.device.type} tensor"
-        raise _fa.LabkitError(f"flash_attention_hopper is written for Hopper (compute capability 9.0: H100, H200) "
+        raise LabkitError(f"flash_attention_hopper is written for Hopper (compute capability 9.0: H100, H200) "
                               f"and got {where}; use labkit.kernels.flash_attn_fast.flash_attention_fast (any "
                               f"GPU with TMA) or flash_attn.flash_attention (any GPU, or the CPU interpreter)")
     if q.dtype not in (torch.bfloat16, torch.float16):
-        raise _fa.LabkitError(f"flash_attention_hopper computes in bf16 or fp16, got {q.dtype}: cast q, k, v first")
+        raise LabkitError(f"flash_attention_hopper computes in bf16 or fp16, got {q.dtype}: cast q, k, v first")
 
 
 def flash_attention_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
@@ -496,40 +514,37 @@ def flash_attention_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ca
                            heavy_first: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """``flash_attn.flash_attention`` as a Gluon kernel for Hopper: same arguments, layout and result ``(o, lse)``.
 
-    Row strides (dim 2) and base addresses must be multiples of 16 bytes, as for ``flash_attention_fast``;
-    ``stages`` is the depth of the K/V ring, ``pipe`` the overlap of the next tile's scores with this tile's softmax.
+    Row strides (dim 2) and base addresses must be multiples of 16 bytes, as for ``flash_attention_fast``.
+    Knobs (default: ``default_config``): ``stages``, the depth of the K/V ring; ``ws``, the warp-specialized form
+    (a loader warp and two consumer warpgroups); with it, ``pipe`` (FlashAttention-3's order: the next tile's
+    scores and this tile's P V issued as one block, the next softmax under P V) or ``defer`` (P V waited for only
+    after the next scores are issued), and ``pingpong`` (the two consumers issue those blocks in turns).
     """
     from labkit.kernels import flash_attn_fast as _fast
 
     _fa._check_inputs(q, k, v, causal)
-    _require_hopper(q)
     b, h, n_q, d = q.shape
     h_kv, n_kv = k.shape[1], k.shape[2]
     if d not in (64, 128):
-        raise _fa.LabkitError(f"flash_attention_hopper takes head_dim 64 or 128 (its wgmma tiles), got {d}")
+        raise LabkitError(f"flash_attention_hopper takes head_dim 64 or 128 (its wgmma tiles), got {d}")
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     cfg = default_config(d, causal)
     cfg.update({key: val for key, val in dict(block_m=block_m, block_n=block_n, num_warps=num_warps, stages=stages,
                                                pipe=pipe, ws=ws, defer=defer,
                                                pingpong=pingpong).items() if val is not None})
+    check_config(cfg)
+    _require_hopper(q)
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
         raise ValueError(f"out must have q's shape {tuple(q.shape)} and dtype {q.dtype} with a contiguous last dim")
     _fast._check_descriptor_strides(q, k, v, out)
     _fast._ensure_allocator()
-    if cfg["pipe"] and cfg["stages"] < 3:
-        raise ValueError(f"pipe=True needs stages >= 3 (the ring holds the tiles before, at and after the one in "
-                         f"the softmax), got stages={cfg['stages']}")
     ws = bool(cfg.get("ws"))
-    if ws and (cfg["block_m"] != 128 or cfg["num_warps"] != 4):
-        raise ValueError("ws=True splits a 128-row query block between two consumer warpgroups: it needs "
-                         f"block_m=128 and num_warps=4 (the first consumer), got {cfg['block_m']} and "
-                         f"{cfg['num_warps']}")
     q_sl, kv_sl = smem_layouts(d, cfg["block_m"] // 2 if ws else cfg["block_m"], cfg["block_n"], q.dtype)
     lse = torch.empty((b, h, n_q), device=q.device, dtype=torch.float32)
     grid = (_fa.triton_cdiv(n_q, cfg["block_m"]), b * h)
-    extra = dict(CONSUMER_REGS=WS_CONSUMER_REGS, DEFER=bool(cfg.get("defer")),
+    extra = dict(CONSUMER_REGS=WS_CONSUMER_REGS, PIPE=bool(cfg["pipe"]), DEFER=bool(cfg.get("defer")),
                  PINGPONG=bool(cfg.get("pingpong")), maxnreg=WS_MAXNREG) if ws else {}
     (_attn_fwd_hopper_ws if ws else _attn_fwd_hopper)[grid](
         q, k, v, out, lse,
@@ -539,7 +554,7 @@ def flash_attention_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ca
         out.stride(0), out.stride(1), out.stride(2),
         h, h // h_kv, n_q, n_kv, scale * _fa.LOG2E,
         HEAD_DIM=d, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], STAGES=cfg["stages"], CAUSAL=bool(causal),
-        HEAVY_FIRST=bool(causal and heavy_first), PIPE=bool(cfg["pipe"]), Q_SMEM=q_sl, KV_SMEM=kv_sl,
+        HEAVY_FIRST=bool(causal and heavy_first), Q_SMEM=q_sl, KV_SMEM=kv_sl,
         num_warps=cfg["num_warps"], **extra,
     )
     return out, lse

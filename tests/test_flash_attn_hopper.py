@@ -1,0 +1,121 @@
+"""The Gluon FlashAttention forward for Hopper (labkit.kernels.flash_attn_hopper).
+
+On a CPU it cannot run (the interpreter does not execute Gluon), so every configuration is compiled for sm_90
+offline, in a subprocess where Triton is imported without the interpreter, and its PTX and cubin are checked for
+what the kernel is built from: warpgroup MMAs, TMA copies, mbarriers, register reallocation in the warp-specialized
+form, and no spills to local memory. On a Hopper GPU its outputs are checked against the fp32 reference.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from labkit import attention as A
+from labkit.env import LabkitError
+from labkit.kernels import flash_attn_hopper as hop
+
+pytestmark = pytest.mark.skipif(not hop.available(), reason="this Triton has no Gluon Hopper module")
+
+_COMPILE = """
+import json, os, re, subprocess, sys, tempfile
+os.environ["TRITON_INTERPRET"] = "0"
+import torch, triton
+from labkit.kernels import flash_attn_hopper as hop
+
+tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+out = []
+for i, causal in json.loads(sys.argv[1]):
+    k = hop.compile_offline(hop.CONFIGS[i], causal=causal)
+    ptx = k.asm["ptx"]
+    rec = dict(config=i, causal=causal, wgmma=ptx.count("wgmma.mma_async"), tma=ptx.count("cp.async.bulk.tensor"),
+               mbarrier_wait=ptx.count("mbarrier.try_wait"), setmaxnreg=ptx.count("setmaxnreg"),
+               shared=k.metadata.shared, local=None)
+    if os.path.exists(os.path.join(tools, "cuobjdump")):
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(k.asm["cubin"])
+            f.flush()
+            usage = subprocess.run([os.path.join(tools, "cuobjdump"), "--dump-resource-usage", f.name],
+                                   capture_output=True, text=True).stdout
+        m = re.search(r"LOCAL:(\\d+)", usage)
+        rec["local"] = int(m.group(1)) if m else None
+    out.append(rec)
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    """Every configuration non-causal, and the default one causal too (each ~1-4 s to compile)."""
+    cases = [(i, False) for i in range(len(hop.CONFIGS))] + [(0, True)]
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    res = subprocess.run([sys.executable, "-c", _COMPILE, json.dumps(cases)], capture_output=True, text=True,
+                         env=env, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_every_config_compiles_to_wgmma_tma_and_mbarriers(compiled):
+    assert len(compiled) == len(hop.CONFIGS) + 1
+    for rec in compiled:
+        cfg = hop.CONFIGS[rec["config"]]
+        consumers = 2 if cfg["ws"] else 1                     # the warp-specialized form has two consumer bodies
+        # one wgmma per 16 of head_dim (Q K^T) and per 16 keys (P V), in each consumer's loop (and prologue)
+        assert rec["wgmma"] >= consumers * (128 // 16 + cfg["block_n"] // 16), rec
+        assert rec["tma"] >= 3, rec                            # Q, K, V loads (and the O store)
+        assert rec["mbarrier_wait"] >= 2, rec
+        assert (rec["setmaxnreg"] > 0) == cfg["ws"], rec      # the loader gives registers to the consumers
+        assert rec["shared"] <= 232448, rec                    # Hopper's largest shared memory per block
+        if rec["local"] is not None:
+            assert rec["local"] == 0, f"config {cfg} spills to local memory: {rec}"
+
+
+def test_bad_configs_and_inputs_are_refused():
+    with pytest.raises(ValueError, match="need ws=True"):
+        hop.check_config(dict(hop.CONFIGS[0], ws=False, block_m=128, num_warps=8, pipe=True))
+    with pytest.raises(ValueError, match="block_m=128 and num_warps=4"):
+        hop.check_config(dict(hop.CONFIGS[0], block_m=64))
+    with pytest.raises(ValueError, match="choose one"):
+        hop.check_config(dict(hop.CONFIGS[0], pipe=True, defer=True))
+    with pytest.raises(ValueError, match="set one of them"):
+        hop.check_config(dict(hop.CONFIGS[0], pipe=False, defer=False, pingpong=True))
+    for cfg in hop.CONFIGS:                                    # the shipped ones are all valid
+        hop.check_config(cfg)
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
+        q = torch.randn(1, 2, 16, 64, dtype=torch.bfloat16, device="cuda" if torch.cuda.is_available() else "cpu")
+        if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("CPU tensors are refused earlier, by the shared input check")
+        with pytest.raises(LabkitError, match="written for Hopper"):
+            hop.flash_attention_hopper(q, q, q)
+
+
+HOPPER = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
+                            reason="needs a Hopper GPU (compute capability 9.0)")
+
+
+@HOPPER
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", [(2, 4, 4, 1, 1), (1, 9, 3, 1025, 1025), (2, 9, 3, 1, 1025), (1, 4, 2, 97, 1025),
+                                   (1, 8, 8, 4096, 4096)])
+@pytest.mark.parametrize("config", range(len(hop.CONFIGS)))
+def test_matches_reference_on_gpu(config, shape, causal):
+    b, h, h_kv, n_q, n_kv = shape
+    g = torch.Generator(device="cuda").manual_seed(n_q + n_kv)
+    q = torch.randn(b, h, n_q, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(b, h_kv, n_kv, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(b, h_kv, n_kv, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    r = A.compare_to_reference(lambda *a: hop.flash_attention_hopper(*a, **hop.CONFIGS[config]), q, k, v, causal)
+    assert r["ok"], r
+    assert r["lse_err"] < 1e-3, r
+
+
+@HOPPER
+def test_hugging_face_layout_on_gpu():
+    """A transformers model's (batch, seq, heads, dim) tensors, transposed views, not copies."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(2, 300, hh, 128, device="cuda", dtype=torch.float16, generator=g).transpose(1, 2)
+               for hh in (8, 2, 2))
+    r = A.compare_to_reference(hop.flash_attention_hopper, q, k, v, True)
+    assert r["ok"], r
