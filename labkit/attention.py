@@ -509,8 +509,8 @@ def use_triton_attention(model, name: str = HF_ATTENTION_NAME):
 
 
 # ---------------------------------------------------------------------------------------------- benchmark
-VARIANTS = ("naive", "tiled_torch", "triton", "triton_fast", "sdpa_math", "sdpa_efficient", "sdpa_flash",
-            "sdpa_cudnn", "flash_attn", "flash_attn_4")
+VARIANTS = ("naive", "tiled_torch", "triton", "triton_fast", "triton_hopper", "sdpa_math", "sdpa_efficient",
+            "sdpa_flash", "sdpa_cudnn", "flash_attn", "flash_attn_4")
 FULL_SEQLENS = (512, 1024, 2048, 4096, 8192, 16384)
 QUICK_SEQLENS = (128, 256, 512)
 # the slow variants stop here: the Python loops of the tiled reference and the math backend's fp32 N x N
@@ -537,6 +537,17 @@ def _variant_fn(name: str, q, k, v, causal: bool, triton_kwargs: dict | None = N
         if fa.interpreted():
             return "interpreter (not timed)"
         return lambda: fast.flash_attention_fast(q, k, v, causal)
+    if name == "triton_hopper":  # the Gluon kernel, FlashAttention-3's structure, at its default config
+        from labkit.kernels import flash_attn as fa
+        from labkit.kernels import flash_attn_hopper as hop
+
+        if fa.interpreted():
+            return "interpreter (not timed)"
+        if not hop.available():
+            return "unsupported: this Triton has no Gluon Hopper module"
+        if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device)[0] != 9:
+            return "needs a Hopper GPU (compute capability 9.0)"
+        return lambda: hop.flash_attention_hopper(q, k, v, causal)
     if name.startswith("sdpa_"):
         backend = name[len("sdpa_"):]
         return lambda: sdpa_attention(q, k, v, causal, backend=backend)
@@ -671,8 +682,9 @@ def summarize(records: list[dict], seqlens=(4096, 16384), dtype: str = "bfloat16
     """The headline: our kernel's TFLOP/s over SDPA's flash backend (FlashAttention-2), SDPA's cuDNN backend and
     the flash-attn-4 package (FlashAttention-4), each measured in the same run (None where a peer did not run).
 
-    "Our kernel" is the TMA kernel (``triton_fast``) where it ran, else the teaching kernel (``triton``); ``ours``
-    names it, and ``teaching_kernel`` holds the teaching kernel's own ratios beside it."""
+    "Our kernel" is the fastest form that ran: the Gluon kernel for Hopper (``triton_hopper``), else the TMA kernel
+    (``triton_fast``), else the teaching kernel (``triton``); ``ours`` names it, ``teaching_kernel`` holds the
+    teaching kernel's own ratios beside it and ``tma_kernel`` the TMA kernel's when the Gluon one is ours."""
     def tf(variant, causal, n):
         for r in records:
             if (r["variant"], r["causal"], r["seqlen"], r["dtype"], r["head_dim"]) == (variant, causal, n, dtype,
@@ -693,15 +705,20 @@ def summarize(records: list[dict], seqlens=(4096, 16384), dtype: str = "bfloat16
 
     peers = {"ratio_vs_sdpa_flash": "sdpa_flash", "ratio_vs_sdpa_cudnn": "sdpa_cudnn",
              "ratio_vs_flash_attn_4": "flash_attn_4"}
-    fast_ran = any(r["variant"] == "triton_fast" and r.get("status") == "ok" for r in records)
-    ours = "triton_fast" if fast_ran else "triton"
-    table = {f"{'causal' if c else 'noncausal'}_{n}": {v: tf(v, c, n) for v in ("triton", "triton_fast", "sdpa_flash",
+    def ran(variant):
+        return any(r["variant"] == variant and r.get("status") == "ok" for r in records)
+
+    ours = next((v for v in ("triton_hopper", "triton_fast") if ran(v)), "triton")
+    table = {f"{'causal' if c else 'noncausal'}_{n}": {v: tf(v, c, n) for v in ("triton", "triton_fast",
+                                                                                 "triton_hopper", "sdpa_flash",
                                                                                  "sdpa_cudnn", "flash_attn",
                                                                                  "flash_attn_4")}
              for c in (True, False) for n in seqlens}
     out = {**ratios(ours), "ours": ours, "tflops": table, "dtype": dtype, "head_dim": head_dim}
-    if fast_ran:
+    if ours != "triton":
         out["teaching_kernel"] = ratios("triton")
+    if ours == "triton_hopper" and ran("triton_fast"):
+        out["tma_kernel"] = ratios("triton_fast")
     return out
 
 

@@ -137,6 +137,12 @@ def test_summary_prefers_the_tma_kernel_and_keeps_the_teaching_one_beside_it():
                      rec("sdpa_cudnn", True, 550.0)], seqlens=(4096,))
     assert s["ours"] == "triton" and "teaching_kernel" not in s
     assert s["ratio_vs_sdpa_cudnn"]["causal_4096"] == pytest.approx(400 / 550)
+    # the Gluon kernel, where it ran, is ours; the TMA and teaching kernels keep their ratios beside it
+    s = A.summarize(recs + [rec("triton_hopper", True, 520.0)], seqlens=(4096,))
+    assert s["ours"] == "triton_hopper" and s["tflops"]["causal_4096"]["triton_hopper"] == 520.0
+    assert s["ratio_vs_sdpa_cudnn"]["causal_4096"] == pytest.approx(520 / 550)
+    assert s["tma_kernel"]["ratio_vs_sdpa_cudnn"]["causal_4096"] == pytest.approx(500 / 550)
+    assert s["teaching_kernel"]["ratio_vs_sdpa_cudnn"]["causal_4096"] == pytest.approx(400 / 550)
 
 
 def test_cli_writes_json(tmp_path, capsys):

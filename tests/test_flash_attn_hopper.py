@@ -5,10 +5,7 @@ offline, in a subprocess where Triton is imported without the interpreter, and i
 what the kernel is built from: warpgroup MMAs, TMA copies, mbarriers, register reallocation in the warp-specialized
 form, and no spills to local memory. On a Hopper GPU its outputs are checked against the fp32 reference.
 """
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,48 +16,17 @@ from labkit.kernels import flash_attn_hopper as hop
 
 pytestmark = pytest.mark.skipif(not hop.available(), reason="this Triton has no Gluon Hopper module")
 
-_COMPILE = """
-import json, os, re, subprocess, sys, tempfile
-os.environ["TRITON_INTERPRET"] = "0"
-import torch, triton
-from labkit.kernels import flash_attn_hopper as hop
-
-tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-out = []
-for i, causal in json.loads(sys.argv[1]):
-    k = hop.compile_offline(hop.CONFIGS[i], causal=causal)
-    ptx = k.asm["ptx"]
-    rec = dict(config=i, causal=causal, wgmma=ptx.count("wgmma.mma_async"), tma=ptx.count("cp.async.bulk.tensor"),
-               mbarrier_wait=ptx.count("mbarrier.try_wait"), setmaxnreg=ptx.count("setmaxnreg"),
-               shared=k.metadata.shared, local=None)
-    if os.path.exists(os.path.join(tools, "cuobjdump")):
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(k.asm["cubin"])
-            f.flush()
-            usage = subprocess.run([os.path.join(tools, "cuobjdump"), "--dump-resource-usage", f.name],
-                                   capture_output=True, text=True).stdout
-        m = re.search(r"LOCAL:(\\d+)", usage)
-        rec["local"] = int(m.group(1)) if m else None
-    out.append(rec)
-print(json.dumps(out))
-"""
-
-
 @pytest.fixture(scope="module")
 def compiled():
     """Every configuration non-causal, and the default one causal too (each ~1-4 s to compile)."""
-    cases = [(i, False) for i in range(len(hop.CONFIGS))] + [(0, True)]
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    res = subprocess.run([sys.executable, "-c", _COMPILE, json.dumps(cases)], capture_output=True, text=True,
-                         env=env, timeout=900)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    cases = [(c, False) for c in hop.CONFIGS] + [(hop.CONFIGS[0], True)]
+    return hop.offline_stats(cases)
 
 
 def test_every_config_compiles_to_wgmma_tma_and_mbarriers(compiled):
     assert len(compiled) == len(hop.CONFIGS) + 1
     for rec in compiled:
-        cfg = hop.CONFIGS[rec["config"]]
+        cfg = rec["config"]
         consumers = 2 if cfg["ws"] else 1                     # the warp-specialized form has two consumer bodies
         # one wgmma per 16 of head_dim (Q K^T) and per 16 keys (P V), in each consumer's loop (and prologue)
         assert rec["wgmma"] >= consumers * (128 // 16 + cfg["block_n"] // 16), rec

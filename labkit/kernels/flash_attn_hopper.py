@@ -487,6 +487,52 @@ def check_config(cfg: dict) -> None:
         raise ValueError(f"stages={cfg['stages']}: the K/V ring needs at least 2 slots")
 
 
+_OFFLINE_STATS = """
+import json, os, re, subprocess, sys, tempfile
+os.environ["TRITON_INTERPRET"] = "0"
+import triton
+from labkit.kernels import flash_attn_hopper as hop
+
+tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+out = []
+for cfg, causal in json.loads(sys.argv[1]):
+    k = hop.compile_offline(cfg, causal=causal)
+    ptx = k.asm["ptx"]
+    rec = dict(config=cfg, causal=causal, wgmma=ptx.count("wgmma.mma_async"), tma=ptx.count("cp.async.bulk.tensor"),
+               mbarrier_wait=ptx.count("mbarrier.try_wait"), setmaxnreg=ptx.count("setmaxnreg"),
+               shared=k.metadata.shared, registers=None, local=None)
+    if os.path.exists(os.path.join(tools, "cuobjdump")):
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(k.asm["cubin"])
+            f.flush()
+            usage = subprocess.run([os.path.join(tools, "cuobjdump"), "--dump-resource-usage", f.name],
+                                   capture_output=True, text=True).stdout
+        for key in ("REG", "LOCAL"):
+            m = re.search(key + r":(\\d+)", usage)
+            rec["registers" if key == "REG" else "local"] = int(m.group(1)) if m else None
+    out.append(rec)
+print(json.dumps(out))
+"""
+
+
+def offline_stats(cases: list[tuple[dict, bool]], timeout: float = 900) -> list[dict]:
+    """Compile each (config, causal) for sm_90 without a GPU, in a fresh Python process (Triton imported without the
+    interpreter), and count what the PTX is built from: ``wgmma`` (warpgroup MMAs), ``tma`` (bulk tensor copies),
+    ``mbarrier_wait``, ``setmaxnreg`` (register handover between partitions); with ``shared`` memory bytes and,
+    where Triton ships cuobjdump, ``registers`` per thread and ``local`` (spill) bytes."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    res = subprocess.run([sys.executable, "-c", _OFFLINE_STATS, json.dumps([[dict(c), bool(k)] for c, k in cases])],
+                         capture_output=True, text=True, env=env, timeout=timeout)
+    if res.returncode:
+        raise RuntimeError(f"offline compile failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
 def default_config(head_dim: int, causal: bool) -> dict:
     """The configuration ``tune`` picked in this process for (head_dim, causal), else the first of CONFIGS."""
     return dict(_TUNED.get((head_dim, bool(causal)), CONFIGS[0]))
