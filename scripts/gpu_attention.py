@@ -219,7 +219,8 @@ def step_bench(out: Path, seqlens) -> dict:
 def step_hopper(out: Path) -> dict:
     """The Gluon kernel for Hopper (labkit.kernels.flash_attn_hopper): every config checked against the fp32
     reference on the check shapes (and a Hugging Face (batch, seq, heads, dim) view), then timed beside SDPA's cuDNN
-    and flash backends and the TMA kernel at 4k and 16k -> hopper.json."""
+    and flash backends and the TMA kernel at 4k and 16k -> attention_hopper.json. HOPPER_CONFIGS=0,3 restricts
+    both to those CONFIGS."""
     from labkit.kernels import flash_attn_fast as fast
     from labkit.kernels import flash_attn_hopper as hop
 
@@ -229,30 +230,33 @@ def step_hopper(out: Path) -> dict:
               (1, 8, 8, 4096, 4096), (3, 6, 2, 130, 130)]
     only = [int(i) for i in os.environ.get("HOPPER_CONFIGS", "").split(",") if i]  # a subset of CONFIGS
     configs = [(ci, cfg) for ci, cfg in enumerate(hop.CONFIGS) if not only or ci in only]
-    for ci, cfg in configs:
-        for dtype in ((torch.bfloat16, torch.float16) if ci == 0 else (torch.bfloat16,)):
-            for d in ((64, 128) if ci == 0 else (128,)):
-                for causal in (False, True):
-                    for hf, (b, h, hkv, nq, nkv) in [(False, sh) for sh in shapes] + [(True, (2, 8, 8, 300, 300))]:
-                        g = torch.Generator(device=dev).manual_seed(nq * 7 + nkv + d)
-                        if hf:  # a transformers model's layout: (batch, seq, heads, dim) transposed, not copied
-                            q, k, v = (torch.randn(b, nq, hh, d, device=dev, dtype=dtype, generator=g).transpose(1, 2)
-                                       for hh in (h, hkv, hkv))
-                        else:
-                            q = torch.randn(b, h, nq, d, device=dev, dtype=dtype, generator=g)
-                            k = torch.randn(b, hkv, nkv, d, device=dev, dtype=dtype, generator=g)
-                            v = torch.randn(b, hkv, nkv, d, device=dev, dtype=dtype, generator=g)
-                        try:
-                            r = A.compare_to_reference(lambda *a: hop.flash_attention_hopper(*a, **cfg), q, k, v,
-                                                       causal)
-                            r["lse_ok"] = r["lse_err"] < 1e-3
-                        except Exception as exc:
-                            r = dict(ok=False, lse_ok=False, error=f"{type(exc).__name__}: {str(exc)[:300]}")
-                        checks.append(dict(config=ci, dtype=str(dtype), d=d, causal=causal, hf_layout=hf,
-                                           shape=[b, h, hkv, nq, nkv], **r))
-                        if not (r["ok"] and r["lse_ok"]):
-                            fails += 1
-                            log("FAIL", checks[-1])
+    # every config at head dim 128 in bf16; the defaults (head dim 128 and 64) in fp16 too
+    variants = [(f"c{ci}", cfg, dt, 128) for ci, cfg in configs for dt in ((torch.bfloat16, torch.float16) if ci == 0
+                                                                           else (torch.bfloat16,))]
+    variants += [("default_d64", hop.default_config(64, False), dt, 64) for dt in (torch.bfloat16, torch.float16)]
+    for ci, cfg, dtype, d in variants:
+        log(f"check {ci} {cfg} {dtype} d={d}")  # a line per config: a run cut short shows where it stood
+        for causal in (False, True):
+            for hf, (b, h, hkv, nq, nkv) in [(False, sh) for sh in shapes] + [(True, (2, 8, 8, 300, 300))]:
+                g = torch.Generator(device=dev).manual_seed(nq * 7 + nkv + d)
+                if hf:  # a transformers model's layout: (batch, seq, heads, dim) transposed, not copied
+                    q, k, v = (torch.randn(b, nq, hh, d, device=dev, dtype=dtype, generator=g).transpose(1, 2)
+                               for hh in (h, hkv, hkv))
+                else:
+                    q = torch.randn(b, h, nq, d, device=dev, dtype=dtype, generator=g)
+                    k = torch.randn(b, hkv, nkv, d, device=dev, dtype=dtype, generator=g)
+                    v = torch.randn(b, hkv, nkv, d, device=dev, dtype=dtype, generator=g)
+                try:
+                    r = A.compare_to_reference(lambda *a: hop.flash_attention_hopper(*a, **cfg), q, k, v,
+                                               causal)
+                    r["lse_ok"] = r["lse_err"] < 1e-3
+                except Exception as exc:
+                    r = dict(ok=False, lse_ok=False, error=f"{type(exc).__name__}: {str(exc)[:300]}")
+                checks.append(dict(config=ci, dtype=str(dtype), d=d, causal=causal, hf_layout=hf,
+                                   shape=[b, h, hkv, nq, nkv], **r))
+                if not (r["ok"] and r["lse_ok"]):
+                    fails += 1
+                    log("FAIL", checks[-1])
     log(f"hopper check: {len(checks)} cases, {fails} failures")
     rows = []
     h, d, dtype, tokens = 32, 128, torch.bfloat16, 16384
@@ -270,6 +274,7 @@ def step_hopper(out: Path) -> dict:
             for ci, cfg in configs:
                 runs[f"hopper_c{ci}"] = (lambda cfg=cfg: hop.flash_attention_hopper(q, k, v, causal, **cfg))
             for name, fn in runs.items():
+                log(f"time {name} causal={causal} n={n}")
                 try:
                     o = fn()
                     o = o[0] if isinstance(o, tuple) else o
@@ -284,27 +289,11 @@ def step_hopper(out: Path) -> dict:
             log(json.dumps({k: (round(v, 1) if isinstance(v, float) else v) for k, v in row.items()}))
             del q, k, v, ref
             torch.cuda.empty_cache()
-    # per case: the best configuration, and the default (CONFIGS[0]), against cuDNN and the TMA kernel
-    cases = {}
-    for r in rows:
-        key = f"{'causal' if r['causal'] else 'noncausal'}_{r['n']}"
-        ours = {name: t for name, t in r.items() if name.startswith("hopper_c") and t}
-        best = max(ours, key=ours.get) if ours else None
-        cases[key] = dict(best=best, best_tflops=ours.get(best), default_tflops=r.get("hopper_c0"),
-                          sdpa_cudnn=r.get("sdpa_cudnn"), sdpa_flash=r.get("sdpa_flash"),
-                          triton_fast=r.get("triton_fast"))
-        for ref in ("sdpa_cudnn", "triton_fast"):
-            for which in ("best", "default"):
-                t = cases[key][f"{which}_tflops"]
-                cases[key][f"{which}_vs_{ref}"] = t / r[ref] if t and r.get(ref) else None
-    summary = dict(what="labkit.kernels.flash_attn_hopper (Gluon) beside SDPA's cuDNN and flash backends and the "
-                        "TMA kernel (flash_attn_fast at its first config), bf16, head dim 128, 32 heads, "
-                        "batch = 16384 // seqlen; every output checked against SDPA flash before timing",
-                   configs=[dict(c, name=f"c{i}") for i, c in enumerate(hop.CONFIGS)], cases=cases,
-                   checks=dict(n=len(checks), fails=fails))
+    summary = A.summarize_hopper_runs(rows, [c for _, c in configs], hop.CONFIGS[0],
+                                      dict(n=len(checks), fails=fails))
     bench.write_results(out / "attention_hopper.json", [dict(kind="tflops", **r) for r in rows]
                         + [dict(kind="check", **c) for c in checks], summary)
-    log(f"hopper: {json.dumps(cases)}")
+    log(f"hopper: {json.dumps(summary['cases'])}")
     return summary
 
 

@@ -45,8 +45,14 @@ def test_bad_configs_and_inputs_are_refused():
         hop.check_config(dict(hop.CONFIGS[0], block_m=64))
     with pytest.raises(ValueError, match="choose one"):
         hop.check_config(dict(hop.CONFIGS[0], pipe=True, defer=True))
-    with pytest.raises(ValueError, match="set one of them"):
+    with pytest.raises(ValueError, match="set defer=True"):
         hop.check_config(dict(hop.CONFIGS[0], pipe=False, defer=False, pingpong=True))
+    with pytest.raises(ValueError, match="stages >= 3"):
+        hop.check_config(dict(hop.CONFIGS[0], pipe=True, stages=2))
+    with pytest.raises(ValueError, match="head_dim 128 only"):
+        hop.check_config(hop.CONFIGS[0], head_dim=64)
+    assert not hop.default_config(64, True)["ws"]             # head dim 64: the form without warp specialization
+    hop.check_config(hop.default_config(64, False), head_dim=64)
     for cfg in hop.CONFIGS:                                    # the shipped ones are all valid
         hop.check_config(cfg)
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
@@ -75,6 +81,16 @@ def test_matches_reference_on_gpu(config, shape, causal):
     r = A.compare_to_reference(lambda *a: hop.flash_attention_hopper(*a, **hop.CONFIGS[config]), q, k, v, causal)
     assert r["ok"], r
     assert r["lse_err"] < 1e-3, r
+
+
+@HOPPER
+@pytest.mark.parametrize("causal", [False, True])
+def test_head_dim_64_default_on_gpu(causal):
+    g = torch.Generator(device="cuda").manual_seed(64)
+    q = torch.randn(1, 9, 1025, 64, device="cuda", dtype=torch.float16, generator=g)
+    k, v = (torch.randn(1, 3, 1025, 64, device="cuda", dtype=torch.float16, generator=g) for _ in "kv")
+    r = A.compare_to_reference(hop.flash_attention_hopper, q, k, v, causal)
+    assert r["ok"], r
 
 
 @HOPPER

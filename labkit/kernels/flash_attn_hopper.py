@@ -1,26 +1,30 @@
 """The FlashAttention forward written for Hopper in Gluon, Triton's lower-level language: the third kernel of the
 attention notebook, beside the teaching kernel (``flash_attn.py``) and the TMA one (``flash_attn_fast.py``).
 
-``tl.dot`` leaves to the compiler how the tensor cores are fed and when the program waits for them. Gluon hands
+``tl.dot`` leaves to the compiler how tiles reach the tensor cores and when a program waits for them. Gluon hands
 those choices to the kernel: the layout of every tile in registers and shared memory, each warpgroup matrix-multiply
-(``wgmma``) issued asynchronously and waited for by name, every TMA copy with the ``mbarrier`` that says it has
-landed. That is what FlashAttention-3 does on an H100, and what this kernel does, in three parts:
+(``wgmma``) issued asynchronously and waited for explicitly, every TMA copy with the ``mbarrier`` that says it has
+landed. This module uses them the way FlashAttention-3 does on an H100/H200, in its default (warp-specialized) form:
 
-1. **A ring of K/V tiles.** ``STAGES`` shared-memory slots for K and for V, each filled by one TMA copy that signals
-   its own barrier; tile j lives in slot ``j % STAGES``, and the copy of tile ``j + STAGES`` goes out as soon as
-   both warpgroups are done with tile j. Loads run that many tiles ahead of the math.
-2. **Both warpgroups on one query tile.** 8 warps = 2 warpgroups; the 128 query rows split 64 / 64, each warpgroup
-   issuing its own wgmmas on shared K and V (the accumulators' layout, ``NVMMADistributedLayout`` v3 with warps
-   [8, 1], says so).
-3. **Scores of the next tile under this tile's softmax** (``PIPE``, FlashAttention-3's intra-warpgroup overlap):
-   ``Q K_{j+1}^T`` is issued before the exponentials of tile j and waited for only after ``P_j V_j`` has been
-   issued, so the tensor cores have work while the special-function units compute ``exp2``. It costs a second
-   score tile in registers, which is why it pairs with 64-wide key tiles.
+1. **A loader warp and a ring of K/V tiles.** One warp issues the TMA copies of K and V into ``STAGES`` shared-memory
+   slots, each copy signalling its slot's "ready" barrier; it refills a slot once its "empty" barrier says both
+   consumers are done with it.
+2. **Two consumer warpgroups, each with 64 query rows**, sharing the K/V tiles and never waiting for each other:
+   S = Q K^T (both operands in shared memory), the online softmax in registers, then O += P V with P passed from
+   registers (FlashAttention-3's "RS" form: P never touches shared memory). While one consumer computes its
+   exponentials, the other's wgmmas keep the tensor cores busy.
+3. **Registers moved to where they are needed** (``setmaxnreg``): the loader keeps 24 per thread, each consumer gets
+   240, enough for a 64 x 128 fp32 score tile and a 64 x 128 fp32 accumulator without spilling.
 
-P goes from the score accumulator to the PV wgmma in registers (FlashAttention-3's "RS" form); nothing but K, V and
-Q goes through shared memory. Same signature, layout, result ``(o, lse)`` and references as the other two kernels.
-Needs compute capability 9.0 (an H100/H200): the interpreter cannot run Gluon, so on a CPU it is only compiled
-(for sm_90, offline), which is what CI checks.
+Variants the configurations select (``CONFIGS``; each measured, see the comment there): a deeper ring; ``defer``
+(P V waited for only after the next Q K^T is issued, the two back to back on the tensor cores); ``pingpong`` (with
+``defer``, the consumers take turns issuing); ``pipe`` (FlashAttention-3's in-warpgroup overlap: the next tile's
+scores issued before this tile's softmax, at the cost of a second score tile in registers); and a form without warp
+specialization (``ws=False``: all warps of the program on one query tile, refilling the ring after a barrier).
+
+Same signature, layout, result ``(o, lse)`` and references as the other two kernels. Needs compute capability 9.0 (an
+H100/H200): the interpreter cannot run Gluon, so on a CPU it is compiled for sm_90 offline (``offline_stats``),
+which is what CI checks.
 """
 from __future__ import annotations
 
@@ -50,15 +54,22 @@ def _cfg(block_m, block_n, num_warps, stages, pipe, ws=False, defer=False, pingp
                 pingpong=pingpong)
 
 
-# configurations tune() tries; the first is the default until a tune() in this process picks one per (head_dim, causal)
+# the configurations; the first is the default for head_dim 128 (the sync 128 x 128 one for head_dim 64, where the
+# warp-specialized form is not offered). Every one was checked on an NVIDIA H200 (16 cases each: ragged lengths,
+# decode, grouped-query attention, a transformers layout; bf16, head dim 128) and timed there, at 4k and 16k, causal
+# and not, beside SDPA's cuDNN backend and the TMA kernel (results/nvidia-h200/attention_hopper.json, 6859384, and
+# the earlier run of 7c55f8c in attention_hopper_configs.json). The warp-specialized 128 x 128 ring of 2 won every
+# case in both runs (426 / 499 / 487 / 508 TFLOP/s at causal 4k / 16k, non-causal 4k / 16k; cuDNN 562 / 566 / 647 /
+# 590, the TMA kernel 377 / 480 / 476 / 499); each of the others was 2-25% slower than it: a deeper ring, deferring
+# the P V wait, the consumers taking turns, FlashAttention-3's in-warpgroup overlap (``pipe``), 64-key tiles, and the
+# form without warp specialization (8 warps on one 128-row tile, or two 64-row programs per SM).
 CONFIGS = (
-    _cfg(128, 128, 4, 2, False, True), _cfg(128, 128, 4, 3, False, True), _cfg(128, 128, 4, 2, True, True),
-    _cfg(128, 128, 4, 3, True, True), _cfg(128, 128, 4, 2, True, True, pingpong=True),
-    _cfg(128, 128, 4, 3, True, True, pingpong=True), _cfg(128, 128, 4, 2, False, True, defer=True),
-    _cfg(128, 128, 4, 2, False, True, defer=True, pingpong=True), _cfg(128, 64, 4, 3, False, True),
-    _cfg(128, 64, 4, 4, True, True), _cfg(128, 128, 8, 2, False), _cfg(64, 64, 4, 2, False),
+    _cfg(128, 128, 4, 2, False, True), _cfg(128, 128, 4, 3, False, True),
+    _cfg(128, 128, 4, 2, False, True, defer=True), _cfg(128, 128, 4, 2, False, True, defer=True, pingpong=True),
+    _cfg(128, 128, 4, 3, False, True, defer=True), _cfg(128, 128, 4, 3, False, True, defer=True, pingpong=True),
+    _cfg(128, 64, 4, 3, False, True), _cfg(128, 128, 4, 3, True, True), _cfg(128, 64, 4, 4, True, True),
+    _cfg(128, 128, 8, 2, False), _cfg(64, 64, 4, 2, False),
 )
-_TUNED: dict[tuple[int, bool], dict] = {}
 # the warp-specialized form runs 9 warps, allocated as 3 warpgroups: at most 168 registers per thread on average
 # keeps them within the SM's 64K; the loader warp gives back all but 24, and each consumer warpgroup takes 240
 WS_MAXNREG, WS_CONSUMER_REGS = 168, 240
@@ -257,44 +268,38 @@ if gluon is not None:
         s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
         mbarrier.wait(q_bar.index(HALF), 0)
         if PIPE:
-            # FlashAttention-3's order: one block of tensor-core work per step, Q K_{j+1}^T then P_j V_j, issued
-            # together (in turns with the other consumer when PINGPONG); the softmax of tile j + 1 runs while
-            # P_j V_j is still on the tensor cores, and slot j is released once P_j V_j is done
+            gl.static_assert(STAGES >= 3, "PIPE needs STAGES >= 3")
             mbarrier.wait(k_bar.index(0), 0)
             s = warpgroup_mma(my_q, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
             s = warpgroup_mma_wait(0, deps=(s, my_q, k_smem.index(0)))[0]
-            p, alpha, l_i, m_i = _softmax_step(s, m_i, l_i, 0, hi_full, offs_m, seqlen_kv, causal_shift, qk_scale,
-                                               s_layout, BLOCK_N, CAUSAL)
+            acc = warpgroup_mma_init(acc)
             for j in range(0, n_tiles - 1):
-                cur = j % STAGES
                 nxt = (j + 1) % STAGES
                 mbarrier.wait(k_bar.index(nxt), ((j + 1) // STAGES) & 1)
-                mbarrier.wait(v_bar.index(cur), (j // STAGES) & 1)
-                if PINGPONG:
-                    mbarrier.wait(turn_bar.index(HALF), (j & 1) ^ (1 - HALF))
                 s_next = warpgroup_mma(my_q, k_smem.index(nxt).permute((1, 0)), s_zero, use_acc=False,
                                        is_async=True)
-                acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_o), 1)
-                pv = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(cur), acc,
-                                   is_async=True)
-                if PINGPONG:
-                    mbarrier.arrive(turn_bar.index(1 - HALF), count=1)
-                s = warpgroup_mma_wait(1, deps=(s_next, my_q, k_smem.index(nxt)))[0]  # P_j V_j may still run
-                p, alpha, l_i, m_i = _softmax_step(s, m_i, l_i, (j + 1) * BLOCK_N, hi_full, offs_m, seqlen_kv,
+                p, alpha, l_i, m_i = _softmax_step(s, m_i, l_i, j * BLOCK_N, hi_full, offs_m, seqlen_kv,
                                                    causal_shift, qk_scale, s_layout, BLOCK_N, CAUSAL)
-                acc = warpgroup_mma_wait(0, deps=(pv, v_smem.index(cur)))[0]
-                mbarrier.arrive(empty_bar.index(cur), count=1)
+                acc = warpgroup_mma_wait(1, deps=(acc, ))                     # P_{j-1} V_{j-1} done
+                if j > 0:
+                    mbarrier.arrive(empty_bar.index((j - 1) % STAGES), count=1)  # tile j - 1: this half is done
+                acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_o), 1)
+                cur = j % STAGES
+                mbarrier.wait(v_bar.index(cur), (j // STAGES) & 1)
+                acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(cur), acc,
+                                    is_async=True)
+                s = warpgroup_mma_wait(1, deps=(s_next, my_q, k_smem.index(nxt)))[0]
             last = n_tiles - 1
-            mbarrier.wait(v_bar.index(last % STAGES), (last // STAGES) & 1)
-            if PINGPONG:
-                mbarrier.wait(turn_bar.index(HALF), (last & 1) ^ (1 - HALF))
+            p, alpha, l_i, m_i = _softmax_step(s, m_i, l_i, last * BLOCK_N, hi_full, offs_m, seqlen_kv,
+                                               causal_shift, qk_scale, s_layout, BLOCK_N, CAUSAL)
+            acc = warpgroup_mma_wait(0, deps=(acc, ))
+            if last > 0:
+                mbarrier.arrive(empty_bar.index((last - 1) % STAGES), count=1)
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_o), 1)
-            pv = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(last % STAGES), acc,
-                               is_async=True)
-            if PINGPONG:
-                mbarrier.arrive(turn_bar.index(1 - HALF), count=1)
-            acc = warpgroup_mma_wait(0, deps=(pv, v_smem.index(last % STAGES)))[0]
-            mbarrier.arrive(empty_bar.index(last % STAGES), count=1)
+            mbarrier.wait(v_bar.index(last % STAGES), (last // STAGES) & 1)
+            acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(last % STAGES), acc,
+                                is_async=True)
+            acc = warpgroup_mma_wait(0, deps=(acc, ))
         elif DEFER:
             # P_j V_j is waited for only after Q K_{j+1}^T has been issued: the two run back to back on the tensor
             # cores, and slot j is released once both are done
@@ -445,7 +450,7 @@ def compile_offline(cfg: dict, causal: bool = False, head_dim: int = 128, dtype=
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    check_config(cfg)
+    check_config(cfg, head_dim)
     ws = bool(cfg.get("ws"))
     fn = _attn_fwd_hopper_ws if ws else _attn_fwd_hopper
     q_sl, kv_sl = smem_layouts(head_dim, cfg["block_m"] // 2 if ws else cfg["block_m"], cfg["block_n"], dtype)
@@ -469,7 +474,7 @@ def compile_offline(cfg: dict, causal: bool = False, head_dim: int = 128, dtype=
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
-def check_config(cfg: dict) -> None:
+def check_config(cfg: dict, head_dim: int = 128) -> None:
     """Refuse a configuration the kernels cannot run, saying which knob to change."""
     ws = bool(cfg.get("ws"))
     if ws and (cfg["block_m"] != 128 or cfg["num_warps"] != 4):
@@ -480,9 +485,15 @@ def check_config(cfg: dict) -> None:
         raise ValueError("pipe, defer and pingpong order the work of the two consumer warpgroups: they need ws=True")
     if cfg.get("pipe") and cfg.get("defer"):
         raise ValueError("pipe and defer are two orders of the same loop: choose one")
-    if cfg.get("pingpong") and not (cfg.get("pipe") or cfg.get("defer")):
-        raise ValueError("pingpong takes turns between the blocks of tensor-core work that pipe or defer issue: "
-                         "set one of them")
+    if cfg.get("pingpong") and not cfg.get("defer"):
+        raise ValueError("pingpong takes turns between the blocks of tensor-core work that defer issues: set "
+                         "defer=True")
+    if cfg.get("pipe") and cfg["stages"] < 3:
+        raise ValueError(f"pipe=True waits for tile j + 1 while tile j - 1 still holds its slot: it needs stages >= 3, "
+                         f"got {cfg['stages']}")
+    if ws and head_dim != 128:
+        raise ValueError(f"the warp-specialized form is built and checked for head_dim 128 only, got {head_dim}: "
+                         f"pass ws=False (the default for head_dim {head_dim})")
     if cfg["stages"] < 2:
         raise ValueError(f"stages={cfg['stages']}: the K/V ring needs at least 2 slots")
 
@@ -534,8 +545,8 @@ def offline_stats(cases: list[tuple[dict, bool]], timeout: float = 900) -> list[
 
 
 def default_config(head_dim: int, causal: bool) -> dict:
-    """The configuration ``tune`` picked in this process for (head_dim, causal), else the first of CONFIGS."""
-    return dict(_TUNED.get((head_dim, bool(causal)), CONFIGS[0]))
+    """The first of CONFIGS for head_dim 128; for head_dim 64, the 128 x 128 tile without warp specialization."""
+    return dict(CONFIGS[0] if head_dim == 128 else next(c for c in CONFIGS if not c["ws"]))
 
 
 def _require_hopper(q: torch.Tensor) -> None:
@@ -578,7 +589,7 @@ def flash_attention_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ca
     cfg.update({key: val for key, val in dict(block_m=block_m, block_n=block_n, num_warps=num_warps, stages=stages,
                                                pipe=pipe, ws=ws, defer=defer,
                                                pingpong=pingpong).items() if val is not None})
-    check_config(cfg)
+    check_config(cfg, d)
     _require_hopper(q)
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
