@@ -727,13 +727,15 @@ def summarize_hopper_runs(rows: list[dict], configs: list[dict], default: dict, 
     Gluon kernel's configurations and the default one, each against SDPA's cuDNN backend and the TMA kernel timed in
     the same run. ``rows``: one dict per case with TFLOP/s under ``hopper_c<i>`` (i indexing ``configs``),
     ``sdpa_cudnn``, ``sdpa_flash``, ``triton_fast``; ``checks``: the output checks' count and failures."""
+    from labkit.kernels import flash_attn_hopper as hop
+
     names = {f"hopper_c{i}": c for i, c in enumerate(configs)}
     default_name = next((n for n, c in names.items() if c == default), None)
     cases = {}
     for r in rows:
         ours = {n: r[n] for n in names if r.get(n)}
         best = max(ours, key=ours.get) if ours else None
-        case = dict(best=best, best_config=names.get(best), best_tflops=ours.get(best),
+        case = dict(best=best, best_tflops=ours.get(best),
                     default_tflops=r.get(default_name), sdpa_cudnn=r.get("sdpa_cudnn"), sdpa_flash=r.get("sdpa_flash"),
                     triton_fast=r.get("triton_fast"))
         for ref in ("sdpa_cudnn", "triton_fast"):
@@ -744,7 +746,8 @@ def summarize_hopper_runs(rows: list[dict], configs: list[dict], default: dict, 
     return dict(what="labkit.kernels.flash_attn_hopper (Gluon) beside SDPA's cuDNN and flash backends and the TMA "
                      "kernel (flash_attn_fast at its first config) in one run; bf16, head dim 128, 32 heads, batch = "
                      "16384 // seqlen; every output checked against SDPA flash before it was timed",
-                configs={n: c for n, c in names.items()}, default=default_name, cases=cases, checks=checks)
+                configs={n: hop.config_label(c) for n, c in names.items()}, default=default_name, cases=cases,
+                checks=checks)
 
 
 def plot_benchmark(doc: dict, path=None, title: str | None = None):

@@ -291,8 +291,9 @@ def step_hopper(out: Path) -> dict:
             torch.cuda.empty_cache()
     summary = A.summarize_hopper_runs(rows, [c for _, c in configs], hop.CONFIGS[0],
                                       dict(n=len(checks), fails=fails))
-    bench.write_results(out / "attention_hopper.json", [dict(kind="tflops", **r) for r in rows]
-                        + [dict(kind="check", **c) for c in checks], summary)
+    bench.write_results(out / "attention_hopper.json", [dict(kind="config", name=f"hopper_c{i}", **c)
+                                                         for i, c in configs]
+                        + [dict(kind="tflops", **r) for r in rows] + [dict(kind="check", **c) for c in checks], summary)
     log(f"hopper: {json.dumps(summary['cases'])}")
     return summary
 

@@ -474,6 +474,13 @@ def compile_offline(cfg: dict, causal: bool = False, head_dim: int = 128, dtype=
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
+def config_label(cfg: dict) -> str:
+    """A configuration in a few words, e.g. ``ws 128x128 ring 2 defer pingpong``."""
+    words = ["ws" if cfg.get("ws") else f"{cfg['num_warps']} warps", f"{cfg['block_m']}x{cfg['block_n']}",
+             f"ring {cfg['stages']}"]
+    return " ".join(words + [k for k in ("pipe", "defer", "pingpong") if cfg.get(k)])
+
+
 def check_config(cfg: dict, head_dim: int = 128) -> None:
     """Refuse a configuration the kernels cannot run, saying which knob to change."""
     ws = bool(cfg.get("ws"))
