@@ -111,6 +111,46 @@ if gluon is not None:
         return p, alpha, l_i, m_new
 
     @gluon.jit
+    def _block_setup(Q, K, V, O,
+                     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                     stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
+                     n_heads, group, seqlen_q, seqlen_kv,
+                     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, Q_ROWS: gl.constexpr,
+                     CAUSAL: gl.constexpr, HEAVY_FIRST: gl.constexpr, Q_SMEM: gl.constexpr, KV_SMEM: gl.constexpr):
+        """This program's query block (heaviest first when asked), one TMA descriptor per tensor for its
+        (batch, head) -- bounded by that head's sequence: zeros past it on load, nothing written past it on store;
+        Q and O in tiles of Q_ROWS -- and its key range: tiles [0, hi_full) need no mask, n_tiles in all."""
+        pid_m = gl.program_id(0)
+        if HEAVY_FIRST:
+            pid_m = gl.num_programs(0) - 1 - pid_m
+        pid_bh = gl.program_id(1)
+        b = pid_bh // n_heads
+        h = pid_bh % n_heads
+        h_kv = h // group                                                     # grouped-query attention
+        q_desc = tma.make_tensor_descriptor(Q + b.to(gl.int64) * stride_qb + h.to(gl.int64) * stride_qh,
+                                            shape=[seqlen_q, HEAD_DIM], strides=[stride_qm, 1],
+                                            block_shape=[Q_ROWS, HEAD_DIM], layout=Q_SMEM)
+        k_desc = tma.make_tensor_descriptor(K + b.to(gl.int64) * stride_kb + h_kv.to(gl.int64) * stride_kh,
+                                            shape=[seqlen_kv, HEAD_DIM], strides=[stride_kn, 1],
+                                            block_shape=[BLOCK_N, HEAD_DIM], layout=KV_SMEM)
+        v_desc = tma.make_tensor_descriptor(V + b.to(gl.int64) * stride_vb + h_kv.to(gl.int64) * stride_vh,
+                                            shape=[seqlen_kv, HEAD_DIM], strides=[stride_vn, 1],
+                                            block_shape=[BLOCK_N, HEAD_DIM], layout=KV_SMEM)
+        o_desc = tma.make_tensor_descriptor(O + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh,
+                                            shape=[seqlen_q, HEAD_DIM], strides=[stride_om, 1],
+                                            block_shape=[Q_ROWS, HEAD_DIM], layout=Q_SMEM)
+        m0 = pid_m * BLOCK_M
+        causal_shift = seqlen_kv - seqlen_q
+        if CAUSAL:  # keys [0, m0 + shift] are visible to every row of the block; past that, the diagonal
+            hi_full = (gl.minimum(m0 + causal_shift + 1, seqlen_kv) // BLOCK_N) * BLOCK_N
+            hi = gl.minimum(m0 + BLOCK_M + causal_shift, seqlen_kv)
+        else:
+            hi_full = (seqlen_kv // BLOCK_N) * BLOCK_N
+            hi = seqlen_kv
+        n_tiles = gl.maximum(gl.cdiv(hi, BLOCK_N), 1)  # a block that sees no key still runs one (masked) tile
+        return pid_bh, m0, causal_shift, hi_full, n_tiles, q_desc, k_desc, v_desc, o_desc
+
+    @gluon.jit
     def _attn_fwd_hopper(Q, K, V, O, LSE,
                          stride_qb, stride_qh, stride_qm,
                          stride_kb, stride_kh, stride_kn,
@@ -130,37 +170,10 @@ if gluon is not None:
         rows_o: gl.constexpr = gl.SliceLayout(1, o_layout)
         dtype: gl.constexpr = Q.dtype.element_ty
 
-        pid_m = gl.program_id(0)
-        if HEAVY_FIRST:
-            pid_m = gl.num_programs(0) - 1 - pid_m
-        pid_bh = gl.program_id(1)
-        b = pid_bh // n_heads
-        h = pid_bh % n_heads
-        h_kv = h // group
-        # one descriptor per tensor for this (batch, head), bounded by its sequence: zeros past it on load, nothing
-        # written past it on store
-        q_desc = tma.make_tensor_descriptor(Q + b.to(gl.int64) * stride_qb + h.to(gl.int64) * stride_qh,
-                                            shape=[seqlen_q, HEAD_DIM], strides=[stride_qm, 1],
-                                            block_shape=[BLOCK_M, HEAD_DIM], layout=Q_SMEM)
-        k_desc = tma.make_tensor_descriptor(K + b.to(gl.int64) * stride_kb + h_kv.to(gl.int64) * stride_kh,
-                                            shape=[seqlen_kv, HEAD_DIM], strides=[stride_kn, 1],
-                                            block_shape=[BLOCK_N, HEAD_DIM], layout=KV_SMEM)
-        v_desc = tma.make_tensor_descriptor(V + b.to(gl.int64) * stride_vb + h_kv.to(gl.int64) * stride_vh,
-                                            shape=[seqlen_kv, HEAD_DIM], strides=[stride_vn, 1],
-                                            block_shape=[BLOCK_N, HEAD_DIM], layout=KV_SMEM)
-        o_desc = tma.make_tensor_descriptor(O + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh,
-                                            shape=[seqlen_q, HEAD_DIM], strides=[stride_om, 1],
-                                            block_shape=[BLOCK_M, HEAD_DIM], layout=Q_SMEM)
-
-        m0 = pid_m * BLOCK_M
-        causal_shift = seqlen_kv - seqlen_q
-        if CAUSAL:  # keys [0, m0 + shift] are visible to every row of the block; past that, the diagonal
-            hi_full = (gl.minimum(m0 + causal_shift + 1, seqlen_kv) // BLOCK_N) * BLOCK_N
-            hi = gl.minimum(m0 + BLOCK_M + causal_shift, seqlen_kv)
-        else:
-            hi_full = (seqlen_kv // BLOCK_N) * BLOCK_N
-            hi = seqlen_kv
-        n_tiles = gl.maximum(gl.cdiv(hi, BLOCK_N), 1)  # a block that sees no key still runs one (masked) tile
+        pid_bh, m0, causal_shift, hi_full, n_tiles, q_desc, k_desc, v_desc, o_desc = _block_setup(
+            Q, K, V, O, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
+            stride_vn, stride_ob, stride_oh, stride_om, n_heads, group, seqlen_q, seqlen_kv, HEAD_DIM, BLOCK_M,
+            BLOCK_N, BLOCK_M, CAUSAL, HEAVY_FIRST, Q_SMEM, KV_SMEM)
 
         q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], Q_SMEM)
         k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], KV_SMEM)
@@ -373,34 +386,10 @@ if gluon is not None:
                             num_warps: gl.constexpr):
         gl.static_assert(num_warps == 4, "the default partition is one consumer warpgroup")
         HALF_M: gl.constexpr = BLOCK_M // 2
-        pid_m = gl.program_id(0)
-        if HEAVY_FIRST:
-            pid_m = gl.num_programs(0) - 1 - pid_m
-        pid_bh = gl.program_id(1)
-        b = pid_bh // n_heads
-        h = pid_bh % n_heads
-        h_kv = h // group
-        q_desc = tma.make_tensor_descriptor(Q + b.to(gl.int64) * stride_qb + h.to(gl.int64) * stride_qh,
-                                            shape=[seqlen_q, HEAD_DIM], strides=[stride_qm, 1],
-                                            block_shape=[HALF_M, HEAD_DIM], layout=Q_SMEM)
-        k_desc = tma.make_tensor_descriptor(K + b.to(gl.int64) * stride_kb + h_kv.to(gl.int64) * stride_kh,
-                                            shape=[seqlen_kv, HEAD_DIM], strides=[stride_kn, 1],
-                                            block_shape=[BLOCK_N, HEAD_DIM], layout=KV_SMEM)
-        v_desc = tma.make_tensor_descriptor(V + b.to(gl.int64) * stride_vb + h_kv.to(gl.int64) * stride_vh,
-                                            shape=[seqlen_kv, HEAD_DIM], strides=[stride_vn, 1],
-                                            block_shape=[BLOCK_N, HEAD_DIM], layout=KV_SMEM)
-        o_desc = tma.make_tensor_descriptor(O + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh,
-                                            shape=[seqlen_q, HEAD_DIM], strides=[stride_om, 1],
-                                            block_shape=[HALF_M, HEAD_DIM], layout=Q_SMEM)
-        m0 = pid_m * BLOCK_M
-        causal_shift = seqlen_kv - seqlen_q
-        if CAUSAL:
-            hi_full = (gl.minimum(m0 + causal_shift + 1, seqlen_kv) // BLOCK_N) * BLOCK_N
-            hi = gl.minimum(m0 + BLOCK_M + causal_shift, seqlen_kv)
-        else:
-            hi_full = (seqlen_kv // BLOCK_N) * BLOCK_N
-            hi = seqlen_kv
-        n_tiles = gl.maximum(gl.cdiv(hi, BLOCK_N), 1)
+        pid_bh, m0, causal_shift, hi_full, n_tiles, q_desc, k_desc, v_desc, o_desc = _block_setup(
+            Q, K, V, O, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
+            stride_vn, stride_ob, stride_oh, stride_om, n_heads, group, seqlen_q, seqlen_kv, HEAD_DIM, BLOCK_M,
+            BLOCK_N, HALF_M, CAUSAL, HEAVY_FIRST, Q_SMEM, KV_SMEM)
         dtype: gl.constexpr = Q.dtype.element_ty
         q_smem = gl.allocate_shared_memory(dtype, [2, HALF_M, HEAD_DIM], Q_SMEM)
         k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], KV_SMEM)
