@@ -91,41 +91,49 @@ def _time(fn, budget_s=0.4):
     return bench.measure(fn, warmup=1, iters=iters)
 
 
-def step_tune(out: Path) -> dict:
-    dev = torch.device("cuda")
-    h, d, dtype, tokens = 32, 128, torch.bfloat16, 16384
-    results = []
+def _headline_cases(dev, h=32, d=128, dtype=torch.bfloat16, tokens=16384):
+    """The benchmark's headline cases (causal or not, 4k and 16k; batch = tokens // seqlen): random inputs, their
+    FLOPs and SDPA flash's output, one case at a time (freed before the next)."""
     for causal in (True, False):
         for n in (4096, 16384):
             b = max(1, tokens // n)
             g = torch.Generator(device=dev).manual_seed(n)
             q, k, v = (torch.randn(b, h, n, d, device=dev, dtype=dtype, generator=g) for _ in range(3))
-            flops = A.attention_flops(b, h, n, n, d, causal)
-            ref = A.sdpa_attention(q, k, v, causal, backend="flash")
-            row = dict(causal=causal, n=n)
-            for name in ("flash", "cudnn"):
-                try:
-                    row[f"sdpa_{name}"] = bench.tflops(flops, _time(lambda: A.sdpa_attention(q, k, v, causal, backend=name)))
-                except RuntimeError as exc:
-                    row[f"sdpa_{name}"] = None
-                    log("sdpa", name, exc)
-            variants = [(i, dict(c)) for i, c in enumerate(TUNE_CONFIGS)]
-            if causal:
-                variants.append((0, dict(TUNE_CONFIGS[0], heavy_first=False)))
-            for i, cfg in variants:
-                key = f"c{i}" + ("" if cfg.get("heavy_first", True) else "_inorder")
-                try:
-                    o, _ = fa.flash_attention(q, k, v, causal, **cfg)
-                    diff = (o.float() - ref.float()).abs().max().item()
-                    row[key] = bench.tflops(flops, _time(lambda: fa.flash_attention(q, k, v, causal, **cfg)))
-                    row[key + "_diff"] = diff
-                except Exception as exc:  # out of shared memory etc.
-                    row[key] = None
-                    log("config", key, cfg, "failed:", str(exc).splitlines()[0][:200])
-            results.append(row)
-            log(json.dumps({k: (round(v, 1) if isinstance(v, float) and not k.endswith("diff") else v) for k, v in row.items()}))
-            del q, k, v, ref
+            yield causal, n, b, q, k, v, A.attention_flops(b, h, n, n, d, causal), A.sdpa_attention(
+                q, k, v, causal, backend="flash")
+            del q, k, v
             torch.cuda.empty_cache()
+
+
+def step_tune(out: Path) -> dict:
+    dev = torch.device("cuda")
+    d, dtype = 128, torch.bfloat16
+    results = []
+    for causal, n, b, q, k, v, flops, ref in _headline_cases(dev):
+        row = dict(causal=causal, n=n)
+        for name in ("flash", "cudnn"):
+            try:
+                row[f"sdpa_{name}"] = bench.tflops(flops, _time(lambda: A.sdpa_attention(q, k, v, causal, backend=name)))
+            except RuntimeError as exc:
+                row[f"sdpa_{name}"] = None
+                log("sdpa", name, exc)
+        variants = [(i, dict(c)) for i, c in enumerate(TUNE_CONFIGS)]
+        if causal:
+            variants.append((0, dict(TUNE_CONFIGS[0], heavy_first=False)))
+        for i, cfg in variants:
+            key = f"c{i}" + ("" if cfg.get("heavy_first", True) else "_inorder")
+            try:
+                o, _ = fa.flash_attention(q, k, v, causal, **cfg)
+                diff = (o.float() - ref.float()).abs().max().item()
+                row[key] = bench.tflops(flops, _time(lambda: fa.flash_attention(q, k, v, causal, **cfg)))
+                row[key + "_diff"] = diff
+            except Exception as exc:  # out of shared memory etc.
+                row[key] = None
+                log("config", key, cfg, "failed:", str(exc).splitlines()[0][:200])
+        results.append(row)
+        log(json.dumps({k: (round(v, 1) if isinstance(v, float) and not k.endswith("diff") else v) for k, v in row.items()}))
+        del q, k, v, ref
+        torch.cuda.empty_cache()
 
     # pick the config with the best worst-case ratio to SDPA flash over the four headline cases,
     # after checking it on ragged sizes against the fp32 reference
@@ -259,36 +267,29 @@ def step_hopper(out: Path) -> dict:
                     log("FAIL", checks[-1])
     log(f"hopper check: {len(checks)} cases, {fails} failures")
     rows = []
-    h, d, dtype, tokens = 32, 128, torch.bfloat16, 16384
-    for causal in (True, False):
-        for n in (4096, 16384):
-            b = max(1, tokens // n)
-            g = torch.Generator(device=dev).manual_seed(n)
-            q, k, v = (torch.randn(b, h, n, d, device=dev, dtype=dtype, generator=g) for _ in range(3))
-            flops = A.attention_flops(b, h, n, n, d, causal)
-            ref = A.sdpa_attention(q, k, v, causal, backend="flash")
-            row = dict(causal=causal, n=n, batch=b)
-            runs = {"sdpa_cudnn": lambda: A.sdpa_attention(q, k, v, causal, backend="cudnn"),
-                    "sdpa_flash": lambda: A.sdpa_attention(q, k, v, causal, backend="flash"),
-                    "triton_fast": lambda: fast.flash_attention_fast(q, k, v, causal, **fast.CONFIGS[0])}
-            for ci, cfg in configs:
-                runs[f"hopper_c{ci}"] = (lambda cfg=cfg: hop.flash_attention_hopper(q, k, v, causal, **cfg))
-            for name, fn in runs.items():
-                log(f"time {name} causal={causal} n={n}")
-                try:
-                    o = fn()
-                    o = o[0] if isinstance(o, tuple) else o
-                    diff = (o.float() - ref.float()).abs().max().item()
-                    if not diff <= 0.05:
-                        raise AssertionError(f"differs from SDPA flash by {diff:.3g}")
-                    row[name] = bench.tflops(flops, _time(fn))
-                except Exception as exc:
-                    row[name] = None
-                    log(name, "failed:", str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__)
-            rows.append(row)
-            log(json.dumps({k: (round(v, 1) if isinstance(v, float) else v) for k, v in row.items()}))
-            del q, k, v, ref
-            torch.cuda.empty_cache()
+    for causal, n, b, q, k, v, flops, ref in _headline_cases(dev):
+        row = dict(causal=causal, n=n, batch=b)
+        runs = {"sdpa_cudnn": lambda: A.sdpa_attention(q, k, v, causal, backend="cudnn"),
+                "sdpa_flash": lambda: A.sdpa_attention(q, k, v, causal, backend="flash"),
+                "triton_fast": lambda: fast.flash_attention_fast(q, k, v, causal, **fast.CONFIGS[0])}
+        for ci, cfg in configs:
+            runs[f"hopper_c{ci}"] = (lambda cfg=cfg: hop.flash_attention_hopper(q, k, v, causal, **cfg))
+        for name, fn in runs.items():
+            log(f"time {name} causal={causal} n={n}")
+            try:
+                o = fn()
+                o = o[0] if isinstance(o, tuple) else o
+                diff = (o.float() - ref.float()).abs().max().item()
+                if not diff <= 0.05:
+                    raise AssertionError(f"differs from SDPA flash by {diff:.3g}")
+                row[name] = bench.tflops(flops, _time(fn))
+            except Exception as exc:
+                row[name] = None
+                log(name, "failed:", str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__)
+        rows.append(row)
+        log(json.dumps({k: (round(v, 1) if isinstance(v, float) else v) for k, v in row.items()}))
+        del q, k, v, ref
+        torch.cuda.empty_cache()
     summary = A.summarize_hopper_runs(rows, [c for _, c in configs], hop.CONFIGS[0],
                                       dict(n=len(checks), fails=fails))
     bench.write_results(out / "attention_hopper.json", [dict(kind="config", name=f"hopper_c{i}", **c)
