@@ -111,6 +111,25 @@ if gluon is not None:
         return p, alpha, l_i, m_new
 
     @gluon.jit
+    def _tile_step(q_smem, k_smem, v_smem, k_bar, v_bar, j, acc, m_i, l_i, s_zero, hi_full, offs_m, seqlen_kv,
+                   causal_shift, qk_scale, s_layout: gl.constexpr, p_layout: gl.constexpr, rows_o: gl.constexpr,
+                   STAGES: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+        """Key tile j, in order and waiting for each wgmma: S = Q K^T, the softmax update, O = alpha O + P V."""
+        cur = j % STAGES
+        phase = (j // STAGES) & 1
+        mbarrier.wait(k_bar.index(cur), phase)
+        s = warpgroup_mma(q_smem, k_smem.index(cur).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(0, deps=(s, q_smem, k_smem.index(cur)))[0]
+        p, alpha, l_i, m_i = _softmax_step(s, m_i, l_i, j * BLOCK_N, hi_full, offs_m, seqlen_kv, causal_shift,
+                                           qk_scale, s_layout, BLOCK_N, CAUSAL)
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_o), 1)
+        mbarrier.wait(v_bar.index(cur), phase)
+        acc = warpgroup_mma(gl.convert_layout(p.to(q_smem.dtype), p_layout), v_smem.index(cur), acc,
+                            is_async=True)
+        acc = warpgroup_mma_wait(0, deps=(acc, v_smem.index(cur)))[0]
+        return acc, m_i, l_i
+
+    @gluon.jit
     def _block_setup(Q, K, V, O,
                      stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                      stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
@@ -200,19 +219,10 @@ if gluon is not None:
         mbarrier.wait(q_bar, 0)
 
         for j in range(0, n_tiles):
-            cur = j % STAGES
-            phase = (j // STAGES) & 1
-            mbarrier.wait(k_bar.index(cur), phase)
-            s = warpgroup_mma(q_smem, k_smem.index(cur).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            s = warpgroup_mma_wait(0, deps=(s, q_smem, k_smem.index(cur)))[0]
-            p, alpha, l_i, m_i = _softmax_step(s, m_i, l_i, j * BLOCK_N, hi_full, offs_m, seqlen_kv,
-                                               causal_shift, qk_scale, s_layout, BLOCK_N, CAUSAL)
-            acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_o), 1)
-            mbarrier.wait(v_bar.index(cur), phase)
-            acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(cur), acc,
-                                is_async=True)
-            acc = warpgroup_mma_wait(0, deps=(acc, v_smem.index(cur)))[0]
-            _cta_barrier()                                                # both warpgroups done with slot cur
+            acc, m_i, l_i = _tile_step(q_smem, k_smem, v_smem, k_bar, v_bar, j, acc, m_i, l_i, s_zero, hi_full, offs_m,
+                                       seqlen_kv, causal_shift, qk_scale, s_layout, p_layout, rows_o, STAGES, BLOCK_N,
+                                       CAUSAL)
+            _cta_barrier()                                                # both warpgroups done with slot j
             _issue_kv(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, j + STAGES, n_tiles, STAGES, BLOCK_N)
 
         mbarrier.invalidate(q_bar)
@@ -339,19 +349,10 @@ if gluon is not None:
             mbarrier.arrive(empty_bar.index((n_tiles - 1) % STAGES), count=1)
         else:
             for j in range(0, n_tiles):
-                cur = j % STAGES
-                phase = (j // STAGES) & 1
-                mbarrier.wait(k_bar.index(cur), phase)
-                s = warpgroup_mma(my_q, k_smem.index(cur).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-                s = warpgroup_mma_wait(0, deps=(s, my_q, k_smem.index(cur)))[0]
-                p, alpha, l_i, m_i = _softmax_step(s, m_i, l_i, j * BLOCK_N, hi_full, offs_m, seqlen_kv,
-                                                   causal_shift, qk_scale, s_layout, BLOCK_N, CAUSAL)
-                acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_o), 1)
-                mbarrier.wait(v_bar.index(cur), phase)
-                acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(cur), acc,
-                                    is_async=True)
-                acc = warpgroup_mma_wait(0, deps=(acc, v_smem.index(cur)))[0]
-                mbarrier.arrive(empty_bar.index(cur), count=1)
+                acc, m_i, l_i = _tile_step(my_q, k_smem, v_smem, k_bar, v_bar, j, acc, m_i, l_i, s_zero, hi_full,
+                                           offs_m, seqlen_kv, causal_shift, qk_scale, s_layout, p_layout, rows_o,
+                                           STAGES, BLOCK_N, CAUSAL)
+                mbarrier.arrive(empty_bar.index(j % STAGES), count=1)           # this half is done with tile j
         out = acc / gl.expand_dims(gl.convert_layout(l_i, rows_o), 1)
         my_q.store(out.to(dtype))                                             # this half's Q tile stages its O
         fence_async_shared()
