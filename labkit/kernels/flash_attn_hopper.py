@@ -60,9 +60,9 @@ def _cfg(block_m, block_n, num_warps, stages, pipe, ws=False, defer=False, pingp
 # and not, beside SDPA's cuDNN backend and the TMA kernel (results/nvidia-h200/attention_hopper.json, 6859384, and
 # the earlier run of 7c55f8c in attention_hopper_configs.json). The warp-specialized 128 x 128 ring of 2 won every
 # case in both runs (426 / 499 / 487 / 508 TFLOP/s at causal 4k / 16k, non-causal 4k / 16k; cuDNN 562 / 566 / 647 /
-# 590, the TMA kernel 377 / 480 / 476 / 499); each of the others was 2-25% slower than it: a deeper ring, deferring
-# the P V wait, the consumers taking turns, FlashAttention-3's in-warpgroup overlap (``pipe``), 64-key tiles, and the
-# form without warp specialization (8 warps on one 128-row tile, or two 64-row programs per SM).
+# 590, the TMA kernel 377 / 480 / 476 / 499). A ring of 3 came within 0.7-1.9%; each of the others was 1.4-26%
+# slower: deferring the P V wait, the consumers taking turns, FlashAttention-3's in-warpgroup overlap (``pipe``),
+# 64-key tiles, and the form without warp specialization (8 warps on one 128-row tile, or two 64-row programs per SM).
 CONFIGS = (
     _cfg(128, 128, 4, 2, False, True), _cfg(128, 128, 4, 3, False, True),
     _cfg(128, 128, 4, 2, False, True, defer=True), _cfg(128, 128, 4, 2, False, True, defer=True, pingpong=True),
