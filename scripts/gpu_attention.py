@@ -224,6 +224,20 @@ def step_bench(out: Path, seqlens) -> dict:
     return summary
 
 
+def _hopper_configs() -> list[tuple[int, dict]]:
+    """(index, config) of the Gluon kernel's CONFIGS, all or those HOPPER_CONFIGS lists; a bad list ends the run
+    with one line."""
+    from labkit.kernels import flash_attn_hopper as hop
+
+    only = [i for i in os.environ.get("HOPPER_CONFIGS", "").split(",") if i]
+    bad = [i for i in only if not i.isdigit() or int(i) >= len(hop.CONFIGS)]
+    if bad:
+        raise SystemExit(f"HOPPER_CONFIGS={os.environ['HOPPER_CONFIGS']}: {bad} are not indices of "
+                         f"labkit.kernels.flash_attn_hopper.CONFIGS (0 to {len(hop.CONFIGS) - 1}); leave it unset "
+                         f"for all")
+    return [(ci, cfg) for ci, cfg in enumerate(hop.CONFIGS) if not only or str(ci) in only]
+
+
 def step_hopper(out: Path) -> dict:
     """The Gluon kernel for Hopper (labkit.kernels.flash_attn_hopper): every config checked against the fp32
     reference on the check shapes (and a Hugging Face (batch, seq, heads, dim) view), then timed beside SDPA's cuDNN
@@ -236,8 +250,7 @@ def step_hopper(out: Path) -> dict:
     checks, fails = [], 0
     shapes = [(2, 4, 4, 1, 1), (2, 4, 4, 97, 97), (1, 9, 3, 1025, 1025), (2, 9, 3, 1, 1025), (1, 4, 2, 97, 1025),
               (1, 8, 8, 4096, 4096), (3, 6, 2, 130, 130)]
-    only = [int(i) for i in os.environ.get("HOPPER_CONFIGS", "").split(",") if i]  # a subset of CONFIGS
-    configs = [(ci, cfg) for ci, cfg in enumerate(hop.CONFIGS) if not only or ci in only]
+    configs = _hopper_configs()
     # every config at head dim 128 in bf16; the defaults (head dim 128 and 64) in fp16 too
     variants = [(f"c{ci}", cfg, dt, 128) for ci, cfg in configs for dt in ((torch.bfloat16, torch.float16) if ci == 0
                                                                            else (torch.bfloat16,))]
@@ -305,7 +318,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=Path(os.environ.get("LABKIT_OUT", "out")))
     p.add_argument("--seqlens", default="512,1024,2048,4096,8192,16384")
     args = p.parse_args(argv)
-    env.require_cuda("scripts/gpu_attention.py")
+    if "hopper" in args.steps:
+        _hopper_configs()  # refuse a bad HOPPER_CONFIGS before anything runs
+    try:
+        env.require_cuda("scripts/gpu_attention.py")
+    except env.LabkitError as exc:
+        raise SystemExit(str(exc))
     args.out.mkdir(parents=True, exist_ok=True)
     log(json.dumps(env.versions()))
     status = 0

@@ -45,44 +45,33 @@ CLASSES = {  # SASS opcode -> what the weight's instruction is for
 
 
 def compile_offline(fn, signature: dict, constexprs: dict, num_warps: int, arch: int = 90):
-    """A Triton kernel compiled for sm_``arch`` without a GPU (Triton's bundled ptxas): ``.asm`` holds its PTX and
+    """A Triton kernel compiled for sm_``arch`` without a GPU (``labkit.kernels.offline``): ``.asm`` holds its PTX and
     cubin. ``signature`` maps argument names to Triton types ("*bf16", "i32", "constexpr"), ``constexprs`` gives
     the constexpr values."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from labkit.kernels import offline
 
     # Triton compiles a kernel for the arguments it is called with: pointers aligned to 16 bytes and integers that
     # are multiples of 16 are marked so, and only then are loads vectorized and masks along K known constant. Every
     # argument of the 7B shape's qkv GEMV is such a multiple, so all are marked here (without, the loads are scalar
     # and the count about 40% higher than what runs)
-    attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k, v in signature.items()
-             if v.startswith("*") or v == "i32"}
-    src = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()},
-                    attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    divisible = [k for k, v in signature.items() if v.startswith("*") or v == "i32"]
+    return offline.compile_kernel(fn, signature, constexprs, {"num_warps": num_warps}, divisible, arch)
 
 
 def compile_sass(fn, signature: dict, constexprs: dict, num_warps: int, arch: int = 90) -> tuple[str, int | None]:
-    import triton
+    from labkit.kernels import offline
 
     kernel = compile_offline(fn, signature, constexprs, num_warps, arch)
-    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     path = f"/tmp/sass_gemv_{os.getpid()}.cubin"
     with open(path, "wb") as f:
         f.write(kernel.asm["cubin"])
     try:
-        out = subprocess.run([os.path.join(tools, "nvdisasm"), "-c", path], capture_output=True, text=True,
+        out = subprocess.run([offline.tool("nvdisasm"), "-c", path], capture_output=True, text=True,
                              check=True).stdout
-        regs = None
-        if os.path.exists(os.path.join(tools, "cuobjdump")):  # registers per thread: what sets the warps per SM
-            usage = subprocess.run([os.path.join(tools, "cuobjdump"), "--dump-resource-usage", path],
-                                   capture_output=True, text=True).stdout
-            m = re.search(r"REG:(\d+)", usage)
-            regs = int(m.group(1)) if m else None
     finally:
         os.remove(path)
-    return out, regs
+    # registers per thread: what sets the warps per SM
+    return out, offline.resource_usage(kernel.asm["cubin"])["registers"]
 
 
 def main_loop(sass: str) -> list[str]:

@@ -244,11 +244,12 @@ if gluon is not None:
     # consumer's softmax with the other's wgmmas.
 
     @gluon.jit
-    def _ws_loader(descs, bufs, bars, scalars, STAGES: gl.constexpr, BLOCK_N: gl.constexpr, PIPE: gl.constexpr):
-        q_desc, k_desc, v_desc, o_desc = descs
-        q_smem, k_smem, v_smem = bufs
-        q_bar, k_bar, v_bar, empty_bar, turn_bar = bars
-        m0, n_tiles, hi_full, lse_base, seqlen_q, seqlen_kv, causal_shift, qk_scale = scalars
+    def _ws_loader(descs, bufs, bars, scalars, STAGES: gl.constexpr, BLOCK_N: gl.constexpr):
+        """Every key/value tile of the block into the ring, each slot once both consumers have released it."""
+        k_desc, v_desc = descs[1], descs[2]
+        k_smem, v_smem = bufs[1], bufs[2]
+        k_bar, v_bar, empty_bar = bars[1], bars[2], bars[3]
+        n_tiles = scalars[1]
         for j in range(n_tiles):
             slot = j % STAGES
             mbarrier.wait(empty_bar.index(slot), ((j // STAGES) & 1) ^ 1)  # first pass: free from the start
@@ -371,7 +372,7 @@ if gluon is not None:
     def _ws_loader_w(descs, bufs, bars, scalars, LSE, STAGES: gl.constexpr, BLOCK_N: gl.constexpr,
                      PIPE: gl.constexpr, CAUSAL: gl.constexpr, DEFER: gl.constexpr,
                      PINGPONG: gl.constexpr):
-        _ws_loader(descs, bufs, bars, scalars, STAGES, BLOCK_N, PIPE)
+        _ws_loader(descs, bufs, bars, scalars, STAGES, BLOCK_N)
 
     @gluon.jit
     def _attn_fwd_hopper_ws(Q, K, V, O, LSE,
@@ -436,9 +437,7 @@ def compile_offline(cfg: dict, causal: bool = False, head_dim: int = 128, dtype=
     """The kernel of configuration ``cfg`` compiled for sm_90 without a GPU (Triton's bundled ptxas), as it would be
     launched on bf16/fp16 tensors whose strides are multiples of 16 elements: ``.asm`` holds its PTX and cubin.
     Needs a process where Triton was imported without TRITON_INTERPRET=1."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
+    from labkit.kernels import offline
 
     check_config(cfg, head_dim)
     ws = bool(cfg.get("ws"))
@@ -457,11 +456,9 @@ def compile_offline(cfg: dict, causal: bool = False, head_dim: int = 128, dtype=
                       CONSUMER_REGS=WS_CONSUMER_REGS)
         options["maxnreg"] = WS_MAXNREG
     sig.update({name: "constexpr" for name in consts})
-    # pointers and strides are marked as multiples of 16, as Triton marks them at launch for such tensors
-    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in sig.items()
-             if t.startswith("*") or n.startswith("stride")}
-    src = GluonASTSource(fn, sig, constexprs={(fn.arg_names.index(n),): v for n, v in consts.items()}, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    # pointers and strides are multiples of 16, as Triton marks them at launch for such tensors
+    divisible = [n for n, t in sig.items() if t.startswith("*") or n.startswith("stride")]
+    return offline.compile_kernel(fn, sig, consts, options, divisible)
 
 
 def config_label(cfg: dict) -> str:
@@ -496,29 +493,18 @@ def check_config(cfg: dict, head_dim: int = 128) -> None:
 
 
 _OFFLINE_STATS = """
-import json, os, re, subprocess, sys, tempfile
+import json, os, sys
 os.environ["TRITON_INTERPRET"] = "0"
-import triton
-from labkit.kernels import flash_attn_hopper as hop
+from labkit.kernels import flash_attn_hopper as hop, offline
 
-tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 out = []
 for cfg, causal in json.loads(sys.argv[1]):
     k = hop.compile_offline(cfg, causal=causal)
     ptx = k.asm["ptx"]
-    rec = dict(config=cfg, causal=causal, wgmma=ptx.count("wgmma.mma_async"), tma=ptx.count("cp.async.bulk.tensor"),
-               mbarrier_wait=ptx.count("mbarrier.try_wait"), setmaxnreg=ptx.count("setmaxnreg"),
-               shared=k.metadata.shared, registers=None, local=None)
-    if os.path.exists(os.path.join(tools, "cuobjdump")):
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(k.asm["cubin"])
-            f.flush()
-            usage = subprocess.run([os.path.join(tools, "cuobjdump"), "--dump-resource-usage", f.name],
-                                   capture_output=True, text=True).stdout
-        for key in ("REG", "LOCAL"):
-            m = re.search(key + r":(\\d+)", usage)
-            rec["registers" if key == "REG" else "local"] = int(m.group(1)) if m else None
-    out.append(rec)
+    out.append(dict(config=cfg, causal=causal, wgmma=ptx.count("wgmma.mma_async"),
+                    tma=ptx.count("cp.async.bulk.tensor"), mbarrier_wait=ptx.count("mbarrier.try_wait"),
+                    setmaxnreg=ptx.count("setmaxnreg"), shared=k.metadata.shared,
+                    **offline.resource_usage(k.asm["cubin"])))
 print(json.dumps(out))
 """
 
