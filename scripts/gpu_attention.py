@@ -241,8 +241,8 @@ def _hopper_configs() -> list[tuple[int, dict]]:
 def step_hopper(out: Path) -> dict:
     """The Gluon kernel for Hopper (labkit.kernels.flash_attn_hopper): every config checked against the fp32
     reference on the check shapes (and a Hugging Face (batch, seq, heads, dim) view), then timed beside SDPA's cuDNN
-    and flash backends and the TMA kernel at 4k and 16k -> attention_hopper.json. HOPPER_CONFIGS=0,3 restricts
-    both to those CONFIGS."""
+    and flash backends, flash-attn-4 (where installed) and the TMA kernel at 4k and 16k -> attention_hopper.json.
+    HOPPER_CONFIGS=0,3 restricts both to those CONFIGS."""
     from labkit.kernels import flash_attn_fast as fast
     from labkit.kernels import flash_attn_hopper as hop
 
@@ -285,6 +285,11 @@ def step_hopper(out: Path) -> dict:
         runs = {"sdpa_cudnn": lambda: A.sdpa_attention(q, k, v, causal, backend="cudnn"),
                 "sdpa_flash": lambda: A.sdpa_attention(q, k, v, causal, backend="flash"),
                 "triton_fast": lambda: fast.flash_attention_fast(q, k, v, causal, **fast.CONFIGS[0])}
+        fa4 = A._variant_fn("flash_attn_4", q, k, v, causal)   # a callable, or why it cannot run here
+        if callable(fa4):
+            runs["flash_attn_4"] = fa4
+        else:
+            row["flash_attn_4_status"] = fa4
         for ci, cfg in configs:
             runs[f"hopper_c{ci}"] = (lambda cfg=cfg: hop.flash_attention_hopper(q, k, v, causal, **cfg))
         for name, fn in runs.items():
@@ -303,7 +308,7 @@ def step_hopper(out: Path) -> dict:
         log(json.dumps({k: (round(v, 1) if isinstance(v, float) else v) for k, v in row.items()}))
         del q, k, v, ref
         torch.cuda.empty_cache()
-    summary = A.summarize_hopper_runs(rows, [c for _, c in configs], hop.CONFIGS[0],
+    summary = A.summarize_hopper_runs(rows, dict(configs), hop.CONFIGS[0],
                                       dict(n=len(checks), fails=fails))
     bench.write_results(out / "attention_hopper.json", [dict(kind="config", name=f"hopper_c{i}", **c)
                                                          for i, c in configs]

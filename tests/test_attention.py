@@ -145,6 +145,26 @@ def test_summary_prefers_the_tma_kernel_and_keeps_the_teaching_one_beside_it():
     assert s["teaching_kernel"]["ratio_vs_sdpa_cudnn"]["causal_4096"] == pytest.approx(400 / 550)
 
 
+def test_hopper_summary_names_configs_by_their_index_and_compares_to_every_peer():
+    """A run restricted to some CONFIGS (HOPPER_CONFIGS=0,11) keeps their indices; flash-attn-4 gets a ratio where it
+    ran and None where it did not."""
+    from labkit.kernels import flash_attn_hopper as hop
+
+    rows = [dict(causal=True, n=4096, batch=4, sdpa_cudnn=560.0, sdpa_flash=300.0, triton_fast=400.0,
+                 flash_attn_4=580.0, hopper_c0=420.0, hopper_c11=450.0),
+            dict(causal=False, n=16384, batch=1, sdpa_cudnn=600.0, sdpa_flash=340.0, triton_fast=500.0,
+                 hopper_c0=520.0, hopper_c11=None, flash_attn_4_status="not installed")]
+    s = A.summarize_hopper_runs(rows, {0: hop.CONFIGS[0], 11: hop.CONFIGS[11]}, hop.CONFIGS[0], dict(n=2, fails=0))
+    assert s["default"] == "hopper_c0" and set(s["configs"]) == {"hopper_c0", "hopper_c11"}
+    c = s["cases"]["causal_4096"]
+    assert c["best"] == "hopper_c11" and c["best_tflops"] == 450.0 and c["default_tflops"] == 420.0
+    assert c["best_vs_flash_attn_4"] == pytest.approx(450 / 580)
+    assert c["default_vs_sdpa_cudnn"] == pytest.approx(420 / 560)
+    n = s["cases"]["noncausal_16384"]
+    assert n["best"] == "hopper_c0" and n["best_vs_flash_attn_4"] is None       # one that failed is not "best"
+    assert n["default_vs_triton_fast"] == pytest.approx(520 / 500)
+
+
 def test_cli_writes_json(tmp_path, capsys):
     out = tmp_path / "a.json"
     assert A.cli_main(["--out", str(out), "--seqlens", "64", "--heads", "2", "--head-dim", "64", "--tokens", "64",

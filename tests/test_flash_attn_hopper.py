@@ -36,6 +36,8 @@ def test_every_config_compiles_to_wgmma_tma_and_mbarriers(compiled):
         assert rec["shared"] <= 232448, rec                    # Hopper's largest shared memory per block
         if rec["local"] is not None:
             assert rec["local"] == 0, f"config {cfg} spills to local memory: {rec}"
+        # the persistent form's descriptors span (batch, head, seq, dim): 4-D copies; the others' are per head, 2-D
+        assert (rec["tma_4d"] >= 4) == bool(cfg.get("persistent")), rec
 
 
 def test_bad_configs_and_inputs_are_refused():
@@ -51,6 +53,12 @@ def test_bad_configs_and_inputs_are_refused():
         hop.check_config(dict(hop.CONFIGS[0], pipe=True, stages=2))
     with pytest.raises(ValueError, match="head_dim 128 only"):
         hop.check_config(hop.CONFIGS[0], head_dim=64)
+    with pytest.raises(ValueError, match="needs ws=True"):
+        hop.check_config(dict(hop.CONFIGS[9], persistent=True))
+    with pytest.raises(ValueError, match="leave pipe, defer and pingpong off"):
+        hop.check_config(dict(hop.CONFIGS[2], persistent=True))
+    with pytest.raises(ValueError, match="K/V ring of 2 only"):
+        hop.check_config(dict(hop.CONFIGS[1], persistent=True))
     assert not hop.default_config(64, True)["ws"]             # head dim 64: the form without warp specialization
     hop.check_config(hop.default_config(64, False), head_dim=64)
     for cfg in hop.CONFIGS:                                    # the shipped ones are all valid
@@ -94,10 +102,38 @@ def test_head_dim_64_default_on_gpu(causal):
 
 
 @HOPPER
-def test_hugging_face_layout_on_gpu():
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("n", [1500, 2048])
+def test_persistent_runs_many_blocks_per_program_on_gpu(n, causal):
+    """More query blocks than SMs, so every program of the persistent form runs several: the K/V ring, the Q tiles
+    and the O staging tiles change hands between blocks (an odd number of blocks per head at 1500: 12 and, causal,
+    a middle block without a partner)."""
+    cfg = next(c for c in hop.CONFIGS if c.get("persistent"))
+    g = torch.Generator(device="cuda").manual_seed(n)
+    q = torch.randn(3, 16, n, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    k, v = (torch.randn(3, 4, n, 128, device="cuda", dtype=torch.bfloat16, generator=g) for _ in "kv")
+    r = A.compare_to_reference(lambda *a: hop.flash_attention_hopper(*a, **cfg), q, k, v, causal)
+    assert r["ok"], r
+    assert r["lse_err"] < 1e-3, r
+    o1, _ = hop.flash_attention_hopper(q, k, v, causal, **cfg)
+    o2, _ = hop.flash_attention_hopper(q, k, v, causal, **cfg)
+    assert torch.equal(o1, o2)                                 # the static schedule: the same bits every run
+
+
+@HOPPER
+def test_persistent_refuses_strides_its_descriptors_cannot_take():
+    cfg = next(c for c in hop.CONFIGS if c.get("persistent"))
+    q = torch.randn(1, 2, 64, 129, device="cuda", dtype=torch.bfloat16)[..., :128]   # rows of 129: not 16-byte
+    with pytest.raises(ValueError, match="multiple of 16 bytes|multiples of 16 bytes"):
+        hop.flash_attention_hopper(q, q, q, **cfg)
+
+
+@HOPPER
+@pytest.mark.parametrize("persistent", [False, True])
+def test_hugging_face_layout_on_gpu(persistent):
     """A transformers model's (batch, seq, heads, dim) tensors, transposed views, not copies."""
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(2, 300, hh, 128, device="cuda", dtype=torch.float16, generator=g).transpose(1, 2)
                for hh in (8, 2, 2))
-    r = A.compare_to_reference(hop.flash_attention_hopper, q, k, v, True)
+    r = A.compare_to_reference(lambda *a: hop.flash_attention_hopper(*a, persistent=persistent), q, k, v, True)
     assert r["ok"], r

@@ -49,9 +49,9 @@ except ImportError:  # no triton, or one without Gluon's Hopper module
     gluon = None
 
 
-def _cfg(block_m, block_n, num_warps, stages, pipe, ws=False, defer=False, pingpong=False) -> dict:
+def _cfg(block_m, block_n, num_warps, stages, pipe, ws=False, defer=False, pingpong=False, persistent=False) -> dict:
     return dict(block_m=block_m, block_n=block_n, num_warps=num_warps, stages=stages, pipe=pipe, ws=ws, defer=defer,
-                pingpong=pingpong)
+                pingpong=pingpong, persistent=persistent)
 
 
 # the configurations; the first is the default for head_dim 128 (the sync 128 x 128 one for head_dim 64, where the
@@ -69,6 +69,7 @@ CONFIGS = (
     _cfg(128, 128, 4, 3, False, True, defer=True), _cfg(128, 128, 4, 3, False, True, defer=True, pingpong=True),
     _cfg(128, 64, 4, 3, False, True), _cfg(128, 128, 4, 3, True, True), _cfg(128, 64, 4, 4, True, True),
     _cfg(128, 128, 8, 2, False), _cfg(64, 64, 4, 2, False),
+    _cfg(128, 128, 4, 2, False, True, persistent=True),
 )
 # the warp-specialized form runs 9 warps, allocated as 3 warpgroups: at most 168 registers per thread on average
 # keeps them within the SM's 64K; the loader warp gives back all but 24, and each consumer warpgroup takes 240
@@ -111,12 +112,13 @@ if gluon is not None:
         return p, alpha, l_i, m_new
 
     @gluon.jit
-    def _tile_step(q_smem, k_smem, v_smem, k_bar, v_bar, j, acc, m_i, l_i, s_zero, hi_full, offs_m, seqlen_kv,
+    def _tile_step(q_smem, k_smem, v_smem, k_bar, v_bar, j, r, acc, m_i, l_i, s_zero, hi_full, offs_m, seqlen_kv,
                    causal_shift, qk_scale, s_layout: gl.constexpr, p_layout: gl.constexpr, rows_o: gl.constexpr,
                    STAGES: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
-        """Key tile j, in order and waiting for each wgmma: S = Q K^T, the softmax update, O = alpha O + P V."""
-        cur = j % STAGES
-        phase = (j // STAGES) & 1
+        """Key tile j, held in the ring's r-th fill (r = j unless a program runs several blocks), in order and
+        waiting for each wgmma: S = Q K^T, the softmax update, O = alpha O + P V."""
+        cur = r % STAGES
+        phase = (r // STAGES) & 1
         mbarrier.wait(k_bar.index(cur), phase)
         s = warpgroup_mma(q_smem, k_smem.index(cur).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         s = warpgroup_mma_wait(0, deps=(s, q_smem, k_smem.index(cur)))[0]
@@ -219,9 +221,9 @@ if gluon is not None:
         mbarrier.wait(q_bar, 0)
 
         for j in range(0, n_tiles):
-            acc, m_i, l_i = _tile_step(q_smem, k_smem, v_smem, k_bar, v_bar, j, acc, m_i, l_i, s_zero, hi_full, offs_m,
-                                       seqlen_kv, causal_shift, qk_scale, s_layout, p_layout, rows_o, STAGES, BLOCK_N,
-                                       CAUSAL)
+            acc, m_i, l_i = _tile_step(q_smem, k_smem, v_smem, k_bar, v_bar, j, j, acc, m_i, l_i, s_zero, hi_full,
+                                       offs_m, seqlen_kv, causal_shift, qk_scale, s_layout, p_layout, rows_o, STAGES,
+                                       BLOCK_N, CAUSAL)
             _cta_barrier()                                                # both warpgroups done with slot j
             _issue_kv(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, j + STAGES, n_tiles, STAGES, BLOCK_N)
 
@@ -350,7 +352,7 @@ if gluon is not None:
             mbarrier.arrive(empty_bar.index((n_tiles - 1) % STAGES), count=1)
         else:
             for j in range(0, n_tiles):
-                acc, m_i, l_i = _tile_step(my_q, k_smem, v_smem, k_bar, v_bar, j, acc, m_i, l_i, s_zero, hi_full,
+                acc, m_i, l_i = _tile_step(my_q, k_smem, v_smem, k_bar, v_bar, j, j, acc, m_i, l_i, s_zero, hi_full,
                                            offs_m, seqlen_kv, causal_shift, qk_scale, s_layout, p_layout, rows_o,
                                            STAGES, BLOCK_N, CAUSAL)
                 mbarrier.arrive(empty_bar.index(j % STAGES), count=1)           # this half is done with tile j
@@ -420,17 +422,220 @@ if gluon is not None:
             (_ws_loader_w, (descs, bufs, bars, scalars, LSE, STAGES, BLOCK_N, PIPE, CAUSAL, DEFER, PINGPONG)),
         ], [4, 1], [CONSUMER_REGS, 24])
 
+    # ---- the persistent form: one program per SM, each running query blocks one after another with the same
+    # partitions (a loader warp, two consumer warpgroups). The loader fills the K/V ring for the next block while the
+    # consumers finish the last one (its final P V, the division by the row sums, the O store), which a program per
+    # block leaves exposed at every block's start and end. Descriptors span the whole (batch, head, seq, dim)
+    # tensors, bounded per head along seq; blocks are dealt out statically (block u to program u mod #programs).
+    # Causal blocks go in pairs of equal total work: the heaviest query block of a head with its lightest, the
+    # second heaviest with the second lightest, and so on.
+
+    @gluon.jit
+    def _p_block(u, s, n_m, n_pairs, CAUSAL: gl.constexpr):
+        """The (batch * head, query block) of the s-th block of unit u, and how many blocks unit u has."""
+        if CAUSAL:
+            bh = u // n_pairs
+            i = u % n_pairs
+            n_sub = 1 + ((2 * i + 1) < n_m).to(gl.int32)                   # the middle block of an odd count: alone
+            mb = (n_m - 1 - i) * (1 - s) + i * s
+        else:
+            bh = u // n_m
+            mb = u % n_m
+            n_sub = 1
+        return bh, mb, n_sub
+
+    @gluon.jit
+    def _p_block_range(m0, seqlen_q, seqlen_kv, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                       CAUSAL: gl.constexpr):
+        """The number of key tiles of the query block at row m0 (at least one, as in _block_setup)."""
+        if CAUSAL:
+            hi = gl.minimum(m0 + BLOCK_M + seqlen_kv - seqlen_q, seqlen_kv)
+        else:
+            hi = seqlen_kv
+        return gl.maximum(gl.cdiv(hi, BLOCK_N), 1)
+
+    @gluon.jit
+    def _p_loader(descs, bufs, bars, scalars, LSE, STAGES: gl.constexpr, BLOCK_N: gl.constexpr,
+                  CAUSAL: gl.constexpr):
+        """Every block of this program in turn: its key/value tiles into the ring (a slot once both consumers
+        released it) and, after its first tile, each consumer's Q tile (once that consumer is done with the last)."""
+        q_desc, k_desc, v_desc = descs[0], descs[1], descs[2]
+        q_smem, k_smem, v_smem = bufs[0], bufs[1], bufs[2]
+        q_bar, k_bar, v_bar, empty_bar, q_empty = bars
+        n_heads, group, seqlen_q, seqlen_kv, causal_shift, qk_scale, n_m, n_pairs, n_units = scalars
+        ROWS: gl.constexpr = q_desc.block_type.shape[2]
+        HEAD_DIM: gl.constexpr = q_desc.block_type.shape[3]
+        r = 0
+        t = 0
+        for u in range(gl.program_id(0), n_units, gl.num_programs(0)):
+            _, _, n_sub = _p_block(u, 0, n_m, n_pairs, CAUSAL)
+            for s in range(n_sub):
+                bh, mb, _ = _p_block(u, s, n_m, n_pairs, CAUSAL)
+                b = bh // n_heads
+                h = bh % n_heads
+                h_kv = h // group
+                m0 = mb * (2 * ROWS)
+                n_tiles = _p_block_range(m0, seqlen_q, seqlen_kv, 2 * ROWS, BLOCK_N, CAUSAL)
+                for j in range(n_tiles):
+                    slot = r % STAGES
+                    mbarrier.wait(empty_bar.index(slot), ((r // STAGES) & 1) ^ 1)
+                    mbarrier.expect(k_bar.index(slot), k_desc.block_type.nbytes)
+                    _tma_load(k_desc, [b, h_kv, j * BLOCK_N, 0], k_bar.index(slot),
+                              k_smem.index(slot).reshape([1, 1, BLOCK_N, HEAD_DIM]))
+                    mbarrier.expect(v_bar.index(slot), v_desc.block_type.nbytes)
+                    _tma_load(v_desc, [b, h_kv, j * BLOCK_N, 0], v_bar.index(slot),
+                              v_smem.index(slot).reshape([1, 1, BLOCK_N, HEAD_DIM]))
+                    if j == 0:
+                        for half in gl.static_range(2):
+                            mbarrier.wait(q_empty.index(half), (t & 1) ^ 1)
+                            mbarrier.expect(q_bar.index(half), q_desc.block_type.nbytes)
+                            _tma_load(q_desc, [b, h, m0 + half * ROWS, 0], q_bar.index(half),
+                                      q_smem.index(half).reshape([1, 1, ROWS, HEAD_DIM]))
+                    r += 1
+                t += 1
+
+    @gluon.jit
+    def _p_consumer(descs, bufs, bars, scalars, LSE, HALF: gl.constexpr, STAGES: gl.constexpr,
+                    BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+        """One warpgroup's 64 query rows of every block of this program: the default form's key loop, then the
+        epilogue through a staging tile of its own while the loader already fills the ring for the next block."""
+        q_desc, k_desc, v_desc, o_desc = descs
+        q_smem, k_smem, v_smem, o_smem = bufs
+        q_bar, k_bar, v_bar, empty_bar, q_empty = bars
+        n_heads, group, seqlen_q, seqlen_kv, causal_shift, qk_scale, n_m, n_pairs, n_units = scalars
+        ROWS: gl.constexpr = q_desc.block_type.shape[2]
+        HEAD_DIM: gl.constexpr = q_desc.block_type.shape[3]
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BLOCK_N, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, HEAD_DIM, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        rows_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        rows_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        dtype: gl.constexpr = q_desc.dtype
+        my_q = q_smem.index(HALF)
+        my_o = o_smem.index(HALF)
+        s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
+        r = 0
+        t = 0
+        for u in range(gl.program_id(0), n_units, gl.num_programs(0)):
+            _, _, n_sub = _p_block(u, 0, n_m, n_pairs, CAUSAL)
+            for s in range(n_sub):
+                bh, mb, _ = _p_block(u, s, n_m, n_pairs, CAUSAL)
+                m0 = mb * (2 * ROWS)
+                mq = m0 + HALF * ROWS
+                n_tiles = _p_block_range(m0, seqlen_q, seqlen_kv, 2 * ROWS, BLOCK_N, CAUSAL)
+                if CAUSAL:
+                    hi_full = (gl.minimum(mq + causal_shift + 1, seqlen_kv) // BLOCK_N) * BLOCK_N
+                else:
+                    hi_full = (seqlen_kv // BLOCK_N) * BLOCK_N
+                offs_m = mq + gl.arange(0, ROWS, layout=rows_s)
+                m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=rows_s)
+                l_i = gl.zeros([ROWS], gl.float32, layout=rows_s)
+                acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
+                mbarrier.wait(q_bar.index(HALF), t & 1)
+                for j in range(n_tiles):
+                    acc, m_i, l_i = _tile_step(my_q, k_smem, v_smem, k_bar, v_bar, j, r + j, acc, m_i, l_i, s_zero,
+                                               hi_full, offs_m, seqlen_kv, causal_shift, qk_scale, s_layout, p_layout,
+                                               rows_o, STAGES, BLOCK_N, CAUSAL)
+                    mbarrier.arrive(empty_bar.index((r + j) % STAGES), count=1)
+                mbarrier.arrive(q_empty.index(HALF), count=1)                  # Q of this half: free for the next
+                r += n_tiles
+                t += 1
+                out = acc / gl.expand_dims(gl.convert_layout(l_i, rows_o), 1)
+                tma.store_wait(0)                                              # the last block's O has left my_o
+                _cta_barrier()
+                my_o.store(out.to(dtype))
+                fence_async_shared()
+                # rows past the end of the head are dropped
+                _tma_store(o_desc, [bh // n_heads, bh % n_heads, mq, 0], my_o.reshape([1, 1, ROWS, HEAD_DIM]))
+                lse = (m_i + gl.log2(l_i)) * 0.6931471805599453
+                gl.store(LSE + bh.to(gl.int64) * seqlen_q + offs_m, lse, mask=offs_m < seqlen_q)
+        tma.store_wait(0)
+
+    @gluon.jit
+    def _p_consumer_1(descs, bufs, bars, scalars, LSE, STAGES: gl.constexpr, BLOCK_N: gl.constexpr,
+                      CAUSAL: gl.constexpr):
+        _p_consumer(descs, bufs, bars, scalars, LSE, 1, STAGES, BLOCK_N, CAUSAL)
+
+    @gluon.jit
+    def _p_loader_w(descs, bufs, bars, scalars, LSE, STAGES: gl.constexpr, BLOCK_N: gl.constexpr,
+                    CAUSAL: gl.constexpr):
+        _p_loader(descs, bufs, bars, scalars, LSE, STAGES, BLOCK_N, CAUSAL)
+
+    @gluon.jit
+    def _attn_fwd_hopper_persistent(Q, K, V, O, LSE,
+                                    stride_qb, stride_qh, stride_qm,
+                                    stride_kb, stride_kh, stride_kn,
+                                    stride_vb, stride_vh, stride_vn,
+                                    stride_ob, stride_oh, stride_om,
+                                    batch, n_heads, group, seqlen_q, seqlen_kv, qk_scale,
+                                    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                                    STAGES: gl.constexpr, CAUSAL: gl.constexpr, Q_SMEM: gl.constexpr,
+                                    KV_SMEM: gl.constexpr, Q_SMEM4: gl.constexpr, KV_SMEM4: gl.constexpr,
+                                    CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+        gl.static_assert(num_warps == 4, "the default partition is one consumer warpgroup")
+        HALF_M: gl.constexpr = BLOCK_M // 2
+        n_kv_heads = n_heads // group
+        q_desc = tma.make_tensor_descriptor(Q, shape=[batch, n_heads, seqlen_q, HEAD_DIM],
+                                            strides=[stride_qb, stride_qh, stride_qm, 1],
+                                            block_shape=[1, 1, HALF_M, HEAD_DIM], layout=Q_SMEM4)
+        k_desc = tma.make_tensor_descriptor(K, shape=[batch, n_kv_heads, seqlen_kv, HEAD_DIM],
+                                            strides=[stride_kb, stride_kh, stride_kn, 1],
+                                            block_shape=[1, 1, BLOCK_N, HEAD_DIM], layout=KV_SMEM4)
+        v_desc = tma.make_tensor_descriptor(V, shape=[batch, n_kv_heads, seqlen_kv, HEAD_DIM],
+                                            strides=[stride_vb, stride_vh, stride_vn, 1],
+                                            block_shape=[1, 1, BLOCK_N, HEAD_DIM], layout=KV_SMEM4)
+        o_desc = tma.make_tensor_descriptor(O, shape=[batch, n_heads, seqlen_q, HEAD_DIM],
+                                            strides=[stride_ob, stride_oh, stride_om, 1],
+                                            block_shape=[1, 1, HALF_M, HEAD_DIM], layout=Q_SMEM4)
+        n_m = gl.cdiv(seqlen_q, BLOCK_M)
+        n_pairs = (n_m + 1) // 2
+        if CAUSAL:
+            n_units = batch * n_heads * n_pairs
+        else:
+            n_units = batch * n_heads * n_m
+        dtype: gl.constexpr = Q.dtype.element_ty
+        q_smem = gl.allocate_shared_memory(dtype, [2, HALF_M, HEAD_DIM], Q_SMEM)
+        o_smem = gl.allocate_shared_memory(dtype, [2, HALF_M, HEAD_DIM], Q_SMEM)
+        k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], KV_SMEM)
+        v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], KV_SMEM)
+        q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        k_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(2):
+            mbarrier.init(q_bar.index(i), count=1)
+            mbarrier.init(q_empty.index(i), count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_bar.index(i), count=1)
+            mbarrier.init(v_bar.index(i), count=1)
+            mbarrier.init(empty_bar.index(i), count=2)                        # one arrival per consumer
+        fence_async_shared()
+        descs = (q_desc, k_desc, v_desc, o_desc)
+        bufs = (q_smem, k_smem, v_smem, o_smem)
+        bars = (q_bar, k_bar, v_bar, empty_bar, q_empty)
+        scalars = (n_heads, group, seqlen_q, seqlen_kv, seqlen_kv - seqlen_q, qk_scale, n_m, n_pairs, n_units)
+        gl.warp_specialize([
+            (_p_consumer, (descs, bufs, bars, scalars, LSE, 0, STAGES, BLOCK_N, CAUSAL)),
+            (_p_consumer_1, (descs, bufs, bars, scalars, LSE, STAGES, BLOCK_N, CAUSAL)),
+            (_p_loader_w, (descs, bufs, bars, scalars, LSE, STAGES, BLOCK_N, CAUSAL)),
+        ], [4, 1], [CONSUMER_REGS, 24])
+
 
 def available() -> bool:
     """Gluon's Hopper module imports (the kernel can be compiled; running it needs compute capability 9.0)."""
     return gluon is not None
 
 
-def smem_layouts(head_dim: int, block_m: int, block_n: int, dtype=torch.bfloat16):
-    """The NVMMA shared-memory layouts (swizzled for wgmma and TMA) of the Q/O tile and of a K/V tile."""
+def smem_layouts(head_dim: int, block_m: int, block_n: int, dtype=torch.bfloat16, rank: int = 2):
+    """The NVMMA shared-memory layouts (swizzled for wgmma and TMA) of the Q/O tile and of a K/V tile; rank 4 for
+    the persistent form's (batch, head, seq, dim) descriptors, whose tiles carry two unit dims in front."""
     gdt = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}[dtype]
-    return (gl.NVMMASharedLayout.get_default_for([block_m, head_dim], gdt),
-            gl.NVMMASharedLayout.get_default_for([block_n, head_dim], gdt))
+    lead = [1] * (rank - 2)
+    return (gl.NVMMASharedLayout.get_default_for(lead + [block_m, head_dim], gdt),
+            gl.NVMMASharedLayout.get_default_for(lead + [block_n, head_dim], gdt))
 
 
 def compile_offline(cfg: dict, causal: bool = False, head_dim: int = 128, dtype=torch.bfloat16):
@@ -440,21 +645,26 @@ def compile_offline(cfg: dict, causal: bool = False, head_dim: int = 128, dtype=
     from labkit.kernels import offline
 
     check_config(cfg, head_dim)
-    ws = bool(cfg.get("ws"))
-    fn = _attn_fwd_hopper_ws if ws else _attn_fwd_hopper
+    ws, persistent = bool(cfg.get("ws")), bool(cfg.get("persistent"))
+    fn = _attn_fwd_hopper_persistent if persistent else _attn_fwd_hopper_ws if ws else _attn_fwd_hopper
     q_sl, kv_sl = smem_layouts(head_dim, cfg["block_m"] // 2 if ws else cfg["block_m"], cfg["block_n"], dtype)
     ptr = {torch.bfloat16: "*bf16", torch.float16: "*fp16"}[dtype]
     sig = dict(Q=ptr, K=ptr, V=ptr, O=ptr, LSE="*fp32", qk_scale="fp32")
-    sig.update({n: "i32" for n in fn.arg_names if n.startswith("stride") or n in ("n_heads", "group", "seqlen_q",
-                                                                                 "seqlen_kv")})
+    sig.update({n: "i32" for n in fn.arg_names if n.startswith("stride") or n in ("batch", "n_heads", "group",
+                                                                                 "seqlen_q", "seqlen_kv")})
     consts = dict(HEAD_DIM=head_dim, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], STAGES=cfg["stages"],
-                  CAUSAL=bool(causal), HEAVY_FIRST=bool(causal), Q_SMEM=q_sl, KV_SMEM=kv_sl,
-                  num_warps=cfg["num_warps"])
+                  CAUSAL=bool(causal), Q_SMEM=q_sl, KV_SMEM=kv_sl, num_warps=cfg["num_warps"])
     options = {"num_warps": cfg["num_warps"]}
-    if ws:
+    if persistent:
+        q_sl4, kv_sl4 = smem_layouts(head_dim, cfg["block_m"] // 2, cfg["block_n"], dtype, rank=4)
+        consts.update(CONSUMER_REGS=WS_CONSUMER_REGS, Q_SMEM4=q_sl4, KV_SMEM4=kv_sl4)
+        options["maxnreg"] = WS_MAXNREG
+    elif ws:
         consts.update(PIPE=bool(cfg["pipe"]), DEFER=bool(cfg.get("defer")), PINGPONG=bool(cfg.get("pingpong")),
                       CONSUMER_REGS=WS_CONSUMER_REGS)
         options["maxnreg"] = WS_MAXNREG
+    if not persistent:
+        consts["HEAVY_FIRST"] = bool(causal)
     sig.update({name: "constexpr" for name in consts})
     # pointers and strides are multiples of 16, as Triton marks them at launch for such tensors
     divisible = [n for n, t in sig.items() if t.startswith("*") or n.startswith("stride")]
@@ -465,7 +675,7 @@ def config_label(cfg: dict) -> str:
     """A configuration in a few words, e.g. ``ws 128x128 ring 2 defer pingpong``."""
     words = ["ws" if cfg.get("ws") else f"{cfg['num_warps']} warps", f"{cfg['block_m']}x{cfg['block_n']}",
              f"ring {cfg['stages']}"]
-    return " ".join(words + [k for k in ("pipe", "defer", "pingpong") if cfg.get(k)])
+    return " ".join(words + [k for k in ("pipe", "defer", "pingpong", "persistent") if cfg.get(k)])
 
 
 def check_config(cfg: dict, head_dim: int = 128) -> None:
@@ -485,6 +695,14 @@ def check_config(cfg: dict, head_dim: int = 128) -> None:
     if cfg.get("pipe") and cfg["stages"] < 3:
         raise ValueError(f"pipe=True waits for tile j + 1 while tile j - 1 still holds its slot: it needs stages >= 3, "
                          f"got {cfg['stages']}")
+    if cfg.get("persistent") and not ws:
+        raise ValueError("persistent=True runs the warp-specialized form's partitions over many blocks: it needs "
+                         "ws=True")
+    if cfg.get("persistent") and (cfg.get("pipe") or cfg.get("defer") or cfg.get("pingpong")):
+        raise ValueError("the persistent form runs the default key loop only: leave pipe, defer and pingpong off")
+    if cfg.get("persistent") and cfg["stages"] != 2:
+        raise ValueError(f"the persistent form keeps a staging tile for O beside Q, which leaves shared memory for a "
+                         f"K/V ring of 2 only, got stages={cfg['stages']}")
     if ws and head_dim != 128:
         raise ValueError(f"the warp-specialized form is built and checked for head_dim 128 only, got {head_dim}: "
                          f"pass ws=False (the default for head_dim {head_dim})")
@@ -502,7 +720,8 @@ for cfg, causal in json.loads(sys.argv[1]):
     k = hop.compile_offline(cfg, causal=causal)
     ptx = k.asm["ptx"]
     out.append(dict(config=cfg, causal=causal, wgmma=ptx.count("wgmma.mma_async"),
-                    tma=ptx.count("cp.async.bulk.tensor"), mbarrier_wait=ptx.count("mbarrier.try_wait"),
+                    tma=ptx.count("cp.async.bulk.tensor"), tma_4d=ptx.count("cp.async.bulk.tensor.4d"),
+                    mbarrier_wait=ptx.count("mbarrier.try_wait"),
                     setmaxnreg=ptx.count("setmaxnreg"), shared=k.metadata.shared,
                     **offline.resource_usage(k.asm["cubin"])))
 print(json.dumps(out))
@@ -511,9 +730,10 @@ print(json.dumps(out))
 
 def offline_stats(cases: list[tuple[dict, bool]], timeout: float = 900) -> list[dict]:
     """Compile each (config, causal) for sm_90 without a GPU, in a fresh Python process (Triton imported without the
-    interpreter), and count what the PTX is built from: ``wgmma`` (warpgroup MMAs), ``tma`` (bulk tensor copies),
-    ``mbarrier_wait``, ``setmaxnreg`` (register handover between partitions); with ``shared`` memory bytes and,
-    where Triton ships cuobjdump, ``registers`` per thread and ``local`` (spill) bytes."""
+    interpreter), and count what the PTX is built from: ``wgmma`` (warpgroup MMAs), ``tma`` (bulk tensor copies;
+    ``tma_4d`` those over (batch, head, seq, dim)), ``mbarrier_wait``, ``setmaxnreg`` (register handover between
+    partitions); with ``shared`` memory bytes and, where Triton ships cuobjdump, ``registers`` per thread and
+    ``local`` (spill) bytes."""
     import json
     import os
     import subprocess
@@ -550,7 +770,7 @@ def flash_attention_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ca
                            scale: float | None = None, *, out: torch.Tensor | None = None, block_m: int | None = None,
                            block_n: int | None = None, num_warps: int | None = None, stages: int | None = None,
                            pipe: bool | None = None, ws: bool | None = None, defer: bool | None = None,
-                           pingpong: bool | None = None,
+                           pingpong: bool | None = None, persistent: bool | None = None,
                            heavy_first: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """``flash_attn.flash_attention`` as a Gluon kernel for Hopper: same arguments, layout and result ``(o, lse)``.
 
@@ -558,7 +778,9 @@ def flash_attention_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ca
     Knobs (default: ``default_config``): ``stages``, the depth of the K/V ring; ``ws``, the warp-specialized form
     (a loader warp and two consumer warpgroups); with it, ``pipe`` (FlashAttention-3's order: the next tile's
     scores and this tile's P V issued as one block, the next softmax under P V) or ``defer`` (P V waited for only
-    after the next scores are issued), and ``pingpong`` (the two consumers issue those blocks in turns).
+    after the next scores are issued), and ``pingpong`` (the two consumers issue those blocks in turns);
+    ``persistent``, the warp-specialized form with one program per SM running block after block (causal blocks in
+    pairs of equal work, so ``heavy_first`` does not apply to it).
     """
     from labkit.kernels import flash_attn_fast as _fast
 
@@ -570,8 +792,8 @@ def flash_attention_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ca
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     cfg = default_config(d, causal)
     cfg.update({key: val for key, val in dict(block_m=block_m, block_n=block_n, num_warps=num_warps, stages=stages,
-                                               pipe=pipe, ws=ws, defer=defer,
-                                               pingpong=pingpong).items() if val is not None})
+                                               pipe=pipe, ws=ws, defer=defer, pingpong=pingpong,
+                                               persistent=persistent).items() if val is not None})
     check_config(cfg, d)
     _require_hopper(q)
     if out is None:
@@ -583,6 +805,9 @@ def flash_attention_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ca
     ws = bool(cfg.get("ws"))
     q_sl, kv_sl = smem_layouts(d, cfg["block_m"] // 2 if ws else cfg["block_m"], cfg["block_n"], q.dtype)
     lse = torch.empty((b, h, n_q), device=q.device, dtype=torch.float32)
+    if cfg.get("persistent"):
+        _persistent(q, k, v, out, lse, causal, scale, cfg, q_sl, kv_sl)
+        return out, lse
     grid = (_fa.triton_cdiv(n_q, cfg["block_m"]), b * h)
     extra = dict(CONSUMER_REGS=WS_CONSUMER_REGS, PIPE=bool(cfg["pipe"]), DEFER=bool(cfg.get("defer")),
                  PINGPONG=bool(cfg.get("pingpong")), maxnreg=WS_MAXNREG) if ws else {}
@@ -598,3 +823,29 @@ def flash_attention_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ca
         num_warps=cfg["num_warps"], **extra,
     )
     return out, lse
+
+
+def _persistent(q, k, v, out, lse, causal, scale, cfg, q_sl, kv_sl) -> None:
+    """Launch the persistent form: one program per SM (fewer if there are fewer units of work), its descriptors over
+    the whole (batch, head, seq, dim) tensors, so every stride but the last must be a multiple of 16 bytes."""
+    for name, t in (("q", q), ("k", k), ("v", v), ("out", out)):
+        if any((t.stride(i) * t.element_size()) % 16 for i in range(3)):
+            raise ValueError(f"{name} has strides {tuple(t.stride())}: the persistent form's descriptors need the "
+                             f"batch, head and row strides to be multiples of 16 bytes; call {name}.contiguous() or "
+                             f"pass persistent=False")
+    b, h, n_q, d = q.shape
+    n_m = _fa.triton_cdiv(n_q, cfg["block_m"])
+    units = b * h * ((n_m + 1) // 2 if causal else n_m)
+    q_sl4, kv_sl4 = smem_layouts(d, cfg["block_m"] // 2, cfg["block_n"], q.dtype, rank=4)
+    grid = (min(units, torch.cuda.get_device_properties(q.device).multi_processor_count),)
+    _attn_fwd_hopper_persistent[grid](
+        q, k, v, out, lse,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        b, h, h // k.shape[1], n_q, k.shape[2], scale * _fa.LOG2E,
+        HEAD_DIM=d, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], STAGES=cfg["stages"], CAUSAL=bool(causal),
+        Q_SMEM=q_sl, KV_SMEM=kv_sl, Q_SMEM4=q_sl4, KV_SMEM4=kv_sl4, CONSUMER_REGS=WS_CONSUMER_REGS,
+        num_warps=cfg["num_warps"], maxnreg=WS_MAXNREG,
+    )
