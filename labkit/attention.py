@@ -722,22 +722,25 @@ def summarize(records: list[dict], seqlens=(4096, 16384), dtype: str = "bfloat16
     return out
 
 
-def summarize_hopper_runs(rows: list[dict], configs: dict[int, dict], default: dict, checks: dict) -> dict:
+def summarize_hopper_runs(rows: list[dict], configs: dict[int, dict], defaults: dict[bool, dict],
+                          checks: dict) -> dict:
     """The summary of ``scripts/gpu_attention.py hopper``: per case (causal or not, seqlen), the fastest of the
     Gluon kernel's configurations and the default one, each against SDPA's cuDNN backend, flash-attn-4 (where it
     ran) and the TMA kernel timed in the same run. ``rows``: one dict per case with TFLOP/s under ``hopper_c<i>``
     (i a key of ``configs``: the index in ``flash_attn_hopper.CONFIGS``), ``sdpa_cudnn``, ``sdpa_flash``,
-    ``flash_attn_4``, ``triton_fast``; ``checks``: the output checks' count and failures."""
+    ``flash_attn_4``, ``triton_fast``; ``defaults``: the default config for causal (True) and non-causal (False)
+    attention; ``checks``: the output checks' count and failures."""
     from labkit.kernels import flash_attn_hopper as hop
 
     names = {f"hopper_c{i}": c for i, c in configs.items()}
-    default_name = next((n for n, c in names.items() if c == default), None)
+    default_names = {causal: next((n for n, c in names.items() if c == cfg), None) for causal, cfg in defaults.items()}
     peers = ("sdpa_cudnn", "sdpa_flash", "flash_attn_4", "triton_fast")
     cases = {}
     for r in rows:
         ours = {n: r[n] for n in names if r.get(n)}
         best = max(ours, key=ours.get) if ours else None
-        case = dict(best=best, best_tflops=ours.get(best), default_tflops=r.get(default_name),
+        default_name = default_names.get(bool(r["causal"]))
+        case = dict(best=best, best_tflops=ours.get(best), default=default_name, default_tflops=r.get(default_name),
                     **{p: r.get(p) for p in peers})
         for ref in ("sdpa_cudnn", "flash_attn_4", "triton_fast"):
             for which in ("best", "default"):
@@ -748,7 +751,8 @@ def summarize_hopper_runs(rows: list[dict], configs: dict[int, dict], default: d
                      "(where installed) and the TMA kernel (flash_attn_fast at its first config) in one run; bf16, "
                      "head dim 128, 32 heads, batch = 16384 // seqlen; every output checked against SDPA flash "
                      "before it was timed",
-                configs={n: hop.config_label(c) for n, c in names.items()}, default=default_name, cases=cases,
+                configs={n: hop.config_label(c) for n, c in names.items()},
+                default={("causal" if k else "noncausal"): n for k, n in default_names.items()}, cases=cases,
                 checks=checks)
 
 

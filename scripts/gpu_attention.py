@@ -308,7 +308,7 @@ def step_hopper(out: Path) -> dict:
         log(json.dumps({k: (round(v, 1) if isinstance(v, float) else v) for k, v in row.items()}))
         del q, k, v, ref
         torch.cuda.empty_cache()
-    summary = A.summarize_hopper_runs(rows, dict(configs), hop.CONFIGS[0],
+    summary = A.summarize_hopper_runs(rows, dict(configs), {c: hop.default_config(128, c) for c in (True, False)},
                                       dict(n=len(checks), fails=fails))
     bench.write_results(out / "attention_hopper.json", [dict(kind="config", name=f"hopper_c{i}", **c)
                                                          for i, c in configs]

@@ -154,12 +154,20 @@ def test_hopper_summary_names_configs_by_their_index_and_compares_to_every_peer(
                  flash_attn_4=580.0, hopper_c0=420.0, hopper_c11=450.0),
             dict(causal=False, n=16384, batch=1, sdpa_cudnn=600.0, sdpa_flash=340.0, triton_fast=500.0,
                  hopper_c0=520.0, hopper_c11=None, flash_attn_4_status="not installed")]
-    s = A.summarize_hopper_runs(rows, {0: hop.CONFIGS[0], 11: hop.CONFIGS[11]}, hop.CONFIGS[0], dict(n=2, fails=0))
-    assert s["default"] == "hopper_c0" and set(s["configs"]) == {"hopper_c0", "hopper_c11"}
+    s = A.summarize_hopper_runs(rows, {0: hop.CONFIGS[0], 11: hop.CONFIGS[11]},
+                                {True: hop.CONFIGS[0], False: hop.CONFIGS[0]}, dict(n=2, fails=0))
+    assert s["default"] == {"causal": "hopper_c0", "noncausal": "hopper_c0"}
+    assert set(s["configs"]) == {"hopper_c0", "hopper_c11"}
     c = s["cases"]["causal_4096"]
     assert c["best"] == "hopper_c11" and c["best_tflops"] == 450.0 and c["default_tflops"] == 420.0
     assert c["best_vs_flash_attn_4"] == pytest.approx(450 / 580)
     assert c["default_vs_sdpa_cudnn"] == pytest.approx(420 / 560)
+    # a default per mask: the causal one here is the persistent form
+    s = A.summarize_hopper_runs(rows, {0: hop.CONFIGS[0], 11: hop.CONFIGS[11]},
+                                {True: hop.CONFIGS[11], False: hop.CONFIGS[0]}, dict(n=2, fails=0))
+    assert s["cases"]["causal_4096"]["default"] == "hopper_c11"
+    assert s["cases"]["causal_4096"]["default_vs_sdpa_cudnn"] == pytest.approx(450 / 560)
+    assert s["cases"]["noncausal_16384"]["default_tflops"] == 520.0
     n = s["cases"]["noncausal_16384"]
     assert n["best"] == "hopper_c0" and n["best_vs_flash_attn_4"] is None       # one that failed is not "best"
     assert n["default_vs_triton_fast"] == pytest.approx(520 / 500)

@@ -15,6 +15,11 @@ landed. This module uses them the way FlashAttention-3 does on an H100/H200, in 
    exponentials, the other's wgmmas keep the tensor cores busy.
 3. **Registers moved to where they are needed** (``setmaxnreg``): the loader keeps 24 per thread, each consumer gets
    240, enough for a 64 x 128 fp32 score tile and a 64 x 128 fp32 accumulator without spilling.
+4. **For causal attention, persistent** (``persistent``): one program per SM runs query block after block with the
+   same partitions, so the loader fills the ring for the next block while the consumers finish the last one (its
+   final P V, the division by the row sums, the O store), which a program per block leaves exposed at every block's
+   start and end. Causal blocks go in pairs of equal work (a head's heaviest block with its lightest), dealt out in
+   turn, so the programs finish together.
 
 Variants the configurations select (``CONFIGS``; each measured, see the comment there): a deeper ring; ``defer``
 (P V waited for only after the next Q K^T is issued, the two back to back on the tensor cores); ``pingpong`` (with
@@ -114,14 +119,18 @@ if gluon is not None:
     @gluon.jit
     def _tile_step(q_smem, k_smem, v_smem, k_bar, v_bar, j, r, acc, m_i, l_i, s_zero, hi_full, offs_m, seqlen_kv,
                    causal_shift, qk_scale, s_layout: gl.constexpr, p_layout: gl.constexpr, rows_o: gl.constexpr,
-                   STAGES: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+                   STAGES: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, q_free=None, last=False,
+                   RELEASE_Q: gl.constexpr = False):
         """Key tile j, held in the ring's r-th fill (r = j unless a program runs several blocks), in order and
-        waiting for each wgmma: S = Q K^T, the softmax update, O = alpha O + P V."""
+        waiting for each wgmma: S = Q K^T, the softmax update, O = alpha O + P V. With RELEASE_Q, the Q tile is
+        handed back on ``q_free`` as soon as the ``last`` tile's scores are done."""
         cur = r % STAGES
         phase = (r // STAGES) & 1
         mbarrier.wait(k_bar.index(cur), phase)
         s = warpgroup_mma(q_smem, k_smem.index(cur).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         s = warpgroup_mma_wait(0, deps=(s, q_smem, k_smem.index(cur)))[0]
+        if RELEASE_Q:
+            mbarrier.arrive(q_free, count=1, pred=last)
         p, alpha, l_i, m_i = _softmax_step(s, m_i, l_i, j * BLOCK_N, hi_full, offs_m, seqlen_kv, causal_shift,
                                            qk_scale, s_layout, BLOCK_N, CAUSAL)
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_o), 1)
@@ -535,11 +544,12 @@ if gluon is not None:
                 acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
                 mbarrier.wait(q_bar.index(HALF), t & 1)
                 for j in range(n_tiles):
+                    # Q of this half is free for the next block once the last tile's scores are done
                     acc, m_i, l_i = _tile_step(my_q, k_smem, v_smem, k_bar, v_bar, j, r + j, acc, m_i, l_i, s_zero,
                                                hi_full, offs_m, seqlen_kv, causal_shift, qk_scale, s_layout, p_layout,
-                                               rows_o, STAGES, BLOCK_N, CAUSAL)
+                                               rows_o, STAGES, BLOCK_N, CAUSAL, q_empty.index(HALF), j == n_tiles - 1,
+                                               True)
                     mbarrier.arrive(empty_bar.index((r + j) % STAGES), count=1)
-                mbarrier.arrive(q_empty.index(HALF), count=1)                  # Q of this half: free for the next
                 r += n_tiles
                 t += 1
                 out = acc / gl.expand_dims(gl.convert_layout(l_i, rows_o), 1)
@@ -748,8 +758,11 @@ def offline_stats(cases: list[tuple[dict, bool]], timeout: float = 900) -> list[
 
 
 def default_config(head_dim: int, causal: bool) -> dict:
-    """The first of CONFIGS for head_dim 128; for head_dim 64, the 128 x 128 tile without warp specialization."""
-    return dict(CONFIGS[0] if head_dim == 128 else next(c for c in CONFIGS if not c["ws"]))
+    """For head_dim 128 the first of CONFIGS, in its persistent form when causal; for head_dim 64, the 128 x 128 tile
+    without warp specialization."""
+    if head_dim != 128:
+        return dict(next(c for c in CONFIGS if not c["ws"]))
+    return dict(next(c for c in CONFIGS if c.get("persistent")) if causal else CONFIGS[0])
 
 
 def _require_hopper(q: torch.Tensor) -> None:
