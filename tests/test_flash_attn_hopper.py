@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(not hop.available(), reason="this Triton has no 
 @pytest.fixture(scope="module")
 def compiled():
     """Every configuration non-causal, and the default one causal too (each ~1-4 s to compile)."""
-    cases = [(c, False) for c in hop.CONFIGS] + [(hop.CONFIGS[0], True)]
+    cases = [(c, False) for c in hop.CONFIGS] + [(hop.default_config(128, True), True)]
     return hop.offline_stats(cases)
 
 
@@ -60,6 +60,7 @@ def test_bad_configs_and_inputs_are_refused():
     with pytest.raises(ValueError, match="K/V ring of 2 only"):
         hop.check_config(dict(hop.CONFIGS[1], persistent=True))
     assert not hop.default_config(64, True)["ws"]             # head dim 64: the form without warp specialization
+    assert all(hop.default_config(128, c)["persistent"] for c in (False, True))   # head dim 128: the persistent form
     hop.check_config(hop.default_config(64, False), head_dim=64)
     for cfg in hop.CONFIGS:                                    # the shipped ones are all valid
         hop.check_config(cfg)

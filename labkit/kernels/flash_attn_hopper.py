@@ -15,11 +15,11 @@ landed. This module uses them the way FlashAttention-3 does on an H100/H200, in 
    exponentials, the other's wgmmas keep the tensor cores busy.
 3. **Registers moved to where they are needed** (``setmaxnreg``): the loader keeps 24 per thread, each consumer gets
    240, enough for a 64 x 128 fp32 score tile and a 64 x 128 fp32 accumulator without spilling.
-4. **For causal attention, persistent** (``persistent``): one program per SM runs query block after block with the
-   same partitions, so the loader fills the ring for the next block while the consumers finish the last one (its
-   final P V, the division by the row sums, the O store), which a program per block leaves exposed at every block's
-   start and end. Causal blocks go in pairs of equal work (a head's heaviest block with its lightest), dealt out in
-   turn, so the programs finish together.
+4. **Persistent** (``persistent``): one program per SM runs query block after block with the same partitions, so
+   the loader fills the ring for the next block, and each consumer's next Q tile, while the consumers finish the
+   last one (its final P V, the division by the row sums, the O store), which a program per block leaves exposed at
+   every block's start and end. Causal blocks go in pairs of equal work (a head's heaviest block with its lightest),
+   dealt out in turn, so the programs finish together.
 
 Variants the configurations select (``CONFIGS``; each measured, see the comment there): a deeper ring; ``defer``
 (P V waited for only after the next Q K^T is issued, the two back to back on the tensor cores); ``pingpong`` (with
@@ -758,11 +758,11 @@ def offline_stats(cases: list[tuple[dict, bool]], timeout: float = 900) -> list[
 
 
 def default_config(head_dim: int, causal: bool) -> dict:
-    """For head_dim 128 the first of CONFIGS, in its persistent form when causal; for head_dim 64, the 128 x 128 tile
-    without warp specialization."""
+    """For head_dim 128 the persistent form of the warp-specialized kernel (causal or not); for head_dim 64, the
+    128 x 128 tile without warp specialization."""
     if head_dim != 128:
         return dict(next(c for c in CONFIGS if not c["ws"]))
-    return dict(next(c for c in CONFIGS if c.get("persistent")) if causal else CONFIGS[0])
+    return dict(next(c for c in CONFIGS if c.get("persistent")))
 
 
 def _require_hopper(q: torch.Tensor) -> None:
