@@ -59,15 +59,16 @@ def _cfg(block_m, block_n, num_warps, stages, pipe, ws=False, defer=False, pingp
                 pingpong=pingpong, persistent=persistent)
 
 
-# the configurations; the first is the default for head_dim 128 (the sync 128 x 128 one for head_dim 64, where the
-# warp-specialized form is not offered). Every one was checked on an NVIDIA H200 (16 cases each: ragged lengths,
-# decode, grouped-query attention, a transformers layout; bf16, head dim 128) and timed there, at 4k and 16k, causal
-# and not, beside SDPA's cuDNN backend and the TMA kernel (results/nvidia-h200/attention_hopper.json, 6859384, and
-# the earlier run of 7c55f8c in attention_hopper_configs.json). The warp-specialized 128 x 128 ring of 2 won every
-# case in both runs (426 / 499 / 487 / 508 TFLOP/s at causal 4k / 16k, non-causal 4k / 16k; cuDNN 562 / 566 / 647 /
-# 590, the TMA kernel 377 / 480 / 476 / 499). A ring of 3 came within 0.7-1.9%; each of the others was 1.4-26%
-# slower: deferring the P V wait, the consumers taking turns, FlashAttention-3's in-warpgroup overlap (``pipe``),
-# 64-key tiles, and the form without warp specialization (8 warps on one 128-row tile, or two 64-row programs per SM).
+# the configurations; the last (persistent) is the default for head_dim 128 (the sync 128 x 128 one for head_dim 64,
+# where the warp-specialized form is not offered). Every one was checked on an NVIDIA H200 (16 cases each: ragged
+# lengths, decode, grouped-query attention, a transformers layout; bf16, head dim 128) and timed there, at 4k and 16k,
+# causal and not, beside SDPA's cuDNN backend and the TMA kernel. The program-per-block ones, all in one run
+# (results/nvidia-h200/attention_hopper_configs.json, 27651f6): the warp-specialized 128 x 128 ring of 2 (the first)
+# gave 373 / 500 / 492 / 518 TFLOP/s at causal 4k / 16k, non-causal 4k / 16k; a ring of 3 came within 1% at 16k; the
+# others were 3-20% slower at 16k (deferring the P V wait, the consumers taking turns, FlashAttention-3's
+# in-warpgroup overlap ``pipe``, 64-key tiles, no warp specialization), while at causal 4k, where blocks are short,
+# several beat it. The persistent form (attention_hopper.json, b79df43) ran 478 / 516 / 506 / 530 beside the first's
+# 379 / 509 / 494 / 524 and cuDNN's 538 / 573 / 590 / 602 in its run: the fastest in every case.
 CONFIGS = (
     _cfg(128, 128, 4, 2, False, True), _cfg(128, 128, 4, 3, False, True),
     _cfg(128, 128, 4, 2, False, True, defer=True), _cfg(128, 128, 4, 2, False, True, defer=True, pingpong=True),
