@@ -84,6 +84,11 @@ WS_MAXNREG, WS_CONSUMER_REGS = 168, 240
 
 if gluon is not None:
 
+    @gluon.constexpr_function
+    def _warpgroup_acc(n):
+        """The register layout of a 64 x n wgmma accumulator held by one warpgroup (16 rows per warp)."""
+        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, n, 16])
+
     @gluon.jit
     def _issue_kv(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, tile, n_tiles, STAGES: gl.constexpr,
                   BLOCK_N: gl.constexpr):
@@ -281,10 +286,8 @@ if gluon is not None:
         m0, n_tiles, hi_full_block, lse_base, seqlen_q, seqlen_kv, causal_shift, qk_scale = scalars
         ROWS: gl.constexpr = q_desc.block_type.shape[0]
         HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, BLOCK_N, 16])
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, HEAD_DIM, 16])
+        s_layout: gl.constexpr = _warpgroup_acc(BLOCK_N)
+        o_layout: gl.constexpr = _warpgroup_acc(HEAD_DIM)
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
         rows_s: gl.constexpr = gl.SliceLayout(1, s_layout)
         rows_o: gl.constexpr = gl.SliceLayout(1, o_layout)
@@ -515,10 +518,8 @@ if gluon is not None:
         n_heads, group, seqlen_q, seqlen_kv, causal_shift, qk_scale, n_m, n_pairs, n_units = scalars
         ROWS: gl.constexpr = q_desc.block_type.shape[2]
         HEAD_DIM: gl.constexpr = q_desc.block_type.shape[3]
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, BLOCK_N, 16])
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, HEAD_DIM, 16])
+        s_layout: gl.constexpr = _warpgroup_acc(BLOCK_N)
+        o_layout: gl.constexpr = _warpgroup_acc(HEAD_DIM)
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
         rows_s: gl.constexpr = gl.SliceLayout(1, s_layout)
         rows_o: gl.constexpr = gl.SliceLayout(1, o_layout)
