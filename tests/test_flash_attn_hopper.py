@@ -72,6 +72,30 @@ def test_bad_configs_and_inputs_are_refused():
             hop.flash_attention_hopper(q, q, q)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("bh,n_blocks,n_programs", [(128, 32, 132), (32, 128, 132), (3, 9, 4), (1, 1, 132),
+                                                   (5, 7, 3)])
+def test_persistent_schedule_runs_every_block_once_and_pairs_balance_causal_work(bh, n_blocks, n_programs, causal):
+    progs = hop.persistent_schedule(bh, n_blocks, n_programs, causal)
+    assert len(progs) == min(n_programs, bh * ((n_blocks + 1) // 2 if causal else n_blocks))
+    runs = sorted(b for p in progs for b in p)
+    assert runs == [(h, m) for h in range(bh) for m in range(n_blocks)]          # each block exactly once
+    work = hop.schedule_work(progs, causal, n_blocks)
+    assert sum(work) == bh * (n_blocks * (n_blocks + 1) // 2 if causal else n_blocks * n_blocks)
+    if causal and n_blocks % 2 == 0:                             # pairs of equal work: n_blocks + 1 tiles per unit
+        assert all(w % (n_blocks + 1) == 0 for w in work)
+    if causal and (bh, n_blocks) in ((128, 32), (32, 128)):     # 4k and 16k on 132 SMs: pairs beat blocks one by one
+        naive = hop.schedule_work(hop.persistent_schedule(bh, n_blocks, n_programs, True, paired=False), True,
+                                  n_blocks)
+        ideal = sum(work) / n_programs
+        assert max(work) < max(naive) and max(work) <= 1.05 * ideal, (max(work), max(naive), ideal)
+
+
+def test_persistent_schedule_refuses_empty_sizes():
+    with pytest.raises(ValueError, match="must be >= 1"):
+        hop.persistent_schedule(0, 4, 132, True)
+
+
 HOPPER = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
                             reason="needs a Hopper GPU (compute capability 9.0)")
 

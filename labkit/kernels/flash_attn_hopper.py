@@ -636,6 +636,35 @@ if gluon is not None:
         ], [4, 1], [CONSUMER_REGS, 24])
 
 
+def persistent_schedule(batch_heads: int, n_blocks: int, n_programs: int, causal: bool,
+                        paired: bool = True) -> list[list[tuple[int, int]]]:
+    """The persistent form's schedule, in Python: for each program, the (batch * head, query block) it runs, in
+    order (the Gluon kernel's ``_p_block`` loop, mirrored). Units of work are dealt out in turn, unit u to program
+    u mod n_programs; with ``causal`` and ``paired`` a unit is a head's i-th heaviest block followed by its i-th
+    lightest (the middle block of an odd count alone), otherwise one block. ``paired=False`` shows what the pairing
+    is for: blocks one by one, heaviest first within each head."""
+    if min(batch_heads, n_blocks, n_programs) < 1:
+        raise ValueError(f"batch_heads, n_blocks and n_programs must be >= 1, got {batch_heads}, {n_blocks}, "
+                         f"{n_programs}")
+    if causal and paired:
+        n_pairs = (n_blocks + 1) // 2
+        units = [[(bh, n_blocks - 1 - i)] + ([(bh, i)] if 2 * i + 1 < n_blocks else [])
+                 for bh in range(batch_heads) for i in range(n_pairs)]
+    else:
+        order = range(n_blocks - 1, -1, -1) if causal else range(n_blocks)
+        units = [[(bh, mb)] for bh in range(batch_heads) for mb in order]
+    programs = [[] for _ in range(min(n_programs, len(units)))]
+    for u, blocks in enumerate(units):
+        programs[u % len(programs)].extend(blocks)
+    return programs
+
+
+def schedule_work(programs: list[list[tuple[int, int]]], causal: bool, n_blocks: int) -> list[int]:
+    """Key tiles each program runs (square attention, block_m = block_n): a causal query block mb sees mb + 1
+    tiles, a non-causal one all n_blocks."""
+    return [sum(mb + 1 if causal else n_blocks for _, mb in blocks) for blocks in programs]
+
+
 def available() -> bool:
     """Gluon's Hopper module imports (the kernel can be compiled; running it needs compute capability 9.0)."""
     return gluon is not None
