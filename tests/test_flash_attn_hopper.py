@@ -91,6 +91,20 @@ def test_persistent_schedule_runs_every_block_once_and_pairs_balance_causal_work
         assert max(work) < max(naive) and max(work) <= 1.05 * ideal, (max(work), max(naive), ideal)
 
 
+def test_persistent_descriptor_check_refuses_a_head_stride_tma_cannot_take():
+    """The persistent form's descriptors span heads too: rows of 16-byte multiples are not enough (CPU: the check
+    runs before any launch)."""
+    from labkit.kernels import flash_attn_fast as fast
+
+    ok = torch.randn(1, 2, 64, 128, dtype=torch.bfloat16)
+    odd = torch.randn(2 * (64 * 128 + 1), dtype=torch.bfloat16).as_strided((1, 2, 64, 128), (0, 64 * 128 + 1, 128, 1))
+    fast._check_descriptor_strides(odd, ok, ok, ok)                       # a per-head descriptor is fine with it
+    with pytest.raises(ValueError, match=r"q has strides .*dims \[1\].*persistent form.*persistent=False"):
+        fast._check_descriptor_strides(odd, ok, ok, ok, dims=(0, 1), why="the persistent form's descriptors",
+                                       fix="or pass persistent=False")
+    fast._check_descriptor_strides(ok, ok, ok, ok, dims=(0, 1))
+
+
 def test_persistent_schedule_refuses_empty_sizes():
     with pytest.raises(ValueError, match="must be >= 1"):
         hop.persistent_schedule(0, 4, 132, True)

@@ -156,12 +156,18 @@ def default_config(head_dim: int, causal: bool) -> dict:
     return dict(CONFIGS[0])
 
 
-def _check_descriptor_strides(q, k, v, out):
+def _check_descriptor_strides(q, k, v, out, dims=(), why: str = "", fix: str = ""):
+    """TMA descriptors need the row stride (dim 2) and the base address to be multiples of 16 bytes, and so do the
+    strides of ``dims`` where a descriptor spans them too (``why`` says which, ``fix`` what else the caller can do)."""
     for name, t in (("q", q), ("k", k), ("v", v), ("out", out)):
         if (t.stride(2) * t.element_size()) % 16 or t.data_ptr() % 16:
             raise ValueError(f"{name} has a row stride of {t.stride(2)} elements or a base address that is not a "
                              f"multiple of 16 bytes, which TMA descriptors need; call {name}.contiguous() first "
                              f"(or use labkit.kernels.flash_attn.flash_attention, which takes any strides)")
+        bad = [i for i in dims if (t.stride(i) * t.element_size()) % 16]
+        if bad:
+            raise ValueError(f"{name} has strides {tuple(t.stride())}: dims {bad} are not multiples of 16 bytes, which "
+                             f"{why} needs; call {name}.contiguous() first {fix}".rstrip())
 
 
 def flash_attention_fast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,

@@ -147,6 +147,19 @@ if gluon is not None:
         return acc, m_i, l_i
 
     @gluon.jit
+    def _key_range(m0, rows, causal_shift, seqlen_kv, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+        """Key tiles of the query rows [m0, m0 + rows): [0, hi_full) need no mask (causal: keys [0, m0 + shift] are
+        visible to every row; past that, the diagonal), n_tiles in all (at least one: rows that see no key still run
+        one masked tile)."""
+        if CAUSAL:
+            hi_full = (gl.minimum(m0 + causal_shift + 1, seqlen_kv) // BLOCK_N) * BLOCK_N
+            hi = gl.minimum(m0 + rows + causal_shift, seqlen_kv)
+        else:
+            hi_full = (seqlen_kv // BLOCK_N) * BLOCK_N
+            hi = seqlen_kv
+        return hi_full, gl.maximum(gl.cdiv(hi, BLOCK_N), 1)
+
+    @gluon.jit
     def _block_setup(Q, K, V, O,
                      stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                      stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
@@ -177,13 +190,7 @@ if gluon is not None:
                                             block_shape=[Q_ROWS, HEAD_DIM], layout=Q_SMEM)
         m0 = pid_m * BLOCK_M
         causal_shift = seqlen_kv - seqlen_q
-        if CAUSAL:  # keys [0, m0 + shift] are visible to every row of the block; past that, the diagonal
-            hi_full = (gl.minimum(m0 + causal_shift + 1, seqlen_kv) // BLOCK_N) * BLOCK_N
-            hi = gl.minimum(m0 + BLOCK_M + causal_shift, seqlen_kv)
-        else:
-            hi_full = (seqlen_kv // BLOCK_N) * BLOCK_N
-            hi = seqlen_kv
-        n_tiles = gl.maximum(gl.cdiv(hi, BLOCK_N), 1)  # a block that sees no key still runs one (masked) tile
+        hi_full, n_tiles = _key_range(m0, BLOCK_M, causal_shift, seqlen_kv, BLOCK_N, CAUSAL)
         return pid_bh, m0, causal_shift, hi_full, n_tiles, q_desc, k_desc, v_desc, o_desc
 
     @gluon.jit
@@ -294,7 +301,7 @@ if gluon is not None:
         dtype: gl.constexpr = q_desc.dtype
         mq = m0 + HALF * ROWS
         if CAUSAL:  # this half's own unmasked range; its last tiles may be all masked (p = 0 there)
-            hi_full = (gl.minimum(mq + causal_shift + 1, seqlen_kv) // BLOCK_N) * BLOCK_N
+            hi_full = _key_range(mq, ROWS, causal_shift, seqlen_kv, BLOCK_N, CAUSAL)[0]
         else:
             hi_full = hi_full_block
         my_q = q_smem.index(HALF)
@@ -458,16 +465,6 @@ if gluon is not None:
         return bh, mb, n_sub
 
     @gluon.jit
-    def _p_block_range(m0, seqlen_q, seqlen_kv, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                       CAUSAL: gl.constexpr):
-        """The number of key tiles of the query block at row m0 (at least one, as in _block_setup)."""
-        if CAUSAL:
-            hi = gl.minimum(m0 + BLOCK_M + seqlen_kv - seqlen_q, seqlen_kv)
-        else:
-            hi = seqlen_kv
-        return gl.maximum(gl.cdiv(hi, BLOCK_N), 1)
-
-    @gluon.jit
     def _p_loader(descs, bufs, bars, scalars, LSE, STAGES: gl.constexpr, BLOCK_N: gl.constexpr,
                   CAUSAL: gl.constexpr):
         """Every block of this program in turn: its key/value tiles into the ring (a slot once both consumers
@@ -488,7 +485,7 @@ if gluon is not None:
                 h = bh % n_heads
                 h_kv = h // group
                 m0 = mb * (2 * ROWS)
-                n_tiles = _p_block_range(m0, seqlen_q, seqlen_kv, 2 * ROWS, BLOCK_N, CAUSAL)
+                n_tiles = _key_range(m0, 2 * ROWS, causal_shift, seqlen_kv, BLOCK_N, CAUSAL)[1]
                 for j in range(n_tiles):
                     slot = r % STAGES
                     mbarrier.wait(empty_bar.index(slot), ((r // STAGES) & 1) ^ 1)
@@ -535,11 +532,8 @@ if gluon is not None:
                 bh, mb, _ = _p_block(u, s, n_m, n_pairs, CAUSAL)
                 m0 = mb * (2 * ROWS)
                 mq = m0 + HALF * ROWS
-                n_tiles = _p_block_range(m0, seqlen_q, seqlen_kv, 2 * ROWS, BLOCK_N, CAUSAL)
-                if CAUSAL:
-                    hi_full = (gl.minimum(mq + causal_shift + 1, seqlen_kv) // BLOCK_N) * BLOCK_N
-                else:
-                    hi_full = (seqlen_kv // BLOCK_N) * BLOCK_N
+                n_tiles = _key_range(m0, 2 * ROWS, causal_shift, seqlen_kv, BLOCK_N, CAUSAL)[1]
+                hi_full = _key_range(mq, ROWS, causal_shift, seqlen_kv, BLOCK_N, CAUSAL)[0]   # this half's
                 offs_m = mq + gl.arange(0, ROWS, layout=rows_s)
                 m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=rows_s)
                 l_i = gl.zeros([ROWS], gl.float32, layout=rows_s)
@@ -872,11 +866,10 @@ def flash_attention_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ca
 def _persistent(q, k, v, out, lse, causal, scale, cfg, q_sl, kv_sl) -> None:
     """Launch the persistent form: one program per SM (fewer if there are fewer units of work), its descriptors over
     the whole (batch, head, seq, dim) tensors, so every stride but the last must be a multiple of 16 bytes."""
-    for name, t in (("q", q), ("k", k), ("v", v), ("out", out)):
-        if any((t.stride(i) * t.element_size()) % 16 for i in range(3)):
-            raise ValueError(f"{name} has strides {tuple(t.stride())}: the persistent form's descriptors need the "
-                             f"batch, head and row strides to be multiples of 16 bytes; call {name}.contiguous() or "
-                             f"pass persistent=False")
+    from labkit.kernels import flash_attn_fast as _fast
+
+    _fast._check_descriptor_strides(q, k, v, out, dims=(0, 1), why="the persistent form's descriptors span "
+                                    "(batch, head, seq, dim)", fix="or pass persistent=False")
     b, h, n_q, d = q.shape
     n_m = _fa.triton_cdiv(n_q, cfg["block_m"])
     units = b * h * ((n_m + 1) // 2 if causal else n_m)
