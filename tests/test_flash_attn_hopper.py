@@ -49,13 +49,17 @@ def test_bad_configs_and_inputs_are_refused():
         hop.check_config(dict(hop.CONFIGS[0], pipe=True, defer=True))
     with pytest.raises(ValueError, match="set defer=True"):
         hop.check_config(dict(hop.CONFIGS[0], pipe=False, defer=False, pingpong=True))
+    with pytest.raises(ValueError, match="set defer=True or persistent=True, overlap=True"):
+        hop.check_config(dict(hop.CONFIGS[11], pingpong=True))   # persistent turns need the overlap order
+    with pytest.raises(ValueError, match="persistent form only"):
+        hop.check_config(dict(hop.CONFIGS[0], overlap=True))
     with pytest.raises(ValueError, match="stages >= 3"):
         hop.check_config(dict(hop.CONFIGS[0], pipe=True, stages=2))
     with pytest.raises(ValueError, match="head_dim 128 only"):
         hop.check_config(hop.CONFIGS[0], head_dim=64)
     with pytest.raises(ValueError, match="needs ws=True"):
         hop.check_config(dict(hop.CONFIGS[9], persistent=True))
-    with pytest.raises(ValueError, match="leave pipe, defer and pingpong off"):
+    with pytest.raises(ValueError, match="leave pipe and defer off"):
         hop.check_config(dict(hop.CONFIGS[2], persistent=True))
     with pytest.raises(ValueError, match="K/V ring of 2 only"):
         hop.check_config(dict(hop.CONFIGS[1], persistent=True))
@@ -143,11 +147,13 @@ def test_head_dim_64_default_on_gpu(causal):
 @HOPPER
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("n", [1500, 2048])
-def test_persistent_runs_many_blocks_per_program_on_gpu(n, causal):
+@pytest.mark.parametrize("config", [i for i, c in enumerate(hop.CONFIGS) if c.get("persistent")])
+def test_persistent_runs_many_blocks_per_program_on_gpu(config, n, causal):
     """More query blocks than SMs, so every program of the persistent form runs several: the K/V ring, the Q tiles
     and the O staging tiles change hands between blocks (an odd number of blocks per head at 1500: 12 and, causal,
-    a middle block without a partner)."""
-    cfg = next(c for c in hop.CONFIGS if c.get("persistent"))
+    a middle block without a partner); with overlap, key and value slots change hands apart, and with pingpong
+    the consumers' turns carry over from block to block."""
+    cfg = hop.CONFIGS[config]
     g = torch.Generator(device="cuda").manual_seed(n)
     q = torch.randn(3, 16, n, 128, device="cuda", dtype=torch.bfloat16, generator=g)
     k, v = (torch.randn(3, 4, n, 128, device="cuda", dtype=torch.bfloat16, generator=g) for _ in "kv")

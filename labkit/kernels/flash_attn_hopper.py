@@ -54,9 +54,10 @@ except ImportError:  # no triton, or one without Gluon's Hopper module
     gluon = None
 
 
-def _cfg(block_m, block_n, num_warps, stages, pipe, ws=False, defer=False, pingpong=False, persistent=False) -> dict:
+def _cfg(block_m, block_n, num_warps, stages, pipe, ws=False, defer=False, pingpong=False, persistent=False,
+         overlap=False) -> dict:
     return dict(block_m=block_m, block_n=block_n, num_warps=num_warps, stages=stages, pipe=pipe, ws=ws, defer=defer,
-                pingpong=pingpong, persistent=persistent)
+                pingpong=pingpong, persistent=persistent, overlap=overlap)
 
 
 # the configurations; the last (persistent) is the default for head_dim 128 (the sync 128 x 128 one for head_dim 64,
@@ -76,6 +77,8 @@ CONFIGS = (
     _cfg(128, 64, 4, 3, False, True), _cfg(128, 128, 4, 3, True, True), _cfg(128, 64, 4, 4, True, True),
     _cfg(128, 128, 8, 2, False), _cfg(64, 64, 4, 2, False),
     _cfg(128, 128, 4, 2, False, True, persistent=True),
+    _cfg(128, 128, 4, 2, False, True, persistent=True, overlap=True),
+    _cfg(128, 128, 4, 2, False, True, persistent=True, overlap=True, pingpong=True),
 )
 # the warp-specialized form runs 9 warps, allocated as 3 warpgroups: at most 168 registers per thread on average
 # keeps them within the SM's 64K; the loader warp gives back all but 24, and each consumer warpgroup takes 240
@@ -465,13 +468,34 @@ if gluon is not None:
         return bh, mb, n_sub
 
     @gluon.jit
+    def _p_load_q(q_desc, q_smem, q_bar, q_empty, t, b, h, m0, ROWS: gl.constexpr, HEAD_DIM: gl.constexpr):
+        """The two consumers' Q tiles of the program's t-th block, each once its consumer handed the last one back."""
+        for half in gl.static_range(2):
+            mbarrier.wait(q_empty.index(half), (t & 1) ^ 1)
+            mbarrier.expect(q_bar.index(half), q_desc.block_type.nbytes)
+            _tma_load(q_desc, [b, h, m0 + half * ROWS, 0], q_bar.index(half),
+                      q_smem.index(half).reshape([1, 1, ROWS, HEAD_DIM]))
+
+    @gluon.jit
+    def _p_load_tile(desc, smem, bar, empty_bar, r, b, h_kv, j, STAGES: gl.constexpr, BLOCK_N: gl.constexpr,
+                     HEAD_DIM: gl.constexpr, EMPTY0: gl.constexpr = 0):
+        """Key or value tile j of head (b, h_kv), the ring's r-th fill, into its slot once both consumers released
+        it (its "empty" barrier: EMPTY0 + slot)."""
+        slot = r % STAGES
+        mbarrier.wait(empty_bar.index(EMPTY0 + slot), ((r // STAGES) & 1) ^ 1)
+        mbarrier.expect(bar.index(slot), desc.block_type.nbytes)
+        _tma_load(desc, [b, h_kv, j * BLOCK_N, 0], bar.index(slot), smem.index(slot).reshape([1, 1, BLOCK_N, HEAD_DIM]))
+
+    @gluon.jit
     def _p_loader(descs, bufs, bars, scalars, LSE, STAGES: gl.constexpr, BLOCK_N: gl.constexpr,
-                  CAUSAL: gl.constexpr):
+                  CAUSAL: gl.constexpr, OVERLAP: gl.constexpr):
         """Every block of this program in turn: its key/value tiles into the ring (a slot once both consumers
-        released it) and, after its first tile, each consumer's Q tile (once that consumer is done with the last)."""
+        released it) and, after its first tile, each consumer's Q tile (once that consumer is done with the last).
+        OVERLAP: keys and values are released apart (a key tile as soon as its scores are done), and loaded in the
+        order the consumers use them."""
         q_desc, k_desc, v_desc = descs[0], descs[1], descs[2]
         q_smem, k_smem, v_smem = bufs[0], bufs[1], bufs[2]
-        q_bar, k_bar, v_bar, empty_bar, q_empty = bars
+        q_bar, k_bar, v_bar, empty_bar, q_empty = bars[0], bars[1], bars[2], bars[3], bars[4]
         n_heads, group, seqlen_q, seqlen_kv, causal_shift, qk_scale, n_m, n_pairs, n_units = scalars
         ROWS: gl.constexpr = q_desc.block_type.shape[2]
         HEAD_DIM: gl.constexpr = q_desc.block_type.shape[3]
@@ -486,32 +510,91 @@ if gluon is not None:
                 h_kv = h // group
                 m0 = mb * (2 * ROWS)
                 n_tiles = _key_range(m0, 2 * ROWS, causal_shift, seqlen_kv, BLOCK_N, CAUSAL)[1]
-                for j in range(n_tiles):
-                    slot = r % STAGES
-                    mbarrier.wait(empty_bar.index(slot), ((r // STAGES) & 1) ^ 1)
-                    mbarrier.expect(k_bar.index(slot), k_desc.block_type.nbytes)
-                    _tma_load(k_desc, [b, h_kv, j * BLOCK_N, 0], k_bar.index(slot),
-                              k_smem.index(slot).reshape([1, 1, BLOCK_N, HEAD_DIM]))
-                    mbarrier.expect(v_bar.index(slot), v_desc.block_type.nbytes)
-                    _tma_load(v_desc, [b, h_kv, j * BLOCK_N, 0], v_bar.index(slot),
-                              v_smem.index(slot).reshape([1, 1, BLOCK_N, HEAD_DIM]))
-                    if j == 0:
-                        for half in gl.static_range(2):
-                            mbarrier.wait(q_empty.index(half), (t & 1) ^ 1)
-                            mbarrier.expect(q_bar.index(half), q_desc.block_type.nbytes)
-                            _tma_load(q_desc, [b, h, m0 + half * ROWS, 0], q_bar.index(half),
-                                      q_smem.index(half).reshape([1, 1, ROWS, HEAD_DIM]))
-                    r += 1
+                if OVERLAP:  # K and V have slots of their own: K_j, then V_{j-1} (the consumers' order), V_last
+                    for j in range(n_tiles):
+                        _p_load_tile(k_desc, k_smem, k_bar, empty_bar, r + j, b, h_kv, j, STAGES, BLOCK_N, HEAD_DIM)
+                        if j == 0:
+                            _p_load_q(q_desc, q_smem, q_bar, q_empty, t, b, h, m0, ROWS, HEAD_DIM)
+                        else:
+                            _p_load_tile(v_desc, v_smem, v_bar, empty_bar, r + j - 1, b, h_kv, j - 1, STAGES,
+                                         BLOCK_N, HEAD_DIM, STAGES)
+                    _p_load_tile(v_desc, v_smem, v_bar, empty_bar, r + n_tiles - 1, b, h_kv, n_tiles - 1, STAGES,
+                                 BLOCK_N, HEAD_DIM, STAGES)
+                    r += n_tiles
+                else:
+                    for j in range(n_tiles):
+                        slot = r % STAGES
+                        mbarrier.wait(empty_bar.index(slot), ((r // STAGES) & 1) ^ 1)
+                        mbarrier.expect(k_bar.index(slot), k_desc.block_type.nbytes)
+                        _tma_load(k_desc, [b, h_kv, j * BLOCK_N, 0], k_bar.index(slot),
+                                  k_smem.index(slot).reshape([1, 1, BLOCK_N, HEAD_DIM]))
+                        mbarrier.expect(v_bar.index(slot), v_desc.block_type.nbytes)
+                        _tma_load(v_desc, [b, h_kv, j * BLOCK_N, 0], v_bar.index(slot),
+                                  v_smem.index(slot).reshape([1, 1, BLOCK_N, HEAD_DIM]))
+                        if j == 0:
+                            _p_load_q(q_desc, q_smem, q_bar, q_empty, t, b, h, m0, ROWS, HEAD_DIM)
+                        r += 1
                 t += 1
 
     @gluon.jit
+    def _overlap_keys(my_q, k_smem, v_smem, k_bar, v_bar, empty_bar, q_free, turn_bar, r, it, n_tiles, acc, m_i, l_i,
+                      s_zero, hi_full, offs_m, seqlen_kv, causal_shift, qk_scale, s_layout: gl.constexpr,
+                      p_layout: gl.constexpr, rows_o: gl.constexpr, HALF: gl.constexpr, STAGES: gl.constexpr,
+                      BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr):
+        """One block's key tiles in FlashAttention-3's in-warpgroup order, one score tile in registers: the first
+        tile's scores and softmax alone; then for each next tile j, Q K_j^T and P_{j-1} V_{j-1} issued back to back,
+        the wait for the scores only (P V still running), the softmax of tile j under P_{j-1} V_{j-1}, then the wait
+        for it and O rescaled; the last P V alone. Key tile j is released (empty_bar slot) as soon as its scores are
+        done, value tile j (empty_bar STAGES + slot) after its P V; Q on ``q_free`` after the last scores. PINGPONG:
+        the two consumers take turns issuing their pair of wgmmas (``turn_bar``, ``it`` counts the turns), so one's
+        softmax runs while the other's matrix products do."""
+        dtype: gl.constexpr = my_q.dtype
+        slot = r % STAGES
+        mbarrier.wait(k_bar.index(slot), (r // STAGES) & 1)
+        s = warpgroup_mma(my_q, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(0, deps=(s, my_q, k_smem.index(slot)))[0]
+        mbarrier.arrive(empty_bar.index(slot), count=1)
+        mbarrier.arrive(q_free, count=1, pred=n_tiles == 1)
+        p, alpha, l_i, m_i = _softmax_step(s, m_i, l_i, 0, hi_full, offs_m, seqlen_kv, causal_shift, qk_scale,
+                                           s_layout, BLOCK_N, CAUSAL)
+        pb = gl.convert_layout(p.to(dtype), p_layout)
+        for j in range(1, n_tiles):
+            cur = (r + j) % STAGES
+            prev = (r + j - 1) % STAGES
+            mbarrier.wait(k_bar.index(cur), ((r + j) // STAGES) & 1)
+            if PINGPONG:
+                mbarrier.wait(turn_bar.index(HALF), (it & 1) ^ (1 - HALF))
+            s = warpgroup_mma(my_q, k_smem.index(cur).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            mbarrier.wait(v_bar.index(prev), ((r + j - 1) // STAGES) & 1)
+            acc = warpgroup_mma(pb, v_smem.index(prev), acc, is_async=True)
+            if PINGPONG:
+                mbarrier.arrive(turn_bar.index(1 - HALF), count=1)
+                it += 1
+            s = warpgroup_mma_wait(1, deps=(s, my_q, k_smem.index(cur)))[0]    # the scores; P V still running
+            mbarrier.arrive(empty_bar.index(cur), count=1)
+            mbarrier.arrive(q_free, count=1, pred=j == n_tiles - 1)
+            p, alpha, l_i, m_i = _softmax_step(s, m_i, l_i, j * BLOCK_N, hi_full, offs_m, seqlen_kv, causal_shift,
+                                               qk_scale, s_layout, BLOCK_N, CAUSAL)
+            acc = warpgroup_mma_wait(0, deps=(acc, v_smem.index(prev)))[0]
+            mbarrier.arrive(empty_bar.index(STAGES + prev), count=1)
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_o), 1)
+            pb = gl.convert_layout(p.to(dtype), p_layout)
+        last = (r + n_tiles - 1) % STAGES
+        mbarrier.wait(v_bar.index(last), ((r + n_tiles - 1) // STAGES) & 1)
+        acc = warpgroup_mma(pb, v_smem.index(last), acc, is_async=True)
+        acc = warpgroup_mma_wait(0, deps=(acc, v_smem.index(last)))[0]
+        mbarrier.arrive(empty_bar.index(STAGES + last), count=1)
+        return acc, m_i, l_i, it
+
+    @gluon.jit
     def _p_consumer(descs, bufs, bars, scalars, LSE, HALF: gl.constexpr, STAGES: gl.constexpr,
-                    BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
-        """One warpgroup's 64 query rows of every block of this program: the default form's key loop, then the
-        epilogue through a staging tile of its own while the loader already fills the ring for the next block."""
+                    BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr):
+        """One warpgroup's 64 query rows of every block of this program: the default form's key loop (or with
+        OVERLAP, FlashAttention-3's in-warpgroup order, ``_overlap_keys``), then the epilogue through a staging tile
+        of its own while the loader already fills the ring for the next block."""
         q_desc, k_desc, v_desc, o_desc = descs
         q_smem, k_smem, v_smem, o_smem = bufs
-        q_bar, k_bar, v_bar, empty_bar, q_empty = bars
+        q_bar, k_bar, v_bar, empty_bar, q_empty = bars[0], bars[1], bars[2], bars[3], bars[4]
         n_heads, group, seqlen_q, seqlen_kv, causal_shift, qk_scale, n_m, n_pairs, n_units = scalars
         ROWS: gl.constexpr = q_desc.block_type.shape[2]
         HEAD_DIM: gl.constexpr = q_desc.block_type.shape[3]
@@ -526,6 +609,7 @@ if gluon is not None:
         s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
         r = 0
         t = 0
+        it = 0
         for u in range(gl.program_id(0), n_units, gl.num_programs(0)):
             _, _, n_sub = _p_block(u, 0, n_m, n_pairs, CAUSAL)
             for s in range(n_sub):
@@ -539,13 +623,20 @@ if gluon is not None:
                 l_i = gl.zeros([ROWS], gl.float32, layout=rows_s)
                 acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
                 mbarrier.wait(q_bar.index(HALF), t & 1)
-                for j in range(n_tiles):
-                    # Q of this half is free for the next block once the last tile's scores are done
-                    acc, m_i, l_i = _tile_step(my_q, k_smem, v_smem, k_bar, v_bar, j, r + j, acc, m_i, l_i, s_zero,
-                                               hi_full, offs_m, seqlen_kv, causal_shift, qk_scale, s_layout, p_layout,
-                                               rows_o, STAGES, BLOCK_N, CAUSAL, q_empty.index(HALF), j == n_tiles - 1,
-                                               True)
-                    mbarrier.arrive(empty_bar.index((r + j) % STAGES), count=1)
+                if OVERLAP:
+                    acc, m_i, l_i, it = _overlap_keys(my_q, k_smem, v_smem, k_bar, v_bar, empty_bar,
+                                                      q_empty.index(HALF), bars[5], r, it, n_tiles, acc, m_i, l_i,
+                                                      s_zero, hi_full, offs_m, seqlen_kv, causal_shift, qk_scale,
+                                                      s_layout, p_layout, rows_o, HALF, STAGES, BLOCK_N, CAUSAL,
+                                                      PINGPONG)
+                else:
+                    for j in range(n_tiles):
+                        # Q of this half is free for the next block once the last tile's scores are done
+                        acc, m_i, l_i = _tile_step(my_q, k_smem, v_smem, k_bar, v_bar, j, r + j, acc, m_i, l_i,
+                                                   s_zero, hi_full, offs_m, seqlen_kv, causal_shift, qk_scale,
+                                                   s_layout, p_layout, rows_o, STAGES, BLOCK_N, CAUSAL,
+                                                   q_empty.index(HALF), j == n_tiles - 1, True)
+                        mbarrier.arrive(empty_bar.index((r + j) % STAGES), count=1)
                 r += n_tiles
                 t += 1
                 out = acc / gl.expand_dims(gl.convert_layout(l_i, rows_o), 1)
@@ -561,13 +652,13 @@ if gluon is not None:
 
     @gluon.jit
     def _p_consumer_1(descs, bufs, bars, scalars, LSE, STAGES: gl.constexpr, BLOCK_N: gl.constexpr,
-                      CAUSAL: gl.constexpr):
-        _p_consumer(descs, bufs, bars, scalars, LSE, 1, STAGES, BLOCK_N, CAUSAL)
+                      CAUSAL: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr):
+        _p_consumer(descs, bufs, bars, scalars, LSE, 1, STAGES, BLOCK_N, CAUSAL, OVERLAP, PINGPONG)
 
     @gluon.jit
     def _p_loader_w(descs, bufs, bars, scalars, LSE, STAGES: gl.constexpr, BLOCK_N: gl.constexpr,
-                    CAUSAL: gl.constexpr):
-        _p_loader(descs, bufs, bars, scalars, LSE, STAGES, BLOCK_N, CAUSAL)
+                    CAUSAL: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr):
+        _p_loader(descs, bufs, bars, scalars, LSE, STAGES, BLOCK_N, CAUSAL, OVERLAP)
 
     @gluon.jit
     def _attn_fwd_hopper_persistent(Q, K, V, O, LSE,
@@ -579,7 +670,8 @@ if gluon is not None:
                                     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                                     STAGES: gl.constexpr, CAUSAL: gl.constexpr, Q_SMEM: gl.constexpr,
                                     KV_SMEM: gl.constexpr, Q_SMEM4: gl.constexpr, KV_SMEM4: gl.constexpr,
-                                    CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+                                    CONSUMER_REGS: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr,
+                                    num_warps: gl.constexpr):
         gl.static_assert(num_warps == 4, "the default partition is one consumer warpgroup")
         HALF_M: gl.constexpr = BLOCK_M // 2
         n_kv_heads = n_heads // group
@@ -610,7 +702,9 @@ if gluon is not None:
         q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         k_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        # OVERLAP: a key slot and a value slot are released apart (keys 0..STAGES-1, values STAGES..2 STAGES-1)
+        N_EMPTY: gl.constexpr = 2 * STAGES if OVERLAP else STAGES
+        empty_bar = gl.allocate_shared_memory(gl.int64, [N_EMPTY, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(2):
             mbarrier.init(q_bar.index(i), count=1)
             mbarrier.init(q_empty.index(i), count=1)
@@ -618,15 +712,23 @@ if gluon is not None:
             mbarrier.init(k_bar.index(i), count=1)
             mbarrier.init(v_bar.index(i), count=1)
             mbarrier.init(empty_bar.index(i), count=2)                        # one arrival per consumer
+            if OVERLAP:
+                mbarrier.init(empty_bar.index(STAGES + i), count=2)
+        if PINGPONG:
+            turn_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+            for i in gl.static_range(2):
+                mbarrier.init(turn_bar.index(i), count=1)
+            bars = (q_bar, k_bar, v_bar, empty_bar, q_empty, turn_bar)
+        else:
+            bars = (q_bar, k_bar, v_bar, empty_bar, q_empty, q_empty)        # (no turns: a placeholder)
         fence_async_shared()
         descs = (q_desc, k_desc, v_desc, o_desc)
         bufs = (q_smem, k_smem, v_smem, o_smem)
-        bars = (q_bar, k_bar, v_bar, empty_bar, q_empty)
         scalars = (n_heads, group, seqlen_q, seqlen_kv, seqlen_kv - seqlen_q, qk_scale, n_m, n_pairs, n_units)
         gl.warp_specialize([
-            (_p_consumer, (descs, bufs, bars, scalars, LSE, 0, STAGES, BLOCK_N, CAUSAL)),
-            (_p_consumer_1, (descs, bufs, bars, scalars, LSE, STAGES, BLOCK_N, CAUSAL)),
-            (_p_loader_w, (descs, bufs, bars, scalars, LSE, STAGES, BLOCK_N, CAUSAL)),
+            (_p_consumer, (descs, bufs, bars, scalars, LSE, 0, STAGES, BLOCK_N, CAUSAL, OVERLAP, PINGPONG)),
+            (_p_consumer_1, (descs, bufs, bars, scalars, LSE, STAGES, BLOCK_N, CAUSAL, OVERLAP, PINGPONG)),
+            (_p_loader_w, (descs, bufs, bars, scalars, LSE, STAGES, BLOCK_N, CAUSAL, OVERLAP, PINGPONG)),
         ], [4, 1], [CONSUMER_REGS, 24])
 
 
@@ -693,6 +795,7 @@ def compile_offline(cfg: dict, causal: bool = False, head_dim: int = 128, dtype=
     if persistent:
         q_sl4, kv_sl4 = smem_layouts(head_dim, cfg["block_m"] // 2, cfg["block_n"], dtype, rank=4)
         consts.update(CONSUMER_REGS=WS_CONSUMER_REGS, Q_SMEM4=q_sl4, KV_SMEM4=kv_sl4)
+        consts.update(OVERLAP=bool(cfg.get("overlap")), PINGPONG=bool(cfg.get("pingpong")))
         options["maxnreg"] = WS_MAXNREG
     elif ws:
         consts.update(PIPE=bool(cfg["pipe"]), DEFER=bool(cfg.get("defer")), PINGPONG=bool(cfg.get("pingpong")),
@@ -710,7 +813,7 @@ def config_label(cfg: dict) -> str:
     """A configuration in a few words, e.g. ``ws 128x128 ring 2 defer pingpong``."""
     words = ["ws" if cfg.get("ws") else f"{cfg['num_warps']} warps", f"{cfg['block_m']}x{cfg['block_n']}",
              f"ring {cfg['stages']}"]
-    return " ".join(words + [k for k in ("pipe", "defer", "pingpong", "persistent") if cfg.get(k)])
+    return " ".join(words + [k for k in ("pipe", "defer", "pingpong", "persistent", "overlap") if cfg.get(k)])
 
 
 def check_config(cfg: dict, head_dim: int = 128) -> None:
@@ -724,17 +827,21 @@ def check_config(cfg: dict, head_dim: int = 128) -> None:
         raise ValueError("pipe, defer and pingpong order the work of the two consumer warpgroups: they need ws=True")
     if cfg.get("pipe") and cfg.get("defer"):
         raise ValueError("pipe and defer are two orders of the same loop: choose one")
-    if cfg.get("pingpong") and not cfg.get("defer"):
-        raise ValueError("pingpong takes turns between the blocks of tensor-core work that defer issues: set "
-                         "defer=True")
+    if cfg.get("pingpong") and not (cfg.get("defer") or cfg.get("overlap")):
+        raise ValueError("pingpong takes turns between the blocks of tensor-core work that defer (or, in the "
+                         "persistent form, overlap) issues: set defer=True or persistent=True, overlap=True")
+    if cfg.get("overlap") and not cfg.get("persistent"):
+        raise ValueError("overlap (FlashAttention-3's in-warpgroup order) is built into the persistent form only: "
+                         "set persistent=True, or use pipe=True for the program-per-block kernel")
     if cfg.get("pipe") and cfg["stages"] < 3:
         raise ValueError(f"pipe=True waits for tile j + 1 while tile j - 1 still holds its slot: it needs stages >= 3, "
                          f"got {cfg['stages']}")
     if cfg.get("persistent") and not ws:
         raise ValueError("persistent=True runs the warp-specialized form's partitions over many blocks: it needs "
                          "ws=True")
-    if cfg.get("persistent") and (cfg.get("pipe") or cfg.get("defer") or cfg.get("pingpong")):
-        raise ValueError("the persistent form runs the default key loop only: leave pipe, defer and pingpong off")
+    if cfg.get("persistent") and (cfg.get("pipe") or cfg.get("defer")):
+        raise ValueError("the persistent form runs the default key loop or overlap (with or without pingpong): leave "
+                         "pipe and defer off")
     if cfg.get("persistent") and cfg["stages"] != 2:
         raise ValueError(f"the persistent form keeps a staging tile for O beside Q, which leaves shared memory for a "
                          f"K/V ring of 2 only, got stages={cfg['stages']}")
@@ -809,7 +916,7 @@ def flash_attention_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ca
                            block_n: int | None = None, num_warps: int | None = None, stages: int | None = None,
                            pipe: bool | None = None, ws: bool | None = None, defer: bool | None = None,
                            pingpong: bool | None = None, persistent: bool | None = None,
-                           heavy_first: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                           overlap: bool | None = None, heavy_first: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """``flash_attn.flash_attention`` as a Gluon kernel for Hopper: same arguments, layout and result ``(o, lse)``.
 
     Row strides (dim 2) and base addresses must be multiples of 16 bytes, as for ``flash_attention_fast``.
@@ -818,7 +925,9 @@ def flash_attention_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ca
     scores and this tile's P V issued as one block, the next softmax under P V) or ``defer`` (P V waited for only
     after the next scores are issued), and ``pingpong`` (the two consumers issue those blocks in turns);
     ``persistent``, the warp-specialized form with one program per SM running block after block (causal blocks in
-    pairs of equal work, so ``heavy_first`` does not apply to it).
+    pairs of equal work, so ``heavy_first`` does not apply to it); with it, ``overlap`` (FlashAttention-3's
+    in-warpgroup order with one score tile: the next scores and this tile's P V issued back to back, the next
+    softmax under P V) and ``pingpong`` (the two consumers issue those pairs in turns).
     """
     from labkit.kernels import flash_attn_fast as _fast
 
@@ -831,7 +940,7 @@ def flash_attention_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ca
     cfg = default_config(d, causal)
     cfg.update({key: val for key, val in dict(block_m=block_m, block_n=block_n, num_warps=num_warps, stages=stages,
                                                pipe=pipe, ws=ws, defer=defer, pingpong=pingpong,
-                                               persistent=persistent).items() if val is not None})
+                                               persistent=persistent, overlap=overlap).items() if val is not None})
     check_config(cfg, d)
     _require_hopper(q)
     if out is None:
@@ -885,4 +994,5 @@ def _persistent(q, k, v, out, lse, causal, scale, cfg, q_sl, kv_sl) -> None:
         HEAD_DIM=d, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], STAGES=cfg["stages"], CAUSAL=bool(causal),
         Q_SMEM=q_sl, KV_SMEM=kv_sl, Q_SMEM4=q_sl4, KV_SMEM4=kv_sl4, CONSUMER_REGS=WS_CONSUMER_REGS,
         num_warps=cfg["num_warps"], maxnreg=WS_MAXNREG,
+        OVERLAP=bool(cfg.get("overlap")), PINGPONG=bool(cfg.get("pingpong")),
     )
