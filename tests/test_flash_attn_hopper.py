@@ -74,6 +74,12 @@ def test_bad_configs_and_inputs_are_refused():
             pytest.skip("CPU tensors are refused earlier, by the shared input check")
         with pytest.raises(LabkitError, match="written for Hopper"):
             hop.flash_attention_hopper(q, q, q)
+        # head dim 128 with the persistent form turned off: the default's overlap and turns go with it, so the
+        # only refusal left is the missing Hopper GPU, not a config error
+        q = torch.randn(1, 2, 16, 128, dtype=torch.bfloat16, device=q.device)
+        for off in (dict(persistent=False), dict(ws=False, block_m=128, num_warps=8)):
+            with pytest.raises(LabkitError, match="written for Hopper"):
+                hop.flash_attention_hopper(q, q, q, **off)
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -20,11 +20,17 @@ landed. This module uses them the way FlashAttention-3 does on an H100/H200, in 
    last one (its final P V, the division by the row sums, the O store), which a program per block leaves exposed at
    every block's start and end. Causal blocks go in pairs of equal work (a head's heaviest block with its lightest),
    dealt out in turn, so the programs finish together.
+5. **FlashAttention-3's in-warpgroup order** (``overlap``, in the persistent form): each consumer issues the next
+   tile's scores Q K_j^T and this tile's P_{j-1} V_{j-1} back to back, waits for the scores only, and computes their
+   softmax while P V still runs on the tensor cores; one score tile lives in registers (P waits as bf16). Key and
+   value slots are released apart, a key slot as soon as its scores are done. With ``pingpong`` the two consumers
+   take turns issuing those pairs (an mbarrier per consumer), so one's softmax falls under the other's products.
 
 Variants the configurations select (``CONFIGS``; each measured, see the comment there): a deeper ring; ``defer``
 (P V waited for only after the next Q K^T is issued, the two back to back on the tensor cores); ``pingpong`` (with
-``defer``, the consumers take turns issuing); ``pipe`` (FlashAttention-3's in-warpgroup overlap: the next tile's
-scores issued before this tile's softmax, at the cost of a second score tile in registers); and a form without warp
+``defer``, the consumers take turns issuing); ``pipe`` (an earlier take on the in-warpgroup overlap for a program
+per block: the next tile's scores issued before this tile's softmax, at the cost of a second score tile in
+registers); the persistent form in the plain order (``overlap`` off); and a form without warp
 specialization (``ws=False``: all warps of the program on one query tile, refilling the ring after a barrier).
 
 Same signature, layout, result ``(o, lse)`` and references as the other two kernels. Needs compute capability 9.0 (an
@@ -60,16 +66,20 @@ def _cfg(block_m, block_n, num_warps, stages, pipe, ws=False, defer=False, pingp
                 pingpong=pingpong, persistent=persistent, overlap=overlap)
 
 
-# the configurations; the last (persistent) is the default for head_dim 128 (the sync 128 x 128 one for head_dim 64,
-# where the warp-specialized form is not offered). Every one was checked on an NVIDIA H200 (16 cases each: ragged
-# lengths, decode, grouped-query attention, a transformers layout; bf16, head dim 128) and timed there, at 4k and 16k,
-# causal and not, beside SDPA's cuDNN backend and the TMA kernel. The program-per-block ones, all in one run
+# the configurations; CONFIGS[DEFAULT] (persistent, FlashAttention-3's in-warpgroup order, the consumers taking
+# turns) is the default for head_dim 128 (the sync 128 x 128 one for head_dim 64, where the warp-specialized form is
+# not offered). Every one was checked on an NVIDIA H200 (16 cases each: ragged lengths, decode, grouped-query
+# attention, a transformers layout; bf16, head dim 128) and timed there, at 4k and 16k, causal and not, beside
+# SDPA's cuDNN backend, flash-attn-4 and the TMA kernel. The program-per-block ones, all in one run
 # (results/nvidia-h200/attention_hopper_configs.json, 27651f6): the warp-specialized 128 x 128 ring of 2 (the first)
 # gave 373 / 500 / 492 / 518 TFLOP/s at causal 4k / 16k, non-causal 4k / 16k; a ring of 3 came within 1% at 16k; the
-# others were 3-20% slower at 16k (deferring the P V wait, the consumers taking turns, FlashAttention-3's
-# in-warpgroup overlap ``pipe``, 64-key tiles, no warp specialization), while at causal 4k, where blocks are short,
-# several beat it. The persistent form (attention_hopper.json, b79df43) ran 478 / 516 / 506 / 530 beside the first's
-# 379 / 509 / 494 / 524 and cuDNN's 538 / 573 / 590 / 602 in its run: the fastest in every case.
+# others were 3-20% slower at 16k (deferring the P V wait, the consumers taking turns, ``pipe``'s overlap with two
+# score tiles in registers, 64-key tiles, no warp specialization), while at causal 4k, where blocks are short,
+# several beat it. The persistent forms (attention_hopper.json, 67a5aa1, one run): the default 449 / 571 / 590 / 612,
+# overlap without turns 450 / 563 / 599 / 604, the persistent form in the plain order 474 / 505 / 518 / 535, the first
+# config 374 / 500 / 467 / 524, beside cuDNN 566 / 569 / 575 / 607 and flash-attn-4 564 / 567 / 609 / 649. The new
+# order gained 13-18% at 16k and non-causal 4k in both of its runs; causal 4k varies from run to run (the default:
+# 552 in the first run, d4e5318, 449 here).
 CONFIGS = (
     _cfg(128, 128, 4, 2, False, True), _cfg(128, 128, 4, 3, False, True),
     _cfg(128, 128, 4, 2, False, True, defer=True), _cfg(128, 128, 4, 2, False, True, defer=True, pingpong=True),
@@ -923,13 +933,14 @@ def flash_attention_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ca
 
     Row strides (dim 2) and base addresses must be multiples of 16 bytes, as for ``flash_attention_fast``.
     Knobs (default: ``default_config``): ``stages``, the depth of the K/V ring; ``ws``, the warp-specialized form
-    (a loader warp and two consumer warpgroups); with it, ``pipe`` (FlashAttention-3's order: the next tile's
-    scores and this tile's P V issued as one block, the next softmax under P V) or ``defer`` (P V waited for only
-    after the next scores are issued), and ``pingpong`` (the two consumers issue those blocks in turns);
-    ``persistent``, the warp-specialized form with one program per SM running block after block (causal blocks in
-    pairs of equal work, so ``heavy_first`` does not apply to it); with it, ``overlap`` (FlashAttention-3's
-    in-warpgroup order with one score tile: the next scores and this tile's P V issued back to back, the next
-    softmax under P V) and ``pingpong`` (the two consumers issue those pairs in turns).
+    (a loader warp and two consumer warpgroups); with it, ``pipe`` (the next tile's scores issued before this
+    tile's softmax, two score tiles in registers) or ``defer`` (P V waited for only after the next scores are
+    issued), and ``pingpong`` (the two consumers issue those blocks in turns); ``persistent``, the warp-specialized
+    form with one program per SM running block after block (causal blocks in pairs of equal work, so
+    ``heavy_first`` does not apply to it); with it, ``overlap`` (FlashAttention-3's in-warpgroup order with one
+    score tile: the next scores and this tile's P V issued back to back, the next softmax under P V) and
+    ``pingpong`` (the two consumers issue those pairs in turns). ``persistent=False`` or ``ws=False`` alone turns
+    the default's persistent form, overlap and turns off.
     """
     from labkit.kernels import flash_attn_fast as _fast
 
@@ -940,6 +951,8 @@ def flash_attention_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ca
         raise LabkitError(f"flash_attention_hopper takes head_dim 64 or 128 (its wgmma tiles), got {d}")
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     cfg = default_config(d, causal)
+    if persistent is False or ws is False:  # the default's persistent form (and its overlap and turns) gives way
+        cfg.update(overlap=False, pingpong=False, persistent=False)
     cfg.update({key: val for key, val in dict(block_m=block_m, block_n=block_n, num_warps=num_warps, stages=stages,
                                                pipe=pipe, ws=ws, defer=defer, pingpong=pingpong,
                                                persistent=persistent, overlap=overlap).items() if val is not None})
