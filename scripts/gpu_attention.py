@@ -12,12 +12,17 @@
 - hf: the kernel as a transformers attention function: greedy tokens equal to SDPA's (SmolLM2-135M when it
   can be loaded, else its random-weight shape with a logits comparison).
 - bench: the full benchmark (labkit.attention.run_benchmark) -> attention.json + attention.png.
+- hopper: the Gluon kernel's configs (HOPPER_CONFIGS=0,13 for some) checked, then timed beside the peers
+  -> attention_hopper.json.
+- spread: how much each figure moves from one timing to the next: the headline cases in SPREAD_ROUNDS rounds
+  (default 5), the variants' order rotated each round -> attention_spread.json.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 import traceback
@@ -317,13 +322,65 @@ def step_hopper(out: Path) -> dict:
     return summary
 
 
+def step_spread(out: Path) -> dict:
+    """How much one number moves: each headline case timed SPREAD_ROUNDS times (default 5) for SDPA cuDNN,
+    flash-attn-4 (where installed) and the Gluon kernel's configs (HOPPER_CONFIGS, default: the default config),
+    the order of the variants rotated every round, each timing a median of up to 50 calls -> attention_spread.json:
+    per variant its TFLOP/s of every round, and per round the Gluon default's ratio to cuDNN and flash-attn-4."""
+    from labkit.kernels import flash_attn_hopper as hop
+
+    dev = torch.device("cuda")
+    rounds = int(os.environ.get("SPREAD_ROUNDS", "5"))
+    if rounds < 1:
+        raise SystemExit(f"SPREAD_ROUNDS={rounds}: give at least 1 round")
+    configs = _hopper_configs() if os.environ.get("HOPPER_CONFIGS") else [(hop.DEFAULT, hop.CONFIGS[hop.DEFAULT])]
+    records, cases = [], {}
+    for causal, n, b, q, k, v, flops, ref in _headline_cases(dev):
+        runs = {"sdpa_cudnn": lambda: A.sdpa_attention(q, k, v, causal, backend="cudnn")}
+        fa4 = A._variant_fn("flash_attn_4", q, k, v, causal)
+        if callable(fa4):
+            runs["flash_attn_4"] = fa4
+        for ci, cfg in configs:
+            runs[f"hopper_c{ci}"] = (lambda cfg=cfg: hop.flash_attention_hopper(q, k, v, causal, **cfg))
+        for name, fn in runs.items():  # compile, warm up and check once
+            o = fn()
+            o = o[0] if isinstance(o, tuple) else o
+            diff = (o.float() - ref.float()).abs().max().item()
+            if not diff <= 0.05:
+                raise AssertionError(f"{name} differs from SDPA flash by {diff:.3g} (causal={causal}, n={n})")
+        names = list(runs)
+        per = {name: [] for name in names}
+        for r in range(rounds):
+            order = names[r % len(names):] + names[:r % len(names)]
+            row = {}
+            for name in order:
+                row[name] = bench.tflops(flops, _time(runs[name]))
+                per[name].append(row[name])
+            records.append(dict(causal=causal, n=n, batch=b, round=r, order=order, **row))
+            log(json.dumps({k: (round(x, 1) if isinstance(x, float) else x) for k, x in records[-1].items()}))
+        key = f"{'causal' if causal else 'noncausal'}_{n}"
+        default = f"hopper_c{hop.DEFAULT}"
+        cases[key] = dict(
+            tflops={name: dict(median=statistics.median(t), min=min(t), max=max(t), spread=max(t) / min(t) - 1)
+                    for name, t in per.items()},
+            default_vs={peer: [a / p for a, p in zip(per[default], per[peer])]
+                        for peer in ("sdpa_cudnn", "flash_attn_4") if peer in per and default in per})
+        del q, k, v, ref
+        torch.cuda.empty_cache()
+    summary = dict(what="each headline case timed in rounds, the variants' order rotated every round",
+                   rounds=rounds, configs={f"hopper_c{ci}": hop.config_label(c) for ci, c in configs}, cases=cases)
+    bench.write_results(out / "attention_spread.json", records, summary)
+    log(f"spread: {json.dumps({k: {n: round(t['spread'], 3) for n, t in c['tflops'].items()} for k, c in cases.items()})}")
+    return summary
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("steps", nargs="+", choices=["check", "tune", "hf", "bench", "hopper"])
+    p.add_argument("steps", nargs="+", choices=["check", "tune", "hf", "bench", "hopper", "spread"])
     p.add_argument("--out", type=Path, default=Path(os.environ.get("LABKIT_OUT", "out")))
     p.add_argument("--seqlens", default="512,1024,2048,4096,8192,16384")
     args = p.parse_args(argv)
-    if "hopper" in args.steps:
+    if "hopper" in args.steps or "spread" in args.steps:
         _hopper_configs()  # refuse a bad HOPPER_CONFIGS before anything runs
     try:
         env.require_cuda("scripts/gpu_attention.py")
