@@ -38,6 +38,9 @@ def test_every_config_compiles_to_wgmma_tma_and_mbarriers(compiled):
             assert rec["local"] == 0, f"config {cfg} spills to local memory: {rec}"
         # the persistent form's descriptors span (batch, head, seq, dim): 4-D copies; the others' are per head, 2-D
         assert (rec["tma_4d"] >= 4) == bool(cfg.get("persistent")), rec
+        # the overlapped orders wait for the scores with P V still running (one wait per consumer); the others wait
+        # for everything (defer waits for both of its MMAs at once)
+        assert (rec["wgmma_wait1"] >= 2) == bool(cfg.get("overlap") or cfg.get("pipe")), rec
 
 
 def test_bad_configs_and_inputs_are_refused():

@@ -558,7 +558,10 @@ if gluon is not None:
         for it and O rescaled; the last P V alone. Key tile j is released (empty_bar slot) as soon as its scores are
         done, value tile j (empty_bar STAGES + slot) after its P V; Q on ``q_free`` after the last scores. PINGPONG:
         the two consumers take turns issuing their pair of wgmmas (``turn_bar``, ``it`` counts the turns), so one's
-        softmax runs while the other's matrix products do."""
+        softmax runs while the other's matrix products do. In the offline sm_90 SASS (Triton 3.6's ptxas) the row
+        maxima and the scaled scores come before the wait for P V but the wait itself sits after the first of the
+        64 exponentials, so the rest of the softmax does not run under P V; threading P and the row sums through
+        the wait's deps leaves the SASS unchanged (ptxas ignores register ties of inline PTX)."""
         dtype: gl.constexpr = my_q.dtype
         slot = r % STAGES
         mbarrier.wait(k_bar.index(slot), (r // STAGES) & 1)
@@ -875,6 +878,7 @@ for cfg, causal in json.loads(sys.argv[1]):
     out.append(dict(config=cfg, causal=causal, wgmma=ptx.count("wgmma.mma_async"),
                     tma=ptx.count("cp.async.bulk.tensor"), tma_4d=ptx.count("cp.async.bulk.tensor.4d"),
                     mbarrier_wait=ptx.count("mbarrier.try_wait"),
+                    wgmma_wait1=ptx.count("wgmma.wait_group.sync.aligned 1;"),
                     setmaxnreg=ptx.count("setmaxnreg"), shared=k.metadata.shared,
                     **offline.resource_usage(k.asm["cubin"])))
 print(json.dumps(out))
@@ -884,8 +888,9 @@ print(json.dumps(out))
 def offline_stats(cases: list[tuple[dict, bool]], timeout: float = 900) -> list[dict]:
     """Compile each (config, causal) for sm_90 without a GPU, in a fresh Python process (Triton imported without the
     interpreter), and count what the PTX is built from: ``wgmma`` (warpgroup MMAs), ``tma`` (bulk tensor copies;
-    ``tma_4d`` those over (batch, head, seq, dim)), ``mbarrier_wait``, ``setmaxnreg`` (register handover between
-    partitions); with ``shared`` memory bytes and, where Triton ships cuobjdump, ``registers`` per thread and
+    ``tma_4d`` those over (batch, head, seq, dim)), ``mbarrier_wait``, ``wgmma_wait1`` (waits that leave one group
+    of MMAs running: the overlapped orders wait for the scores while P V goes on), ``setmaxnreg`` (register handover
+    between partitions); with ``shared`` memory bytes and, where Triton ships cuobjdump, ``registers`` per thread and
     ``local`` (spill) bytes."""
     import json
     import os
