@@ -560,8 +560,9 @@ if gluon is not None:
         the two consumers take turns issuing their pair of wgmmas (``turn_bar``, ``it`` counts the turns), so one's
         softmax runs while the other's matrix products do. In the offline sm_90 SASS (Triton 3.6's ptxas) the row
         maxima and the scaled scores come before the wait for P V but the wait itself sits after the first of the
-        64 exponentials, so the rest of the softmax does not run under P V; threading P and the row sums through
-        the wait's deps leaves the SASS unchanged (ptxas ignores register ties of inline PTX)."""
+        64 exponentials, so the rest of the softmax does not run under P V. Threading P and the row sums through
+        the wait's deps puts the exponentials before the wait in the PTX, but the SASS comes out identical: ptxas
+        reorders them past it."""
         dtype: gl.constexpr = my_q.dtype
         slot = r % STAGES
         mbarrier.wait(k_bar.index(slot), (r // STAGES) & 1)
