@@ -56,6 +56,8 @@ def test_bad_configs_and_inputs_are_refused():
         hop.check_config(dict(hop.CONFIGS[11], pingpong=True))   # persistent turns need the overlap order
     with pytest.raises(ValueError, match="persistent form only"):
         hop.check_config(dict(hop.CONFIGS[0], overlap=True))
+    with pytest.raises(ValueError, match="set persistent=True, overlap=True"):
+        hop.check_config(dict(hop.CONFIGS[11], tree=True))
     with pytest.raises(ValueError, match="stages >= 3"):
         hop.check_config(dict(hop.CONFIGS[0], pipe=True, stages=2))
     with pytest.raises(ValueError, match="head_dim 128 only"):

@@ -61,9 +61,9 @@ except ImportError:  # no triton, or one without Gluon's Hopper module
 
 
 def _cfg(block_m, block_n, num_warps, stages, pipe, ws=False, defer=False, pingpong=False, persistent=False,
-         overlap=False) -> dict:
+         overlap=False, tree=False) -> dict:
     return dict(block_m=block_m, block_n=block_n, num_warps=num_warps, stages=stages, pipe=pipe, ws=ws, defer=defer,
-                pingpong=pingpong, persistent=persistent, overlap=overlap)
+                pingpong=pingpong, persistent=persistent, overlap=overlap, tree=tree)
 
 
 # the configurations; CONFIGS[DEFAULT] (persistent, FlashAttention-3's in-warpgroup order, the consumers taking
@@ -89,6 +89,7 @@ CONFIGS = (
     _cfg(128, 128, 4, 2, False, True, persistent=True),
     _cfg(128, 128, 4, 2, False, True, persistent=True, overlap=True),
     _cfg(128, 128, 4, 2, False, True, persistent=True, overlap=True, pingpong=True),
+    _cfg(128, 128, 4, 2, False, True, persistent=True, overlap=True, pingpong=True, tree=True),
 )
 DEFAULT = 13  # the index in CONFIGS of the head-dim-128 default
 # the warp-specialized form runs 9 warps, allocated as 3 warpgroups: at most 168 registers per thread on average
@@ -115,25 +116,50 @@ if gluon is not None:
         _tma_load(v_desc, [tile * BLOCK_N, 0], v_bar.index(slot), v_smem.index(slot), pred)
 
     @gluon.jit
+    def _fold(x, IS_MAX: gl.constexpr):
+        """(R, N) -> (R, N / 2): column c combined with column c + N / 2 (maximum or sum), one independent
+        operation per pair, where a row reduction chains them one after another."""
+        R: gl.constexpr = x.shape[0]
+        N: gl.constexpr = x.shape[1]
+        a, b = gl.split(gl.permute(gl.reshape(x, [R, 2, N // 2]), [0, 2, 1]))
+        if IS_MAX:
+            return gl.maximum(a, b)
+        return a + b
+
+    @gluon.jit
+    def _row_max(x, rows: gl.constexpr, TREE: gl.constexpr):
+        if TREE:  # three folds, then a chain of 4 per row: dependency depth 7 instead of 32
+            return gl.convert_layout(gl.max(_fold(_fold(_fold(x, True), True), True), 1), rows)
+        return gl.max(x, 1)
+
+    @gluon.jit
+    def _row_sum(x, rows: gl.constexpr, TREE: gl.constexpr):
+        if TREE:
+            return gl.convert_layout(gl.sum(_fold(_fold(_fold(x, False), False), False), 1), rows)
+        return gl.sum(x, 1)
+
+    @gluon.jit
     def _softmax_step(s, m_i, l_i, start_n, hi_full, offs_m, seqlen_kv, causal_shift, qk_scale,
-                      s_layout: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+                      s_layout: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, TREE: gl.constexpr = False):
         """The online-softmax statistics for one score tile (the teaching kernel's update): returns P~ (fp32),
         the factor that rescales the old statistics, and the new row sums and maxima. Tiles at or past
-        ``hi_full`` get the bounds and causal masks."""
+        ``hi_full`` get the bounds and causal masks. TREE: the row maxima and sums folded pairwise first
+        (``_fold``), so each thread's 32 values per row no longer form one chain of dependent operations."""
+        rows: gl.constexpr = gl.SliceLayout(1, s_layout)
         if start_n >= hi_full:
             cols = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
             keep = gl.expand_dims(cols, 0) < seqlen_kv
             if CAUSAL:
                 keep = keep & (gl.expand_dims(cols, 0) <= gl.expand_dims(offs_m, 1) + causal_shift)
             s = gl.where(keep, s * qk_scale, float("-inf"))
-            m_new = gl.maximum(m_i, gl.max(s, 1))
+            m_new = gl.maximum(m_i, _row_max(s, rows, TREE))
             s = s - gl.expand_dims(m_new, 1)
         else:
-            m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+            m_new = gl.maximum(m_i, _row_max(s, rows, TREE) * qk_scale)
             s = s * qk_scale - gl.expand_dims(m_new, 1)
         p = gl.exp2(s)
         alpha = gl.exp2(m_i - m_new)
-        l_i = l_i * alpha + gl.sum(p, 1)
+        l_i = l_i * alpha + _row_sum(p, rows, TREE)
         return p, alpha, l_i, m_new
 
     @gluon.jit
@@ -551,7 +577,7 @@ if gluon is not None:
     def _overlap_keys(my_q, k_smem, v_smem, k_bar, v_bar, empty_bar, q_free, turn_bar, r, it, n_tiles, acc, m_i, l_i,
                       s_zero, hi_full, offs_m, seqlen_kv, causal_shift, qk_scale, s_layout: gl.constexpr,
                       p_layout: gl.constexpr, rows_o: gl.constexpr, HALF: gl.constexpr, STAGES: gl.constexpr,
-                      BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr):
+                      BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, TREE: gl.constexpr):
         """One block's key tiles in FlashAttention-3's in-warpgroup order, one score tile in registers: the first
         tile's scores and softmax alone; then for each next tile j, Q K_j^T and P_{j-1} V_{j-1} issued back to back,
         the wait for the scores only (P V still running), the softmax of tile j under P_{j-1} V_{j-1}, then the wait
@@ -571,7 +597,7 @@ if gluon is not None:
         mbarrier.arrive(empty_bar.index(slot), count=1)
         mbarrier.arrive(q_free, count=1, pred=n_tiles == 1)
         p, alpha, l_i, m_i = _softmax_step(s, m_i, l_i, 0, hi_full, offs_m, seqlen_kv, causal_shift, qk_scale,
-                                           s_layout, BLOCK_N, CAUSAL)
+                                           s_layout, BLOCK_N, CAUSAL, TREE)
         pb = gl.convert_layout(p.to(dtype), p_layout)
         for j in range(1, n_tiles):
             cur = (r + j) % STAGES
@@ -589,7 +615,7 @@ if gluon is not None:
             mbarrier.arrive(empty_bar.index(cur), count=1)
             mbarrier.arrive(q_free, count=1, pred=j == n_tiles - 1)
             p, alpha, l_i, m_i = _softmax_step(s, m_i, l_i, j * BLOCK_N, hi_full, offs_m, seqlen_kv, causal_shift,
-                                               qk_scale, s_layout, BLOCK_N, CAUSAL)
+                                               qk_scale, s_layout, BLOCK_N, CAUSAL, TREE)
             acc = warpgroup_mma_wait(0, deps=(acc, v_smem.index(prev)))[0]
             mbarrier.arrive(empty_bar.index(STAGES + prev), count=1)
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_o), 1)
@@ -603,7 +629,8 @@ if gluon is not None:
 
     @gluon.jit
     def _p_consumer(descs, bufs, bars, scalars, LSE, HALF: gl.constexpr, STAGES: gl.constexpr,
-                    BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr):
+                    BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr,
+                    TREE: gl.constexpr):
         """One warpgroup's 64 query rows of every block of this program: the default form's key loop (or with
         OVERLAP, FlashAttention-3's in-warpgroup order, ``_overlap_keys``), then the epilogue through a staging tile
         of its own while the loader already fills the ring for the next block."""
@@ -643,7 +670,7 @@ if gluon is not None:
                                                       q_empty.index(HALF), bars[5], r, it, n_tiles, acc, m_i, l_i,
                                                       s_zero, hi_full, offs_m, seqlen_kv, causal_shift, qk_scale,
                                                       s_layout, p_layout, rows_o, HALF, STAGES, BLOCK_N, CAUSAL,
-                                                      PINGPONG)
+                                                      PINGPONG, TREE)
                 else:
                     for j in range(n_tiles):
                         # Q of this half is free for the next block once the last tile's scores are done
@@ -667,12 +694,12 @@ if gluon is not None:
 
     @gluon.jit
     def _p_consumer_1(descs, bufs, bars, scalars, LSE, STAGES: gl.constexpr, BLOCK_N: gl.constexpr,
-                      CAUSAL: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr):
-        _p_consumer(descs, bufs, bars, scalars, LSE, 1, STAGES, BLOCK_N, CAUSAL, OVERLAP, PINGPONG)
+                      CAUSAL: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr, TREE: gl.constexpr):
+        _p_consumer(descs, bufs, bars, scalars, LSE, 1, STAGES, BLOCK_N, CAUSAL, OVERLAP, PINGPONG, TREE)
 
     @gluon.jit
     def _p_loader_w(descs, bufs, bars, scalars, LSE, STAGES: gl.constexpr, BLOCK_N: gl.constexpr,
-                    CAUSAL: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr):
+                    CAUSAL: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr, TREE: gl.constexpr):
         _p_loader(descs, bufs, bars, scalars, LSE, STAGES, BLOCK_N, CAUSAL, OVERLAP)
 
     @gluon.jit
@@ -686,7 +713,7 @@ if gluon is not None:
                                     STAGES: gl.constexpr, CAUSAL: gl.constexpr, Q_SMEM: gl.constexpr,
                                     KV_SMEM: gl.constexpr, Q_SMEM4: gl.constexpr, KV_SMEM4: gl.constexpr,
                                     CONSUMER_REGS: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr,
-                                    num_warps: gl.constexpr):
+                                    TREE: gl.constexpr, num_warps: gl.constexpr):
         gl.static_assert(num_warps == 4, "the default partition is one consumer warpgroup")
         HALF_M: gl.constexpr = BLOCK_M // 2
         n_kv_heads = n_heads // group
@@ -741,9 +768,9 @@ if gluon is not None:
         bufs = (q_smem, k_smem, v_smem, o_smem)
         scalars = (n_heads, group, seqlen_q, seqlen_kv, seqlen_kv - seqlen_q, qk_scale, n_m, n_pairs, n_units)
         gl.warp_specialize([
-            (_p_consumer, (descs, bufs, bars, scalars, LSE, 0, STAGES, BLOCK_N, CAUSAL, OVERLAP, PINGPONG)),
-            (_p_consumer_1, (descs, bufs, bars, scalars, LSE, STAGES, BLOCK_N, CAUSAL, OVERLAP, PINGPONG)),
-            (_p_loader_w, (descs, bufs, bars, scalars, LSE, STAGES, BLOCK_N, CAUSAL, OVERLAP, PINGPONG)),
+            (_p_consumer, (descs, bufs, bars, scalars, LSE, 0, STAGES, BLOCK_N, CAUSAL, OVERLAP, PINGPONG, TREE)),
+            (_p_consumer_1, (descs, bufs, bars, scalars, LSE, STAGES, BLOCK_N, CAUSAL, OVERLAP, PINGPONG, TREE)),
+            (_p_loader_w, (descs, bufs, bars, scalars, LSE, STAGES, BLOCK_N, CAUSAL, OVERLAP, PINGPONG, TREE)),
         ], [4, 1], [CONSUMER_REGS, 24])
 
 
@@ -810,7 +837,7 @@ def compile_offline(cfg: dict, causal: bool = False, head_dim: int = 128, dtype=
     if persistent:
         q_sl4, kv_sl4 = smem_layouts(head_dim, cfg["block_m"] // 2, cfg["block_n"], dtype, rank=4)
         consts.update(CONSUMER_REGS=WS_CONSUMER_REGS, Q_SMEM4=q_sl4, KV_SMEM4=kv_sl4)
-        consts.update(OVERLAP=bool(cfg.get("overlap")), PINGPONG=bool(cfg.get("pingpong")))
+        consts.update(OVERLAP=bool(cfg.get("overlap")), PINGPONG=bool(cfg.get("pingpong")), TREE=bool(cfg.get("tree")))
         options["maxnreg"] = WS_MAXNREG
     elif ws:
         consts.update(PIPE=bool(cfg["pipe"]), DEFER=bool(cfg.get("defer")), PINGPONG=bool(cfg.get("pingpong")),
@@ -828,7 +855,8 @@ def config_label(cfg: dict) -> str:
     """A configuration in a few words, e.g. ``ws 128x128 ring 2 defer pingpong``."""
     words = ["ws" if cfg.get("ws") else f"{cfg['num_warps']} warps", f"{cfg['block_m']}x{cfg['block_n']}",
              f"ring {cfg['stages']}"]
-    return " ".join(words + [k for k in ("pipe", "defer", "pingpong", "persistent", "overlap") if cfg.get(k)])
+    return " ".join(words + [k for k in ("pipe", "defer", "pingpong", "persistent", "overlap", "tree")
+                             if cfg.get(k)])
 
 
 def check_config(cfg: dict, head_dim: int = 128) -> None:
@@ -845,6 +873,9 @@ def check_config(cfg: dict, head_dim: int = 128) -> None:
     if cfg.get("pingpong") and not (cfg.get("defer") or cfg.get("overlap")):
         raise ValueError("pingpong takes turns between the blocks of tensor-core work that defer (or, in the "
                          "persistent form, overlap) issues: set defer=True or persistent=True, overlap=True")
+    if cfg.get("tree") and not cfg.get("overlap"):
+        raise ValueError("tree (row maxima and sums folded pairwise) is built into the overlap order of the persistent "
+                         "form: set persistent=True, overlap=True")
     if cfg.get("overlap") and not cfg.get("persistent"):
         raise ValueError("overlap (FlashAttention-3's in-warpgroup order) is built into the persistent form only: "
                          "set persistent=True, or use pipe=True for the program-per-block kernel")
@@ -934,7 +965,7 @@ def flash_attention_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ca
                            block_n: int | None = None, num_warps: int | None = None, stages: int | None = None,
                            pipe: bool | None = None, ws: bool | None = None, defer: bool | None = None,
                            pingpong: bool | None = None, persistent: bool | None = None,
-                           overlap: bool | None = None, heavy_first: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                           overlap: bool | None = None, tree: bool | None = None, heavy_first: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """``flash_attn.flash_attention`` as a Gluon kernel for Hopper: same arguments, layout and result ``(o, lse)``.
 
     Row strides (dim 2) and base addresses must be multiples of 16 bytes, as for ``flash_attention_fast``.
@@ -958,10 +989,11 @@ def flash_attention_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ca
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     cfg = default_config(d, causal)
     if persistent is False or ws is False:  # the default's persistent form (and its overlap and turns) gives way
-        cfg.update(overlap=False, pingpong=False, persistent=False)
+        cfg.update(overlap=False, pingpong=False, persistent=False, tree=False)
     cfg.update({key: val for key, val in dict(block_m=block_m, block_n=block_n, num_warps=num_warps, stages=stages,
                                                pipe=pipe, ws=ws, defer=defer, pingpong=pingpong,
-                                               persistent=persistent, overlap=overlap).items() if val is not None})
+                                               persistent=persistent, overlap=overlap, tree=tree).items()
+                if val is not None})
     check_config(cfg, d)
     _require_hopper(q)
     if out is None:
@@ -1015,5 +1047,5 @@ def _persistent(q, k, v, out, lse, causal, scale, cfg, q_sl, kv_sl) -> None:
         HEAD_DIM=d, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], STAGES=cfg["stages"], CAUSAL=bool(causal),
         Q_SMEM=q_sl, KV_SMEM=kv_sl, Q_SMEM4=q_sl4, KV_SMEM4=kv_sl4, CONSUMER_REGS=WS_CONSUMER_REGS,
         num_warps=cfg["num_warps"], maxnreg=WS_MAXNREG,
-        OVERLAP=bool(cfg.get("overlap")), PINGPONG=bool(cfg.get("pingpong")),
+        OVERLAP=bool(cfg.get("overlap")), PINGPONG=bool(cfg.get("pingpong")), TREE=bool(cfg.get("tree")),
     )
