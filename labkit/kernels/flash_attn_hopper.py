@@ -79,7 +79,9 @@ def _cfg(block_m, block_n, num_warps, stages, pipe, ws=False, defer=False, pingp
 # overlap without turns 450 / 563 / 599 / 604, the persistent form in the plain order 474 / 505 / 518 / 535, the first
 # config 374 / 500 / 467 / 524, beside cuDNN 566 / 569 / 575 / 607 and flash-attn-4 564 / 567 / 609 / 649. The new
 # order gained 13-18% at 16k and non-causal 4k in both of its runs; causal 4k varies from run to run (the default:
-# 552 in the first run, d4e5318, 449 here).
+# 552 in the first run, d4e5318, 449 here). ``tree`` (the last: row maxima and sums folded pairwise) against the
+# default, three rounds in one process (attention_spread_tree.json, b8ce103): medians 475 / 565 / 552 / 594 against
+# 464 / 572 / 556 / 603, +2.4% at causal 4k and 0.7-1.5% slower elsewhere: not adopted.
 CONFIGS = (
     _cfg(128, 128, 4, 2, False, True), _cfg(128, 128, 4, 3, False, True),
     _cfg(128, 128, 4, 2, False, True, defer=True), _cfg(128, 128, 4, 2, False, True, defer=True, pingpong=True),
