@@ -756,6 +756,31 @@ def summarize_hopper_runs(rows: list[dict], configs: dict[int, dict], defaults: 
                 checks=checks)
 
 
+def summarize_spread(records: list[dict], default: str, peers=("sdpa_cudnn", "flash_attn_4")) -> dict:
+    """The per-case summary of ``scripts/gpu_attention.py spread``. ``records``: one dict per (case, round) with
+    ``causal``, ``n``, ``round`` and TFLOP/s under each variant's name. Per case: every variant's min, median and max
+    over the rounds and ``spread`` (max / min - 1); and ``default_vs``, the ratio of ``default`` to each peer, round
+    by round (both timed in the same round), for the peers present in every round."""
+    import statistics
+
+    per_case: dict[str, list[dict]] = {}
+    for r in sorted(records, key=lambda r: r["round"]):
+        per_case.setdefault(f"{'causal' if r['causal'] else 'noncausal'}_{r['n']}", []).append(r)
+    skip = {"causal", "n", "batch", "round", "order"}
+    cases = {}
+    for key, rows in per_case.items():
+        names = [k for k in rows[0] if k not in skip]
+        tflops = {}
+        for name in names:
+            t = [r[name] for r in rows if r.get(name)]
+            if t:
+                tflops[name] = dict(median=statistics.median(t), min=min(t), max=max(t), spread=max(t) / min(t) - 1)
+        vs = {peer: [r[default] / r[peer] for r in rows] for peer in peers
+              if all(r.get(peer) and r.get(default) for r in rows)}
+        cases[key] = dict(tflops=tflops, default_vs=vs)
+    return cases
+
+
 def plot_benchmark(doc: dict, path=None, title: str | None = None):
     """TFLOP/s (causal, non-causal) and peak memory against sequence length; saved to ``path`` if given."""
     import matplotlib.pyplot as plt

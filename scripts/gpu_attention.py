@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 import traceback
@@ -322,6 +321,14 @@ def step_hopper(out: Path) -> dict:
     return summary
 
 
+def _spread_rounds() -> int:
+    """SPREAD_ROUNDS (default 5); anything but a whole number of at least 1 ends the run with one line."""
+    raw = os.environ.get("SPREAD_ROUNDS", "5")
+    if not raw.isdigit() or int(raw) < 1:
+        raise SystemExit(f"SPREAD_ROUNDS={raw}: give a whole number of rounds, at least 1 (default 5)")
+    return int(raw)
+
+
 def step_spread(out: Path) -> dict:
     """How much one number moves: each headline case timed SPREAD_ROUNDS times (default 5) for SDPA cuDNN,
     flash-attn-4 (where installed) and the Gluon kernel's configs (HOPPER_CONFIGS, default: the default config),
@@ -330,11 +337,9 @@ def step_spread(out: Path) -> dict:
     from labkit.kernels import flash_attn_hopper as hop
 
     dev = torch.device("cuda")
-    rounds = int(os.environ.get("SPREAD_ROUNDS", "5"))
-    if rounds < 1:
-        raise SystemExit(f"SPREAD_ROUNDS={rounds}: give at least 1 round")
+    rounds = _spread_rounds()
     configs = _hopper_configs() if os.environ.get("HOPPER_CONFIGS") else [(hop.DEFAULT, hop.CONFIGS[hop.DEFAULT])]
-    records, cases = [], {}
+    records = []
     for causal, n, b, q, k, v, flops, ref in _headline_cases(dev):
         runs = {"sdpa_cudnn": lambda: A.sdpa_attention(q, k, v, causal, backend="cudnn")}
         fa4 = A._variant_fn("flash_attn_4", q, k, v, causal)
@@ -349,24 +354,14 @@ def step_spread(out: Path) -> dict:
             if not diff <= 0.05:
                 raise AssertionError(f"{name} differs from SDPA flash by {diff:.3g} (causal={causal}, n={n})")
         names = list(runs)
-        per = {name: [] for name in names}
         for r in range(rounds):
             order = names[r % len(names):] + names[:r % len(names)]
-            row = {}
-            for name in order:
-                row[name] = bench.tflops(flops, _time(runs[name]))
-                per[name].append(row[name])
+            row = {name: bench.tflops(flops, _time(runs[name])) for name in order}
             records.append(dict(causal=causal, n=n, batch=b, round=r, order=order, **row))
             log(json.dumps({k: (round(x, 1) if isinstance(x, float) else x) for k, x in records[-1].items()}))
-        key = f"{'causal' if causal else 'noncausal'}_{n}"
-        default = f"hopper_c{hop.DEFAULT}"
-        cases[key] = dict(
-            tflops={name: dict(median=statistics.median(t), min=min(t), max=max(t), spread=max(t) / min(t) - 1)
-                    for name, t in per.items()},
-            default_vs={peer: [a / p for a, p in zip(per[default], per[peer])]
-                        for peer in ("sdpa_cudnn", "flash_attn_4") if peer in per and default in per})
         del q, k, v, ref
         torch.cuda.empty_cache()
+    cases = A.summarize_spread(records, f"hopper_c{hop.DEFAULT}")
     summary = dict(what="each headline case timed in rounds, the variants' order rotated every round",
                    rounds=rounds, configs={f"hopper_c{ci}": hop.config_label(c) for ci, c in configs}, cases=cases)
     bench.write_results(out / "attention_spread.json", records, summary)
@@ -382,6 +377,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if "hopper" in args.steps or "spread" in args.steps:
         _hopper_configs()  # refuse a bad HOPPER_CONFIGS before anything runs
+    if "spread" in args.steps:
+        _spread_rounds()
     try:
         env.require_cuda("scripts/gpu_attention.py")
     except env.LabkitError as exc:

@@ -237,3 +237,36 @@ def test_memory_budget_raises_before_allocating_and_model_matches_count():
         assert predicted <= budget.peak_bytes <= predicted + 64 * 1024, (chunk, window, budget.peak_bytes)
     with pytest.raises(ValueError, match="positive"):
         A.MemoryBudget(0)
+
+
+def test_summarize_spread_per_variant_and_per_round():
+    """The spread step's summary: each variant's min / median / max over the rounds, and the default's ratio to a
+    peer taken round by round (both timed in the same round); a peer missing from a round is left out."""
+    rows = [dict(causal=True, n=4096, batch=4, round=r, order=[], hopper_c13=ours, sdpa_cudnn=cudnn,
+                 flash_attn_4=fa4)
+            for r, (ours, cudnn, fa4) in enumerate([(500.0, 550.0, 520.0), (540.0, 500.0, None), (520.0, 520.0, 510.0)])]
+    rows.append(dict(causal=False, n=16384, batch=1, round=0, order=[], hopper_c13=600.0, sdpa_cudnn=600.0))
+    cases = A.summarize_spread(rows, "hopper_c13")
+    c = cases["causal_4096"]
+    assert c["tflops"]["hopper_c13"] == dict(median=520.0, min=500.0, max=540.0, spread=pytest.approx(0.08))
+    assert c["tflops"]["flash_attn_4"]["median"] == 515.0          # the rounds where it ran
+    assert c["default_vs"]["sdpa_cudnn"] == pytest.approx([500 / 550, 540 / 500, 1.0])
+    assert "flash_attn_4" not in c["default_vs"]                   # missing from round 1: no per-round ratio
+    assert cases["noncausal_16384"]["default_vs"] == {"sdpa_cudnn": [1.0]}
+
+
+@pytest.mark.parametrize("env,message", [({"SPREAD_ROUNDS": "0"}, "SPREAD_ROUNDS=0: give a whole number"),
+                                         ({"SPREAD_ROUNDS": "two"}, "SPREAD_ROUNDS=two: give a whole number"),
+                                         ({"HOPPER_CONFIGS": "99"}, "are not indices")])
+def test_gpu_attention_spread_refuses_bad_settings_before_looking_for_a_gpu(env, message):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, str(root / "scripts" / "gpu_attention.py"), "spread"],
+                         env=dict(os.environ, PYTHONPATH=str(root), **env), capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode != 0
+    assert message in res.stderr + res.stdout
