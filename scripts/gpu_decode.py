@@ -10,6 +10,8 @@ pipeline: labkit.pipeline.run_matrix on SmolLM2 and the 7B shape -> pipeline.jso
 prefetch: the batch-1 step with the small kernels' L2 prefetch at several sizes -> decode_prefetch.json.
 rowpf:   the batch-1 step with the word-layout GEMVs prefetching their own rows before the PDL wait
          -> decode_row_prefetch.json.
+silu:    the down GEMV with silu(gate) * up in its prologue against the same GEMV given h -> decode_silu.json
+         (GEMV_FORMATS, default bf16,int8-il,int4-il: the step's batch-1 layouts).
 Environment: GEMV_FORMATS, GEMV_SHAPES (subsets for kernels), GEMV_M (rows of x, default 1), GEMV_SWEEP=wide (row-major
 int8 at longer K steps), GEMV_SWEEP=stages (the batch-1 CUDA-core configs with their K loop pipelined 2-4 deep) or
 GEMV_SWEEP=variants
@@ -66,6 +68,76 @@ def _sweep_configs(kind):
             for warps in (4, 8) for split in (1, 4) if bn * bk <= 32768]
 
 
+def _quantized(w, fmt: str):
+    """A bf16 weight in one of GEMV_FORMATS: bf16, int8 / int4 (row-major), int8-il / int4-il (word layout)."""
+    from labkit.kernels import wo_matmul as wo
+
+    return {"bf16": lambda: w, "int8": lambda: wo.quantize_int8(w), "int4": lambda: wo.quantize_int4(w, 128),
+            "int8-il": lambda: wo.interleave(wo.quantize_int8(w)),
+            "int4-il": lambda: wo.interleave(wo.quantize_int4(w, 128))}[fmt]()
+
+
+def _time_configs(x, qw, silu, cands, ref32, label):
+    """Every config of cands run once (its largest error against ref32) and timed (wo.time_gemv, a CUDA graph over
+    weight copies beyond L2): [(ms, config, max error)], fastest first; a config that cannot run is logged and
+    skipped."""
+    from labkit.kernels import wo_matmul as wo
+
+    timed = []
+    for cfg in dict.fromkeys(cands):
+        try:
+            y = wo.wo_matmul(x, qw, silu_gate_up=silu, config=cfg)
+            err = (y.float() - ref32).abs().max().item()
+            t = wo.time_gemv(x, qw, silu, cfg)
+        except Exception as exc:  # too many registers and the like
+            log(f"  {label} {cfg}: {type(exc).__name__}: {str(exc)[:120]}")
+            continue
+        timed.append((t, cfg, err))
+    if not timed:
+        raise RuntimeError(f"{label}: no config could run")
+    return sorted(timed, key=lambda r: r[0])
+
+
+def part_silu():
+    """What silu(gate) * up costs the down GEMV: the 7B shape's down (4096 x 11008) at batch 1, every tuner candidate
+    timed with the activation product computed in the GEMV's prologue from [gate | up] (as the step does now) and
+    with h = silu(gate) * up already computed (what a gate_up GEMV writing h would hand over), beside the product
+    as a kernel of its own -> decode_silu.json."""
+    from labkit import models
+    from labkit.kernels import wo_matmul as wo
+
+    dev = env.device()
+    read_bw = env.measure_read_bandwidth(dev)
+    shape = models.PRESETS["llama2-7b-shape"]
+    N, K = shape.hidden_size, shape.intermediate_size
+    gen = torch.Generator(dev).manual_seed(0)
+    w = torch.randn(N, K, device=dev, dtype=torch.bfloat16, generator=gen) * 0.02
+    gu = torch.randn(1, 2 * K, device=dev, dtype=torch.bfloat16, generator=gen)
+    h = torch.nn.functional.silu(gu[:, :K]) * gu[:, K:]
+    t_product = bench.graph_time_ms([lambda: torch.nn.functional.silu(gu[:, :K]) * gu[:, K:]])
+    recs = []
+    for fmt in os.environ.get("GEMV_FORMATS", "bf16,int8-il,int4-il").split(","):
+        qw = _quantized(w, fmt)
+        ref32 = wo.matmul_reference(h.float(), wo.dequantize(qw, torch.float32))
+        cands = wo.candidates_for(wo._kind(qw), 1)
+        nbytes = wo.weight_nbytes(qw)
+        r = {"shape": "down", "N": N, "K": K, "M": 1, "weights": fmt, "weight_bytes": nbytes,
+             "silu_mul_kernel_ms": t_product}
+        for mode, x, silu in (("prologue", gu, True), ("given_h", h, False)):
+            timed = _time_configs(x, qw, silu, cands, ref32, f"down {fmt} {mode}")
+            t, cfg, err = timed[0]
+            r[mode] = {"ms": t, "config": cfg.__dict__, "max_err": err, "fraction_of_read_bw": nbytes / (t / 1e3) / read_bw}
+        r["saving_ms"] = r["prologue"]["ms"] - r["given_h"]["ms"]
+        recs.append(r)
+        log(f"down {fmt:7s} silu in the prologue {r['prologue']['ms'] * 1e3:6.1f} us "
+            f"({r['prologue']['fraction_of_read_bw']:.0%}), h given {r['given_h']['ms'] * 1e3:6.1f} us "
+            f"({r['given_h']['fraction_of_read_bw']:.0%}); silu * up on its own {t_product * 1e3:.1f} us")
+    bench.write_results(OUT / "decode_silu.json", recs, {
+        "read_bandwidth_Bps": read_bw, "what": "the down GEMV at batch 1 with silu(gate) * up in its prologue and "
+        "with h given; the best tuner candidate of each, timed in CUDA graphs over weight copies beyond L2",
+        "saving_ms": {r["weights"]: r["saving_ms"] for r in recs}})
+
+
 def part_kernels(sweep=False):
     """Every 7B-shape GEMV: all tuner candidates (and a wider word-kernel grid with sweep), timed in CUDA graphs."""
     from labkit import models
@@ -92,9 +164,7 @@ def part_kernels(sweep=False):
         del copies
         fmts = os.environ.get("GEMV_FORMATS", "bf16,int8,int4,int8-il,int4-il").split(",")
         for fmt in fmts:
-            qw = {"bf16": lambda: w, "int8": lambda: wo.quantize_int8(w), "int4": lambda: wo.quantize_int4(w, 128),
-                  "int8-il": lambda: wo.interleave(wo.quantize_int8(w)),
-                  "int4-il": lambda: wo.interleave(wo.quantize_int4(w, 128))}[fmt]()
+            qw = _quantized(w, fmt)
             kind = wo._kind(qw)
             ref32 = wo.matmul_reference(x.float(), wo.dequantize(qw, torch.float32), silu_gate_up=silu)
             ref16 = wo.matmul_reference(x, qw, silu_gate_up=silu).float()
@@ -104,17 +174,7 @@ def part_kernels(sweep=False):
                 cands = _sweep_configs(kind)
             else:
                 cands = wo.candidates_for(kind, M) + (_sweep_configs(kind) if sweep else [])
-            timed = []
-            for cfg in dict.fromkeys(cands):
-                try:
-                    y = wo.wo_matmul(x, qw, silu_gate_up=silu, config=cfg)
-                    err = (y.float() - ref32).abs().max().item()
-                    t = wo.time_gemv(x, qw, silu, cfg)
-                except Exception as exc:  # too many registers and the like
-                    log(f"  {name} {fmt} {cfg}: {type(exc).__name__}: {str(exc)[:120]}")
-                    continue
-                timed.append((t, cfg, err))
-            timed.sort(key=lambda r: r[0])
+            timed = _time_configs(x, qw, silu, cands, ref32, f"{name} {fmt}")
             t, cfg, err = timed[0]
             ok = all(e <= 2 * err_torch + 1e-3 * ref32.abs().max().item() for _, _, e in timed)
             best_by_variant = {}
@@ -253,7 +313,7 @@ def part_pipeline():
 
 
 PARTS = {"kernels": part_kernels, "sweep": part_sweep, "decode": part_decode, "smollm2": part_smollm2,
-         "prefetch": part_prefetch, "rowpf": part_rowpf, "pipeline": part_pipeline}
+         "prefetch": part_prefetch, "rowpf": part_rowpf, "pipeline": part_pipeline, "silu": part_silu}
 
 if __name__ == "__main__":
     unknown = [a for a in sys.argv[1:] if a not in PARTS]
