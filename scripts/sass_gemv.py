@@ -20,6 +20,11 @@ the per-word-accumulator kernel issues about a third fewer instructions per weig
 and on an H200 it ran slower than the word kernel at every 7B-shape GEMV (results/nvidia-h200/gemv_word_variants.json).
 
     python scripts/sass_gemv.py [--out FILE] [--json FILE] [--bandwidth 2.97e12,4.22e12] [--clock-ghz 1.98] [--sms 132]
+        [--silu]
+
+``--silu`` compiles every kernel a second time as the decode step's down GEMV runs it, with silu(gate) * up computed
+from [gate | up] in the prologue of each K step, and reports what that adds per weight: every program computes it
+again for the columns it reads.
 """
 from __future__ import annotations
 
@@ -149,15 +154,22 @@ def kernels():
     return out
 
 
-def analyse(issue: float, bandwidths: list[float]) -> list[dict]:
+def _loop(label, fn, sig, consts, warps) -> tuple[list[str], int | None]:
+    sass, regs = compile_sass(fn, sig, consts, warps)
+    body = main_loop(sass)
+    if not body:
+        raise RuntimeError(f"{label}: no loop found in the SASS")
+    return body, regs
+
+
+def analyse(issue: float, bandwidths: list[float], silu: bool = False) -> list[dict]:
     """One row per kernel: its loop length, instructions per weight (total, by class, top opcodes) and, for each
-    bandwidth, the instructions per weight the issue rate ``issue`` (thread-instructions/s) allows."""
+    bandwidth, the instructions per weight the issue rate ``issue`` (thread-instructions/s) allows. With ``silu``,
+    each kernel is compiled a second time with silu(gate) * up computed from [gate | up] in its prologue, as the
+    down GEMV of the decode step runs it (``silu_per_weight``, ``silu_opcodes``)."""
     rows = []
     for name, label, fn, sig, consts, warps, per_thread in kernels():
-        sass, regs = compile_sass(fn, sig, consts, warps)
-        body = main_loop(sass)
-        if not body:
-            raise RuntimeError(f"{label}: no loop found in the SASS")
+        body, regs = _loop(label, fn, sig, consts, warps)
         bytes_per_weight = {"int4": 0.5, "int8": 1.0}.get(name[:4], 2.0)
         rows.append({
             "name": name, "label": label, "loop": len(body), "weights_per_thread": per_thread, "registers": regs,
@@ -173,6 +185,10 @@ def analyse(issue: float, bandwidths: list[float]) -> list[dict]:
             # program waits at each barrier, so only other programs on the SM hide the latency meanwhile
             "barriers": body.count("BAR"),
         })
+        if silu:
+            sbody, sregs = _loop(label, fn, sig, dict(consts, PRO_SILU=True), warps)
+            rows[-1].update(silu_per_weight=len(sbody) / per_thread, silu_registers=sregs,
+                            silu_opcodes=dict(collections.Counter(sbody)))
     return rows
 
 
@@ -185,6 +201,8 @@ def main(argv=None) -> int:
                         "committed H100 and H200 decode runs)")
     p.add_argument("--clock-ghz", type=float, default=1.98, help="SM clock (default: the SXM parts' 1.98 GHz boost)")
     p.add_argument("--sms", type=int, default=132, help="streaming multiprocessors (H100/H200 SXM: 132)")
+    p.add_argument("--silu", action="store_true",
+                   help="also compile each kernel with silu(gate) * up in its prologue (the down GEMV's form)")
     args = p.parse_args(argv)
     try:
         bandwidths = [float(b) for b in args.bandwidth.split(",")]
@@ -203,7 +221,7 @@ def main(argv=None) -> int:
     report = [f"offline SASS, sm_90, triton {triton.__version__} (this machine; the GPU runner's version may "
               f"schedule differently); issue rate {args.sms} SMs x 4 x 32 x {args.clock_ghz} GHz = "
               f"{issue / 1e12:.1f} T thread-instructions/s"]
-    rows = analyse(issue, bandwidths)
+    rows = analyse(issue, bandwidths, silu=args.silu)
     if args.json:
         import json
 
@@ -222,6 +240,11 @@ def main(argv=None) -> int:
                           f"issue alone caps the GEMV at {min(1.0, budget / row['per_weight']):.0%} of the "
                           "bandwidth floor")
         report.append(f"    {row['barriers']} barriers (bar.sync) per K step")
+        if "silu_per_weight" in row:
+            extra = row["silu_per_weight"] - row["per_weight"]
+            report.append(f"    with silu(gate) * up in the prologue (the down GEMV): {row['silu_per_weight']:.2f} "
+                          f"instructions per weight ({extra:+.2f}; {row['silu_opcodes'].get('MUFU', 0)} MUFU per K "
+                          f"step against {row['opcodes'].get('MUFU', 0)}), {row['silu_registers']} registers")
         report.append("    per weight by class: " + ", ".join(f"{k} {v:.2f}" for k, v in row["by_class"].items()))
         report.append("    top opcodes per weight: " + ", ".join(f"{k} {v:.2f}" for k, v in row["top"].items()))
     text = "\n".join(report)

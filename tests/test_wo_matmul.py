@@ -459,8 +459,8 @@ def test_offline_sass_of_the_gemv_loops(tmp_path):
     import sys
 
     out = tmp_path / "sass.json"
-    res = subprocess.run([sys.executable, str(env.repo_root() / "scripts" / "sass_gemv.py"), "--json", str(out)],
-                         capture_output=True, text=True, timeout=600)
+    res = subprocess.run([sys.executable, str(env.repo_root() / "scripts" / "sass_gemv.py"), "--json", str(out),
+                          "--silu"], capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-2000:]
     rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
     assert set(rows) == {"int4-acc", "int4", "int8-acc", "int8", "bf16", "int8-rows", "int4-h2", "int8-h2"}
@@ -493,6 +493,12 @@ def test_offline_sass_of_the_gemv_loops(tmp_path):
         assert reduce_ops(acc) < 0.5 * reduce_ops(step), (bits, reduce_ops(acc), reduce_ops(step))
         assert all(r["registers"] is None or 0 < r["registers"] <= 255 for r in (acc, step)), (acc, step)
     assert "at 4.22 TB/s the budget is" in res.stdout
+    # the down GEMV's form (--silu): silu(gate) * up in every program's prologue costs exponentials and reciprocals
+    # (MUFU) the plain loop has none of, and instructions per weight on top of the weight's own
+    for name, r in rows.items():
+        assert r["silu_opcodes"].get("MUFU", 0) > r["opcodes"].get("MUFU", 0), (name, r["silu_opcodes"])
+        assert r["silu_per_weight"] > r["per_weight"], (name, r["silu_per_weight"], r["per_weight"])
+    assert "with silu(gate) * up in the prologue" in res.stdout
     bad = subprocess.run([sys.executable, str(env.repo_root() / "scripts" / "sass_gemv.py"), "--bandwidth", "fast"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "error: --bandwidth" in bad.stderr and "Traceback" not in bad.stderr
