@@ -324,6 +324,10 @@ if __name__ == "__main__":
     bad = [f for f in os.environ.get("GEMV_FORMATS", "bf16").split(",") if f not in ok]
     if bad:
         sys.exit(f"error: GEMV_FORMATS takes {', '.join(ok)} separated by commas (got {', '.join(bad)})")
+    try:  # every part times on a GPU: say so once, before any log is opened
+        env.require_cuda("scripts/gpu_decode.py")
+    except env.LabkitError as exc:
+        sys.exit(f"error: {exc}")
     log(f"== {time.strftime('%H:%M:%S')} {env.device_name()} {json.dumps(env.versions())}")
     for name in sys.argv[1:]:
         t0 = time.time()

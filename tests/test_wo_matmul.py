@@ -502,3 +502,24 @@ def test_offline_sass_of_the_gemv_loops(tmp_path):
     bad = subprocess.run([sys.executable, str(env.repo_root() / "scripts" / "sass_gemv.py"), "--bandwidth", "fast"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "error: --bandwidth" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal a machine without a GPU gets")
+@pytest.mark.parametrize("args,env_extra,message", [
+    (["silu"], {}, "needs a CUDA GPU"),
+    (["silu"], {"GEMV_FORMATS": "int3"}, "GEMV_FORMATS takes"),
+    (["nonsense"], {}, "name parts to run from"),
+])
+def test_gpu_decode_refuses_in_one_line(tmp_path, args, env_extra, message):
+    """scripts/gpu_decode.py: an unknown part, a bad GEMV_FORMATS or no GPU end the run with one line, before any
+    log is written."""
+    import os
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, str(env.repo_root() / "scripts" / "gpu_decode.py"), *args],
+                         env=dict(os.environ, PYTHONPATH=str(env.repo_root()), LABKIT_OUT=str(tmp_path), **env_extra),
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0 and message in res.stderr, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert not list(tmp_path.iterdir())                                   # no log opened
