@@ -13,7 +13,7 @@ rowpf:   the batch-1 step with the word-layout GEMVs prefetching their own rows 
 silu:    the down GEMV with silu(gate) * up in its prologue against the same GEMV given h -> decode_silu.json
          (GEMV_FORMATS, default bf16,int8-il,int4-il: the step's batch-1 layouts).
 Environment: GEMV_FORMATS, GEMV_SHAPES (subsets for kernels), GEMV_M (rows of x, default 1), GEMV_SWEEP=wide (row-major
-int8 at longer K steps), GEMV_SWEEP=stages (the batch-1 CUDA-core configs with their K loop pipelined 2-4 deep) or
+int8 at longer K steps), GEMV_SWEEP=tma (the packed-fp16 word kernel with its words copied by TMA, 2-4 stages), GEMV_SWEEP=stages (the batch-1 CUDA-core configs with their K loop pipelined 2-4 deep) or
 GEMV_SWEEP=variants
 (sweep: the word kernel's loop variants, each step reducing / loading one step ahead / per-word accumulators /
 packed fp16 arithmetic for int4).
@@ -59,6 +59,13 @@ def _sweep_configs(kind):
                     for bn in (1, 2, 4, 8) for bk in (2048, 4096, 8192) for warps in (4, 8) for split in (1, 2)
                     if bn * bk <= 32768]
         return []
+    if os.environ.get("GEMV_SWEEP") == "tma":  # the packed-fp16 word kernel with its words copied by TMA, pipelined
+        if kind < 3:
+            return []
+        tiles = ((32, 1024, 4), (16, 2048, 4), (64, 512, 4), (32, 2048, 8), (64, 1024, 8), (16, 1024, 4),
+                 (32, 512, 4))
+        return [wo.GemvConfig(bn, bk, warps, "h2", split, stages=st, tma=True) for bn, bk, warps in tiles
+                for st in (2, 3, 4) for split in (1, 4) if st * bn * bk // (2 if kind == 4 else 1) <= 160 * 1024]
     if os.environ.get("GEMV_SWEEP") == "variants":  # the word kernel's loop variants on a narrower grid (M = 1)
         variants = ("tile", "pf", "acc") + (("h2",) if kind == 4 else ())  # h2: int4 in packed fp16 arithmetic
         return [wo.GemvConfig(bn, bk, warps, variant, split) for variant in variants
@@ -119,7 +126,7 @@ def part_silu():
     for fmt in os.environ.get("GEMV_FORMATS", "bf16,int8-il,int4-il").split(","):
         qw = _quantized(w, fmt)
         ref32 = wo.matmul_reference(h.float(), wo.dequantize(qw, torch.float32))
-        cands = wo.candidates_for(wo._kind(qw), 1)
+        cands = wo.candidates_for(wo._kind(qw), 1, tma=wo.tma_supported(dev))
         nbytes = wo.weight_nbytes(qw)
         r = {"shape": "down", "N": N, "K": K, "M": 1, "weights": fmt, "weight_bytes": nbytes,
              "silu_mul_kernel_ms": t_product}

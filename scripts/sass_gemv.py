@@ -131,11 +131,20 @@ def kernels():
     h2["BITS"] = "constexpr"
     h2["STAGES"] = "constexpr"  # None: the plain K loop the tuner's h2 configs run
     h2["ROW_PF"] = "constexpr"
+    h2["TMA"] = "constexpr"
     for bits, cfg in ((4, wo.CANDIDATES_H2[0]), (8, wo.CANDIDATES_H2_INT8[0])):
         c = {"PRO_SILU": False, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "PDL": False, "RAGGED": False,
-             "EVEN": True, "INTERPRET": False, "BITS": bits, "STAGES": None, "ROW_PF": 0}
+             "EVEN": True, "INTERPRET": False, "BITS": bits, "STAGES": None, "ROW_PF": 0, "TMA": False}
         out.append((f"int{bits}-h2", f"int{bits} word kernel with packed fp16 arithmetic, {cfg.block_n} rows x "
                     f"{cfg.block_k} columns, {cfg.num_warps} warps", wo._wo_gemv_h2_kernel, h2, c, cfg.num_warps,
+                    cfg.block_n * cfg.block_k / (32 * cfg.num_warps)))
+    for bits, cfg in ((4, wo.CANDIDATES_H2_TMA[0]), (8, wo.CANDIDATES_H2_INT8_TMA[0])):  # words copied by TMA
+        tile = f"{cfg.block_n}, {cfg.block_k // 128}, 16" if bits == 4 else f"{cfg.block_n}, {cfg.block_k // 128}, 2, 16"
+        c = {"PRO_SILU": False, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "PDL": False, "RAGGED": False,
+             "EVEN": True, "INTERPRET": False, "BITS": bits, "STAGES": cfg.stages, "ROW_PF": 0, "TMA": True}
+        out.append((f"int{bits}-h2-tma", f"int{bits} packed fp16 kernel, words by TMA in {cfg.stages} stages, "
+                    f"{cfg.block_n} rows x {cfg.block_k} columns, {cfg.num_warps} warps", wo._wo_gemv_h2_kernel,
+                    dict(h2, w_ptr=f"tensordesc<i32[{tile}]>"), c, cfg.num_warps,
                     cfg.block_n * cfg.block_k / (32 * cfg.num_warps)))
     g1 = {"x_ptr": "*bf16", "w_ptr": "*bf16", "s_ptr": "*bf16", "z_ptr": "*bf16", "y_ptr": "*bf16",
           "N": "i32", "K": "i32", "stride_wn": "i32", "stride_sn": "i32", "stride_ys": "i32", "K_CHUNK": "i32"}

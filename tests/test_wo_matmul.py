@@ -347,7 +347,7 @@ os.environ["TRITON_INTERPRET"] = "0"
 sys.path.insert(0, "scripts")
 import sass_gemv
 for name, _, fn, sig, c, warps, _ in sass_gemv.kernels():
-    if "ROW_PF" in c:
+    if "ROW_PF" in c and not c.get("TMA"):  # the TMA form has no row prefetch (its copies are already ahead)
         for pdl, pf in ((True, 0), (True, 4), (False, 4)):
             ptx = sass_gemv.compile_offline(fn, sig, dict(c, PDL=pdl, ROW_PF=pf), warps).asm["ptx"]
             first, wait = ptx.find("prefetch.global.L2"), ptx.find("griddepcontrol.wait")

@@ -991,24 +991,36 @@ if triton is not None:
         return a | (b << 16)
 
     @triton.jit
-    def _h2_words(w_ptr, offs_n, mask_n, stride_wn, k0, K, NC: tl.constexpr, EVEN: tl.constexpr, BITS: tl.constexpr):
+    def _h2_words(w_ptr, offs_n, mask_n, stride_wn, k0, K, NC: tl.constexpr, EVEN: tl.constexpr, BITS: tl.constexpr,
+                  TMA: tl.constexpr = False):
         """The words of one K step of the packed-fp16 kernel for NC chunks of 128 columns, as two (BLOCK_N, NC, 16)
         tensors: int4, the chunk's 16 words (twice, the same tensor); int8, its first and second 64 columns (16 words
-        each). With the chunk indices and the mask of the chunks inside the row."""
-        if BITS == 4:
-            wd, c_idx, mask_c = _il1_words(w_ptr, offs_n, mask_n, stride_wn, k0, K, 128, NC, EVEN)
-            return wd, wd, c_idx, mask_c
+        each). With the chunk indices and the mask of the chunks inside the row. TMA: w_ptr is a tensor descriptor
+        over the words seen as (N, chunks, 16) for int4, (N, chunks, 2, 16) for int8 (h2_descriptor); the tile
+        arrives through the tensor memory accelerator, rows and chunks past the weight read as zero words."""
         c_idx = k0 // 128 + tl.arange(0, NC)
         mask_c = c_idx < (K + 127) // 128
-        offs = offs_n[:, None, None] * stride_wn + (c_idx * 32)[None, :, None] + tl.arange(0, 16)[None, None, :]
-        if EVEN:
-            wa = tl.load(w_ptr + offs)
-            wb = tl.load(w_ptr + offs + 16)
+        if TMA:
+            n0 = tl.program_id(0) * offs_n.shape[0]
+            if BITS == 4:
+                wa = tl.reshape(w_ptr.load([n0, k0 // 128, 0]), (offs_n.shape[0], NC, 16))
+                wb = wa
+            else:
+                t = tl.reshape(w_ptr.load([n0, k0 // 128, 0, 0]), (offs_n.shape[0], NC, 2, 16))
+                wa, wb = tl.split(tl.permute(t, (0, 1, 3, 2)))
+        elif BITS == 4:
+            wa, c_idx, mask_c = _il1_words(w_ptr, offs_n, mask_n, stride_wn, k0, K, 128, NC, EVEN)
+            wb = wa
         else:
-            mask_a = mask_n[:, None, None] & mask_c[None, :, None]
-            mask_b = mask_n[:, None, None] & (2 * c_idx + 1 < (K + 63) // 64)[None, :, None]
-            wa = tl.load(w_ptr + offs, mask=mask_a, other=0)
-            wb = tl.load(w_ptr + offs + 16, mask=mask_b, other=0)
+            offs = offs_n[:, None, None] * stride_wn + (c_idx * 32)[None, :, None] + tl.arange(0, 16)[None, None, :]
+            if EVEN:
+                wa = tl.load(w_ptr + offs)
+                wb = tl.load(w_ptr + offs + 16)
+            else:
+                mask_a = mask_n[:, None, None] & mask_c[None, :, None]
+                mask_b = mask_n[:, None, None] & (2 * c_idx + 1 < (K + 63) // 64)[None, :, None]
+                wa = tl.load(w_ptr + offs, mask=mask_a, other=0)
+                wb = tl.load(w_ptr + offs + 16, mask=mask_b, other=0)
         return wa, wb, c_idx, mask_c
 
     @triton.jit
@@ -1071,7 +1083,7 @@ if triton is not None:
         PRO_SILU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         PDL: tl.constexpr = False, EVEN: tl.constexpr = False, RAGGED: tl.constexpr = False,
         INTERPRET: tl.constexpr = False, BITS: tl.constexpr = 4, STAGES: tl.constexpr = None,
-        ROW_PF: tl.constexpr = 0,
+        ROW_PF: tl.constexpr = 0, TMA: tl.constexpr = False,
     ):
         """An int4 (groups of 128) or int8 (per row) WordWeight, one activation row, on the CUDA cores with packed
         fp16 arithmetic: the codes of a word become fp16x2 registers (two codes per lop3, _h2_codes / _h2_codes8)
@@ -1081,15 +1093,17 @@ if triton is not None:
         3.5 to 6.1 for the fp32 word kernels (scripts/sass_gemv.py). Rounding: each 128-column chunk of activations
         is scaled by a power of two (its largest magnitude to [512, 1024) for int4, [32, 64) for int8: no overflow,
         no subnormals) and rounded to fp16; each product and the three additions after it are rounded to fp16 (11
-        significant bits)."""
+        significant bits). TMA: w_ptr is a tensor descriptor (h2_descriptor) and each K step's words are copied into
+        shared memory by the tensor memory accelerator; with STAGES >= 2 the pipeliner keeps STAGES - 1 later steps'
+        copies in flight while this one computes, without a load instruction per thread (ROW_PF is then ignored)."""
         NC: tl.constexpr = BLOCK_K // 128
         pid_k, k_lo, k_hi, offs_n, mask_n = _program_tile(N, K, K_CHUNK, BLOCK_N)
         acc = tl.zeros((BLOCK_N, NC, 16), dtype=tl.float32)
         corr = tl.zeros((BLOCK_N, NC), dtype=tl.float32)
         k_first = k_lo
         if PDL:  # the first words depend on no earlier kernel: load them before waiting for it
-            wa, wb, c_idx, mask_c = _h2_words(w_ptr, offs_n, mask_n, stride_wn, k_lo, K, NC, EVEN, BITS)
-            if ROW_PF > 0:  # and ask L2 for the next ROW_PF steps' words (ROW_PREFETCH); 128 columns = 16 or 32 words
+            wa, wb, c_idx, mask_c = _h2_words(w_ptr, offs_n, mask_n, stride_wn, k_lo, K, NC, EVEN, BITS, TMA)
+            if ROW_PF > 0 and not TMA:  # and ask L2 for the next ROW_PF steps' words (ROW_PREFETCH); 128 columns = 16 or 32 words
                 WPC: tl.constexpr = 16 if BITS == 4 else 32
                 _prefetch_rows(w_ptr, offs_n, mask_n, stride_wn, (k_lo // 128 + NC) * WPC,
                                (tl.minimum(k_hi, k_lo + (ROW_PF + 1) * BLOCK_K) + 127) // 128 * WPC, 4)
@@ -1098,7 +1112,7 @@ if triton is not None:
                                  PRO_SILU, EVEN, RAGGED, INTERPRET, BITS)
             k_first = k_lo + BLOCK_K
         for k0 in tl.range(k_first, k_hi, BLOCK_K, num_stages=STAGES):
-            wa, wb, c_idx, mask_c = _h2_words(w_ptr, offs_n, mask_n, stride_wn, k0, K, NC, EVEN, BITS)
+            wa, wb, c_idx, mask_c = _h2_words(w_ptr, offs_n, mask_n, stride_wn, k0, K, NC, EVEN, BITS, TMA)
             acc, corr = _h2_step(acc, corr, wa, wb, c_idx, mask_c, x_ptr, s_ptr, z_ptr, offs_n, mask_n, K, stride_sn,
                                  PRO_SILU, EVEN, RAGGED, INTERPRET, BITS)
         if BITS == 4:
@@ -1266,6 +1280,10 @@ class GemvConfig:
     # copies the next n - 1 steps' weights into shared memory asynchronously (cp.async) while this step computes,
     # so more bytes are in flight per program
     stages: int | None = None
+    # the packed-fp16 kernel ("h2") with its words copied by the tensor memory accelerator (TMA, Hopper and newer)
+    # through a tensor descriptor (h2_descriptor), pipelined ``stages`` deep (2 or more): no load instruction per
+    # thread for the weights, and the number of bytes in flight no longer bound by the registers
+    tma: bool = False
 
 
 # candidates the tuner tries; the first is the default when nothing was tuned
@@ -1341,6 +1359,19 @@ CANDIDATES_H2 = [GemvConfig(32, 1024, 4, "h2"), GemvConfig(16, 2048, 4, "h2"), G
 CANDIDATES_H2_INT8 = [GemvConfig(16, 1024, 4, "h2"), GemvConfig(32, 512, 4, "h2"), GemvConfig(16, 512, 4, "h2"),
                       GemvConfig(8, 2048, 4, "h2"), GemvConfig(32, 512, 4, "h2", split=2),
                       GemvConfig(16, 512, 4, "h2", split=4), GemvConfig(64, 256, 4, "h2", split=4)]
+# the packed-fp16 kernel with its words copied by TMA (GemvConfig.tma) and pipelined: tried by tune() on a GPU that has
+# the tensor memory accelerator (tma_supported). Offline (sm_90, Triton 3.6, scripts/sass_gemv.py) the int4 loop
+# takes 128 registers instead of 168 and 3.5 instructions per weight instead of 3.0; the int8 one 56 instead of 96
+# registers and 4.5 instructions instead of 3.25.
+TUNE_TMA = True
+CANDIDATES_H2_TMA = [GemvConfig(32, 1024, 4, "h2", stages=3, tma=True), GemvConfig(16, 2048, 4, "h2", stages=3, tma=True),
+                     GemvConfig(32, 1024, 4, "h2", split=4, stages=3, tma=True),
+                     GemvConfig(64, 512, 4, "h2", split=4, stages=4, tma=True),
+                     GemvConfig(32, 2048, 8, "h2", stages=3, tma=True)]
+CANDIDATES_H2_INT8_TMA = [GemvConfig(16, 1024, 4, "h2", stages=3, tma=True),
+                          GemvConfig(32, 512, 4, "h2", stages=4, tma=True),
+                          GemvConfig(16, 1024, 4, "h2", split=4, stages=3, tma=True),
+                          GemvConfig(32, 1024, 8, "h2", stages=3, tma=True)]
 _TUNED: dict = {}
 TUNE_FAILURES: list[dict] = []  # every config ``tune`` could not time: {"config", "weight", "M", "error", "resources"}
 _TUNE_TIMES: dict = {}  # the key of ``_TUNED`` -> [(config, ms per call)] of every config ``tune`` timed
@@ -1362,14 +1393,17 @@ CANDIDATES_TC8 = [GemvConfig(64, 256, 4, "tc"), GemvConfig(64, 256, 4, "tc", 2),
                   GemvConfig(128, 128, 8, "tc"), GemvConfig(64, 512, 4, "tc", 2), GemvConfig(128, 256, 8, "tc", 4)]
 
 
-def candidates_for(kind: int, M: int, dtype=torch.bfloat16, group: int = 128) -> list:
+def candidates_for(kind: int, M: int, dtype=torch.bfloat16, group: int = 128, tma: bool = False) -> list:
     """The configs tune() tries for a weight kind (0 float, 1 int8, 2 int4, 3/4 WordWeight int8/int4) at M rows;
-    the first is the default when nothing was tuned."""
+    the first is the default when nothing was tuned. ``tma``: the GPU has the tensor memory accelerator
+    (``tma_supported``), so the packed-fp16 kernel's TMA configs are tried too (with TUNE_TMA)."""
     tc = CANDIDATES_TC if kind in (2, 4) and group == 128 and dtype in (torch.bfloat16, torch.float16) else []
     if kind in CANDIDATES_IL:
         # one word layout, two kernels: CUDA cores for a single row, the tensor cores for a batch
         h2 = ({4: CANDIDATES_H2, 3: CANDIDATES_H2_INT8}[kind]
               if TUNE_H2 and M == 1 and dtype in (torch.bfloat16, torch.float16) else [])
+        if h2 and tma and TUNE_TMA:
+            h2 = h2 + {4: CANDIDATES_H2_TMA, 3: CANDIDATES_H2_INT8_TMA}[kind]
         return CANDIDATES_IL[kind] + h2 + tc if M == 1 else tc + CANDIDATES_IL[kind]
     if kind == 1 and dtype in (torch.bfloat16, torch.float16):
         tc = [] if M == 1 else CANDIDATES_TC8
@@ -1396,8 +1430,28 @@ def _device(w) -> torch.device:
                                                          w.packed if isinstance(w, Int4Weight) else w.words).device
 
 
+def h2_descriptor(w: WordWeight, config: GemvConfig):
+    """A TMA tensor descriptor over ``w.words`` for the packed-fp16 kernel at ``config``: the words seen as (N, K //
+    128, 16) for int4 (a chunk's 16 words), (N, K // 128, 2, 16) for int8 (its two halves of 64 columns); one tile
+    is the (block_n, block_k // 128, ...) words of one program's K step."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    N, nw = w.words.shape
+    if w.bits == 4:
+        shape, strides, block = [N, nw // 16, 16], [nw, 16, 1], [config.block_n, config.block_k // 128, 16]
+    else:
+        shape, strides, block = [N, nw // 32, 2, 16], [nw, 32, 16, 1], [config.block_n, config.block_k // 128, 2, 16]
+    return TensorDescriptor(w.words, shape, strides, block)
+
+
 def _key(kind, N, K, M, silu, dtype, partials=False, pdl=False):
     return (kind, N, K, min(triton.next_power_of_2(M), MAX_M) if triton else M, silu, str(dtype), partials, pdl)
+
+
+def tma_supported(device) -> bool:
+    """Whether GemvConfig.tma can run here: a CUDA GPU of compute capability 9.0 (Hopper) or newer."""
+    device = torch.device(device)
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def pdl_supported(device) -> bool:
@@ -1481,6 +1535,8 @@ def wo_matmul(x: torch.Tensor, w, silu_gate_up: bool = False, config: GemvConfig
         block_k = max(block_k, group)
         if block_k % group:
             raise ValueError(f"block_k={block_k} must be a multiple of the group size {group}")
+    if cfg.tma and (cfg.variant != "h2" or kind < 3):
+        raise ValueError("tma=True applies to the packed-fp16 word kernel only (variant 'h2', a WordWeight)")
     if cfg.stages is not None and (cfg.stages < 1 or cfg.variant == "tc" or (kind >= 3 and cfg.variant != "h2")):
         raise ValueError(f"stages={cfg.stages}: software pipelining takes an int >= 1 and applies to the CUDA-core "
                          "kernels ('tile', 'acc', and 'h2' for a WordWeight); leave it None for the others")
@@ -1519,12 +1575,22 @@ def wo_matmul(x: torch.Tensor, w, silu_gate_up: bool = False, config: GemvConfig
                              f"(wo_matmul.interleave) and one row of x, got {type(w).__name__} and M={M}")
         if block_k % 128:
             raise ValueError(f"the 'h2' GEMV takes block_k in whole chunks of 128 columns, got {cfg.block_k}")
+        if cfg.tma:
+            if cfg.stages is None or cfg.stages < 2:
+                raise ValueError(f"tma=True copies each K step's words ahead of their use: give stages >= 2, got "
+                                 f"{cfg.stages}")
+            if x.device.type == "cuda" and not tma_supported(x.device):
+                raise LabkitError("tma=True needs the tensor memory accelerator of a Hopper (sm_90) or newer GPU, "
+                                  f"this is {torch.cuda.get_device_name(x.device)}: leave tma False")
+            if w.words.shape[1] % (16 if kind == 4 else 32) or w.words.data_ptr() % 16:
+                raise ValueError("tma=True needs whole chunks of 128 columns per row and 16-byte aligned words")
+            wp = h2_descriptor(w, cfg)
         _wo_gemv_h2_kernel[grid](x, wp, sp, zp, y, N, K, stride_wn, stride_sn, M * N, k_chunk,
                                  PRO_SILU=silu_gate_up, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
                                  num_warps=cfg.num_warps, RAGGED=K % 128 != 0,
                                  EVEN=N % cfg.block_n == 0 and K % k_chunk == 0 and K % 128 == 0,
                                  INTERPRET=flash_attn.interpreted(), BITS=8 if kind == 3 else 4, STAGES=cfg.stages,
-                                 ROW_PF=_row_pf(pdl), **kw)
+                                 ROW_PF=_row_pf(pdl), TMA=cfg.tma, **kw)
     elif kind >= 3 and cfg.variant == "acc" and M == 1:
         _wo_gemv_il1_kernel[grid](x, wp, sp, zp, y, N, K, stride_wn, stride_sn, M * N, k_chunk,
                                   0x3F800000 if kind == 4 else 0x3FC00000, BITS=8 if kind == 3 else 4,
@@ -1692,7 +1758,7 @@ def tune(w, M: int = 1, dtype=torch.bfloat16, silu_gate_up: bool = False, candid
     x = torch.randn(M, K * (2 if silu_gate_up else 1), device=dev, dtype=dtype)
     best, best_t = None, float("inf")
     times = _TUNE_TIMES[_key(kind, N, K, M, silu_gate_up, dtype, partials, pdl)] = []
-    for cfg in candidates or candidates_for(kind, M, dtype, getattr(w, "group", 128)):
+    for cfg in candidates or candidates_for(kind, M, dtype, getattr(w, "group", 128), tma_supported(dev)):
         if (cfg.variant == "acc" and M != 1) or (cfg.variant == "h2" and (M != 1 or kind < 3)):
             continue
         if kind == 2 and (max(cfg.block_k, w.group) % w.group):
