@@ -115,6 +115,52 @@ def test_kernel_matches_dequantize_then_matmul(fmt, M, silu):
         assert err <= 2 * err_torch + 1e-3 * ref32.abs().max().item(), (cfg, err, err_torch)
 
 
+TMA_CONFIGS = [wo.GemvConfig(16, 256, 2, "h2", stages=2, tma=True), wo.GemvConfig(8, 256, 1, "h2", split=2, stages=3,
+                                                                                 tma=True)]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("silu", [False, True])
+def test_h2_tma_equals_h2_bit_for_bit(bits, silu):
+    """GemvConfig.tma changes how the words reach the registers (a TMA copy into shared memory, pipelined), not one
+    operation of the arithmetic: outputs equal the pointer-load kernel's of the same tile bit for bit, rows past N
+    and a K step past the weight (zero-filled by the copy) included. Compiled on a Hopper GPU, the interpreter on a
+    CPU (it models the descriptor loads); skipped on an older GPU."""
+    dev = env.device()
+    if dev.type == "cuda" and not wo.tma_supported(dev):
+        pytest.skip("TMA needs a GPU of compute capability 9.0+")
+    torch.manual_seed(bits + silu)
+    N, K = 40, 640  # 40 rows: the last row block is partial; 640 = 5 chunks: the last K step of 256 is half outside
+    w = (torch.randn(N, K, device=dev) * 0.05).bfloat16()
+    qw = wo.interleave(wo.quantize_int4(w, 128) if bits == 4 else wo.quantize_int8(w))
+    x = torch.randn(1, K * (2 if silu else 1), device=dev).bfloat16()
+    for cfg in TMA_CONFIGS:
+        plain = wo.wo_matmul(x, qw, silu_gate_up=silu, config=wo.GemvConfig(cfg.block_n, cfg.block_k, cfg.num_warps,
+                                                                             "h2", cfg.split))
+        y = wo.wo_matmul(x, qw, silu_gate_up=silu, config=cfg)
+        assert torch.equal(y, plain), (cfg, (y.float() - plain.float()).abs().max().item())
+
+
+def test_h2_tma_refusals():
+    """tma=True runs only the packed-fp16 kernel of a WordWeight, pipelined at least two deep; anything else is
+    refused with the reason (never silently run another way); tune() offers its configs only where TMA exists."""
+    qw = wo.interleave(wo.quantize_int4(torch.randn(16, 256).bfloat16(), 128))
+    x = torch.randn(1, 256).bfloat16()
+    with pytest.raises(ValueError, match="stages >= 2"):
+        wo.wo_matmul(x, qw, config=wo.GemvConfig(16, 256, 4, "h2", tma=True))
+    with pytest.raises(ValueError, match="packed-fp16 word kernel only"):
+        wo.wo_matmul(x, qw, config=wo.GemvConfig(16, 256, 4, "tile", stages=2, tma=True))
+    with pytest.raises(ValueError, match="packed-fp16 word kernel only"):
+        wo.wo_matmul(x, wo.quantize_int8(torch.randn(16, 256)), config=wo.GemvConfig(16, 256, 4, "h2", stages=2,
+                                                                                         tma=True))
+    assert not wo.tma_supported("cpu")
+    for kind, lst in ((4, wo.CANDIDATES_H2_TMA), (3, wo.CANDIDATES_H2_INT8_TMA)):
+        assert lst and all(c.tma and c.variant == "h2" and c.stages >= 2 for c in lst)
+        assert not any(c.tma for c in wo.candidates_for(kind, 1))
+        assert [c for c in wo.candidates_for(kind, 1, tma=True) if c.tma] == lst
+        assert not any(c.tma for c in wo.candidates_for(kind, 2, tma=True))
+
+
 def _h2_weight(bits: int, N: int, K: int):
     """A (N, K) Int4Weight (groups of 128) or Int8Weight of small random bf16 weights, made on the CPU."""
     w = (torch.randn(N, K) * 0.05).bfloat16()
