@@ -1361,17 +1361,23 @@ CANDIDATES_H2_INT8 = [GemvConfig(16, 1024, 4, "h2"), GemvConfig(32, 512, 4, "h2"
                       GemvConfig(16, 512, 4, "h2", split=4), GemvConfig(64, 256, 4, "h2", split=4)]
 # the packed-fp16 kernel with its words copied by TMA (GemvConfig.tma) and pipelined: tried by tune() on a GPU that has
 # the tensor memory accelerator (tma_supported). Offline (sm_90, Triton 3.6, scripts/sass_gemv.py) the int4 loop
-# takes 128 registers instead of 168 and 3.5 instructions per weight instead of 3.0; the int8 one 56 instead of 96
-# registers and 4.5 instructions instead of 3.25.
+# takes 128 registers instead of 168 and 3.5 instructions per weight instead of 3.0 (the loaded tile's register layout
+# brings shuffles into the step); the int8 one 56 registers instead of 96 and 4.5 instructions instead of 3.25. On an
+# H200 (results/nvidia-h200/gemv_tma_sweep.json, 737d7af; 2-4 stages, 7 tiles, split 1 or 4, beside every tuner
+# candidate) it was the fastest config of four of the five 7B-shape GEMVs in both formats: int4 qkv 12.9 us against
+# 13.8 for the same kernel without TMA, gate_up 20.3 against 23.8, down 15.5 against 17.6, lm_head 26.1 against
+# 32.6 (51-65% of the read bandwidth); o (4096 x 4096) stayed faster without (6.9 against 7.5 us). int8 gained 3-5%
+# (qkv 17.1 against 17.8 us, gate_up 26.8 against 28.3), about what the row-major int8 kernels of the step reach.
+# The lists are the fastest of that sweep.
 TUNE_TMA = True
-CANDIDATES_H2_TMA = [GemvConfig(32, 1024, 4, "h2", stages=3, tma=True), GemvConfig(16, 2048, 4, "h2", stages=3, tma=True),
-                     GemvConfig(32, 1024, 4, "h2", split=4, stages=3, tma=True),
-                     GemvConfig(64, 512, 4, "h2", split=4, stages=4, tma=True),
-                     GemvConfig(32, 2048, 8, "h2", stages=3, tma=True)]
-CANDIDATES_H2_INT8_TMA = [GemvConfig(16, 1024, 4, "h2", stages=3, tma=True),
-                          GemvConfig(32, 512, 4, "h2", stages=4, tma=True),
-                          GemvConfig(16, 1024, 4, "h2", split=4, stages=3, tma=True),
-                          GemvConfig(32, 1024, 8, "h2", stages=3, tma=True)]
+CANDIDATES_H2_TMA = [GemvConfig(32, 1024, 4, "h2", stages=3, tma=True),
+                     GemvConfig(32, 1024, 4, "h2", split=4, stages=2, tma=True),
+                     GemvConfig(16, 2048, 4, "h2", stages=2, tma=True), GemvConfig(16, 1024, 4, "h2", stages=3, tma=True),
+                     GemvConfig(32, 1024, 4, "h2", split=4, stages=3, tma=True)]
+CANDIDATES_H2_INT8_TMA = [GemvConfig(32, 512, 4, "h2", stages=3, tma=True),
+                          GemvConfig(16, 1024, 4, "h2", stages=2, tma=True),
+                          GemvConfig(32, 512, 4, "h2", split=4, stages=3, tma=True),
+                          GemvConfig(16, 1024, 4, "h2", stages=3, tma=True)]
 _TUNED: dict = {}
 TUNE_FAILURES: list[dict] = []  # every config ``tune`` could not time: {"config", "weight", "M", "error", "resources"}
 _TUNE_TIMES: dict = {}  # the key of ``_TUNED`` -> [(config, ms per call)] of every config ``tune`` timed
