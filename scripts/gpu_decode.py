@@ -186,7 +186,7 @@ def part_kernels(sweep=False):
             ok = all(e <= 2 * err_torch + 1e-3 * ref32.abs().max().item() for _, _, e in timed)
             best_by_variant = {}
             for tv, cv, _ in timed:
-                key = cv.variant + (f"/stages={cv.stages}" if cv.stages else "")
+                key = cv.variant + (f"/stages={cv.stages}" if cv.stages else "") + ("/tma" if cv.tma else "")
                 best_by_variant.setdefault(key, {"ms": tv, "config": cv.__dict__,
                                                  "fraction_of_read_bw": nbytes / (tv / 1e3) / read_bw})
             r = {"shape": name, "N": N, "K": K, "M": M, "weights": fmt, "config": cfg.__dict__, "max_err": err,
