@@ -13,7 +13,8 @@ rowpf:   the batch-1 step with the word-layout GEMVs prefetching their own rows 
 silu:    the down GEMV with silu(gate) * up in its prologue against the same GEMV given h -> decode_silu.json
          (GEMV_FORMATS, default bf16,int8-il,int4-il: the step's batch-1 layouts).
 Environment: GEMV_FORMATS, GEMV_SHAPES (subsets for kernels), GEMV_M (rows of x, default 1), GEMV_SWEEP=wide (row-major
-int8 at longer K steps), GEMV_SWEEP=tma (the packed-fp16 word kernel with its words copied by TMA, 2-4 stages), GEMV_SWEEP=stages (the batch-1 CUDA-core configs with their K loop pipelined 2-4 deep) or
+int8 at longer K steps), GEMV_SWEEP=tma (the packed-fp16 word kernel with its words copied by TMA, 2-4 stages), GEMV_SWEEP=persist (its
+persistent form, 1-4 programs per SM), GEMV_SWEEP=stages (the batch-1 CUDA-core configs with their K loop pipelined 2-4 deep) or
 GEMV_SWEEP=variants
 (sweep: the word kernel's loop variants, each step reducing / loading one step ahead / per-word accumulators /
 packed fp16 arithmetic for int4).
@@ -66,6 +67,13 @@ def _sweep_configs(kind):
                  (32, 512, 4))
         return [wo.GemvConfig(bn, bk, warps, "h2", split, stages=st, tma=True) for bn, bk, warps in tiles
                 for st in (2, 3, 4) for split in (1, 4) if st * bn * bk // (2 if kind == 4 else 1) <= 160 * 1024]
+    if os.environ.get("GEMV_SWEEP") == "persist":  # the TMA form on a persistent grid, 1-4 programs per SM
+        if kind < 3:
+            return []
+        tiles = [(32, 1024, 4, 1), (16, 1024, 4, 1), (16, 2048, 4, 1), (8, 2048, 4, 1), (32, 1024, 4, 4), (16, 1024, 4, 4)]
+        return ([wo.GemvConfig(bn, bk, warps, "h2", split, stages=3, tma=True, persist=p) for bn, bk, warps, split in tiles
+                 for p in (1, 2, 3, 4)] + [wo.GemvConfig(bn, bk, warps, "h2", split, stages=3, tma=True)
+                                           for bn, bk, warps, split in tiles])
     if os.environ.get("GEMV_SWEEP") == "variants":  # the word kernel's loop variants on a narrower grid (M = 1)
         variants = ("tile", "pf", "acc") + (("h2",) if kind == 4 else ())  # h2: int4 in packed fp16 arithmetic
         return [wo.GemvConfig(bn, bk, warps, variant, split) for variant in variants
@@ -186,7 +194,8 @@ def part_kernels(sweep=False):
             ok = all(e <= 2 * err_torch + 1e-3 * ref32.abs().max().item() for _, _, e in timed)
             best_by_variant = {}
             for tv, cv, _ in timed:
-                key = cv.variant + (f"/stages={cv.stages}" if cv.stages else "") + ("/tma" if cv.tma else "")
+                key = (cv.variant + (f"/stages={cv.stages}" if cv.stages else "") + ("/tma" if cv.tma else "")
+                       + (f"/persist={cv.persist}" if cv.persist else ""))
                 best_by_variant.setdefault(key, {"ms": tv, "config": cv.__dict__,
                                                  "fraction_of_read_bw": nbytes / (tv / 1e3) / read_bw})
             r = {"shape": name, "N": N, "K": K, "M": M, "weights": fmt, "config": cfg.__dict__, "max_err": err,

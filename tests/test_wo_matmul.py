@@ -116,7 +116,10 @@ def test_kernel_matches_dequantize_then_matmul(fmt, M, silu):
 
 
 TMA_CONFIGS = [wo.GemvConfig(16, 256, 2, "h2", stages=2, tma=True), wo.GemvConfig(8, 256, 1, "h2", split=2, stages=3,
-                                                                                 tma=True)]
+                                                                                 tma=True),
+               # persistent: under the interpreter 3 programs per split take the 5 row blocks of 8 (2, 2 and 1)
+               wo.GemvConfig(8, 256, 1, "h2", split=2, stages=2, tma=True, persist=1),
+               wo.GemvConfig(16, 256, 2, "h2", stages=3, tma=True, persist=2)]
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -124,7 +127,8 @@ TMA_CONFIGS = [wo.GemvConfig(16, 256, 2, "h2", stages=2, tma=True), wo.GemvConfi
 def test_h2_tma_equals_h2_bit_for_bit(bits, silu):
     """GemvConfig.tma changes how the words reach the registers (a TMA copy into shared memory, pipelined), not one
     operation of the arithmetic: outputs equal the pointer-load kernel's of the same tile bit for bit, rows past N
-    and a K step past the weight (zero-filled by the copy) included. Compiled on a Hopper GPU, the interpreter on a
+    and a K step past the weight (zero-filled by the copy) included; so does its persistent form (persist), where a
+    program takes several row blocks in one flat loop. Compiled on a Hopper GPU, the interpreter on a
     CPU (it models the descriptor loads); skipped on an older GPU."""
     dev = env.device()
     if dev.type == "cuda" and not wo.tma_supported(dev):
@@ -153,6 +157,8 @@ def test_h2_tma_refusals():
     with pytest.raises(ValueError, match="packed-fp16 word kernel only"):
         wo.wo_matmul(x, wo.quantize_int8(torch.randn(16, 256)), config=wo.GemvConfig(16, 256, 4, "h2", stages=2,
                                                                                          tma=True))
+    with pytest.raises(ValueError, match="give tma=True"):
+        wo.wo_matmul(x, qw, config=wo.GemvConfig(16, 256, 4, "h2", stages=2, persist=2))
     assert not wo.tma_supported("cpu")
     for kind, lst in ((4, wo.CANDIDATES_H2_TMA), (3, wo.CANDIDATES_H2_INT8_TMA)):
         assert lst and all(c.tma and c.variant == "h2" and c.stages >= 2 for c in lst)

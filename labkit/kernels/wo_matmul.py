@@ -992,7 +992,7 @@ if triton is not None:
 
     @triton.jit
     def _h2_words(w_ptr, offs_n, mask_n, stride_wn, k0, K, NC: tl.constexpr, EVEN: tl.constexpr, BITS: tl.constexpr,
-                  TMA: tl.constexpr = False):
+                  TMA: tl.constexpr = False, offs_n_start=None):
         """The words of one K step of the packed-fp16 kernel for NC chunks of 128 columns, as two (BLOCK_N, NC, 16)
         tensors: int4, the chunk's 16 words (twice, the same tensor); int8, its first and second 64 columns (16 words
         each). With the chunk indices and the mask of the chunks inside the row. TMA: w_ptr is a tensor descriptor
@@ -1001,7 +1001,7 @@ if triton is not None:
         c_idx = k0 // 128 + tl.arange(0, NC)
         mask_c = c_idx < (K + 127) // 128
         if TMA:
-            n0 = tl.program_id(0) * offs_n.shape[0]
+            n0 = offs_n_start if offs_n_start is not None else tl.program_id(0) * offs_n.shape[0]
             if BITS == 4:
                 wa = tl.reshape(w_ptr.load([n0, k0 // 128, 0]), (offs_n.shape[0], NC, 16))
                 wb = wa
@@ -1120,6 +1120,53 @@ if triton is not None:
         else:
             y = tl.sum(tl.sum(acc, axis=2), axis=1) * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         tl.store(y_ptr + pid_k * stride_ys + offs_n, y.to(y_ptr.dtype.element_ty), mask=mask_n)
+
+    @triton.jit
+    def _wo_gemv_h2p_kernel(
+        x_ptr, w_desc, s_ptr, z_ptr, y_ptr,
+        N, K, stride_sn, stride_ys, K_CHUNK,
+        PRO_SILU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+        PDL: tl.constexpr = False, EVEN: tl.constexpr = False, RAGGED: tl.constexpr = False,
+        INTERPRET: tl.constexpr = False, BITS: tl.constexpr = 4,
+    ):
+        """The packed-fp16 GEMV with TMA copies (``_wo_gemv_h2_kernel`` with TMA), persistent: fewer programs than row
+        blocks (GemvConfig.persist per SM), each taking row blocks pid, pid + programs, ... of its split. One flat loop
+        runs over all (row block, K step) pairs of the program, so the pipeliner's copies run ahead across the end of
+        a row block into the next one: no program starts cold after the first, and no SM idles at a wave's end
+        waiting for a new program. The row block's output is stored at its last K step. With PDL the copies go out
+        before the wait for the previous kernel (the weights depend on none), the activations are read after it."""
+        NC: tl.constexpr = BLOCK_K // 128
+        pid = tl.program_id(0)
+        progs = tl.num_programs(0)
+        pid_k = tl.program_id(1)
+        k_lo = pid_k * K_CHUNK
+        k_hi = tl.minimum(K, k_lo + K_CHUNK)
+        nk = tl.cdiv(k_hi - k_lo, BLOCK_K)
+        my_blocks = tl.cdiv(tl.cdiv(N, BLOCK_N) - pid, progs)
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+        acc = tl.zeros((BLOCK_N, NC, 16), dtype=tl.float32)
+        corr = tl.zeros((BLOCK_N, NC), dtype=tl.float32)
+        for it in tl.range(0, my_blocks * nk, num_stages=STAGES):
+            kk = it % nk
+            n0 = (pid + (it // nk) * progs) * BLOCK_N
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < N
+            k0 = k_lo + kk * BLOCK_K
+            wa, wb, c_idx, mask_c = _h2_words(w_desc, offs_n, mask_n, 0, k0, K, NC, EVEN, BITS, True, n0)
+            if PDL:  # the activations are the previous kernel's output (a no-op once it has been waited for)
+                tl.extra.cuda.gdc_wait()
+            acc, corr = _h2_step(acc, corr, wa, wb, c_idx, mask_c, x_ptr, s_ptr, z_ptr, offs_n, mask_n, K, stride_sn,
+                                 PRO_SILU, EVEN, RAGGED, INTERPRET, BITS)
+            if kk == nk - 1:
+                if BITS == 4:
+                    y = tl.sum(tl.sum(acc, axis=2), axis=1) - tl.sum(corr, axis=1)
+                else:
+                    y = tl.sum(tl.sum(acc, axis=2), axis=1) * tl.load(s_ptr + offs_n, mask=mask_n,
+                                                                      other=0.0).to(tl.float32)
+                tl.store(y_ptr + pid_k * stride_ys + offs_n, y.to(y_ptr.dtype.element_ty), mask=mask_n)
+                acc = tl.zeros((BLOCK_N, NC, 16), dtype=tl.float32)
+                corr = tl.zeros((BLOCK_N, NC), dtype=tl.float32)
 
     @triton.jit
     def _half_pair(v, dt: tl.constexpr):
@@ -1284,6 +1331,9 @@ class GemvConfig:
     # through a tensor descriptor (h2_descriptor), pipelined ``stages`` deep (2 or more): no load instruction per
     # thread for the weights, and the number of bytes in flight no longer bound by the registers
     tma: bool = False
+    # with tma: a persistent grid of ``persist`` programs per SM (0: one program per row block), each taking every
+    # programs-th row block of its split (_wo_gemv_h2p_kernel), its copies running ahead across row blocks
+    persist: int = 0
 
 
 # candidates the tuner tries; the first is the default when nothing was tuned
@@ -1374,6 +1424,11 @@ CANDIDATES_H2_TMA = [GemvConfig(32, 1024, 4, "h2", stages=3, tma=True),
                      GemvConfig(32, 1024, 4, "h2", split=4, stages=2, tma=True),
                      GemvConfig(16, 2048, 4, "h2", stages=2, tma=True), GemvConfig(16, 1024, 4, "h2", stages=3, tma=True),
                      GemvConfig(32, 1024, 4, "h2", split=4, stages=3, tma=True)]
+# the persistent form (GemvConfig.persist, _wo_gemv_h2p_kernel): first guesses, not yet timed on a GPU
+CANDIDATES_H2_TMA += [GemvConfig(32, 1024, 4, "h2", stages=3, tma=True, persist=2),
+                      GemvConfig(32, 1024, 4, "h2", stages=3, tma=True, persist=3),
+                      GemvConfig(16, 1024, 4, "h2", stages=3, tma=True, persist=4),
+                      GemvConfig(32, 1024, 4, "h2", split=4, stages=2, tma=True, persist=2)]
 CANDIDATES_H2_INT8_TMA = [GemvConfig(32, 512, 4, "h2", stages=3, tma=True),
                           GemvConfig(16, 1024, 4, "h2", stages=2, tma=True),
                           GemvConfig(32, 512, 4, "h2", split=4, stages=3, tma=True),
@@ -1452,6 +1507,16 @@ def h2_descriptor(w: WordWeight, config: GemvConfig):
 
 def _key(kind, N, K, M, silu, dtype, partials=False, pdl=False):
     return (kind, N, K, min(triton.next_power_of_2(M), MAX_M) if triton else M, silu, str(dtype), partials, pdl)
+
+
+INTERPRETER_SMS = 3  # the SM count a persistent grid is sized for under the interpreter (a CPU has none)
+
+
+def _sm_count(device) -> int:
+    device = torch.device(device)
+    if device.type != "cuda":
+        return INTERPRETER_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def tma_supported(device) -> bool:
@@ -1541,6 +1606,8 @@ def wo_matmul(x: torch.Tensor, w, silu_gate_up: bool = False, config: GemvConfig
         block_k = max(block_k, group)
         if block_k % group:
             raise ValueError(f"block_k={block_k} must be a multiple of the group size {group}")
+    if cfg.persist and not cfg.tma:
+        raise ValueError(f"persist={cfg.persist}: the persistent GEMV is the packed-fp16 kernel's TMA form; give tma=True")
     if cfg.tma and (cfg.variant != "h2" or kind < 3):
         raise ValueError("tma=True applies to the packed-fp16 word kernel only (variant 'h2', a WordWeight)")
     if cfg.stages is not None and (cfg.stages < 1 or cfg.variant == "tc" or (kind >= 3 and cfg.variant != "h2")):
@@ -1591,12 +1658,24 @@ def wo_matmul(x: torch.Tensor, w, silu_gate_up: bool = False, config: GemvConfig
             if w.words.shape[1] % (16 if kind == 4 else 32) or w.words.data_ptr() % 16:
                 raise ValueError("tma=True needs whole chunks of 128 columns per row and 16-byte aligned words")
             wp = h2_descriptor(w, cfg)
-        _wo_gemv_h2_kernel[grid](x, wp, sp, zp, y, N, K, stride_wn, stride_sn, M * N, k_chunk,
-                                 PRO_SILU=silu_gate_up, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
-                                 num_warps=cfg.num_warps, RAGGED=K % 128 != 0,
-                                 EVEN=N % cfg.block_n == 0 and K % k_chunk == 0 and K % 128 == 0,
-                                 INTERPRET=flash_attn.interpreted(), BITS=8 if kind == 3 else 4, STAGES=cfg.stages,
-                                 ROW_PF=_row_pf(pdl), TMA=cfg.tma, **kw)
+        if cfg.persist:
+            if not cfg.tma or cfg.persist < 0:
+                raise ValueError(f"persist={cfg.persist}: the persistent GEMV takes tma=True and a count of programs "
+                                 "per SM >= 1")
+            sms = _sm_count(x.device)
+            pgrid = (min(grid[0], cfg.persist * sms), grid[1])
+            _wo_gemv_h2p_kernel[pgrid](x, wp, sp, zp, y, N, K, stride_sn, M * N, k_chunk, PRO_SILU=silu_gate_up,
+                                       BLOCK_N=cfg.block_n, BLOCK_K=block_k, STAGES=cfg.stages,
+                                       num_warps=cfg.num_warps, RAGGED=K % 128 != 0,
+                                       EVEN=N % cfg.block_n == 0 and K % k_chunk == 0 and K % 128 == 0,
+                                       INTERPRET=flash_attn.interpreted(), BITS=8 if kind == 3 else 4, **kw)
+        else:
+            _wo_gemv_h2_kernel[grid](x, wp, sp, zp, y, N, K, stride_wn, stride_sn, M * N, k_chunk,
+                                     PRO_SILU=silu_gate_up, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
+                                     num_warps=cfg.num_warps, RAGGED=K % 128 != 0,
+                                     EVEN=N % cfg.block_n == 0 and K % k_chunk == 0 and K % 128 == 0,
+                                     INTERPRET=flash_attn.interpreted(), BITS=8 if kind == 3 else 4,
+                                     STAGES=cfg.stages, ROW_PF=_row_pf(pdl), TMA=cfg.tma, **kw)
     elif kind >= 3 and cfg.variant == "acc" and M == 1:
         _wo_gemv_il1_kernel[grid](x, wp, sp, zp, y, N, K, stride_wn, stride_sn, M * N, k_chunk,
                                   0x3F800000 if kind == 4 else 0x3FC00000, BITS=8 if kind == 3 else 4,
