@@ -115,26 +115,28 @@ def test_kernel_matches_dequantize_then_matmul(fmt, M, silu):
         assert err <= 2 * err_torch + 1e-3 * ref32.abs().max().item(), (cfg, err, err_torch)
 
 
-TMA_CONFIGS = [wo.GemvConfig(16, 256, 2, "h2", stages=2, tma=True), wo.GemvConfig(8, 256, 1, "h2", split=2, stages=3,
+TMA_CONFIGS = [wo.GemvConfig(16, 512, 2, "h2", stages=2, tma=True), wo.GemvConfig(8, 256, 1, "h2", split=2, stages=3,
                                                                                  tma=True),
                # persistent: under the interpreter 3 programs per split take the 5 row blocks of 8 (2, 2 and 1)
                wo.GemvConfig(8, 256, 1, "h2", split=2, stages=2, tma=True, persist=1),
-               wo.GemvConfig(16, 256, 2, "h2", stages=3, tma=True, persist=2)]
+               wo.GemvConfig(16, 512, 2, "h2", stages=3, tma=True, persist=2)]
 
 
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("silu", [False, True])
-def test_h2_tma_equals_h2_bit_for_bit(bits, silu):
-    """GemvConfig.tma changes how the words reach the registers (a TMA copy into shared memory, pipelined), not one
-    operation of the arithmetic: outputs equal the pointer-load kernel's of the same tile bit for bit, rows past N
-    and a K step past the weight (zero-filled by the copy) included; so does its persistent form (persist), where a
-    program takes several row blocks in one flat loop. Compiled on a Hopper GPU, the interpreter on a
-    CPU (it models the descriptor loads); skipped on an older GPU."""
+def test_h2_tma_matches_h2(bits, silu):
+    """GemvConfig.tma changes how the words reach the registers (a TMA copy into shared memory, pipelined), not the
+    arithmetic of a word: rows past N and a K step past the weight (zero-filled by the copy) included, the outputs
+    are the pointer-load kernel's of the same tile. Under the interpreter (which models the descriptor loads) bit for
+    bit. Compiled, the loaded tile gets another register layout, so the fp32 sums across words and chunks are added
+    in another order: on an H200 the 7B shape's int4 gate_up differed in the last bits (int8 did not), hence one bf16
+    rounding of room there. Its persistent form (persist), where a program takes several row blocks in one flat
+    loop, the same. Skipped on a GPU older than Hopper."""
     dev = env.device()
     if dev.type == "cuda" and not wo.tma_supported(dev):
         pytest.skip("TMA needs a GPU of compute capability 9.0+")
     torch.manual_seed(bits + silu)
-    N, K = 40, 640  # 40 rows: the last row block is partial; 640 = 5 chunks: the last K step of 256 is half outside
+    N, K = 40, 1152  # 40 rows: the last row block is partial; 9 chunks: the last K step of 512 is mostly outside
     w = (torch.randn(N, K, device=dev) * 0.05).bfloat16()
     qw = wo.interleave(wo.quantize_int4(w, 128) if bits == 4 else wo.quantize_int8(w))
     x = torch.randn(1, K * (2 if silu else 1), device=dev).bfloat16()
@@ -142,7 +144,11 @@ def test_h2_tma_equals_h2_bit_for_bit(bits, silu):
         plain = wo.wo_matmul(x, qw, silu_gate_up=silu, config=wo.GemvConfig(cfg.block_n, cfg.block_k, cfg.num_warps,
                                                                              "h2", cfg.split))
         y = wo.wo_matmul(x, qw, silu_gate_up=silu, config=cfg)
-        assert torch.equal(y, plain), (cfg, (y.float() - plain.float()).abs().max().item())
+        if dev.type == "cpu":
+            assert torch.equal(y, plain), (cfg, (y.float() - plain.float()).abs().max().item())
+        else:  # one bf16 unit in the last place (2^-7 relative at most), and fp32 reordering against the largest
+            torch.testing.assert_close(y.float(), plain.float(), rtol=2.0**-7,
+                                       atol=1e-5 * plain.float().abs().max().item(), msg=str(cfg))
 
 
 def test_h2_tma_refusals():

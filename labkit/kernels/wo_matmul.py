@@ -1424,11 +1424,11 @@ CANDIDATES_H2_TMA = [GemvConfig(32, 1024, 4, "h2", stages=3, tma=True),
                      GemvConfig(32, 1024, 4, "h2", split=4, stages=2, tma=True),
                      GemvConfig(16, 2048, 4, "h2", stages=2, tma=True), GemvConfig(16, 1024, 4, "h2", stages=3, tma=True),
                      GemvConfig(32, 1024, 4, "h2", split=4, stages=3, tma=True)]
-# the persistent form (GemvConfig.persist, _wo_gemv_h2p_kernel): first guesses, not yet timed on a GPU
-CANDIDATES_H2_TMA += [GemvConfig(32, 1024, 4, "h2", stages=3, tma=True, persist=2),
-                      GemvConfig(32, 1024, 4, "h2", stages=3, tma=True, persist=3),
-                      GemvConfig(16, 1024, 4, "h2", stages=3, tma=True, persist=4),
-                      GemvConfig(32, 1024, 4, "h2", split=4, stages=2, tma=True, persist=2)]
+# The persistent form (GemvConfig.persist, _wo_gemv_h2p_kernel) is not among them: on an H200
+# (results/nvidia-h200/gemv_persist_sweep.json, 2b3ee91; 1-4 programs per SM, six tiles, beside the same tiles one
+# program per row block) it was slower at every int4 GEMV of the 7B shape, by 0-3% at 3-4 programs per SM (lm_head
+# 26.0 against 25.9 us, down 16.2 against 15.9) and up to 30% at one (qkv 16.6 against 12.7 us): the copies running
+# ahead across row blocks do not pay for the programs' unequal shares of row blocks.
 CANDIDATES_H2_INT8_TMA = [GemvConfig(32, 512, 4, "h2", stages=3, tma=True),
                           GemvConfig(16, 1024, 4, "h2", stages=2, tma=True),
                           GemvConfig(32, 512, 4, "h2", split=4, stages=3, tma=True),
