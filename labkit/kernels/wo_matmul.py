@@ -1519,6 +1519,13 @@ def _sm_count(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def tma_fits(w) -> bool:
+    """Whether a WordWeight has the shape the TMA form copies: whole 128-column chunks per row (int8 rows of 64-column
+    chunks may end in half a chunk, as SmolLM2's 576 columns do) and 16-byte aligned words."""
+    return (isinstance(w, WordWeight) and w.words.shape[1] % (16 if w.bits == 4 else 32) == 0
+            and w.words.data_ptr() % 16 == 0)
+
+
 def tma_supported(device) -> bool:
     """Whether GemvConfig.tma can run here: a CUDA GPU of compute capability 9.0 (Hopper) or newer."""
     device = torch.device(device)
@@ -1655,7 +1662,7 @@ def wo_matmul(x: torch.Tensor, w, silu_gate_up: bool = False, config: GemvConfig
             if x.device.type == "cuda" and not tma_supported(x.device):
                 raise LabkitError("tma=True needs the tensor memory accelerator of a Hopper (sm_90) or newer GPU, "
                                   f"this is {torch.cuda.get_device_name(x.device)}: leave tma False")
-            if w.words.shape[1] % (16 if kind == 4 else 32) or w.words.data_ptr() % 16:
+            if not tma_fits(w):
                 raise ValueError("tma=True needs whole chunks of 128 columns per row and 16-byte aligned words")
             wp = h2_descriptor(w, cfg)
         if cfg.persist:
@@ -1847,6 +1854,8 @@ def tune(w, M: int = 1, dtype=torch.bfloat16, silu_gate_up: bool = False, candid
         if (cfg.variant == "acc" and M != 1) or (cfg.variant == "h2" and (M != 1 or kind < 3)):
             continue
         if kind == 2 and (max(cfg.block_k, w.group) % w.group):
+            continue
+        if cfg.tma and not tma_fits(w):  # a shape the TMA form does not take (wo_matmul would refuse it)
             continue
         try:
             t = time_gemv(x, w, silu_gate_up, cfg, partials=partials, pdl=pdl)
