@@ -139,7 +139,7 @@ def kernels():
                     f"{cfg.block_k} columns, {cfg.num_warps} warps", wo._wo_gemv_h2_kernel, h2, c, cfg.num_warps,
                     cfg.block_n * cfg.block_k / (32 * cfg.num_warps)))
     for bits, cfg in ((4, wo.CANDIDATES_H2_TMA[0]), (8, wo.CANDIDATES_H2_INT8_TMA[0])):  # words copied by TMA
-        tile = f"{cfg.block_n}, {cfg.block_k // 128}, 16" if bits == 4 else f"{cfg.block_n}, {cfg.block_k // 128}, 2, 16"
+        tile = ", ".join(str(d) for d in wo.h2_tile(bits, cfg))
         c = {"PRO_SILU": False, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "PDL": False, "RAGGED": False,
              "EVEN": True, "INTERPRET": False, "BITS": bits, "STAGES": cfg.stages, "ROW_PF": 0, "TMA": True}
         out.append((f"int{bits}-h2-tma", f"int{bits} packed fp16 kernel, words by TMA in {cfg.stages} stages, "

@@ -1499,10 +1499,15 @@ def h2_descriptor(w: WordWeight, config: GemvConfig):
 
     N, nw = w.words.shape
     if w.bits == 4:
-        shape, strides, block = [N, nw // 16, 16], [nw, 16, 1], [config.block_n, config.block_k // 128, 16]
+        shape, strides = [N, nw // 16, 16], [nw, 16, 1]
     else:
-        shape, strides, block = [N, nw // 32, 2, 16], [nw, 32, 16, 1], [config.block_n, config.block_k // 128, 2, 16]
-    return TensorDescriptor(w.words, shape, strides, block)
+        shape, strides = [N, nw // 32, 2, 16], [nw, 32, 16, 1]
+    return TensorDescriptor(w.words, shape, strides, h2_tile(w.bits, config))
+
+
+def h2_tile(bits: int, config: GemvConfig) -> list:
+    """The words one program copies per K step in the TMA form: (block_n, chunks of 128 columns, [2,] 16)."""
+    return [config.block_n, config.block_k // 128] + ([16] if bits == 4 else [2, 16])
 
 
 def _key(kind, N, K, M, silu, dtype, partials=False, pdl=False):
