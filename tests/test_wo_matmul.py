@@ -4,6 +4,7 @@ import torch
 
 from labkit import env
 from labkit.kernels import flash_attn
+from labkit.kernels import rounding
 from labkit.kernels import wo_matmul as wo
 
 
@@ -59,6 +60,9 @@ TC_CONFIGS = [wo.GemvConfig(16, 128, 4, "tc"), wo.GemvConfig(32, 256, 4, "tc", s
 TC8_CONFIGS = [wo.GemvConfig(16, 128, 4, "tc"), wo.GemvConfig(32, 256, 4, "tc", split=2), wo.GemvConfig(16, 64, 4, "tc", 3)]
 H2_CONFIGS = [wo.GemvConfig(8, 128, 1, "h2"), wo.GemvConfig(16, 256, 2, "h2", split=2), wo.GemvConfig(4, 512, 4, "h2"),
               wo.GemvConfig(16, 128, 2, "h2", stages=3)]
+# the tensor-core batch-1 kernel: one warp of one slot, a split whose last step has a chunk past K, two slots per warp
+MMA_CONFIGS = [wo.GemvConfig(16, 128, 1, "mma"), wo.GemvConfig(32, 256, 2, "mma", split=2),
+               wo.GemvConfig(64, 128, 2, "mma", stages=2)]
 
 
 def test_interleave_roundtrip_and_errors():
@@ -87,7 +91,7 @@ def test_interleave_roundtrip_and_errors():
 
 
 @pytest.mark.parametrize("fmt", ["fp16", "int8", "int4", "int8-il", "int4-il", "int4-tc", "int4-il-tc", "int4-il-h2",
-                                 "int8-il-h2", "int8-tc"])
+                                 "int8-il-h2", "int8-tc", "int4-il-mma"])
 @pytest.mark.parametrize("M", [1, 3])
 @pytest.mark.parametrize("silu", [False, True])
 def test_kernel_matches_dequantize_then_matmul(fmt, M, silu):
@@ -101,13 +105,14 @@ def test_kernel_matches_dequantize_then_matmul(fmt, M, silu):
           "int4-il": lambda: wo.interleave(wo.quantize_int4(w, 128)),
           "int4-il-tc": lambda: wo.interleave(wo.quantize_int4(w, 128)),
           "int4-il-h2": lambda: wo.interleave(wo.quantize_int4(w, 128)),
+          "int4-il-mma": lambda: wo.interleave(wo.quantize_int4(w, 128)),
           "int8-il-h2": lambda: wo.interleave(wo.quantize_int8(w)), "int8-tc": lambda: wo.quantize_int8(w)}[fmt]()
     x = torch.randn(M, K * (2 if silu else 1), device=dev).half()
     ref32 = wo.matmul_reference(x.float(), wo.dequantize(qw, torch.float32), silu_gate_up=silu)
     err_torch = (wo.matmul_reference(x, qw, silu_gate_up=silu).float() - ref32).abs().max().item()
     for cfg in {"il": IL_CONFIGS, "tc": TC8_CONFIGS if fmt == "int8-tc" else TC_CONFIGS,
-                "h2": H2_CONFIGS}.get(fmt.split("-")[-1], CONFIGS):
-        if cfg.variant in ("acc", "h2") and M != 1:
+                "h2": H2_CONFIGS, "mma": MMA_CONFIGS}.get(fmt.split("-")[-1], CONFIGS):
+        if cfg.variant in ("acc", "h2", "mma") and M != 1:
             continue
         y = wo.wo_matmul(x, qw, silu_gate_up=silu, config=cfg)
         assert y.shape == (M, N) and y.dtype == torch.float16
@@ -181,6 +186,62 @@ def test_h2_tma_refusals():
         assert not any(c.tma for c in wo.candidates_for(kind, 1))
         assert [c for c in wo.candidates_for(kind, 1, tma=True) if c.tma] == lst
         assert not any(c.tma for c in wo.candidates_for(kind, 2, tma=True))
+
+
+@pytest.mark.parametrize("K", [1152, 576])
+@pytest.mark.parametrize("silu", [False, True])
+def test_mma_kernel_sums_products_exactly(K, silu):
+    """The tensor-core kernel (variant 'mma') multiplies exact codes by the bf16 activations (exact products) and sums
+    in fp32, the codes' bias of 128 taken out per group as 128 x (the group's activation sum): against the fp64
+    product of the same bf16 activations its error stays within a few fp32 roundings of the magnitudes it adds,
+    (128 + q) |x| s per term. 576 columns: a last group of 64 (the rows padded with zero weights); with silu, the
+    prologue's silu(gate) * up rounded to bf16 first, as a Triton cast rounds on this machine. Under the interpreter the sums are fp32 in
+    numpy's order; on a GPU the tensor cores' accumulation (not IEEE round-to-nearest: products aligned to the
+    largest exponent and truncated) gets 16 times the room."""
+    dev = env.device()
+    if dev.type == "cuda" and not wo.mma_supported(dev):
+        pytest.skip("mma.sync with bf16 inputs needs compute capability 8.0+")
+    torch.manual_seed(K + silu)
+    N = 72  # 4 row blocks of 16 and a partial one
+    qp = _h2_weight(4, N, K)
+    qw = wo.interleave(qp)
+    x = torch.randn(1, K * (2 if silu else 1)).bfloat16()
+    xe = x
+    if silu:  # what the kernel multiplies: silu(gate) * up in bf16, each step rounded as a Triton cast rounds here
+        g = x[:, :K].float().to(dev)
+        s = rounding.triton_cast(g / (1.0 + torch.exp(-g)), torch.bfloat16).float()
+        xe = rounding.triton_cast(s * x[:, K:].float().to(dev), torch.bfloat16).cpu()
+    w64 = wo.dequantize(qp, torch.float64)
+    ref = xe.double() @ w64.t()
+    mag = (128 + 16) * (xe.double().abs() @ qp.scale.double().repeat_interleave(128, dim=1)[:, :K].t())
+    units = 64 if dev.type == "cpu" else 1024
+    # compiled, the kernel's exp is not torch's: a product that lands near a bf16 rounding boundary may round the
+    # other way, one bf16 unit (2^-8 relative) of that activation
+    slack = (2.0**-8 * (xe.double().abs() @ w64.abs().t())) if silu and dev.type == "cuda" else 0.0
+    for cfg in (wo.GemvConfig(16, 128, 1, "mma"), wo.GemvConfig(64, 256, 2, "mma", split=2),
+                wo.GemvConfig(64, 256, 4, "mma", stages=2)):
+        y = wo.wo_matmul(x.to(dev), qw.to(dev), silu_gate_up=silu, config=cfg,
+                         out=torch.empty(1, N, device=dev)).cpu().double()
+        err = ((y - ref).abs() - slack).clamp(min=0)
+        assert _fp32_units(err, mag) <= units, (cfg, _fp32_units(err, mag))
+
+
+def test_mma_refusals():
+    """The tensor-core GEMV takes an int4 WordWeight, one row of bf16/fp16 activations and whole MMAs per warp;
+    anything else is refused with what to do instead."""
+    qw = wo.interleave(wo.quantize_int4(torch.randn(32, 256).bfloat16(), 128))
+    x = torch.randn(1, 256).bfloat16()
+    with pytest.raises(ValueError, match="int4 WordWeight"):
+        wo.wo_matmul(x, wo.interleave(wo.quantize_int8(torch.randn(32, 256))), config=wo.GemvConfig(16, 128, 1, "mma"))
+    with pytest.raises(ValueError, match="one row of x"):
+        wo.wo_matmul(torch.randn(2, 256).bfloat16(), qw, config=wo.GemvConfig(16, 128, 1, "mma"))
+    with pytest.raises(TypeError, match="bf16 or fp16"):
+        wo.wo_matmul(x.float(), qw, config=wo.GemvConfig(16, 128, 1, "mma"))
+    with pytest.raises(ValueError, match="multiple of 16 x num_warps"):
+        wo.wo_matmul(x, qw, config=wo.GemvConfig(16, 128, 2, "mma"))
+    with pytest.raises(ValueError, match="multiple of 16 x num_warps"):
+        wo.wo_matmul(x, qw, config=wo.GemvConfig(16, 64, 1, "mma"))
+    assert not wo.mma_supported("cpu")
 
 
 def _h2_weight(bits: int, N: int, K: int):

@@ -1168,6 +1168,273 @@ if triton is not None:
                 acc = tl.zeros((BLOCK_N, NC, 16), dtype=tl.float32)
                 corr = tl.zeros((BLOCK_N, NC), dtype=tl.float32)
 
+    # ------------------------------------------------------------------ int4 words on the tensor cores at one row
+    # The batch-1 GEMV as Hopper/Ampere tensor-core MMAs (mma.sync m16n8k16), the weight the A operand: 16 rows x 16
+    # columns per instruction. Tensors of shape (slots, 32) put one value per lane of a warp (dim 1 = the lane, as
+    # Triton lays out a (slots, 32) tensor: 32 threads along dim 1), so each lane hands the instruction exactly its
+    # fragment registers; lane = 4 g + c holds rows g and g + 8 of its 16-row slot. No data moves between lanes.
+
+    @triton.jit
+    def _mma_codes(wd, BF16: tl.constexpr, INTERPRET: tl.constexpr):
+        """An int4 WordWeight word (nibble n = column 16 n + j of its chunk, j the word's index) as four registers of
+        two 16-bit floats: register t holds (BIAS + q_t, BIAS + q_{t+4}), nibble t in the low half. BIAS (128 in
+        bf16, 1024 in fp16) is where the float's spacing is 1, so one masked OR per register makes two codes
+        exactly; the bias is not subtracted here but once per chunk from the sum (see _wo_gemv_mma_kernel)."""
+        if INTERPRET:
+            MAGIC: tl.constexpr = 0x43004300 if BF16 else 0x64006400
+            return ((wd & 0x000F000F) | MAGIC, ((wd >> 4) & 0x000F000F) | MAGIC, ((wd >> 8) & 0x000F000F) | MAGIC,
+                    ((wd >> 12) & 0x000F000F) | MAGIC)
+        if BF16:
+            return tl.inline_asm_elementwise(
+                """{
+                .reg .b32 t;
+                lop3.b32 $0, $4, 0x000F000F, 0x43004300, 0xEA;
+                shr.u32 t, $4, 4;
+                lop3.b32 $1, t, 0x000F000F, 0x43004300, 0xEA;
+                shr.u32 t, $4, 8;
+                lop3.b32 $2, t, 0x000F000F, 0x43004300, 0xEA;
+                shr.u32 t, $4, 12;
+                lop3.b32 $3, t, 0x000F000F, 0x43004300, 0xEA;
+                }""",
+                "=r,=r,=r,=r,r", [wd], dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+        return tl.inline_asm_elementwise(
+            """{
+            .reg .b32 t;
+            lop3.b32 $0, $4, 0x000F000F, 0x64006400, 0xEA;
+            shr.u32 t, $4, 4;
+            lop3.b32 $1, t, 0x000F000F, 0x64006400, 0xEA;
+            shr.u32 t, $4, 8;
+            lop3.b32 $2, t, 0x000F000F, 0x64006400, 0xEA;
+            shr.u32 t, $4, 12;
+            lop3.b32 $3, t, 0x000F000F, 0x64006400, 0xEA;
+            }""",
+            "=r,=r,=r,=r,r", [wd], dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+
+    @triton.jit
+    def _mma_half(v, HI: tl.constexpr, BF16: tl.constexpr):
+        """The low or high 16-bit float of a fragment register, as fp32 (the interpreter's model of the registers)."""
+        h = ((v >> 16) & 0xFFFF) if HI else (v & 0xFFFF)
+        if BF16:
+            return (h << 16).to(tl.float32, bitcast=True)
+        return h.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+    @triton.jit
+    def _mma_rows(r0, r1, S: tl.constexpr, BF16: tl.constexpr):
+        """Interpreter: an (S, 8, 16) matrix [slot, row g, k] from the two fragment registers of 8 rows (r0: k = 2c,
+        2c + 1; r1: k = 2c + 8, 2c + 9, for lane 4 g + c); the B operand's (n, k) the same way."""
+        r0 = tl.reshape(r0, (S, 32))
+        r1 = tl.reshape(r1, (S, 32))
+        lo = tl.reshape(tl.join(_mma_half(r0, False, BF16), _mma_half(r0, True, BF16)), (S, 8, 8))
+        hi = tl.reshape(tl.join(_mma_half(r1, False, BF16), _mma_half(r1, True, BF16)), (S, 8, 8))
+        return tl.reshape(tl.permute(tl.join(lo, hi), (0, 1, 3, 2)), (S, 8, 16))
+
+    @triton.jit
+    def _mma_lanes(d, c_lo, c_hi, S: tl.constexpr):
+        """Interpreter: an (S, 8, 8) result [slot, row g, column n] back to the lanes' accumulators: lane 4 g + c holds
+        columns 2c and 2c + 1 of row g, added to c_lo / c_hi (any shape of S x 32 elements, lanes last)."""
+        e0, e1 = tl.split(tl.reshape(d, (S, 8, 4, 2)))
+        return c_lo + tl.reshape(e0, c_lo.shape), c_hi + tl.reshape(e1, c_hi.shape)
+
+    @triton.jit
+    def _mma16816(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, S: tl.constexpr, BF16: tl.constexpr,
+                  INTERPRET: tl.constexpr):
+        """D = A B + C for one m16n8k16 tile per slot, fp32 accumulators, operands as each lane holds them (PTX ISA,
+        mma.m16n8k16 fragments): a0 (row g, k 2c..2c+1), a1 (row g + 8, same k), a2 (row g, k 2c + 8..2c + 9), a3 (row
+        g + 8, same), b0 (k 2c..2c+1, column g), b1 (k 2c + 8.., column g); c0, c1 row g columns 2c, 2c + 1; c2, c3
+        row g + 8. Every operand has the same shape, S slots of 32 lanes (the lane the last dimension). Under the
+        interpreter the same product in fp32 (exact products, sums rounded in another order than the tensor
+        cores')."""
+        if INTERPRET:
+            top = _mma_rows(a0, a2, S, BF16)  # (S, 8, 16): rows 0..7
+            bot = _mma_rows(a1, a3, S, BF16)  # rows 8..15
+            bt = _mma_rows(b0, b1, S, BF16)  # (S, 8, 16): column n, k
+            d_top = tl.sum(top[:, :, None, :] * bt[:, None, :, :], axis=3)  # (S, 8 rows, 8 columns)
+            d_bot = tl.sum(bot[:, :, None, :] * bt[:, None, :, :], axis=3)
+            c0, c1 = _mma_lanes(d_top, c0, c1, S)
+            c2, c3 = _mma_lanes(d_bot, c2, c3, S)
+            return c0, c1, c2, c3
+        if BF16:
+            return tl.inline_asm_elementwise(
+                "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9}, "
+                "{$10, $11, $12, $13};",
+                "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f", [a0, a1, a2, a3, b0, b1, c0, c1, c2, c3],
+                dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
+        return tl.inline_asm_elementwise(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9}, "
+            "{$10, $11, $12, $13};",
+            "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f", [a0, a1, a2, a3, b0, b1, c0, c1, c2, c3],
+            dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
+
+    @triton.jit
+    def _split4(t, A: tl.constexpr, B: tl.constexpr):
+        """(A, B, 32, 4) -> its four (A, B, 32) slices along the last dimension, in order."""
+        p, q = tl.split(tl.reshape(t, (A, B, 32, 2, 2)))
+        t0, t2 = tl.split(p)
+        t1, t3 = tl.split(q)
+        return t0, t1, t2, t3
+
+    @triton.jit
+    def _mma_pack(lo, hi, BF16: tl.constexpr):
+        """Two fp32 tensors -> int32 holding (16-bit float of lo, of hi) as its low and high halves."""
+        dt: tl.constexpr = tl.bfloat16 if BF16 else tl.float16
+        a = lo.to(dt).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        b = hi.to(dt).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        return a | (b << 16)
+
+    @triton.jit
+    def _mma_bits(x_ptr, k_lo, k_hi, mask, K, RAGGED: tl.constexpr):
+        """int32 holding the 16-bit activations at columns k_lo (low half) and k_hi (high half), bits unchanged;
+        zeros where masked (and past K when RAGGED)."""
+        xp = x_ptr.to(tl.pointer_type(tl.int16), bitcast=True)
+        if RAGGED:
+            lo = tl.load(xp + k_lo, mask=mask & (k_lo < K), other=0)
+            hi = tl.load(xp + k_hi, mask=mask & (k_hi < K), other=0)
+        elif mask is None:
+            lo = tl.load(xp + k_lo)
+            hi = tl.load(xp + k_hi)
+        else:
+            lo = tl.load(xp + k_lo, mask=mask, other=0)
+            hi = tl.load(xp + k_hi, mask=mask, other=0)
+        return (lo.to(tl.int32) & 0xFFFF) | (hi.to(tl.int32) << 16)
+
+    @triton.jit
+    def _mma_pick(t0, t1, t2, t3, I: tl.constexpr):
+        """The I-th of four values (I a compile-time constant)."""
+        if I == 0:
+            return t0
+        elif I == 1:
+            return t1
+        elif I == 2:
+            return t2
+        else:
+            return t3
+
+    @triton.jit
+    def _wo_gemv_mma_kernel(
+        x_ptr, w_ptr, s_ptr, z_ptr, y_ptr,
+        N, K, stride_wn, stride_sn, stride_ys, K_CHUNK,
+        PRO_SILU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NW: tl.constexpr,
+        PDL: tl.constexpr = False, EVEN: tl.constexpr = False, RAGGED: tl.constexpr = False,
+        INTERPRET: tl.constexpr = False, BF16: tl.constexpr = True, STAGES: tl.constexpr = None,
+    ):
+        """An int4 WordWeight (groups of 128), one activation row, on the tensor cores: BLOCK_N // 16 slots of 16 rows
+        (R per warp, NW warps), one mma.sync m16n8k16 per slot, word and pair of nibbles. Lane 4 g + c of a warp loads
+        words 4c..4c+3 of rows g and g + 8 of each of its slots (128 bits each), and one lop3 per register turns a
+        word's nibbles t and t + 4 into two 16-bit floats BIAS + q (_mma_codes: three shifts and four lop3 per eight
+        codes, no conversion or subtraction). The activations meet them as the B operand, each column of B the same
+        vector (so the eight columns of the result are equal), prepared once per warp and chunk for its R slots. Per
+        chunk of 128 columns (one group):
+
+            sum_k (q_k - z) x_k s = s (sum_k (BIAS + q_k) x_k - (BIAS + z) X),   X = sum_k x_k,
+
+        where the first sum is what the eight MMAs of the chunk accumulate (fp32) and X comes from eight more MMAs of
+        the same activations against an all-ones A (per warp, shared by its slots). Products are exact (codes and
+        activations are 16-bit floats); the activations are rounded to bf16 (fp16) once, which they already are
+        unless PRO_SILU computes silu(gate) * up here. Tensors are (R, NW, 32): one warp per row of the second
+        dimension and one lane per element of the last, as Triton lays them out, so each lane hands the MMA exactly
+        its fragment registers (scripts/sass_gemv.py checks the layout)."""
+        R: tl.constexpr = BLOCK_N // (16 * NW)
+        NC: tl.constexpr = BLOCK_K // 128
+        BIAS: tl.constexpr = 128.0 if BF16 else 1024.0
+        ONES: tl.constexpr = 0x3F803F80 if BF16 else 0x3C003C00  # two 1.0s
+        pid_k = tl.program_id(1)
+        k_lo = pid_k * K_CHUNK
+        k_end = tl.minimum((K + 127) // 128 * 128, k_lo + K_CHUNK)  # whole chunks (a ragged last one is padded)
+        lane = tl.arange(0, 32)[None, None, :]
+        c4 = (lane % 4) * 4  # the lane's first word of a chunk: j = 4c + i, i = 0..3
+        slot = tl.arange(0, R)[:, None, None] * NW + tl.arange(0, NW)[None, :, None]
+        rows_g = tl.program_id(0) * BLOCK_N + slot * 16 + lane // 4  # (R, NW, 32)
+        rows_h = rows_g + 8
+        mask_g = rows_g < N
+        mask_h = rows_h < N
+        offs_w = c4[:, :, :, None] + tl.arange(0, 4)[None, None, None, :]  # (1, 1, 32, 4)
+        wg_ptr = w_ptr + rows_g[:, :, :, None] * stride_wn + offs_w  # (R, NW, 32, 4): 4 words of row g per lane
+        wh_ptr = w_ptr + rows_h[:, :, :, None] * stride_wn + offs_w
+        sg_ptr = s_ptr + rows_g * stride_sn  # the scales and zeros of each lane's two rows, chunk 0
+        zg_ptr = z_ptr + rows_g * stride_sn
+        sh_ptr = s_ptr + rows_h * stride_sn
+        zh_ptr = z_ptr + rows_h * stride_sn
+        # (1, NW, 32, 4): column j of the chunk for the lane's word i, once per warp (the warp's own copy)
+        kx = offs_w + tl.zeros((1, NW, 1, 1), tl.int32)
+        ones = tl.full((1, NW, 32), ONES, tl.int32)
+        zero1 = tl.zeros((1, NW, 32), tl.float32)
+        zero = tl.zeros((R, NW, 32), tl.float32)
+        acc_g = tl.zeros((R, NW, 32), tl.float32)
+        acc_h = tl.zeros((R, NW, 32), tl.float32)
+        _pdl_enter(PDL)
+        for k0 in tl.range(k_lo, k_end, BLOCK_K, num_stages=STAGES):
+            for cc in tl.static_range(NC):
+                kc = k0 + cc * 128
+                ch = kc // 128
+                if EVEN:
+                    wg = tl.load(wg_ptr + ch * 16)
+                    wh = tl.load(wh_ptr + ch * 16)
+                else:
+                    # a chunk past the program's share of K (a last step of several chunks): masked. As tensors,
+                    # not a scalar: the interpreter turns bool & 0-d bool into int32
+                    live = (kc + tl.zeros((R, NW, 32), tl.int32)) < k_end
+                    wg = tl.load(wg_ptr + ch * 16, mask=(mask_g & live)[:, :, :, None] & (offs_w < 16), other=0)
+                    wh = tl.load(wh_ptr + ch * 16, mask=(mask_h & live)[:, :, :, None] & (offs_w < 16), other=0)
+                # the B operand: for word i and nibble pair t, the activations at columns 16 t + j and 16 t + 64 + j
+                kb = kc + kx
+                mask_x = None if EVEN else (kb < k_end)
+                if PRO_SILU:  # silu(gate) * up, rounded to the activations' dtype
+                    x0, x1, x2, x3 = _load_x4(x_ptr, kb, mask_x, K, PRO_SILU, RAGGED)
+                    x4, x5, x6, x7 = _load_x4(x_ptr, kb + 64, mask_x, K, PRO_SILU, RAGGED)
+                    q0 = _mma_pack(x0, x4, BF16)
+                    q1 = _mma_pack(x1, x5, BF16)
+                    q2 = _mma_pack(x2, x6, BF16)
+                    q3 = _mma_pack(x3, x7, BF16)
+                else:  # the activations' 16-bit patterns as they are, two to a register
+                    q0 = _mma_bits(x_ptr, kb, kb + 64, mask_x, K, RAGGED)
+                    q1 = _mma_bits(x_ptr, kb + 16, kb + 80, mask_x, K, RAGGED)
+                    q2 = _mma_bits(x_ptr, kb + 32, kb + 96, mask_x, K, RAGGED)
+                    q3 = _mma_bits(x_ptr, kb + 48, kb + 112, mask_x, K, RAGGED)
+                b00, b01, b02, b03 = _split4(q0, 1, NW)  # bti: pair t, word i; (1, NW, 32)
+                b10, b11, b12, b13 = _split4(q1, 1, NW)
+                b20, b21, b22, b23 = _split4(q2, 1, NW)
+                b30, b31, b32, b33 = _split4(q3, 1, NW)
+                # X: the chunk's activations summed by the tensor cores (all-ones A), every lane gets it
+                xs, u1, u2, u3 = _mma16816(ones, ones, ones, ones, b00, b10, zero1, zero1, zero1, zero1, NW, BF16,
+                                           INTERPRET)
+                xs, u1, u2, u3 = _mma16816(ones, ones, ones, ones, b20, b30, xs, u1, u2, u3, NW, BF16, INTERPRET)
+                xs, u1, u2, u3 = _mma16816(ones, ones, ones, ones, b01, b11, xs, u1, u2, u3, NW, BF16, INTERPRET)
+                xs, u1, u2, u3 = _mma16816(ones, ones, ones, ones, b21, b31, xs, u1, u2, u3, NW, BF16, INTERPRET)
+                xs, u1, u2, u3 = _mma16816(ones, ones, ones, ones, b02, b12, xs, u1, u2, u3, NW, BF16, INTERPRET)
+                xs, u1, u2, u3 = _mma16816(ones, ones, ones, ones, b22, b32, xs, u1, u2, u3, NW, BF16, INTERPRET)
+                xs, u1, u2, u3 = _mma16816(ones, ones, ones, ones, b03, b13, xs, u1, u2, u3, NW, BF16, INTERPRET)
+                xs, u1, u2, u3 = _mma16816(ones, ones, ones, ones, b23, b33, xs, u1, u2, u3, NW, BF16, INTERPRET)
+                g0, g1, g2, g3 = _split4(wg, R, NW)
+                h0, h1, h2, h3 = _split4(wh, R, NW)
+                d0 = zero
+                d1 = zero
+                d2 = zero
+                d3 = zero
+                for i in tl.static_range(4):
+                    ga0, ga1, ga2, ga3 = _mma_codes(_mma_pick(g0, g1, g2, g3, i), BF16, INTERPRET)  # row g, t = 0..3
+                    ha0, ha1, ha2, ha3 = _mma_codes(_mma_pick(h0, h1, h2, h3, i), BF16, INTERPRET)  # row g + 8
+                    bp0 = tl.broadcast_to(_mma_pick(b00, b01, b02, b03, i), (R, NW, 32))
+                    bp1 = tl.broadcast_to(_mma_pick(b10, b11, b12, b13, i), (R, NW, 32))
+                    bp2 = tl.broadcast_to(_mma_pick(b20, b21, b22, b23, i), (R, NW, 32))
+                    bp3 = tl.broadcast_to(_mma_pick(b30, b31, b32, b33, i), (R, NW, 32))
+                    d0, d1, d2, d3 = _mma16816(ga0, ha0, ga1, ha1, bp0, bp1, d0, d1, d2, d3, NW * R, BF16, INTERPRET)
+                    d0, d1, d2, d3 = _mma16816(ga2, ha2, ga3, ha3, bp2, bp3, d0, d1, d2, d3, NW * R, BF16, INTERPRET)
+                if EVEN:
+                    sg = tl.load(sg_ptr + ch).to(tl.float32)
+                    zg = tl.load(zg_ptr + ch).to(tl.float32)
+                    sh = tl.load(sh_ptr + ch).to(tl.float32)
+                    zh = tl.load(zh_ptr + ch).to(tl.float32)
+                else:
+                    sg = tl.load(sg_ptr + ch, mask=mask_g & live, other=0.0).to(tl.float32)
+                    zg = tl.load(zg_ptr + ch, mask=mask_g & live, other=0.0).to(tl.float32)
+                    sh = tl.load(sh_ptr + ch, mask=mask_h & live, other=0.0).to(tl.float32)
+                    zh = tl.load(zh_ptr + ch, mask=mask_h & live, other=0.0).to(tl.float32)
+                acc_g += sg * (d0 - (BIAS + zg) * xs)
+                acc_h += sh * (d2 - (BIAS + zh) * xs)
+        first = lane % 4 == 0  # the four lanes of a row hold the same sums: one stores
+        tl.store(y_ptr + pid_k * stride_ys + rows_g, acc_g.to(y_ptr.dtype.element_ty), mask=mask_g & first)
+        tl.store(y_ptr + pid_k * stride_ys + rows_h, acc_h.to(y_ptr.dtype.element_ty), mask=mask_h & first)
+
     @triton.jit
     def _half_pair(v, dt: tl.constexpr):
         """An int32 holding two 16-bit float bit patterns -> (low half, high half) as floats of type dt."""
@@ -1531,6 +1798,13 @@ def tma_fits(w) -> bool:
             and w.words.data_ptr() % 16 == 0)
 
 
+def mma_supported(device) -> bool:
+    """Whether variant 'mma' can run here: a CUDA GPU of compute capability 8.0 (Ampere) or newer, whose mma.sync
+    takes bf16 operands."""
+    device = torch.device(device)
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def tma_supported(device) -> bool:
     """Whether GemvConfig.tma can run here: a CUDA GPU of compute capability 9.0 (Hopper) or newer."""
     device = torch.device(device)
@@ -1622,7 +1896,8 @@ def wo_matmul(x: torch.Tensor, w, silu_gate_up: bool = False, config: GemvConfig
         raise ValueError(f"persist={cfg.persist}: the persistent GEMV is the packed-fp16 kernel's TMA form; give tma=True")
     if cfg.tma and (cfg.variant != "h2" or kind < 3):
         raise ValueError("tma=True applies to the packed-fp16 word kernel only (variant 'h2', a WordWeight)")
-    if cfg.stages is not None and (cfg.stages < 1 or cfg.variant == "tc" or (kind >= 3 and cfg.variant != "h2")):
+    if cfg.stages is not None and (cfg.stages < 1 or cfg.variant == "tc"
+                                   or (kind >= 3 and cfg.variant not in ("h2", "mma"))):
         raise ValueError(f"stages={cfg.stages}: software pipelining takes an int >= 1 and applies to the CUDA-core "
                          "kernels ('tile', 'acc', and 'h2' for a WordWeight); leave it None for the others")
     kw = pdl_kwargs(pdl, x.device)
@@ -1654,6 +1929,27 @@ def wo_matmul(x: torch.Tensor, w, silu_gate_up: bool = False, config: GemvConfig
                                  PRO_SILU=silu_gate_up, WORDS=kind == 4, BLOCK_N=cfg.block_n, NG=block_k // 128,
                                  BLOCK_M=1 if M == 1 else 16, EVEN=N % cfg.block_n == 0 and K % k_chunk == 0,
                                  num_warps=cfg.num_warps, **kw)
+    elif cfg.variant == "mma":
+        if kind != 4 or M != 1:
+            raise ValueError("the 'mma' GEMV (int4 on the tensor cores at one row) takes an int4 WordWeight "
+                             f"(wo_matmul.interleave of an Int4Weight) and one row of x, got {type(w).__name__}"
+                             f"{' of int8 codes' if kind == 3 else ''} and M={M}")
+        if x.dtype not in (torch.bfloat16, torch.float16):
+            raise TypeError(f"the 'mma' GEMV feeds the activations to the tensor cores as they are: bf16 or fp16, "
+                            f"got {x.dtype} (convert x, or use variant 'h2')")
+        if cfg.block_n % (16 * cfg.num_warps) or cfg.block_k % 128:
+            raise ValueError(f"the 'mma' GEMV takes block_n a multiple of 16 x num_warps (16 rows per MMA, every warp "
+                             f"the same number of them) and block_k of 128 (a group), got block_n={cfg.block_n}, "
+                             f"num_warps={cfg.num_warps}, block_k={cfg.block_k}")
+        if x.device.type == "cuda" and not mma_supported(x.device):
+            raise LabkitError("the 'mma' GEMV runs mma.sync with bf16/fp16 inputs: a GPU of compute capability 8.0 "
+                              f"(Ampere) or newer, this is {torch.cuda.get_device_name(x.device)}")
+        _wo_gemv_mma_kernel[grid](x, wp, sp, zp, y, N, K, stride_wn, stride_sn, M * N, k_chunk, PRO_SILU=silu_gate_up,
+                                  BLOCK_N=cfg.block_n, BLOCK_K=block_k, NW=cfg.num_warps, num_warps=cfg.num_warps,
+                                  RAGGED=K % 128 != 0,
+                                  EVEN=N % cfg.block_n == 0 and K % k_chunk == 0 and K % 128 == 0,
+                                  INTERPRET=flash_attn.interpreted(), BF16=x.dtype == torch.bfloat16,
+                                  STAGES=cfg.stages, **kw)
     elif cfg.variant == "h2":
         if kind < 3 or M != 1:
             raise ValueError("the 'h2' GEMV (packed fp16 arithmetic) takes an int4 or int8 WordWeight "
