@@ -60,9 +60,10 @@ TC_CONFIGS = [wo.GemvConfig(16, 128, 4, "tc"), wo.GemvConfig(32, 256, 4, "tc", s
 TC8_CONFIGS = [wo.GemvConfig(16, 128, 4, "tc"), wo.GemvConfig(32, 256, 4, "tc", split=2), wo.GemvConfig(16, 64, 4, "tc", 3)]
 H2_CONFIGS = [wo.GemvConfig(8, 128, 1, "h2"), wo.GemvConfig(16, 256, 2, "h2", split=2), wo.GemvConfig(4, 512, 4, "h2"),
               wo.GemvConfig(16, 128, 2, "h2", stages=3)]
-# the tensor-core batch-1 kernel: one warp of one slot, a split whose last step has a chunk past K, two slots per warp
-MMA_CONFIGS = [wo.GemvConfig(16, 128, 1, "mma"), wo.GemvConfig(32, 256, 2, "mma", split=2),
-               wo.GemvConfig(64, 128, 2, "mma", stages=2)]
+# the tensor-core batch-1 kernel: one warp of one slot, a split whose last step has a chunk past K, two warps of two
+# slots each (N = 40: the last row blocks partly or wholly past N)
+MMA_CONFIGS = [wo.GemvConfig(16, 256, 1, "mma"), wo.GemvConfig(32, 256, 2, "mma", split=2),
+               wo.GemvConfig(64, 256, 2, "mma")]
 
 
 def test_interleave_roundtrip_and_errors():
@@ -218,8 +219,8 @@ def test_mma_kernel_sums_products_exactly(K, silu):
     # compiled, the kernel's exp is not torch's: a product that lands near a bf16 rounding boundary may round the
     # other way, one bf16 unit (2^-8 relative) of that activation
     slack = (2.0**-8 * (xe.double().abs() @ w64.abs().t())) if silu and dev.type == "cuda" else 0.0
-    for cfg in (wo.GemvConfig(16, 128, 1, "mma"), wo.GemvConfig(64, 256, 2, "mma", split=2),
-                wo.GemvConfig(64, 256, 4, "mma", stages=2)):
+    for cfg in (wo.GemvConfig(16, 256, 1, "mma"), wo.GemvConfig(64, 256, 2, "mma", split=2),
+                wo.GemvConfig(64, 256, 4, "mma")):
         y = wo.wo_matmul(x.to(dev), qw.to(dev), silu_gate_up=silu, config=cfg,
                          out=torch.empty(1, N, device=dev)).cpu().double()
         err = ((y - ref).abs() - slack).clamp(min=0)
@@ -238,10 +239,26 @@ def test_mma_refusals():
     with pytest.raises(TypeError, match="bf16 or fp16"):
         wo.wo_matmul(x.float(), qw, config=wo.GemvConfig(16, 128, 1, "mma"))
     with pytest.raises(ValueError, match="multiple of 16 x num_warps"):
-        wo.wo_matmul(x, qw, config=wo.GemvConfig(16, 128, 2, "mma"))
-    with pytest.raises(ValueError, match="multiple of 16 x num_warps"):
-        wo.wo_matmul(x, qw, config=wo.GemvConfig(16, 64, 1, "mma"))
+        wo.wo_matmul(x, qw, config=wo.GemvConfig(16, 256, 2, "mma"))
+    with pytest.raises(ValueError, match="give block_k=256"):
+        wo.wo_matmul(x, qw, config=wo.GemvConfig(16, 512, 1, "mma"))
+    with pytest.raises(ValueError, match="leave stages None"):
+        wo.wo_matmul(x, qw, config=wo.GemvConfig(16, 256, 1, "mma", stages=2))
     assert not wo.mma_supported("cpu")
+
+
+def test_mma_layout_check_reads_the_compiled_layout():
+    """mma_layout_ok accepts a kernel whose mma.sync operands keep a warp's 32 lanes on the last dimension, one
+    element per lane, and names the layout otherwise (the one Triton 3.6 gave tl.load-based operands)."""
+    good = ("#blocked = #ttg.blocked<{sizePerThread = [1, 1, 1], threadsPerWarp = [1, 1, 32], warpsPerCTA = [1, 2, 1], "
+            "order = [2, 1, 0]}>\n"
+            "%0:4 = tt.elementwise_inline_asm \"mma.sync.aligned.m16n8k16\" {} %a : tensor<2x2x32xi32, #blocked> -> "
+            "tensor<2x2x32xf32, #blocked>\n")
+    assert wo.mma_layout_ok(good) == (True, "")
+    bad = good.replace("threadsPerWarp = [1, 1, 32]", "threadsPerWarp = [1, 2, 16]")
+    ok, why = wo.mma_layout_ok(bad)
+    assert not ok and "[1, 2, 16]" in why
+    assert wo.mma_layout_ok(good.replace("mma.sync", "fma.rn")) == (False, "no mma.sync in the kernel")
 
 
 def _h2_weight(bits: int, N: int, K: int):

@@ -1266,14 +1266,6 @@ if triton is not None:
             dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
 
     @triton.jit
-    def _split4(t, A: tl.constexpr, B: tl.constexpr):
-        """(A, B, 32, 4) -> its four (A, B, 32) slices along the last dimension, in order."""
-        p, q = tl.split(tl.reshape(t, (A, B, 32, 2, 2)))
-        t0, t2 = tl.split(p)
-        t1, t3 = tl.split(q)
-        return t0, t1, t2, t3
-
-    @triton.jit
     def _mma_pack(lo, hi, BF16: tl.constexpr):
         """Two fp32 tensors -> int32 holding (16-bit float of lo, of hi) as its low and high halves."""
         dt: tl.constexpr = tl.bfloat16 if BF16 else tl.float16
@@ -1282,45 +1274,233 @@ if triton is not None:
         return a | (b << 16)
 
     @triton.jit
-    def _mma_bits(x_ptr, k_lo, k_hi, mask, K, RAGGED: tl.constexpr):
-        """int32 holding the 16-bit activations at columns k_lo (low half) and k_hi (high half), bits unchanged;
-        zeros where masked (and past K when RAGGED)."""
-        xp = x_ptr.to(tl.pointer_type(tl.int16), bitcast=True)
-        if RAGGED:
-            lo = tl.load(xp + k_lo, mask=mask & (k_lo < K), other=0)
-            hi = tl.load(xp + k_hi, mask=mask & (k_hi < K), other=0)
-        elif mask is None:
-            lo = tl.load(xp + k_lo)
-            hi = tl.load(xp + k_hi)
-        else:
-            lo = tl.load(xp + k_lo, mask=mask, other=0)
-            hi = tl.load(xp + k_hi, mask=mask, other=0)
-        return (lo.to(tl.int32) & 0xFFFF) | (hi.to(tl.int32) << 16)
+    def _mma_ld4(ptr, live, INTERPRET: tl.constexpr):
+        """Four consecutive int32 words at ptr (16-byte aligned), zeros where live is False: one 128-bit load."""
+        if INTERPRET:
+            return (tl.load(ptr, mask=live, other=0), tl.load(ptr + 1, mask=live, other=0),
+                    tl.load(ptr + 2, mask=live, other=0), tl.load(ptr + 3, mask=live, other=0))
+        return tl.inline_asm_elementwise(
+            """{
+            .reg .pred p;
+            setp.ne.b32 p, $5, 0;
+            mov.b32 $0, 0;
+            mov.b32 $1, 0;
+            mov.b32 $2, 0;
+            mov.b32 $3, 0;
+            @p ld.global.v4.b32 {$0, $1, $2, $3}, [$4];
+            }""",
+            "=r,=r,=r,=r,l,r", [ptr.to(tl.int64), live.to(tl.int32)], dtype=(tl.int32, tl.int32, tl.int32, tl.int32),
+            is_pure=True, pack=1)
 
     @triton.jit
-    def _mma_pick(t0, t1, t2, t3, I: tl.constexpr):
-        """The I-th of four values (I a compile-time constant)."""
-        if I == 0:
-            return t0
-        elif I == 1:
-            return t1
-        elif I == 2:
-            return t2
+    def _mma_ld2(ptr, live, INTERPRET: tl.constexpr):
+        """Four consecutive 16-bit values at ptr (8-byte aligned) as two int32 (values 0, 1 and 2, 3; the first of
+        each pair in the low half), zeros where live is False: one 64-bit load."""
+        if INTERPRET:
+            p16 = ptr.to(tl.pointer_type(tl.int16), bitcast=True)
+            v = [tl.load(p16 + i, mask=live, other=0).to(tl.int32) & 0xFFFF for i in tl.static_range(4)]
+            return v[0] | (v[1] << 16), v[2] | (v[3] << 16)
+        return tl.inline_asm_elementwise(
+            """{
+            .reg .pred p;
+            setp.ne.b32 p, $3, 0;
+            mov.b32 $0, 0;
+            mov.b32 $1, 0;
+            @p ld.global.v2.b32 {$0, $1}, [$2];
+            }""",
+            "=r,=r,l,r", [ptr.to(tl.int64), live.to(tl.int32)], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+
+    @triton.jit
+    def _mma_prmt(a, b, HI: tl.constexpr, INTERPRET: tl.constexpr):
+        """(low half of a, low half of b) or, HI, (high half of a, high half of b): one prmt."""
+        if INTERPRET:
+            if HI:
+                return ((a >> 16) & 0xFFFF) | (b & -65536)
+            return (a & 0xFFFF) | (b << 16)
+        if HI:
+            return tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x7632;", "=r,r,r", [a, b], dtype=tl.int32,
+                                             is_pure=True, pack=1)
+        return tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x5410;", "=r,r,r", [a, b], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+
+    @triton.jit
+    def _mma_half_f32(v, HI: tl.constexpr, BF16: tl.constexpr):
+        """The low or high 16-bit float of an int32 as fp32."""
+        h = ((v >> 16) & 0xFFFF) if HI else (v & 0xFFFF)
+        if BF16:
+            return (h << 16).to(tl.float32, bitcast=True)
+        return h.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+    @triton.jit
+    def _mma_silu_pair(g, u, HI: tl.constexpr, BF16: tl.constexpr):
+        """silu(gate) * up for one 16-bit half of a register of gates and one of ups, each step rounded to the
+        activations' dtype as torch rounds it, as fp32."""
+        dt: tl.constexpr = tl.bfloat16 if BF16 else tl.float16
+        gf = _mma_half_f32(g, HI, BF16)
+        s = (gf / (1.0 + tl.exp(-gf))).to(dt).to(tl.float32)
+        return (s * _mma_half_f32(u, HI, BF16)).to(dt).to(tl.float32)
+
+    @triton.jit
+    def _mma_ldx(xp, kcol, K, live, PRO_SILU: tl.constexpr, BF16: tl.constexpr, INTERPRET: tl.constexpr):
+        """The B registers of nibble pair t for the lane's four words i = 0..3: (x[k + i], x[k + 64 + i]) with
+        k = kcol (the lane's column 16 t + 4c of the chunk), the activations' 16-bit patterns as they are, or with
+        PRO_SILU silu(gate) * up computed from [gate | up] and rounded. Zeros past K and where live is False."""
+        mlo = live & (kcol < K)
+        mhi = live & (kcol + 64 < K)
+        lo0, lo1 = _mma_ld2(xp + kcol, mlo, INTERPRET)
+        hi0, hi1 = _mma_ld2(xp + kcol + 64, mhi, INTERPRET)
+        if PRO_SILU:
+            ul0, ul1 = _mma_ld2(xp + K + kcol, mlo, INTERPRET)
+            uh0, uh1 = _mma_ld2(xp + K + kcol + 64, mhi, INTERPRET)
+            return (_mma_pack(_mma_silu_pair(lo0, ul0, False, BF16), _mma_silu_pair(hi0, uh0, False, BF16), BF16),
+                    _mma_pack(_mma_silu_pair(lo0, ul0, True, BF16), _mma_silu_pair(hi0, uh0, True, BF16), BF16),
+                    _mma_pack(_mma_silu_pair(lo1, ul1, False, BF16), _mma_silu_pair(hi1, uh1, False, BF16), BF16),
+                    _mma_pack(_mma_silu_pair(lo1, ul1, True, BF16), _mma_silu_pair(hi1, uh1, True, BF16), BF16))
+        return (_mma_prmt(lo0, hi0, False, INTERPRET), _mma_prmt(lo0, hi0, True, INTERPRET),
+                _mma_prmt(lo1, hi1, False, INTERPRET), _mma_prmt(lo1, hi1, True, INTERPRET))
+
+    @triton.jit
+    def _mma_lds(ptr, live, KIND: tl.constexpr, INTERPRET: tl.constexpr):
+        """One scale or zero point as fp32 (KIND 0 fp32, 1 bf16, 2 fp16 as stored); 0 where live is False."""
+        if INTERPRET:
+            return tl.load(ptr, mask=live, other=0.0).to(tl.float32)
+        if KIND == 1:
+            return tl.inline_asm_elementwise(
+                """{
+                .reg .pred p;
+                .reg .b16 h;
+                setp.ne.b32 p, $2, 0;
+                mov.b16 h, 0;
+                @p ld.global.b16 h, [$1];
+                cvt.f32.bf16 $0, h;
+                }""", "=f,l,r", [ptr.to(tl.int64), live.to(tl.int32)], dtype=tl.float32, is_pure=True, pack=1)
+        elif KIND == 2:
+            return tl.inline_asm_elementwise(
+                """{
+                .reg .pred p;
+                .reg .b16 h;
+                setp.ne.b32 p, $2, 0;
+                mov.b16 h, 0;
+                @p ld.global.b16 h, [$1];
+                cvt.f32.f16 $0, h;
+                }""", "=f,l,r", [ptr.to(tl.int64), live.to(tl.int32)], dtype=tl.float32, is_pure=True, pack=1)
+        return tl.inline_asm_elementwise(
+            """{
+            .reg .pred p;
+            setp.ne.b32 p, $2, 0;
+            mov.b32 $0, 0f00000000;
+            @p ld.global.b32 $0, [$1];
+            }""", "=f,l,r", [ptr.to(tl.int64), live.to(tl.int32)], dtype=tl.float32, is_pure=True, pack=1)
+
+    @triton.jit
+    def _mma_st(ptr, v, live, KIND: tl.constexpr, INTERPRET: tl.constexpr):
+        """Store fp32 v at ptr where live (KIND as in _mma_lds: the output's dtype, rounded to nearest)."""
+        if INTERPRET:
+            tl.store(ptr, v.to(ptr.dtype.element_ty), mask=live)
+        elif KIND == 1:
+            tl.inline_asm_elementwise(
+                """{
+                .reg .pred p;
+                .reg .b16 h;
+                setp.ne.b32 p, $3, 0;
+                cvt.rn.bf16.f32 h, $2;
+                @p st.global.b16 [$1], h;
+                mov.b32 $0, 0;
+                }""", "=r,l,f,r", [ptr.to(tl.int64), v, live.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+        elif KIND == 2:
+            tl.inline_asm_elementwise(
+                """{
+                .reg .pred p;
+                .reg .b16 h;
+                setp.ne.b32 p, $3, 0;
+                cvt.rn.f16.f32 h, $2;
+                @p st.global.b16 [$1], h;
+                mov.b32 $0, 0;
+                }""", "=r,l,f,r", [ptr.to(tl.int64), v, live.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
         else:
-            return t3
+            tl.inline_asm_elementwise(
+                """{
+                .reg .pred p;
+                setp.ne.b32 p, $3, 0;
+                @p st.global.b32 [$1], $2;
+                mov.b32 $0, 0;
+                }""", "=r,l,f,r", [ptr.to(tl.int64), v, live.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+
+    @triton.jit
+    def _mma_chunk(acc_g, acc_h, g0, g1, g2, g3, h0, h1, h2, h3, ch, c_end, xp, c4, K,
+                   sg_ptr, zg_ptr, sh_ptr, zh_ptr, mask_g, mask_h,
+                   R: tl.constexpr, NW: tl.constexpr, PRO_SILU: tl.constexpr, BF16: tl.constexpr,
+                   S_KIND: tl.constexpr, Z_KIND: tl.constexpr, INTERPRET: tl.constexpr):
+        """One chunk of 128 columns (one group) for the R x NW slots: acc += s (sum (BIAS + q) x - (BIAS + z) X)
+        for rows g (acc_g) and g + 8 (acc_h) of every slot; nothing for a chunk at or past c_end."""
+        BIAS: tl.constexpr = 128.0 if BF16 else 1024.0
+        ONES: tl.constexpr = 0x3F803F80 if BF16 else 0x3C003C00  # two 1.0s
+        live_x = (ch + tl.zeros((1, NW, 32), tl.int32)) < c_end
+        kc = ch * 128 + c4  # (1, 1, 32)
+        b00, b01, b02, b03 = _mma_ldx(xp, kc, K, live_x, PRO_SILU, BF16, INTERPRET)  # bti: pair t, word i
+        b10, b11, b12, b13 = _mma_ldx(xp, kc + 16, K, live_x, PRO_SILU, BF16, INTERPRET)
+        b20, b21, b22, b23 = _mma_ldx(xp, kc + 32, K, live_x, PRO_SILU, BF16, INTERPRET)
+        b30, b31, b32, b33 = _mma_ldx(xp, kc + 48, K, live_x, PRO_SILU, BF16, INTERPRET)
+        ones = tl.full((1, NW, 32), ONES, tl.int32)
+        z1 = tl.zeros((1, NW, 32), tl.float32)
+        # X = the chunk's activations summed by the tensor cores (all-ones A), two chains of four
+        xa, u1, u2, u3 = _mma16816(ones, ones, ones, ones, b00, b10, z1, z1, z1, z1, NW, BF16, INTERPRET)
+        xa, u1, u2, u3 = _mma16816(ones, ones, ones, ones, b20, b30, xa, u1, u2, u3, NW, BF16, INTERPRET)
+        xa, u1, u2, u3 = _mma16816(ones, ones, ones, ones, b02, b12, xa, u1, u2, u3, NW, BF16, INTERPRET)
+        xa, u1, u2, u3 = _mma16816(ones, ones, ones, ones, b22, b32, xa, u1, u2, u3, NW, BF16, INTERPRET)
+        xb, v1, v2, v3 = _mma16816(ones, ones, ones, ones, b01, b11, z1, z1, z1, z1, NW, BF16, INTERPRET)
+        xb, v1, v2, v3 = _mma16816(ones, ones, ones, ones, b21, b31, xb, v1, v2, v3, NW, BF16, INTERPRET)
+        xb, v1, v2, v3 = _mma16816(ones, ones, ones, ones, b03, b13, xb, v1, v2, v3, NW, BF16, INTERPRET)
+        xb, v1, v2, v3 = _mma16816(ones, ones, ones, ones, b23, b33, xb, v1, v2, v3, NW, BF16, INTERPRET)
+        xs = xa + xb
+        zero = tl.zeros((R, NW, 32), tl.float32)
+        # the weights: words 0 and 2 in one chain of MMAs, 1 and 3 in another (two chains in flight)
+        ga0, ga1, ga2, ga3 = _mma_codes(g0, BF16, INTERPRET)  # row g, nibble pairs t = 0..3
+        ha0, ha1, ha2, ha3 = _mma_codes(h0, BF16, INTERPRET)  # row g + 8
+        p0, p1, p2, p3 = _mma16816(ga0, ha0, ga1, ha1, tl.broadcast_to(b00, (R, NW, 32)),
+                                   tl.broadcast_to(b10, (R, NW, 32)), zero, zero, zero, zero, R * NW, BF16, INTERPRET)
+        p0, p1, p2, p3 = _mma16816(ga2, ha2, ga3, ha3, tl.broadcast_to(b20, (R, NW, 32)),
+                                   tl.broadcast_to(b30, (R, NW, 32)), p0, p1, p2, p3, R * NW, BF16, INTERPRET)
+        ga0, ga1, ga2, ga3 = _mma_codes(g1, BF16, INTERPRET)
+        ha0, ha1, ha2, ha3 = _mma_codes(h1, BF16, INTERPRET)
+        q0, q1, q2, q3 = _mma16816(ga0, ha0, ga1, ha1, tl.broadcast_to(b01, (R, NW, 32)),
+                                   tl.broadcast_to(b11, (R, NW, 32)), zero, zero, zero, zero, R * NW, BF16, INTERPRET)
+        q0, q1, q2, q3 = _mma16816(ga2, ha2, ga3, ha3, tl.broadcast_to(b21, (R, NW, 32)),
+                                   tl.broadcast_to(b31, (R, NW, 32)), q0, q1, q2, q3, R * NW, BF16, INTERPRET)
+        ga0, ga1, ga2, ga3 = _mma_codes(g2, BF16, INTERPRET)
+        ha0, ha1, ha2, ha3 = _mma_codes(h2, BF16, INTERPRET)
+        p0, p1, p2, p3 = _mma16816(ga0, ha0, ga1, ha1, tl.broadcast_to(b02, (R, NW, 32)),
+                                   tl.broadcast_to(b12, (R, NW, 32)), p0, p1, p2, p3, R * NW, BF16, INTERPRET)
+        p0, p1, p2, p3 = _mma16816(ga2, ha2, ga3, ha3, tl.broadcast_to(b22, (R, NW, 32)),
+                                   tl.broadcast_to(b32, (R, NW, 32)), p0, p1, p2, p3, R * NW, BF16, INTERPRET)
+        ga0, ga1, ga2, ga3 = _mma_codes(g3, BF16, INTERPRET)
+        ha0, ha1, ha2, ha3 = _mma_codes(h3, BF16, INTERPRET)
+        q0, q1, q2, q3 = _mma16816(ga0, ha0, ga1, ha1, tl.broadcast_to(b03, (R, NW, 32)),
+                                   tl.broadcast_to(b13, (R, NW, 32)), q0, q1, q2, q3, R * NW, BF16, INTERPRET)
+        q0, q1, q2, q3 = _mma16816(ga2, ha2, ga3, ha3, tl.broadcast_to(b23, (R, NW, 32)),
+                                   tl.broadcast_to(b33, (R, NW, 32)), q0, q1, q2, q3, R * NW, BF16, INTERPRET)
+        live_g = mask_g & ((ch + tl.zeros((R, NW, 32), tl.int32)) < c_end)
+        live_h = mask_h & ((ch + tl.zeros((R, NW, 32), tl.int32)) < c_end)
+        sg = _mma_lds(sg_ptr + ch, live_g, S_KIND, INTERPRET)
+        zg = _mma_lds(zg_ptr + ch, live_g, Z_KIND, INTERPRET)
+        sh = _mma_lds(sh_ptr + ch, live_h, S_KIND, INTERPRET)
+        zh = _mma_lds(zh_ptr + ch, live_h, Z_KIND, INTERPRET)
+        acc_g += sg * ((p0 + q0) - (BIAS + zg) * xs)
+        acc_h += sh * ((p2 + q2) - (BIAS + zh) * xs)
+        return acc_g, acc_h
 
     @triton.jit
     def _wo_gemv_mma_kernel(
         x_ptr, w_ptr, s_ptr, z_ptr, y_ptr,
         N, K, stride_wn, stride_sn, stride_ys, K_CHUNK,
-        PRO_SILU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NW: tl.constexpr,
-        PDL: tl.constexpr = False, EVEN: tl.constexpr = False, RAGGED: tl.constexpr = False,
-        INTERPRET: tl.constexpr = False, BF16: tl.constexpr = True, STAGES: tl.constexpr = None,
+        PRO_SILU: tl.constexpr, BLOCK_N: tl.constexpr, NW: tl.constexpr, S_KIND: tl.constexpr, Z_KIND: tl.constexpr,
+        Y_KIND: tl.constexpr, PDL: tl.constexpr = False, INTERPRET: tl.constexpr = False, BF16: tl.constexpr = True,
     ):
         """An int4 WordWeight (groups of 128), one activation row, on the tensor cores: BLOCK_N // 16 slots of 16 rows
-        (R per warp, NW warps), one mma.sync m16n8k16 per slot, word and pair of nibbles. Lane 4 g + c of a warp loads
-        words 4c..4c+3 of rows g and g + 8 of each of its slots (128 bits each), and one lop3 per register turns a
-        word's nibbles t and t + 4 into two 16-bit floats BIAS + q (_mma_codes: three shifts and four lop3 per eight
+        (R per warp, NW warps), one mma.sync m16n8k16 per slot, word and pair of nibbles; two chunks of 128 columns
+        per loop step, the next step's words loaded (into registers) before this step's MMAs. Lane 4 g + c of a warp
+        loads words 4c..4c+3 of rows g and g + 8 of each of its slots (128 bits each), and one lop3 per register turns
+        a word's nibbles t and t + 4 into two 16-bit floats BIAS + q (_mma_codes: three shifts and four lop3 per eight
         codes, no conversion or subtraction). The activations meet them as the B operand, each column of B the same
         vector (so the eight columns of the result are equal), prepared once per warp and chunk for its R slots. Per
         chunk of 128 columns (one group):
@@ -1330,16 +1510,12 @@ if triton is not None:
         where the first sum is what the eight MMAs of the chunk accumulate (fp32) and X comes from eight more MMAs of
         the same activations against an all-ones A (per warp, shared by its slots). Products are exact (codes and
         activations are 16-bit floats); the activations are rounded to bf16 (fp16) once, which they already are
-        unless PRO_SILU computes silu(gate) * up here. Tensors are (R, NW, 32): one warp per row of the second
-        dimension and one lane per element of the last, as Triton lays them out, so each lane hands the MMA exactly
-        its fragment registers (scripts/sass_gemv.py checks the layout)."""
+        unless PRO_SILU computes silu(gate) * up here. Tensors are (R, NW, 32): one warp per element of the middle
+        dimension and one lane per element of the last (see the note above _mma_ld4)."""
         R: tl.constexpr = BLOCK_N // (16 * NW)
-        NC: tl.constexpr = BLOCK_K // 128
-        BIAS: tl.constexpr = 128.0 if BF16 else 1024.0
-        ONES: tl.constexpr = 0x3F803F80 if BF16 else 0x3C003C00  # two 1.0s
         pid_k = tl.program_id(1)
-        k_lo = pid_k * K_CHUNK
-        k_end = tl.minimum((K + 127) // 128 * 128, k_lo + K_CHUNK)  # whole chunks (a ragged last one is padded)
+        ch_lo = pid_k * K_CHUNK // 128
+        c_end = tl.minimum((K + 127) // 128, ch_lo + K_CHUNK // 128)  # this program's chunks: ch_lo .. c_end - 1
         lane = tl.arange(0, 32)[None, None, :]
         c4 = (lane % 4) * 4  # the lane's first word of a chunk: j = 4c + i, i = 0..3
         slot = tl.arange(0, R)[:, None, None] * NW + tl.arange(0, NW)[None, :, None]
@@ -1347,93 +1523,47 @@ if triton is not None:
         rows_h = rows_g + 8
         mask_g = rows_g < N
         mask_h = rows_h < N
-        offs_w = c4[:, :, :, None] + tl.arange(0, 4)[None, None, None, :]  # (1, 1, 32, 4)
-        wg_ptr = w_ptr + rows_g[:, :, :, None] * stride_wn + offs_w  # (R, NW, 32, 4): 4 words of row g per lane
-        wh_ptr = w_ptr + rows_h[:, :, :, None] * stride_wn + offs_w
+        wg_ptr = w_ptr + rows_g * stride_wn + c4  # the lane's 4 words of row g, chunk 0
+        wh_ptr = w_ptr + rows_h * stride_wn + c4
         sg_ptr = s_ptr + rows_g * stride_sn  # the scales and zeros of each lane's two rows, chunk 0
         zg_ptr = z_ptr + rows_g * stride_sn
         sh_ptr = s_ptr + rows_h * stride_sn
         zh_ptr = z_ptr + rows_h * stride_sn
-        # (1, NW, 32, 4): column j of the chunk for the lane's word i, once per warp (the warp's own copy)
-        kx = offs_w + tl.zeros((1, NW, 1, 1), tl.int32)
-        ones = tl.full((1, NW, 32), ONES, tl.int32)
-        zero1 = tl.zeros((1, NW, 32), tl.float32)
-        zero = tl.zeros((R, NW, 32), tl.float32)
+        xp = x_ptr + tl.zeros((1, NW, 1), tl.int32)  # each warp reads the activations itself
         acc_g = tl.zeros((R, NW, 32), tl.float32)
         acc_h = tl.zeros((R, NW, 32), tl.float32)
+        zr = tl.zeros((R, NW, 32), tl.int32)
+        # the first step's words depend on no earlier kernel: loaded before the PDL wait
+        lg = mask_g & ((ch_lo + zr) < c_end)
+        lh = mask_h & ((ch_lo + zr) < c_end)
+        a0, a1, a2, a3 = _mma_ld4(wg_ptr + ch_lo * 16, lg, INTERPRET)
+        a4, a5, a6, a7 = _mma_ld4(wh_ptr + ch_lo * 16, lh, INTERPRET)
+        lg = mask_g & ((ch_lo + 1 + zr) < c_end)
+        lh = mask_h & ((ch_lo + 1 + zr) < c_end)
+        b0, b1, b2, b3 = _mma_ld4(wg_ptr + (ch_lo + 1) * 16, lg, INTERPRET)
+        b4, b5, b6, b7 = _mma_ld4(wh_ptr + (ch_lo + 1) * 16, lh, INTERPRET)
         _pdl_enter(PDL)
-        for k0 in tl.range(k_lo, k_end, BLOCK_K, num_stages=STAGES):
-            for cc in tl.static_range(NC):
-                kc = k0 + cc * 128
-                ch = kc // 128
-                if EVEN:
-                    wg = tl.load(wg_ptr + ch * 16)
-                    wh = tl.load(wh_ptr + ch * 16)
-                else:
-                    # a chunk past the program's share of K (a last step of several chunks): masked. As tensors,
-                    # not a scalar: the interpreter turns bool & 0-d bool into int32
-                    live = (kc + tl.zeros((R, NW, 32), tl.int32)) < k_end
-                    wg = tl.load(wg_ptr + ch * 16, mask=(mask_g & live)[:, :, :, None] & (offs_w < 16), other=0)
-                    wh = tl.load(wh_ptr + ch * 16, mask=(mask_h & live)[:, :, :, None] & (offs_w < 16), other=0)
-                # the B operand: for word i and nibble pair t, the activations at columns 16 t + j and 16 t + 64 + j
-                kb = kc + kx
-                mask_x = None if EVEN else (kb < k_end)
-                if PRO_SILU:  # silu(gate) * up, rounded to the activations' dtype
-                    x0, x1, x2, x3 = _load_x4(x_ptr, kb, mask_x, K, PRO_SILU, RAGGED)
-                    x4, x5, x6, x7 = _load_x4(x_ptr, kb + 64, mask_x, K, PRO_SILU, RAGGED)
-                    q0 = _mma_pack(x0, x4, BF16)
-                    q1 = _mma_pack(x1, x5, BF16)
-                    q2 = _mma_pack(x2, x6, BF16)
-                    q3 = _mma_pack(x3, x7, BF16)
-                else:  # the activations' 16-bit patterns as they are, two to a register
-                    q0 = _mma_bits(x_ptr, kb, kb + 64, mask_x, K, RAGGED)
-                    q1 = _mma_bits(x_ptr, kb + 16, kb + 80, mask_x, K, RAGGED)
-                    q2 = _mma_bits(x_ptr, kb + 32, kb + 96, mask_x, K, RAGGED)
-                    q3 = _mma_bits(x_ptr, kb + 48, kb + 112, mask_x, K, RAGGED)
-                b00, b01, b02, b03 = _split4(q0, 1, NW)  # bti: pair t, word i; (1, NW, 32)
-                b10, b11, b12, b13 = _split4(q1, 1, NW)
-                b20, b21, b22, b23 = _split4(q2, 1, NW)
-                b30, b31, b32, b33 = _split4(q3, 1, NW)
-                # X: the chunk's activations summed by the tensor cores (all-ones A), every lane gets it
-                xs, u1, u2, u3 = _mma16816(ones, ones, ones, ones, b00, b10, zero1, zero1, zero1, zero1, NW, BF16,
-                                           INTERPRET)
-                xs, u1, u2, u3 = _mma16816(ones, ones, ones, ones, b20, b30, xs, u1, u2, u3, NW, BF16, INTERPRET)
-                xs, u1, u2, u3 = _mma16816(ones, ones, ones, ones, b01, b11, xs, u1, u2, u3, NW, BF16, INTERPRET)
-                xs, u1, u2, u3 = _mma16816(ones, ones, ones, ones, b21, b31, xs, u1, u2, u3, NW, BF16, INTERPRET)
-                xs, u1, u2, u3 = _mma16816(ones, ones, ones, ones, b02, b12, xs, u1, u2, u3, NW, BF16, INTERPRET)
-                xs, u1, u2, u3 = _mma16816(ones, ones, ones, ones, b22, b32, xs, u1, u2, u3, NW, BF16, INTERPRET)
-                xs, u1, u2, u3 = _mma16816(ones, ones, ones, ones, b03, b13, xs, u1, u2, u3, NW, BF16, INTERPRET)
-                xs, u1, u2, u3 = _mma16816(ones, ones, ones, ones, b23, b33, xs, u1, u2, u3, NW, BF16, INTERPRET)
-                g0, g1, g2, g3 = _split4(wg, R, NW)
-                h0, h1, h2, h3 = _split4(wh, R, NW)
-                d0 = zero
-                d1 = zero
-                d2 = zero
-                d3 = zero
-                for i in tl.static_range(4):
-                    ga0, ga1, ga2, ga3 = _mma_codes(_mma_pick(g0, g1, g2, g3, i), BF16, INTERPRET)  # row g, t = 0..3
-                    ha0, ha1, ha2, ha3 = _mma_codes(_mma_pick(h0, h1, h2, h3, i), BF16, INTERPRET)  # row g + 8
-                    bp0 = tl.broadcast_to(_mma_pick(b00, b01, b02, b03, i), (R, NW, 32))
-                    bp1 = tl.broadcast_to(_mma_pick(b10, b11, b12, b13, i), (R, NW, 32))
-                    bp2 = tl.broadcast_to(_mma_pick(b20, b21, b22, b23, i), (R, NW, 32))
-                    bp3 = tl.broadcast_to(_mma_pick(b30, b31, b32, b33, i), (R, NW, 32))
-                    d0, d1, d2, d3 = _mma16816(ga0, ha0, ga1, ha1, bp0, bp1, d0, d1, d2, d3, NW * R, BF16, INTERPRET)
-                    d0, d1, d2, d3 = _mma16816(ga2, ha2, ga3, ha3, bp2, bp3, d0, d1, d2, d3, NW * R, BF16, INTERPRET)
-                if EVEN:
-                    sg = tl.load(sg_ptr + ch).to(tl.float32)
-                    zg = tl.load(zg_ptr + ch).to(tl.float32)
-                    sh = tl.load(sh_ptr + ch).to(tl.float32)
-                    zh = tl.load(zh_ptr + ch).to(tl.float32)
-                else:
-                    sg = tl.load(sg_ptr + ch, mask=mask_g & live, other=0.0).to(tl.float32)
-                    zg = tl.load(zg_ptr + ch, mask=mask_g & live, other=0.0).to(tl.float32)
-                    sh = tl.load(sh_ptr + ch, mask=mask_h & live, other=0.0).to(tl.float32)
-                    zh = tl.load(zh_ptr + ch, mask=mask_h & live, other=0.0).to(tl.float32)
-                acc_g += sg * (d0 - (BIAS + zg) * xs)
-                acc_h += sh * (d2 - (BIAS + zh) * xs)
-        first = lane % 4 == 0  # the four lanes of a row hold the same sums: one stores
-        tl.store(y_ptr + pid_k * stride_ys + rows_g, acc_g.to(y_ptr.dtype.element_ty), mask=mask_g & first)
-        tl.store(y_ptr + pid_k * stride_ys + rows_h, acc_h.to(y_ptr.dtype.element_ty), mask=mask_h & first)
+        for ch in tl.range(ch_lo, c_end, 2):
+            nx = ch + 2  # the next step's words, in flight during this step's MMAs
+            lg = mask_g & ((nx + zr) < c_end)
+            lh = mask_h & ((nx + zr) < c_end)
+            n0, n1, n2, n3 = _mma_ld4(wg_ptr + nx * 16, lg, INTERPRET)
+            n4, n5, n6, n7 = _mma_ld4(wh_ptr + nx * 16, lh, INTERPRET)
+            lg = mask_g & ((nx + 1 + zr) < c_end)
+            lh = mask_h & ((nx + 1 + zr) < c_end)
+            m0, m1, m2, m3 = _mma_ld4(wg_ptr + (nx + 1) * 16, lg, INTERPRET)
+            m4, m5, m6, m7 = _mma_ld4(wh_ptr + (nx + 1) * 16, lh, INTERPRET)
+            acc_g, acc_h = _mma_chunk(acc_g, acc_h, a0, a1, a2, a3, a4, a5, a6, a7, ch, c_end, xp, c4, K,
+                                      sg_ptr, zg_ptr, sh_ptr, zh_ptr, mask_g, mask_h, R, NW, PRO_SILU, BF16,
+                                      S_KIND, Z_KIND, INTERPRET)
+            acc_g, acc_h = _mma_chunk(acc_g, acc_h, b0, b1, b2, b3, b4, b5, b6, b7, ch + 1, c_end, xp, c4, K,
+                                      sg_ptr, zg_ptr, sh_ptr, zh_ptr, mask_g, mask_h, R, NW, PRO_SILU, BF16,
+                                      S_KIND, Z_KIND, INTERPRET)
+            a0, a1, a2, a3, a4, a5, a6, a7 = n0, n1, n2, n3, n4, n5, n6, n7
+            b0, b1, b2, b3, b4, b5, b6, b7 = m0, m1, m2, m3, m4, m5, m6, m7
+        first = (lane % 4 == 0) & (zr == 0)  # the four lanes of a row hold the same sums: one stores
+        _mma_st(y_ptr + pid_k * stride_ys + rows_g, acc_g, mask_g & first, Y_KIND, INTERPRET)
+        _mma_st(y_ptr + pid_k * stride_ys + rows_h, acc_h, mask_h & first, Y_KIND, INTERPRET)
 
     @triton.jit
     def _half_pair(v, dt: tl.constexpr):
@@ -1805,6 +1935,45 @@ def mma_supported(device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
 
 
+_MMA_LAYOUT_OK: dict = {}
+
+
+def mma_layout_ok(ttgir: str) -> tuple[bool, str]:
+    """Whether a compiled 'mma' GEMV (its TTGIR text) runs every mma.sync on tensors whose last dimension is the 32
+    lanes of a warp, one element per lane (what the fragments assume), and names the offending layout if not."""
+    import re
+
+    layouts = dict(re.findall(r"^(#[\w]+) = (#ttg\.[^\n]+)$", ttgir, flags=re.M))
+    found = 0
+    for line in ttgir.splitlines():
+        if "mma.sync" not in line:
+            continue
+        found += 1
+        for name in set(re.findall(r"tensor<[^>]*?, (#[\w]+)>", line)):
+            lay = layouts.get(name, "")
+            tpw = re.search(r"threadsPerWarp = \[([\d, ]+)\]", lay)
+            spt = re.search(r"sizePerThread = \[([\d, ]+)\]", lay)
+            ok = (lay.startswith("#ttg.blocked") and tpw and spt
+                  and [int(v) for v in tpw.group(1).split(",")][-1] == 32
+                  and [int(v) for v in spt.group(1).split(",")][-1] == 1)
+            if not ok:
+                return False, f"{name} = {lay or 'not found'}"
+    return (found > 0), ("" if found else "no mma.sync in the kernel")
+
+
+def mma_layout_check(kernel) -> None:
+    """Raise if the compiled 'mma' GEMV does not keep a warp's lanes on the last dimension (mma_layout_ok): its
+    results would be wrong. Checked once per compiled kernel."""
+    key = id(kernel)
+    if key not in _MMA_LAYOUT_OK:
+        _MMA_LAYOUT_OK[key] = mma_layout_ok(kernel.asm["ttgir"])
+    ok, why = _MMA_LAYOUT_OK[key]
+    if not ok:
+        raise LabkitError(f"this Triton ({triton.__version__}) compiled the 'mma' GEMV with a register layout that "
+                          f"does not give each lane its own MMA fragment ({why}); its results would be wrong. Use "
+                          "variant 'h2' (the packed-fp16 kernel) on this Triton")
+
+
 def tma_supported(device) -> bool:
     """Whether GemvConfig.tma can run here: a CUDA GPU of compute capability 9.0 (Hopper) or newer."""
     device = torch.device(device)
@@ -1944,12 +2113,25 @@ def wo_matmul(x: torch.Tensor, w, silu_gate_up: bool = False, config: GemvConfig
         if x.device.type == "cuda" and not mma_supported(x.device):
             raise LabkitError("the 'mma' GEMV runs mma.sync with bf16/fp16 inputs: a GPU of compute capability 8.0 "
                               f"(Ampere) or newer, this is {torch.cuda.get_device_name(x.device)}")
-        _wo_gemv_mma_kernel[grid](x, wp, sp, zp, y, N, K, stride_wn, stride_sn, M * N, k_chunk, PRO_SILU=silu_gate_up,
-                                  BLOCK_N=cfg.block_n, BLOCK_K=block_k, NW=cfg.num_warps, num_warps=cfg.num_warps,
-                                  RAGGED=K % 128 != 0,
-                                  EVEN=N % cfg.block_n == 0 and K % k_chunk == 0 and K % 128 == 0,
-                                  INTERPRET=flash_attn.interpreted(), BF16=x.dtype == torch.bfloat16,
-                                  STAGES=cfg.stages, **kw)
+        if block_k != 256:
+            raise ValueError(f"the 'mma' GEMV steps through K two groups (256 columns) at a time: give block_k=256, "
+                             f"got {cfg.block_k}")
+        if cfg.stages is not None:
+            raise ValueError("the 'mma' GEMV loads the next step's words into registers itself: leave stages None")
+        if K % 4 or x.data_ptr() % 8 or w.words.data_ptr() % 16 or w.words.stride(0) % 4:
+            raise ValueError("the 'mma' GEMV reads 4 activations (8 bytes) and 4 words (16 bytes) at a time: it needs "
+                             "K a multiple of 4, x 8-byte aligned and each row of words 16-byte aligned")
+        kinds = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+        if w.scale.dtype not in kinds or w.zero.dtype not in kinds:
+            raise TypeError(f"the 'mma' GEMV reads scales and zeros stored as fp32, bf16 or fp16, got "
+                            f"{w.scale.dtype} / {w.zero.dtype}")
+        k = _wo_gemv_mma_kernel[grid](x, wp, sp, zp, y, N, K, stride_wn, stride_sn, M * N, k_chunk,
+                                      PRO_SILU=silu_gate_up, BLOCK_N=cfg.block_n, NW=cfg.num_warps,
+                                      S_KIND=kinds[w.scale.dtype], Z_KIND=kinds[w.zero.dtype], Y_KIND=kinds[y.dtype],
+                                      num_warps=cfg.num_warps, INTERPRET=flash_attn.interpreted(),
+                                      BF16=x.dtype == torch.bfloat16, **kw)
+        if not flash_attn.interpreted():
+            mma_layout_check(k)
     elif cfg.variant == "h2":
         if kind < 3 or M != 1:
             raise ValueError("the 'h2' GEMV (packed fp16 arithmetic) takes an int4 or int8 WordWeight "
