@@ -15,7 +15,7 @@ silu:    the down GEMV with silu(gate) * up in its prologue against the same GEM
 Environment: GEMV_FORMATS, GEMV_SHAPES (subsets for kernels), GEMV_M (rows of x, default 1), GEMV_SWEEP=wide (row-major
 int8 at longer K steps), GEMV_SWEEP=tma (the packed-fp16 word kernel with its words copied by TMA, 2-4 stages), GEMV_SWEEP=persist (its
 persistent form, 1-4 programs per SM), GEMV_SWEEP=stages (the batch-1 CUDA-core configs with their K loop pipelined 2-4 deep) or
-GEMV_SWEEP=mma (int4 words on the tensor cores, variant "mma": rows, warps, K step, split, pipelining) or GEMV_SWEEP=variants
+GEMV_SWEEP=mma (int4 words on the tensor cores, variant "mma": rows and warps, split) or GEMV_SWEEP=variants
 (sweep: the word kernel's loop variants, each step reducing / loading one step ahead / per-word accumulators /
 packed fp16 arithmetic for int4).
 """
@@ -77,9 +77,8 @@ def _sweep_configs(kind):
     if os.environ.get("GEMV_SWEEP") == "mma":  # int4 words on the tensor cores (variant "mma"), rows x warps x K step
         if kind != 4:
             return []
-        tiles = ((64, 4), (128, 4), (256, 4), (128, 2), (256, 8))
-        return [wo.GemvConfig(bn, bk, warps, "mma", split, stages=st) for bn, warps in tiles for bk in (256, 512)
-                for split in (1, 4) for st in (None, 2)]
+        tiles = ((32, 2), (64, 4), (128, 8), (64, 2), (128, 4), (128, 2), (256, 4))  # 1, 2 and 4 slots per warp
+        return [wo.GemvConfig(bn, 256, warps, "mma", split) for bn, warps in tiles for split in (1, 4)]
     if os.environ.get("GEMV_SWEEP") == "variants":  # the word kernel's loop variants on a narrower grid (M = 1)
         variants = ("tile", "pf", "acc") + (("h2",) if kind == 4 else ())  # h2: int4 in packed fp16 arithmetic
         return [wo.GemvConfig(bn, bk, warps, variant, split) for variant in variants
