@@ -177,9 +177,15 @@ def test_h2_tma_refusals():
     odd8 = wo.interleave(wo.quantize_int8(torch.randn(16, 576)))
     odd4 = wo.interleave(wo.quantize_int4(torch.randn(16, 576), 128))
     assert not wo.tma_fits(odd8) and wo.tma_fits(odd4)
-    x576 = torch.randn(1, 576).bfloat16()  # the padded group reads as zero weights either way
-    assert torch.equal(wo.wo_matmul(x576, odd4, config=wo.GemvConfig(16, 256, 4, "h2", stages=2, tma=True)),
-                       wo.wo_matmul(x576, odd4, config=wo.GemvConfig(16, 256, 4, "h2")))
+    dev = env.device()
+    if dev.type == "cpu" or wo.tma_supported(dev):  # the padded group reads as zero weights either way
+        x576, odd4d = torch.randn(1, 576).bfloat16().to(dev), odd4.to(dev)
+        y_tma = wo.wo_matmul(x576, odd4d, config=wo.GemvConfig(16, 256, 4, "h2", stages=2, tma=True))
+        y = wo.wo_matmul(x576, odd4d, config=wo.GemvConfig(16, 256, 4, "h2"))
+        if dev.type == "cpu":
+            assert torch.equal(y_tma, y)
+        else:  # compiled, the fp32 sums run in another order (test_h2_tma_matches_h2)
+            torch.testing.assert_close(y_tma.float(), y.float(), rtol=2.0**-7, atol=1e-5 * y.float().abs().max().item())
     with pytest.raises(ValueError, match="whole chunks of 128 columns"):
         wo.wo_matmul(torch.randn(1, 576).bfloat16(), odd8, config=wo.GemvConfig(16, 256, 4, "h2", stages=2, tma=True))
     for kind, lst in ((4, wo.CANDIDATES_H2_TMA), (3, wo.CANDIDATES_H2_INT8_TMA)):
