@@ -1,8 +1,8 @@
 """Offline SASS of the decode GEMV kernels: what one weight costs in instructions, without a GPU.
 
 Compiles labkit's word kernels (int4 and int8 codes: ``_wo_gemv_il1_kernel``, the batch-1 one with per-word
-accumulators, ``_wo_gemv_il_kernel``, which reduces each K step, and for int4 ``_wo_gemv_h2_kernel``, packed fp16
-arithmetic) and the bf16 GEMV (``_wo_gemv1_kernel``)
+accumulators, ``_wo_gemv_il_kernel``, which reduces each K step, ``_wo_gemv_h2_kernel``, packed fp16 arithmetic, and
+for int4 ``_wo_gemv_mma_kernel``, the tensor cores through mma.sync) and the bf16 GEMV (``_wo_gemv1_kernel``)
 at their default batch-1 configs for a Hopper target (sm_90) with this machine's Triton and its bundled ptxas, then
 disassembles the cubin (nvdisasm, bundled too), finds the main K loop (the backward branch) and counts its
 instructions per weight, by class. No GPU is needed; the runner's Triton may schedule differently from this one, so
@@ -146,6 +146,17 @@ def kernels():
                     f"{cfg.block_n} rows x {cfg.block_k} columns, {cfg.num_warps} warps", wo._wo_gemv_h2_kernel,
                     dict(h2, w_ptr=f"tensordesc<i32[{tile}]>"), c, cfg.num_warps,
                     cfg.block_n * cfg.block_k / (32 * cfg.num_warps)))
+    # int4 words on the tensor cores (variant "mma"), the first config of wo.CANDIDATES_MMA: 16 rows per MMA and slot
+    cfg = wo.CANDIDATES_MMA[0]
+    mma = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*bf16", "y_ptr": "*fp32", "N": "i32",
+           "K": "i32", "stride_wn": "i32", "stride_sn": "i32", "stride_ys": "i32", "K_CHUNK": "i32"}
+    mma.update({k: "constexpr" for k in ("PRO_SILU", "BLOCK_N", "NW", "S_KIND", "Z_KIND", "Y_KIND", "PDL", "INTERPRET",
+                                         "BF16")})
+    c = {"PRO_SILU": False, "BLOCK_N": cfg.block_n, "NW": cfg.num_warps, "S_KIND": 1, "Z_KIND": 1,
+         "Y_KIND": 0 if cfg.split > 1 else 1, "PDL": False, "INTERPRET": False, "BF16": True}
+    out.append(("int4-mma", f"int4 words on the tensor cores (mma.sync), {cfg.block_n // 16} slots of 16 rows x "
+                f"{cfg.block_k} columns, {cfg.num_warps} warps", wo._wo_gemv_mma_kernel, mma, c, cfg.num_warps,
+                cfg.block_n * cfg.block_k / (32 * cfg.num_warps)))
     g1 = {"x_ptr": "*bf16", "w_ptr": "*bf16", "s_ptr": "*bf16", "z_ptr": "*bf16", "y_ptr": "*bf16",
           "N": "i32", "K": "i32", "stride_wn": "i32", "stride_sn": "i32", "stride_ys": "i32", "K_CHUNK": "i32"}
     g1.update({k: "constexpr" for k in ("KIND", "GROUP", "PRO_SILU", "BLOCK_N", "BLOCK_K", "PDL", "STAGES")})
@@ -194,6 +205,11 @@ def analyse(issue: float, bandwidths: list[float], silu: bool = False) -> list[d
             # program waits at each barrier, so only other programs on the SM hide the latency meanwhile
             "barriers": body.count("BAR"),
         })
+        if name.endswith("-mma"):  # whether every mma.sync gets each lane's own fragment (wo.mma_layout_ok)
+            from labkit.kernels import wo_matmul as wo
+
+            rows[-1]["mma_layout_ok"] = list(wo.mma_layout_ok(
+                compile_offline(fn, sig, consts, warps).asm["ttgir"]))
         if silu:
             sbody, sregs = _loop(label, fn, sig, dict(consts, PRO_SILU=True), warps)
             rows[-1].update(silu_per_weight=len(sbody) / per_thread, silu_registers=sregs,
@@ -249,6 +265,10 @@ def main(argv=None) -> int:
                           f"issue alone caps the GEMV at {min(1.0, budget / row['per_weight']):.0%} of the "
                           "bandwidth floor")
         report.append(f"    {row['barriers']} barriers (bar.sync) per K step")
+        if "mma_layout_ok" in row:
+            ok, why = row["mma_layout_ok"]
+            report.append("    register layout of the MMA operands: " + ("one lane per element of the last dimension, "
+                                                                         "as the fragments need" if ok else why))
         if "silu_per_weight" in row:
             extra = row["silu_per_weight"] - row["per_weight"]
             report.append(f"    with silu(gate) * up in the prologue (the down GEMV): {row['silu_per_weight']:.2f} "

@@ -253,6 +253,20 @@ def test_mma_refusals():
     assert not wo.mma_supported("cpu")
 
 
+def test_mma_configs_are_offered_only_when_asked(monkeypatch):
+    """Measured slower than the packed-fp16 kernel on an H200, the tensor-core configs stay out of tune()'s list
+    (TUNE_MMA off) unless switched on, and then only for int4 words at one row on a GPU that runs mma.sync."""
+    assert not any(c.variant == "mma" for c in wo.candidates_for(4, 1, mma=True))
+    monkeypatch.setattr(wo, "TUNE_MMA", True)
+    assert [c for c in wo.candidates_for(4, 1, mma=True) if c.variant == "mma"] == wo.CANDIDATES_MMA
+    assert not any(c.variant == "mma" for c in wo.candidates_for(4, 1, mma=False))
+    assert not any(c.variant == "mma" for c in wo.candidates_for(3, 1, mma=True) + wo.candidates_for(4, 2, mma=True))
+    qw = wo.interleave(wo.quantize_int4(torch.randn(32, 256), 128))
+    assert all(c.block_k == 256 and c.block_n % (16 * c.num_warps) == 0 and c.stages is None
+               for c in wo.CANDIDATES_MMA)
+    assert wo.kernel_name(qw, wo.CANDIDATES_MMA[0]) == "int4 tensor-core GEMV, one row (mma.sync) + split-K"
+
+
 def test_mma_layout_check_reads_the_compiled_layout():
     """mma_layout_ok accepts a kernel whose mma.sync operands keep a warp's 32 lanes on the last dimension, one
     element per lane, and names the layout otherwise (the one Triton 3.6 gave tl.load-based operands)."""
@@ -616,7 +630,15 @@ def test_offline_sass_of_the_gemv_loops(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
     assert set(rows) == {"int4-acc", "int4", "int8-acc", "int8", "bf16", "int8-rows", "int4-h2", "int8-h2",
-                         "int4-h2-tma", "int8-h2-tma"}
+                         "int4-h2-tma", "int8-h2-tma", "int4-mma"}
+    # the tensor-core kernel: MMAs, no int-to-float conversion, no layout conversion through shared memory (no
+    # barrier, no shared-memory traffic), every MMA operand one element per lane, and fewer instructions per weight
+    # than the packed-fp16 kernel (Triton 3.9: 2.2 against 2.8; 3.6: 2.3 against 3.0)
+    mma = rows["int4-mma"]
+    assert mma["opcodes"].get("HMMA", 0) > 0 and not any(op.startswith("I2F") for op in mma["opcodes"]), mma["opcodes"]
+    assert mma["barriers"] == 0 and not {"LDS", "STS", "LDSM", "STSM"} & set(mma["opcodes"]), mma["opcodes"]
+    assert mma["mma_layout_ok"] == [True, ""], mma["mma_layout_ok"]
+    assert mma["per_weight"] < rows["int4-h2"]["per_weight"], (mma["per_weight"], rows["int4-h2"]["per_weight"])
     # the TMA form: one bulk copy per K step for the words of the whole tile (UTMALDG, issued by one thread), so the
     # loop's per-thread global loads are the activations' and scales' only, fewer than the pointer kernel's; the same
     # packed arithmetic (Triton 3.6: 12 LDG against 20 for int4, 9 against 16 for int8; 3.9 the same)

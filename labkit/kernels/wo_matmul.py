@@ -1716,7 +1716,8 @@ class GemvConfig:
     # M > 1 the tile kernel runs); "tc": int4 on the tensor cores (_wo_gemv_tc_kernel, block_n >= 16, bf16/fp16
     # activations; Int4Weight or WordWeight). A WordWeight runs _wo_gemv_il1_kernel for "acc" at M = 1 (per-word
     # accumulators), otherwise _wo_gemv_il_kernel ("pf": each step's words loaded one step ahead); "h2": an int4
-    # WordWeight at M = 1 with packed fp16 arithmetic (_wo_gemv_h2_kernel).
+    # WordWeight at M = 1 with packed fp16 arithmetic (_wo_gemv_h2_kernel); "mma": an int4 WordWeight at M = 1 on the
+    # tensor cores (_wo_gemv_mma_kernel, bf16/fp16 activations, block_n a multiple of 16 x num_warps, block_k 256).
     variant: str = "tile"
     split: int = 1  # split-K: programs along K write fp32 partials, a second small kernel sums them
     # software pipelining of the K loop's weight loads (the CUDA-core kernels: "tile", "acc", "h2"): None (or 1), a
@@ -1830,6 +1831,20 @@ CANDIDATES_H2_INT8_TMA = [GemvConfig(32, 512, 4, "h2", stages=3, tma=True),
                           GemvConfig(16, 1024, 4, "h2", stages=2, tma=True),
                           GemvConfig(32, 512, 4, "h2", split=4, stages=3, tma=True),
                           GemvConfig(16, 1024, 4, "h2", stages=3, tma=True)]
+# int4 WordWeight at M = 1 on the tensor cores (variant "mma", _wo_gemv_mma_kernel): mma.sync from inline PTX, the
+# codes by one lop3 per two and no subtraction, the activations' sum by MMAs too. Offline (sm_90, scripts/sass_gemv.py)
+# about 2.2-2.3 instructions per weight at two 16-row slots per warp against 3.0 (packed fp16) and 3.5 (its TMA form),
+# and its sums are exact products added in fp32 instead of fp16. On an H200 (results/nvidia-h200/gemv_mma_sweep.json,
+# 73b7fb2; seven tiles of 1-4 slots per warp, split 1 or 4, beside every tuner candidate, all checked against the
+# fp32 reference) it was slower at every 7B-shape GEMV: qkv 13.9 us against 12.9 for the TMA packed-fp16 kernel,
+# o 9.5 against 6.9 (the packed kernel without TMA), gate_up 23.3 against 20.3, lm_head 31.1 against 26.0, and down
+# (silu(gate) * up computed by every warp for its own copy of the activations) 48.8 against 15.3. Fewer instructions
+# did not buy bandwidth: its weight words in flight are registers (one step of two chunks ahead) where the TMA form
+# keeps two or three steps in shared memory, and without a split it ran slower still (qkv 23.3 us). Not among tune()'s
+# candidates (TUNE_MMA); the list is the fastest of that sweep, for tune(candidates=...) and GEMV_SWEEP=mma.
+TUNE_MMA = False
+CANDIDATES_MMA = [GemvConfig(64, 256, 2, "mma", split=4), GemvConfig(128, 256, 4, "mma", split=4),
+                  GemvConfig(128, 256, 8, "mma", split=4), GemvConfig(64, 256, 2, "mma")]
 _TUNED: dict = {}
 TUNE_FAILURES: list[dict] = []  # every config ``tune`` could not time: {"config", "weight", "M", "error", "resources"}
 _TUNE_TIMES: dict = {}  # the key of ``_TUNED`` -> [(config, ms per call)] of every config ``tune`` timed
@@ -1851,10 +1866,12 @@ CANDIDATES_TC8 = [GemvConfig(64, 256, 4, "tc"), GemvConfig(64, 256, 4, "tc", 2),
                   GemvConfig(128, 128, 8, "tc"), GemvConfig(64, 512, 4, "tc", 2), GemvConfig(128, 256, 8, "tc", 4)]
 
 
-def candidates_for(kind: int, M: int, dtype=torch.bfloat16, group: int = 128, tma: bool = False) -> list:
+def candidates_for(kind: int, M: int, dtype=torch.bfloat16, group: int = 128, tma: bool = False,
+                   mma: bool = False) -> list:
     """The configs tune() tries for a weight kind (0 float, 1 int8, 2 int4, 3/4 WordWeight int8/int4) at M rows;
     the first is the default when nothing was tuned. ``tma``: the GPU has the tensor memory accelerator
-    (``tma_supported``), so the packed-fp16 kernel's TMA configs are tried too (with TUNE_TMA)."""
+    (``tma_supported``), so the packed-fp16 kernel's TMA configs are tried too (with TUNE_TMA); ``mma``: it runs
+    mma.sync (``mma_supported``), so the int4 tensor-core configs are tried too (with TUNE_MMA, off)."""
     tc = CANDIDATES_TC if kind in (2, 4) and group == 128 and dtype in (torch.bfloat16, torch.float16) else []
     if kind in CANDIDATES_IL:
         # one word layout, two kernels: CUDA cores for a single row, the tensor cores for a batch
@@ -1862,6 +1879,8 @@ def candidates_for(kind: int, M: int, dtype=torch.bfloat16, group: int = 128, tm
               if TUNE_H2 and M == 1 and dtype in (torch.bfloat16, torch.float16) else [])
         if h2 and tma and TUNE_TMA:
             h2 = h2 + {4: CANDIDATES_H2_TMA, 3: CANDIDATES_H2_INT8_TMA}[kind]
+        if h2 and kind == 4 and mma and TUNE_MMA:
+            h2 = h2 + CANDIDATES_MMA
         return CANDIDATES_IL[kind] + h2 + tc if M == 1 else tc + CANDIDATES_IL[kind]
     if kind == 1 and dtype in (torch.bfloat16, torch.float16):
         tc = [] if M == 1 else CANDIDATES_TC8
@@ -2280,6 +2299,8 @@ def kernel_name(w, config: GemvConfig, M: int = 1) -> str:
     kind = _kind(w)
     if config.variant == "tc":
         name = "int8 tensor-core GEMV" if kind == 1 else "int4 tensor-core GEMV"
+    elif config.variant == "mma":
+        name = "int4 tensor-core GEMV, one row (mma.sync)"
     elif kind >= 3:
         name = ("word kernel, packed fp16 (M=1)" if config.variant == "h2"
                 else "word kernel, per-word accumulators (M=1)" if config.variant == "acc" and M == 1
@@ -2333,8 +2354,11 @@ def tune(w, M: int = 1, dtype=torch.bfloat16, silu_gate_up: bool = False, candid
     x = torch.randn(M, K * (2 if silu_gate_up else 1), device=dev, dtype=dtype)
     best, best_t = None, float("inf")
     times = _TUNE_TIMES[_key(kind, N, K, M, silu_gate_up, dtype, partials, pdl)] = []
-    for cfg in candidates or candidates_for(kind, M, dtype, getattr(w, "group", 128), tma_supported(dev)):
+    for cfg in candidates or candidates_for(kind, M, dtype, getattr(w, "group", 128), tma_supported(dev),
+                                            mma_supported(dev)):
         if (cfg.variant == "acc" and M != 1) or (cfg.variant == "h2" and (M != 1 or kind < 3)):
+            continue
+        if cfg.variant == "mma" and (M != 1 or kind != 4 or dtype not in (torch.bfloat16, torch.float16)):
             continue
         if kind == 2 and (max(cfg.block_k, w.group) % w.group):
             continue
