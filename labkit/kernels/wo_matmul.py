@@ -1174,6 +1174,39 @@ if triton is not None:
     # Triton lays out a (slots, 32) tensor: 32 threads along dim 1), so each lane hands the instruction exactly its
     # fragment registers; lane = 4 g + c holds rows g and g + 8 of its 16-row slot. No data moves between lanes.
 
+    # the PTX of the tensor-core GEMV, one template per instruction and its bf16 / fp16 (and fp32) forms
+    def _ptx_codes(magic: str) -> str:  # a word's eight nibbles -> four registers of two 16-bit floats BIAS + q
+        return ("{\n.reg .b32 t;\n" + f"lop3.b32 $0, $4, 0x000F000F, {magic}, 0xEA;\n"
+                + "".join(f"shr.u32 t, $4, {4 * r};\nlop3.b32 ${r}, t, 0x000F000F, {magic}, 0xEA;\n" for r in (1, 2, 3))
+                + "}")
+
+    def _ptx_ld(width: str, cvt: str) -> str:  # one predicated scalar load, converted to fp32; 0 where masked
+        if not cvt:
+            return "{\n.reg .pred p;\nsetp.ne.b32 p, $2, 0;\nmov.b32 $0, 0f00000000;\n@p ld.global.b32 $0, [$1];\n}"
+        return ("{\n.reg .pred p;\n.reg .b16 h;\nsetp.ne.b32 p, $2, 0;\nmov.b16 h, 0;\n"
+                f"@p ld.global.{width} h, [$1];\n{cvt} $0, h;\n}}")
+
+    def _ptx_st(cvt: str) -> str:  # one predicated store of fp32 $2, rounded by cvt to 16 bits if given
+        if not cvt:
+            return "{\n.reg .pred p;\nsetp.ne.b32 p, $3, 0;\n@p st.global.b32 [$1], $2;\nmov.b32 $0, 0;\n}"
+        return ("{\n.reg .pred p;\n.reg .b16 h;\nsetp.ne.b32 p, $3, 0;\n" + f"{cvt} h, $2;\n"
+                "@p st.global.b16 [$1], h;\nmov.b32 $0, 0;\n}")
+
+    def _ptx_mma(ab: str) -> str:
+        return (f"mma.sync.aligned.m16n8k16.row.col.f32.{ab}.{ab}.f32 {{$0, $1, $2, $3}}, {{$4, $5, $6, $7}}, "
+                "{$8, $9}, {$10, $11, $12, $13};")
+
+    _MMA_CODES_BF16 = tl.constexpr(_ptx_codes("0x43004300"))  # 128.0 twice
+    _MMA_CODES_F16 = tl.constexpr(_ptx_codes("0x64006400"))  # 1024.0 twice
+    _MMA_SYNC_BF16 = tl.constexpr(_ptx_mma("bf16"))
+    _MMA_SYNC_F16 = tl.constexpr(_ptx_mma("f16"))
+    _MMA_LD_F32 = tl.constexpr(_ptx_ld("b32", ""))
+    _MMA_LD_BF16 = tl.constexpr(_ptx_ld("b16", "cvt.f32.bf16"))
+    _MMA_LD_F16 = tl.constexpr(_ptx_ld("b16", "cvt.f32.f16"))
+    _MMA_ST_F32 = tl.constexpr(_ptx_st(""))
+    _MMA_ST_BF16 = tl.constexpr(_ptx_st("cvt.rn.bf16.f32"))
+    _MMA_ST_F16 = tl.constexpr(_ptx_st("cvt.rn.f16.f32"))
+
     @triton.jit
     def _mma_codes(wd, BF16: tl.constexpr, INTERPRET: tl.constexpr):
         """An int4 WordWeight word (nibble n = column 16 n + j of its chunk, j the word's index) as four registers of
@@ -1184,31 +1217,8 @@ if triton is not None:
             MAGIC: tl.constexpr = 0x43004300 if BF16 else 0x64006400
             return ((wd & 0x000F000F) | MAGIC, ((wd >> 4) & 0x000F000F) | MAGIC, ((wd >> 8) & 0x000F000F) | MAGIC,
                     ((wd >> 12) & 0x000F000F) | MAGIC)
-        if BF16:
-            return tl.inline_asm_elementwise(
-                """{
-                .reg .b32 t;
-                lop3.b32 $0, $4, 0x000F000F, 0x43004300, 0xEA;
-                shr.u32 t, $4, 4;
-                lop3.b32 $1, t, 0x000F000F, 0x43004300, 0xEA;
-                shr.u32 t, $4, 8;
-                lop3.b32 $2, t, 0x000F000F, 0x43004300, 0xEA;
-                shr.u32 t, $4, 12;
-                lop3.b32 $3, t, 0x000F000F, 0x43004300, 0xEA;
-                }""",
-                "=r,=r,=r,=r,r", [wd], dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
-        return tl.inline_asm_elementwise(
-            """{
-            .reg .b32 t;
-            lop3.b32 $0, $4, 0x000F000F, 0x64006400, 0xEA;
-            shr.u32 t, $4, 4;
-            lop3.b32 $1, t, 0x000F000F, 0x64006400, 0xEA;
-            shr.u32 t, $4, 8;
-            lop3.b32 $2, t, 0x000F000F, 0x64006400, 0xEA;
-            shr.u32 t, $4, 12;
-            lop3.b32 $3, t, 0x000F000F, 0x64006400, 0xEA;
-            }""",
-            "=r,=r,=r,=r,r", [wd], dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+        return tl.inline_asm_elementwise(_MMA_CODES_BF16 if BF16 else _MMA_CODES_F16, "=r,=r,=r,=r,r", [wd],
+                                         dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
 
     @triton.jit
     def _mma_half(v, HI: tl.constexpr, BF16: tl.constexpr):
@@ -1253,17 +1263,9 @@ if triton is not None:
             c0, c1 = _mma_lanes(d_top, c0, c1, S)
             c2, c3 = _mma_lanes(d_bot, c2, c3, S)
             return c0, c1, c2, c3
-        if BF16:
-            return tl.inline_asm_elementwise(
-                "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9}, "
-                "{$10, $11, $12, $13};",
-                "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f", [a0, a1, a2, a3, b0, b1, c0, c1, c2, c3],
-                dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
-        return tl.inline_asm_elementwise(
-            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9}, "
-            "{$10, $11, $12, $13};",
-            "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f", [a0, a1, a2, a3, b0, b1, c0, c1, c2, c3],
-            dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
+        return tl.inline_asm_elementwise(_MMA_SYNC_BF16 if BF16 else _MMA_SYNC_F16, "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f",
+                                         [a0, a1, a2, a3, b0, b1, c0, c1, c2, c3],
+                                         dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
 
     @triton.jit
     def _mma_pack(lo, hi, BF16: tl.constexpr):
@@ -1324,21 +1326,13 @@ if triton is not None:
                                          is_pure=True, pack=1)
 
     @triton.jit
-    def _mma_half_f32(v, HI: tl.constexpr, BF16: tl.constexpr):
-        """The low or high 16-bit float of an int32 as fp32."""
-        h = ((v >> 16) & 0xFFFF) if HI else (v & 0xFFFF)
-        if BF16:
-            return (h << 16).to(tl.float32, bitcast=True)
-        return h.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-
-    @triton.jit
     def _mma_silu_pair(g, u, HI: tl.constexpr, BF16: tl.constexpr):
         """silu(gate) * up for one 16-bit half of a register of gates and one of ups, each step rounded to the
         activations' dtype as torch rounds it, as fp32."""
         dt: tl.constexpr = tl.bfloat16 if BF16 else tl.float16
-        gf = _mma_half_f32(g, HI, BF16)
+        gf = _mma_half(g, HI, BF16)
         s = (gf / (1.0 + tl.exp(-gf))).to(dt).to(tl.float32)
-        return (s * _mma_half_f32(u, HI, BF16)).to(dt).to(tl.float32)
+        return (s * _mma_half(u, HI, BF16)).to(dt).to(tl.float32)
 
     @triton.jit
     def _mma_ldx(xp, kcol, K, live, PRO_SILU: tl.constexpr, BF16: tl.constexpr, INTERPRET: tl.constexpr):
@@ -1364,67 +1358,46 @@ if triton is not None:
         """One scale or zero point as fp32 (KIND 0 fp32, 1 bf16, 2 fp16 as stored); 0 where live is False."""
         if INTERPRET:
             return tl.load(ptr, mask=live, other=0.0).to(tl.float32)
-        if KIND == 1:
-            return tl.inline_asm_elementwise(
-                """{
-                .reg .pred p;
-                .reg .b16 h;
-                setp.ne.b32 p, $2, 0;
-                mov.b16 h, 0;
-                @p ld.global.b16 h, [$1];
-                cvt.f32.bf16 $0, h;
-                }""", "=f,l,r", [ptr.to(tl.int64), live.to(tl.int32)], dtype=tl.float32, is_pure=True, pack=1)
-        elif KIND == 2:
-            return tl.inline_asm_elementwise(
-                """{
-                .reg .pred p;
-                .reg .b16 h;
-                setp.ne.b32 p, $2, 0;
-                mov.b16 h, 0;
-                @p ld.global.b16 h, [$1];
-                cvt.f32.f16 $0, h;
-                }""", "=f,l,r", [ptr.to(tl.int64), live.to(tl.int32)], dtype=tl.float32, is_pure=True, pack=1)
-        return tl.inline_asm_elementwise(
-            """{
-            .reg .pred p;
-            setp.ne.b32 p, $2, 0;
-            mov.b32 $0, 0f00000000;
-            @p ld.global.b32 $0, [$1];
-            }""", "=f,l,r", [ptr.to(tl.int64), live.to(tl.int32)], dtype=tl.float32, is_pure=True, pack=1)
+        return tl.inline_asm_elementwise(_MMA_LD_F32 if KIND == 0 else _MMA_LD_BF16 if KIND == 1 else _MMA_LD_F16,
+                                         "=f,l,r", [ptr.to(tl.int64), live.to(tl.int32)], dtype=tl.float32,
+                                         is_pure=True, pack=1)
 
     @triton.jit
     def _mma_st(ptr, v, live, KIND: tl.constexpr, INTERPRET: tl.constexpr):
         """Store fp32 v at ptr where live (KIND as in _mma_lds: the output's dtype, rounded to nearest)."""
         if INTERPRET:
             tl.store(ptr, v.to(ptr.dtype.element_ty), mask=live)
-        elif KIND == 1:
-            tl.inline_asm_elementwise(
-                """{
-                .reg .pred p;
-                .reg .b16 h;
-                setp.ne.b32 p, $3, 0;
-                cvt.rn.bf16.f32 h, $2;
-                @p st.global.b16 [$1], h;
-                mov.b32 $0, 0;
-                }""", "=r,l,f,r", [ptr.to(tl.int64), v, live.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
-        elif KIND == 2:
-            tl.inline_asm_elementwise(
-                """{
-                .reg .pred p;
-                .reg .b16 h;
-                setp.ne.b32 p, $3, 0;
-                cvt.rn.f16.f32 h, $2;
-                @p st.global.b16 [$1], h;
-                mov.b32 $0, 0;
-                }""", "=r,l,f,r", [ptr.to(tl.int64), v, live.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
         else:
-            tl.inline_asm_elementwise(
-                """{
-                .reg .pred p;
-                setp.ne.b32 p, $3, 0;
-                @p st.global.b32 [$1], $2;
-                mov.b32 $0, 0;
-                }""", "=r,l,f,r", [ptr.to(tl.int64), v, live.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+            tl.inline_asm_elementwise(_MMA_ST_F32 if KIND == 0 else _MMA_ST_BF16 if KIND == 1 else _MMA_ST_F16,
+                                      "=r,l,f,r", [ptr.to(tl.int64), v, live.to(tl.int32)], dtype=tl.int32,
+                                      is_pure=False, pack=1)
+
+    @triton.jit
+    def _mma_xsum(c0, c1, c2, c3, bp0, bp1, bp2, bp3, NW: tl.constexpr, BF16: tl.constexpr, INTERPRET: tl.constexpr):
+        """Adds to c0 (every lane) the sum of the activations in the B registers of one word position's four nibble
+        pairs: two MMAs against an all-ones A."""
+        ones = tl.full((1, NW, 32), 0x3F803F80 if BF16 else 0x3C003C00, tl.int32)  # two 1.0s
+        c0, c1, c2, c3 = _mma16816(ones, ones, ones, ones, bp0, bp1, c0, c1, c2, c3, NW, BF16, INTERPRET)
+        return _mma16816(ones, ones, ones, ones, bp2, bp3, c0, c1, c2, c3, NW, BF16, INTERPRET)
+
+    @triton.jit
+    def _mma_word(c0, c1, c2, c3, wg, wh, bp0, bp1, bp2, bp3, R: tl.constexpr, NW: tl.constexpr, BF16: tl.constexpr,
+                  INTERPRET: tl.constexpr):
+        """One word position of a chunk for every slot: the codes of rows g and g + 8 (words wg, wh) against the B
+        registers of its four nibble pairs, two MMAs added to c0..c3."""
+        ga0, ga1, ga2, ga3 = _mma_codes(wg, BF16, INTERPRET)  # row g, nibble pairs t = 0..3
+        ha0, ha1, ha2, ha3 = _mma_codes(wh, BF16, INTERPRET)  # row g + 8
+        c0, c1, c2, c3 = _mma16816(ga0, ha0, ga1, ha1, tl.broadcast_to(bp0, (R, NW, 32)),
+                                   tl.broadcast_to(bp1, (R, NW, 32)), c0, c1, c2, c3, R * NW, BF16, INTERPRET)
+        return _mma16816(ga2, ha2, ga3, ha3, tl.broadcast_to(bp2, (R, NW, 32)), tl.broadcast_to(bp3, (R, NW, 32)),
+                         c0, c1, c2, c3, R * NW, BF16, INTERPRET)
+
+    @triton.jit
+    def _mma_words(wg_ptr, wh_ptr, ch, c_end, mask_g, mask_h, zr, INTERPRET: tl.constexpr):
+        """The lane's four words of rows g and g + 8 in chunk ch (zeros past N or for a chunk at or past c_end)."""
+        w0, w1, w2, w3 = _mma_ld4(wg_ptr + ch * 16, mask_g & ((ch + zr) < c_end), INTERPRET)
+        w4, w5, w6, w7 = _mma_ld4(wh_ptr + ch * 16, mask_h & ((ch + zr) < c_end), INTERPRET)
+        return w0, w1, w2, w3, w4, w5, w6, w7
 
     @triton.jit
     def _mma_chunk(acc_g, acc_h, g0, g1, g2, g3, h0, h1, h2, h3, ch, c_end, xp, c4, K,
@@ -1434,51 +1407,25 @@ if triton is not None:
         """One chunk of 128 columns (one group) for the R x NW slots: acc += s (sum (BIAS + q) x - (BIAS + z) X)
         for rows g (acc_g) and g + 8 (acc_h) of every slot; nothing for a chunk at or past c_end."""
         BIAS: tl.constexpr = 128.0 if BF16 else 1024.0
-        ONES: tl.constexpr = 0x3F803F80 if BF16 else 0x3C003C00  # two 1.0s
         live_x = (ch + tl.zeros((1, NW, 32), tl.int32)) < c_end
         kc = ch * 128 + c4  # (1, 1, 32)
         b00, b01, b02, b03 = _mma_ldx(xp, kc, K, live_x, PRO_SILU, BF16, INTERPRET)  # bti: pair t, word i
         b10, b11, b12, b13 = _mma_ldx(xp, kc + 16, K, live_x, PRO_SILU, BF16, INTERPRET)
         b20, b21, b22, b23 = _mma_ldx(xp, kc + 32, K, live_x, PRO_SILU, BF16, INTERPRET)
         b30, b31, b32, b33 = _mma_ldx(xp, kc + 48, K, live_x, PRO_SILU, BF16, INTERPRET)
-        ones = tl.full((1, NW, 32), ONES, tl.int32)
         z1 = tl.zeros((1, NW, 32), tl.float32)
-        # X = the chunk's activations summed by the tensor cores (all-ones A), two chains of four
-        xa, u1, u2, u3 = _mma16816(ones, ones, ones, ones, b00, b10, z1, z1, z1, z1, NW, BF16, INTERPRET)
-        xa, u1, u2, u3 = _mma16816(ones, ones, ones, ones, b20, b30, xa, u1, u2, u3, NW, BF16, INTERPRET)
-        xa, u1, u2, u3 = _mma16816(ones, ones, ones, ones, b02, b12, xa, u1, u2, u3, NW, BF16, INTERPRET)
-        xa, u1, u2, u3 = _mma16816(ones, ones, ones, ones, b22, b32, xa, u1, u2, u3, NW, BF16, INTERPRET)
-        xb, v1, v2, v3 = _mma16816(ones, ones, ones, ones, b01, b11, z1, z1, z1, z1, NW, BF16, INTERPRET)
-        xb, v1, v2, v3 = _mma16816(ones, ones, ones, ones, b21, b31, xb, v1, v2, v3, NW, BF16, INTERPRET)
-        xb, v1, v2, v3 = _mma16816(ones, ones, ones, ones, b03, b13, xb, v1, v2, v3, NW, BF16, INTERPRET)
-        xb, v1, v2, v3 = _mma16816(ones, ones, ones, ones, b23, b33, xb, v1, v2, v3, NW, BF16, INTERPRET)
+        # X = the chunk's activations summed by the tensor cores (all-ones A), two chains of four MMAs
+        xa, u1, u2, u3 = _mma_xsum(z1, z1, z1, z1, b00, b10, b20, b30, NW, BF16, INTERPRET)  # words 0 and 2
+        xa, u1, u2, u3 = _mma_xsum(xa, u1, u2, u3, b02, b12, b22, b32, NW, BF16, INTERPRET)
+        xb, v1, v2, v3 = _mma_xsum(z1, z1, z1, z1, b01, b11, b21, b31, NW, BF16, INTERPRET)  # words 1 and 3
+        xb, v1, v2, v3 = _mma_xsum(xb, v1, v2, v3, b03, b13, b23, b33, NW, BF16, INTERPRET)
         xs = xa + xb
         zero = tl.zeros((R, NW, 32), tl.float32)
         # the weights: words 0 and 2 in one chain of MMAs, 1 and 3 in another (two chains in flight)
-        ga0, ga1, ga2, ga3 = _mma_codes(g0, BF16, INTERPRET)  # row g, nibble pairs t = 0..3
-        ha0, ha1, ha2, ha3 = _mma_codes(h0, BF16, INTERPRET)  # row g + 8
-        p0, p1, p2, p3 = _mma16816(ga0, ha0, ga1, ha1, tl.broadcast_to(b00, (R, NW, 32)),
-                                   tl.broadcast_to(b10, (R, NW, 32)), zero, zero, zero, zero, R * NW, BF16, INTERPRET)
-        p0, p1, p2, p3 = _mma16816(ga2, ha2, ga3, ha3, tl.broadcast_to(b20, (R, NW, 32)),
-                                   tl.broadcast_to(b30, (R, NW, 32)), p0, p1, p2, p3, R * NW, BF16, INTERPRET)
-        ga0, ga1, ga2, ga3 = _mma_codes(g1, BF16, INTERPRET)
-        ha0, ha1, ha2, ha3 = _mma_codes(h1, BF16, INTERPRET)
-        q0, q1, q2, q3 = _mma16816(ga0, ha0, ga1, ha1, tl.broadcast_to(b01, (R, NW, 32)),
-                                   tl.broadcast_to(b11, (R, NW, 32)), zero, zero, zero, zero, R * NW, BF16, INTERPRET)
-        q0, q1, q2, q3 = _mma16816(ga2, ha2, ga3, ha3, tl.broadcast_to(b21, (R, NW, 32)),
-                                   tl.broadcast_to(b31, (R, NW, 32)), q0, q1, q2, q3, R * NW, BF16, INTERPRET)
-        ga0, ga1, ga2, ga3 = _mma_codes(g2, BF16, INTERPRET)
-        ha0, ha1, ha2, ha3 = _mma_codes(h2, BF16, INTERPRET)
-        p0, p1, p2, p3 = _mma16816(ga0, ha0, ga1, ha1, tl.broadcast_to(b02, (R, NW, 32)),
-                                   tl.broadcast_to(b12, (R, NW, 32)), p0, p1, p2, p3, R * NW, BF16, INTERPRET)
-        p0, p1, p2, p3 = _mma16816(ga2, ha2, ga3, ha3, tl.broadcast_to(b22, (R, NW, 32)),
-                                   tl.broadcast_to(b32, (R, NW, 32)), p0, p1, p2, p3, R * NW, BF16, INTERPRET)
-        ga0, ga1, ga2, ga3 = _mma_codes(g3, BF16, INTERPRET)
-        ha0, ha1, ha2, ha3 = _mma_codes(h3, BF16, INTERPRET)
-        q0, q1, q2, q3 = _mma16816(ga0, ha0, ga1, ha1, tl.broadcast_to(b03, (R, NW, 32)),
-                                   tl.broadcast_to(b13, (R, NW, 32)), q0, q1, q2, q3, R * NW, BF16, INTERPRET)
-        q0, q1, q2, q3 = _mma16816(ga2, ha2, ga3, ha3, tl.broadcast_to(b23, (R, NW, 32)),
-                                   tl.broadcast_to(b33, (R, NW, 32)), q0, q1, q2, q3, R * NW, BF16, INTERPRET)
+        p0, p1, p2, p3 = _mma_word(zero, zero, zero, zero, g0, h0, b00, b10, b20, b30, R, NW, BF16, INTERPRET)
+        q0, q1, q2, q3 = _mma_word(zero, zero, zero, zero, g1, h1, b01, b11, b21, b31, R, NW, BF16, INTERPRET)
+        p0, p1, p2, p3 = _mma_word(p0, p1, p2, p3, g2, h2, b02, b12, b22, b32, R, NW, BF16, INTERPRET)
+        q0, q1, q2, q3 = _mma_word(q0, q1, q2, q3, g3, h3, b03, b13, b23, b33, R, NW, BF16, INTERPRET)
         live_g = mask_g & ((ch + tl.zeros((R, NW, 32), tl.int32)) < c_end)
         live_h = mask_h & ((ch + tl.zeros((R, NW, 32), tl.int32)) < c_end)
         sg = _mma_lds(sg_ptr + ch, live_g, S_KIND, INTERPRET)
@@ -1534,25 +1481,13 @@ if triton is not None:
         acc_h = tl.zeros((R, NW, 32), tl.float32)
         zr = tl.zeros((R, NW, 32), tl.int32)
         # the first step's words depend on no earlier kernel: loaded before the PDL wait
-        lg = mask_g & ((ch_lo + zr) < c_end)
-        lh = mask_h & ((ch_lo + zr) < c_end)
-        a0, a1, a2, a3 = _mma_ld4(wg_ptr + ch_lo * 16, lg, INTERPRET)
-        a4, a5, a6, a7 = _mma_ld4(wh_ptr + ch_lo * 16, lh, INTERPRET)
-        lg = mask_g & ((ch_lo + 1 + zr) < c_end)
-        lh = mask_h & ((ch_lo + 1 + zr) < c_end)
-        b0, b1, b2, b3 = _mma_ld4(wg_ptr + (ch_lo + 1) * 16, lg, INTERPRET)
-        b4, b5, b6, b7 = _mma_ld4(wh_ptr + (ch_lo + 1) * 16, lh, INTERPRET)
+        a0, a1, a2, a3, a4, a5, a6, a7 = _mma_words(wg_ptr, wh_ptr, ch_lo, c_end, mask_g, mask_h, zr, INTERPRET)
+        b0, b1, b2, b3, b4, b5, b6, b7 = _mma_words(wg_ptr, wh_ptr, ch_lo + 1, c_end, mask_g, mask_h, zr, INTERPRET)
         _pdl_enter(PDL)
         for ch in tl.range(ch_lo, c_end, 2):
             nx = ch + 2  # the next step's words, in flight during this step's MMAs
-            lg = mask_g & ((nx + zr) < c_end)
-            lh = mask_h & ((nx + zr) < c_end)
-            n0, n1, n2, n3 = _mma_ld4(wg_ptr + nx * 16, lg, INTERPRET)
-            n4, n5, n6, n7 = _mma_ld4(wh_ptr + nx * 16, lh, INTERPRET)
-            lg = mask_g & ((nx + 1 + zr) < c_end)
-            lh = mask_h & ((nx + 1 + zr) < c_end)
-            m0, m1, m2, m3 = _mma_ld4(wg_ptr + (nx + 1) * 16, lg, INTERPRET)
-            m4, m5, m6, m7 = _mma_ld4(wh_ptr + (nx + 1) * 16, lh, INTERPRET)
+            n0, n1, n2, n3, n4, n5, n6, n7 = _mma_words(wg_ptr, wh_ptr, nx, c_end, mask_g, mask_h, zr, INTERPRET)
+            m0, m1, m2, m3, m4, m5, m6, m7 = _mma_words(wg_ptr, wh_ptr, nx + 1, c_end, mask_g, mask_h, zr, INTERPRET)
             acc_g, acc_h = _mma_chunk(acc_g, acc_h, a0, a1, a2, a3, a4, a5, a6, a7, ch, c_end, xp, c4, K,
                                       sg_ptr, zg_ptr, sh_ptr, zh_ptr, mask_g, mask_h, R, NW, PRO_SILU, BF16,
                                       S_KIND, Z_KIND, INTERPRET)
