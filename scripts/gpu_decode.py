@@ -12,7 +12,9 @@ rowpf:   the batch-1 step with the word-layout GEMVs prefetching their own rows 
          -> decode_row_prefetch.json.
 silu:    the down GEMV with silu(gate) * up in its prologue against the same GEMV given h -> decode_silu.json
          (GEMV_FORMATS, default bf16,int8-il,int4-il: the step's batch-1 layouts).
-Environment: GEMV_FORMATS, GEMV_SHAPES (subsets for kernels), GEMV_M (rows of x, default 1), GEMV_SWEEP=wide (row-major
+Environment: GEMV_FORMATS, GEMV_SHAPES (subsets for kernels), GEMV_M (rows of x, default 1), GEMV_PARTIALS=1 (qkv, o and
+down timed as the decode step calls them: a split-K config hands its partial sums on, no reduction kernel of its own),
+GEMV_SWEEP=wide (row-major
 int8 at longer K steps), GEMV_SWEEP=tma (the packed-fp16 word kernel with its words copied by TMA, 2-4 stages), GEMV_SWEEP=persist (its
 persistent form, 1-4 programs per SM), GEMV_SWEEP=stages (the batch-1 CUDA-core configs with their K loop pipelined 2-4 deep) or
 GEMV_SWEEP=mma (int4 words on the tensor cores, variant "mma": rows and warps, split) or GEMV_SWEEP=variants
@@ -97,10 +99,11 @@ def _quantized(w, fmt: str):
             "int4-il": lambda: wo.interleave(wo.quantize_int4(w, 128))}[fmt]()
 
 
-def _time_configs(x, qw, silu, cands, ref32, label):
+def _time_configs(x, qw, silu, cands, ref32, label, partials=False):
     """Every config of cands run once (its largest error against ref32) and timed (wo.time_gemv, a CUDA graph over
     weight copies beyond L2): [(ms, config, max error)], fastest first; a config that cannot run is logged and
-    skipped."""
+    skipped. ``partials``: timed as the decode step calls it, a split-K config handing its fp32 partial sums to the
+    next kernel (no reduction kernel of its own)."""
     from labkit.kernels import wo_matmul as wo
 
     timed = []
@@ -108,7 +111,7 @@ def _time_configs(x, qw, silu, cands, ref32, label):
         try:
             y = wo.wo_matmul(x, qw, silu_gate_up=silu, config=cfg)
             err = (y.float() - ref32).abs().max().item()
-            t = wo.time_gemv(x, qw, silu, cfg)
+            t = wo.time_gemv(x, qw, silu, cfg, partials=partials)
         except Exception as exc:  # too many registers and the like
             log(f"  {label} {cfg}: {type(exc).__name__}: {str(exc)[:120]}")
             continue
@@ -194,7 +197,10 @@ def part_kernels(sweep=False):
                 cands = _sweep_configs(kind)
             else:
                 cands = wo.candidates_for(kind, M, tma=wo.tma_supported(dev)) + (_sweep_configs(kind) if sweep else [])
-            timed = _time_configs(x, qw, silu, cands, ref32, f"{name} {fmt}")
+            # GEMV_PARTIALS=1: qkv, o and down timed as the decode step calls them (split-K partial sums consumed by
+            # the attention and add+RMSNorm kernels after them, fastgen.FastLlama.step)
+            partials = os.environ.get("GEMV_PARTIALS") == "1" and name in ("qkv", "o", "down")
+            timed = _time_configs(x, qw, silu, cands, ref32, f"{name} {fmt}", partials)
             t, cfg, err = timed[0]
             ok = all(e <= 2 * err_torch + 1e-3 * ref32.abs().max().item() for _, _, e in timed)
             best_by_variant = {}
@@ -203,7 +209,8 @@ def part_kernels(sweep=False):
                        + (f"/persist={cv.persist}" if cv.persist else ""))
                 best_by_variant.setdefault(key, {"ms": tv, "config": cv.__dict__,
                                                  "fraction_of_read_bw": nbytes / (tv / 1e3) / read_bw})
-            r = {"shape": name, "N": N, "K": K, "M": M, "weights": fmt, "config": cfg.__dict__, "max_err": err,
+            r = {"shape": name, "N": N, "K": K, "M": M, "weights": fmt, "partials": partials, "config": cfg.__dict__,
+                 "max_err": err,
                  "torch_bf16_err": err_torch, "ok": ok, "ms": t, "cublas_bf16_ms": t_cublas,
                  "weight_bytes": nbytes, "fraction_of_read_bw": nbytes / (t / 1e3) / read_bw,
                  "best_by_variant": best_by_variant, "n_configs": len(timed)}

@@ -1771,12 +1771,16 @@ CANDIDATES_H2_INT8_TMA = [GemvConfig(32, 512, 4, "h2", stages=3, tma=True),
 # about 2.2-2.3 instructions per weight at two 16-row slots per warp against 3.0 (packed fp16) and 3.5 (its TMA form),
 # and its sums are exact products added in fp32 instead of fp16. On an H200 (results/nvidia-h200/gemv_mma_sweep.json,
 # 73b7fb2; seven tiles of 1-4 slots per warp, split 1 or 4, beside every tuner candidate, all checked against the
-# fp32 reference) it was slower at every 7B-shape GEMV: qkv 13.9 us against 12.9 for the TMA packed-fp16 kernel,
-# o 9.5 against 6.9 (the packed kernel without TMA), gate_up 23.3 against 20.3, lm_head 31.1 against 26.0, and down
+# fp32 reference) it was slower at every 7B-shape GEMV called on its own: qkv 13.9 us against 12.9 for the TMA
+# packed-fp16 kernel, o 9.5 against 6.9 (the packed kernel without TMA), gate_up 23.3 against 20.3, lm_head 31.1
+# against 26.0, and down
 # (silu(gate) * up computed by every warp for its own copy of the activations) 48.8 against 15.3. Fewer instructions
 # did not buy bandwidth: its weight words in flight are registers (one step of two chunks ahead) where the TMA form
-# keeps two or three steps in shared memory, and without a split it ran slower still (qkv 23.3 us). Not among tune()'s
-# candidates (TUNE_MMA); the list is the fastest of that sweep, for tune(candidates=...) and GEMV_SWEEP=mma.
+# keeps two or three steps in shared memory, and without a split it ran slower still (qkv 23.4 us). Those figures are
+# calls of their own, the split-K ones with their reduction kernel; the step hands qkv's, o's and down's partial sums
+# to the next kernel, which the sweep did not time (scripts/gpu_decode.py GEMV_PARTIALS=1 does; tune() with TUNE_MMA
+# would, in the step). Not among tune()'s candidates (TUNE_MMA); the list is the fastest of that sweep, for
+# tune(candidates=...) and GEMV_SWEEP=mma.
 TUNE_MMA = False
 CANDIDATES_MMA = [GemvConfig(64, 256, 2, "mma", split=4), GemvConfig(128, 256, 4, "mma", split=4),
                   GemvConfig(128, 256, 8, "mma", split=4), GemvConfig(64, 256, 2, "mma")]
