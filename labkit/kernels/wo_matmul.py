@@ -1170,9 +1170,17 @@ if triton is not None:
 
     # ------------------------------------------------------------------ int4 words on the tensor cores at one row
     # The batch-1 GEMV as Hopper/Ampere tensor-core MMAs (mma.sync m16n8k16), the weight the A operand: 16 rows x 16
-    # columns per instruction. Tensors of shape (slots, 32) put one value per lane of a warp (dim 1 = the lane, as
-    # Triton lays out a (slots, 32) tensor: 32 threads along dim 1), so each lane hands the instruction exactly its
-    # fragment registers; lane = 4 g + c holds rows g and g + 8 of its 16-row slot. No data moves between lanes.
+    # columns per instruction. Tensors of shape (R, NW, 32) hold one value per lane of each of NW warps (the last
+    # dimension is the lane), so each lane hands the instruction exactly its fragment registers; lane = 4 g + c holds
+    # rows g and g + 8 of its 16-row slot. No data moves between lanes.
+    # Every global access of the kernel is PTX of its own (_mma_ld4, _mma_ld2, _mma_lds, _mma_st): Triton picks the
+    # register layout of a tl.load or tl.store from the addresses' contiguity, and that layout then spreads to the
+    # element-wise operations around it, the inline MMAs among them. Triton 3.6 chose one that splits a warp's lanes
+    # over two dimensions (threadsPerWarp [1, 2, 16]), which hands the MMA other lanes' registers: wrong sums with two
+    # warps or more on an H200, right under the interpreter and with Triton 3.9. With no load or store op left, every
+    # tensor keeps the default layout of its shape, lanes along the last dimension and warps along the middle one, in
+    # both versions; mma_layout_ok checks a compiled kernel and wo_matmul refuses one that differs. Addresses enter
+    # the PTX as 64-bit integers (Triton 3.6 does not take a pointer beside a float in one inline-assembly call).
 
     # the PTX of the tensor-core GEMV, one template per instruction and its bf16 / fp16 (and fp32) forms
     def _ptx_codes(magic: str) -> str:  # a word's eight nibbles -> four registers of two 16-bit floats BIAS + q
@@ -1458,7 +1466,7 @@ if triton is not None:
         the same activations against an all-ones A (per warp, shared by its slots). Products are exact (codes and
         activations are 16-bit floats); the activations are rounded to bf16 (fp16) once, which they already are
         unless PRO_SILU computes silu(gate) * up here. Tensors are (R, NW, 32): one warp per element of the middle
-        dimension and one lane per element of the last (see the note above _mma_ld4)."""
+        dimension and one lane per element of the last (see the note at the head of this section)."""
         R: tl.constexpr = BLOCK_N // (16 * NW)
         pid_k = tl.program_id(1)
         ch_lo = pid_k * K_CHUNK // 128
