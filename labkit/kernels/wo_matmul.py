@@ -1776,8 +1776,8 @@ CANDIDATES_H2_INT8_TMA = [GemvConfig(32, 512, 4, "h2", stages=3, tma=True),
                           GemvConfig(16, 1024, 4, "h2", stages=3, tma=True)]
 # int4 WordWeight at M = 1 on the tensor cores (variant "mma", _wo_gemv_mma_kernel): mma.sync from inline PTX, the
 # codes by one lop3 per two and no subtraction, the activations' sum by MMAs too. Offline (sm_90, scripts/sass_gemv.py)
-# about 2.2-2.3 instructions per weight at two 16-row slots per warp against 3.0 (packed fp16) and 3.5 (its TMA form),
-# and its sums are exact products added in fp32 instead of fp16. On an H200 (results/nvidia-h200/gemv_mma_sweep.json,
+# about 2.2-2.3 instructions per weight at two 16-row slots per warp against 2.8-3.0 (packed fp16) and 3.5 (its TMA
+# form), and its sums are exact products added in fp32 instead of fp16. On an H200 (results/nvidia-h200/gemv_mma_sweep.json,
 # 73b7fb2; seven tiles of 1-4 slots per warp, split 1 or 4, beside every tuner candidate, all checked against the
 # fp32 reference) it was slower at every 7B-shape GEMV called on its own: qkv 13.9 us against 12.9 for the TMA
 # packed-fp16 kernel, o 9.5 against 6.9 (the packed kernel without TMA), gate_up 23.3 against 20.3, lm_head 31.1
