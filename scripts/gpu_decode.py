@@ -76,7 +76,7 @@ def _sweep_configs(kind):
         return ([wo.GemvConfig(bn, bk, warps, "h2", split, stages=3, tma=True, persist=p) for bn, bk, warps, split in tiles
                  for p in (1, 2, 3, 4)] + [wo.GemvConfig(bn, bk, warps, "h2", split, stages=3, tma=True)
                                            for bn, bk, warps, split in tiles])
-    if os.environ.get("GEMV_SWEEP") == "mma":  # int4 words on the tensor cores (variant "mma"), rows x warps x K step
+    if os.environ.get("GEMV_SWEEP") == "mma":  # int4 words on the tensor cores (variant "mma"), rows x warps x split
         if kind != 4:
             return []
         tiles = ((32, 2), (64, 4), (128, 8), (64, 2), (128, 4), (128, 2), (256, 4))  # 1, 2 and 4 slots per warp
@@ -352,6 +352,8 @@ if __name__ == "__main__":
     bad = [f for f in os.environ.get("GEMV_FORMATS", "bf16").split(",") if f not in ok]
     if bad:
         sys.exit(f"error: GEMV_FORMATS takes {', '.join(ok)} separated by commas (got {', '.join(bad)})")
+    if os.environ.get("GEMV_PARTIALS", "0") not in ("0", "1"):
+        sys.exit(f"error: GEMV_PARTIALS takes 0 or 1 (got {os.environ['GEMV_PARTIALS']!r})")
     try:  # every part times on a GPU: say so once, before any log is opened
         env.require_cuda("scripts/gpu_decode.py")
     except env.LabkitError as exc:

@@ -246,9 +246,9 @@ def test_mma_refusals():
         wo.wo_matmul(x.float(), qw, config=wo.GemvConfig(16, 128, 1, "mma"))
     with pytest.raises(ValueError, match="multiple of 16 x num_warps"):
         wo.wo_matmul(x, qw, config=wo.GemvConfig(16, 256, 2, "mma"))
-    with pytest.raises(ValueError, match="give block_k=256"):
+    with pytest.raises(ValueError, match="block_k=256"):
         wo.wo_matmul(x, qw, config=wo.GemvConfig(16, 512, 1, "mma"))
-    with pytest.raises(ValueError, match="leave stages None"):
+    with pytest.raises(ValueError, match="leave it None"):
         wo.wo_matmul(x, qw, config=wo.GemvConfig(16, 256, 1, "mma", stages=2))
     assert not wo.mma_supported("cpu")
 
@@ -691,6 +691,7 @@ def test_offline_sass_of_the_gemv_loops(tmp_path):
 @pytest.mark.parametrize("args,env_extra,message", [
     (["silu"], {}, "needs a CUDA GPU"),
     (["silu"], {"GEMV_FORMATS": "int3"}, "GEMV_FORMATS takes"),
+    (["sweep"], {"GEMV_PARTIALS": "yes"}, "GEMV_PARTIALS takes 0 or 1"),
     (["nonsense"], {}, "name parts to run from"),
 ])
 def test_gpu_decode_refuses_in_one_line(tmp_path, args, env_extra, message):

@@ -984,10 +984,11 @@ if triton is not None:
             "=f,r,r,r,r,r,r,r,r", [c0, c1, c2, c3, x0, x1, x2, x3], dtype=tl.float32, is_pure=True, pack=1)
 
     @triton.jit
-    def _h2_pack(lo, hi):
-        """Two fp32 tensors of activations -> int32 holding (fp16(lo), fp16(hi)) as two halves."""
-        a = lo.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-        b = hi.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    def _h2_pack(lo, hi, BF16: tl.constexpr = False):
+        """Two fp32 tensors of activations -> int32 holding (fp16(lo), fp16(hi)) as two halves (bf16 with BF16)."""
+        dt: tl.constexpr = tl.bfloat16 if BF16 else tl.float16
+        a = lo.to(dt).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        b = hi.to(dt).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
         return a | (b << 16)
 
     @triton.jit
@@ -1231,7 +1232,7 @@ if triton is not None:
     @triton.jit
     def _mma_half(v, HI: tl.constexpr, BF16: tl.constexpr):
         """The low or high 16-bit float of a fragment register, as fp32 (the interpreter's model of the registers)."""
-        h = ((v >> 16) & 0xFFFF) if HI else (v & 0xFFFF)
+        h = _h2_lane(v, HI)
         if BF16:
             return (h << 16).to(tl.float32, bitcast=True)
         return h.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
@@ -1274,14 +1275,6 @@ if triton is not None:
         return tl.inline_asm_elementwise(_MMA_SYNC_BF16 if BF16 else _MMA_SYNC_F16, "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f",
                                          [a0, a1, a2, a3, b0, b1, c0, c1, c2, c3],
                                          dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
-
-    @triton.jit
-    def _mma_pack(lo, hi, BF16: tl.constexpr):
-        """Two fp32 tensors -> int32 holding (16-bit float of lo, of hi) as its low and high halves."""
-        dt: tl.constexpr = tl.bfloat16 if BF16 else tl.float16
-        a = lo.to(dt).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-        b = hi.to(dt).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-        return a | (b << 16)
 
     @triton.jit
     def _mma_ld4(ptr, live, INTERPRET: tl.constexpr):
@@ -1354,10 +1347,10 @@ if triton is not None:
         if PRO_SILU:
             ul0, ul1 = _mma_ld2(xp + K + kcol, mlo, INTERPRET)
             uh0, uh1 = _mma_ld2(xp + K + kcol + 64, mhi, INTERPRET)
-            return (_mma_pack(_mma_silu_pair(lo0, ul0, False, BF16), _mma_silu_pair(hi0, uh0, False, BF16), BF16),
-                    _mma_pack(_mma_silu_pair(lo0, ul0, True, BF16), _mma_silu_pair(hi0, uh0, True, BF16), BF16),
-                    _mma_pack(_mma_silu_pair(lo1, ul1, False, BF16), _mma_silu_pair(hi1, uh1, False, BF16), BF16),
-                    _mma_pack(_mma_silu_pair(lo1, ul1, True, BF16), _mma_silu_pair(hi1, uh1, True, BF16), BF16))
+            return (_h2_pack(_mma_silu_pair(lo0, ul0, False, BF16), _mma_silu_pair(hi0, uh0, False, BF16), BF16),
+                    _h2_pack(_mma_silu_pair(lo0, ul0, True, BF16), _mma_silu_pair(hi0, uh0, True, BF16), BF16),
+                    _h2_pack(_mma_silu_pair(lo1, ul1, False, BF16), _mma_silu_pair(hi1, uh1, False, BF16), BF16),
+                    _h2_pack(_mma_silu_pair(lo1, ul1, True, BF16), _mma_silu_pair(hi1, uh1, True, BF16), BF16))
         return (_mma_prmt(lo0, hi0, False, INTERPRET), _mma_prmt(lo0, hi0, True, INTERPRET),
                 _mma_prmt(lo1, hi1, False, INTERPRET), _mma_prmt(lo1, hi1, True, INTERPRET))
 
@@ -2031,8 +2024,8 @@ def wo_matmul(x: torch.Tensor, w, silu_gate_up: bool = False, config: GemvConfig
         raise ValueError(f"persist={cfg.persist}: the persistent GEMV is the packed-fp16 kernel's TMA form; give tma=True")
     if cfg.tma and (cfg.variant != "h2" or kind < 3):
         raise ValueError("tma=True applies to the packed-fp16 word kernel only (variant 'h2', a WordWeight)")
-    if cfg.stages is not None and (cfg.stages < 1 or cfg.variant == "tc"
-                                   or (kind >= 3 and cfg.variant not in ("h2", "mma"))):
+    if cfg.stages is not None and (cfg.stages < 1 or cfg.variant in ("tc", "mma")
+                                   or (kind >= 3 and cfg.variant != "h2")):
         raise ValueError(f"stages={cfg.stages}: software pipelining takes an int >= 1 and applies to the CUDA-core "
                          "kernels ('tile', 'acc', and 'h2' for a WordWeight); leave it None for the others")
     kw = pdl_kwargs(pdl, x.device)
@@ -2072,18 +2065,13 @@ def wo_matmul(x: torch.Tensor, w, silu_gate_up: bool = False, config: GemvConfig
         if x.dtype not in (torch.bfloat16, torch.float16):
             raise TypeError(f"the 'mma' GEMV feeds the activations to the tensor cores as they are: bf16 or fp16, "
                             f"got {x.dtype} (convert x, or use variant 'h2')")
-        if cfg.block_n % (16 * cfg.num_warps) or cfg.block_k % 128:
+        if cfg.block_n % (16 * cfg.num_warps) or block_k != 256:
             raise ValueError(f"the 'mma' GEMV takes block_n a multiple of 16 x num_warps (16 rows per MMA, every warp "
-                             f"the same number of them) and block_k of 128 (a group), got block_n={cfg.block_n}, "
-                             f"num_warps={cfg.num_warps}, block_k={cfg.block_k}")
+                             f"the same number of them) and block_k=256 (it steps through K two groups at a time), "
+                             f"got block_n={cfg.block_n}, num_warps={cfg.num_warps}, block_k={cfg.block_k}")
         if x.device.type == "cuda" and not mma_supported(x.device):
             raise LabkitError("the 'mma' GEMV runs mma.sync with bf16/fp16 inputs: a GPU of compute capability 8.0 "
                               f"(Ampere) or newer, this is {torch.cuda.get_device_name(x.device)}")
-        if block_k != 256:
-            raise ValueError(f"the 'mma' GEMV steps through K two groups (256 columns) at a time: give block_k=256, "
-                             f"got {cfg.block_k}")
-        if cfg.stages is not None:
-            raise ValueError("the 'mma' GEMV loads the next step's words into registers itself: leave stages None")
         if K % 4 or x.data_ptr() % 8 or w.words.data_ptr() % 16 or w.words.stride(0) % 4:
             raise ValueError("the 'mma' GEMV reads 4 activations (8 bytes) and 4 words (16 bytes) at a time: it needs "
                              "K a multiple of 4, x 8-byte aligned and each row of words 16-byte aligned")
