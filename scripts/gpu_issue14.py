@@ -4,6 +4,11 @@ scripts/gpu_wheelhouse.sh must already be importable: /root/site-flash on PYTHON
 
     . .gpu/bin/env.sh && . /root/site-flash/env.sh     # the two bundles' paths (scripts/gpu_wheelhouse.sh)
     python3 scripts/gpu_issue14.py --out $OUT [--commit SHA] [--steps attention,formats,gptq,decode]
+    python3 scripts/gpu_issue14.py --out $OUT --steps decode --gptq-json PATH   # GPTQ from an earlier invocation
+
+A gptq and a decode step together take longer than one command may run on some machines: run gptq first, keep its
+gptq.json on the machine, and hand it to the decode invocation with --gptq-json; it must name the same commit, and
+decode.json's summary says which run its GPTQ figures come from.
 
 Writes under --out: attention.json (+ .png), decode.json (+ .png), gptq.json, issue14.json (the summaries, the package
 versions) and issue14.log. Every step records its failure and the run goes on with the next one.
@@ -247,13 +252,42 @@ def step_gptq(out: Path, commit) -> dict:
     return summary
 
 
+def _read_gptq(path: Path, commit, steps: str) -> tuple[dict, dict]:
+    """The summary and meta of an earlier gptq.json, refused unless this run has a decode step and no gptq step of
+    its own, and the file is a gptq step's output at this run's commit."""
+    names = steps.split(",")
+    if "decode" not in names or "gptq" in names:
+        raise ValueError(f"--gptq-json goes with a decode step and no gptq step of this run (--steps {steps})")
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"--gptq-json {path}: cannot read it as JSON ({exc}); pass the gptq.json an earlier "
+                         f"`--steps gptq` run wrote") from None
+    summary, gmeta = doc.get("summary") or {}, doc.get("meta") or {}
+    if "gptq_int4_ppl_vs_reference" not in summary:
+        raise ValueError(f"--gptq-json {path} is not a gptq step's output (no gptq_int4_ppl_vs_reference)")
+    if commit is None or gmeta.get("git_commit") != commit:
+        raise ValueError(f"--gptq-json {path} was measured at commit {gmeta.get('git_commit')!r}, this run is "
+                         f"{commit!r}: pass --commit and rerun the gptq step at this commit")
+    return summary, gmeta
+
+
 def main(argv=None) -> int:
     global LOG
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--commit", default=None, help="the commit of the checkout (recorded when git is unavailable)")
     p.add_argument("--steps", default="attention,gptq,decode", help="in this order by default: the longest last")
+    p.add_argument("--gptq-json", type=Path, default=None,
+                   help="gptq.json of an earlier invocation at the same commit, for decode.json's GPTQ figures")
     args = p.parse_args(argv)
+    carried_gptq = None
+    if args.gptq_json is not None:
+        try:
+            carried_gptq = _read_gptq(args.gptq_json, args.commit, args.steps)
+        except ValueError as exc:
+            print(f"error: {exc}")
+            return 1
     args.out.mkdir(parents=True, exist_ok=True)
     LOG = args.out / "issue14.log"
     try:
@@ -289,6 +323,11 @@ def main(argv=None) -> int:
         from labkit import fastgen
 
         summary = dict(decode_doc["summary"])
+        if gptq_summary is None and carried_gptq is not None:
+            gptq_summary, gmeta = carried_gptq
+            summary["note_gptq"] = (f"the GPTQ and SmolLM2 figures (gptq) come from the gptq step of an earlier invocation "
+                                    f"on this machine at the same commit ({gmeta.get('git_commit')}, "
+                                    f"{gmeta.get('utc')}, {gmeta.get('device')})")
         if gptq_summary is not None:
             summary["gptq_int4_ppl_vs_reference"] = gptq_summary["gptq_int4_ppl_vs_reference"]
             summary["gptq"] = gptq_summary

@@ -11,7 +11,7 @@ rounding flips the argmax, which makes token checks meaningless. The interpreter
 import pytest
 import torch
 
-from labkit import evaluate, fastgen, gptq, models
+from labkit import env, evaluate, fastgen, gptq, models
 from labkit.env import LabkitError
 from labkit.kernels import wo_matmul as wo
 
@@ -222,3 +222,50 @@ def test_own_quantization_on_gpu_against_fp32_dequant(fmt):
     assert t["rms"] <= TRITON_RMS_FACTOR * r["rms"], (fmt, t, r)
     for res in (t, r):
         assert all(g < NEAR_TIE_RMS * r["rms"] for g in res["flip_gaps"]), (fmt, res, r["rms"])
+
+
+def _issue14_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_issue14", env.repo_root() / "scripts" / "gpu_issue14.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_issue14_gptq_json_is_checked(tmp_path):
+    """scripts/gpu_issue14.py --gptq-json: decode.json takes the GPTQ figures of an earlier gptq step only at the same
+    commit, only into a run with a decode step and no gptq step of its own; anything else ends the run with one line
+    (before any GPU is asked for)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    mod = _issue14_script()
+    good = tmp_path / "gptq.json"
+    good.write_text(json.dumps({"meta": {"git_commit": "abc1234", "utc": "2026-12-04T20:00:00Z", "device": "X"},
+                                "summary": {"gptq_int4_ppl_vs_reference": 1.003}, "records": []}))
+    summary, meta = mod._read_gptq(good, "abc1234", "decode")
+    assert summary["gptq_int4_ppl_vs_reference"] == 1.003 and meta["git_commit"] == "abc1234"
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"meta": {"git_commit": "abc1234"}, "summary": {"fraction_of_floor": {}}}))
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    cases = [(good, "abc1234", "gptq,decode", "no gptq step of this run"),
+             (good, "abc1234", "attention", "goes with a decode step"),
+             (good, "fff0000", "decode", "measured at commit 'abc1234'"),
+             (good, None, "decode", "pass --commit"),
+             (other, "abc1234", "decode", "not a gptq step's output"),
+             (bad, "abc1234", "decode", "cannot read it as JSON"),
+             (tmp_path / "missing.json", "abc1234", "decode", "cannot read it as JSON")]
+    for path, commit, steps, message in cases:
+        with pytest.raises(ValueError, match=message):
+            mod._read_gptq(path, commit, steps)
+    args = [sys.executable, str(env.repo_root() / "scripts" / "gpu_issue14.py"), "--out", str(tmp_path / "o"),
+            "--steps", "decode", "--commit", "fff0000", "--gptq-json", str(good)]
+    res = subprocess.run(args, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, PYTHONPATH=str(env.repo_root())))
+    assert res.returncode == 1, res.stdout + res.stderr
+    lines = res.stdout.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --gptq-json") and "abc1234" in lines[0], res.stdout
