@@ -590,7 +590,10 @@ if gluon is not None:
         maxima and the scaled scores come before the wait for P V but the wait itself sits after the first of the
         64 exponentials, so the rest of the softmax does not run under P V. Threading P and the row sums through
         the wait's deps puts the exponentials before the wait in the PTX, but the SASS comes out identical: ptxas
-        reorders them past it."""
+        reorders them past it. So does packing P and releasing the value slot at the next tile's start instead (no
+        instruction of the tile then needs the wait): the wait still comes right after the first exponential. Two P
+        buffers taking turns (the next P packed while P V reads the other) need 32 registers more than a consumer's
+        240, and ptxas then serializes every wgmma (its C7512 notice)."""
         dtype: gl.constexpr = my_q.dtype
         slot = r % STAGES
         mbarrier.wait(k_bar.index(slot), (r // STAGES) & 1)
