@@ -254,11 +254,13 @@ def test_mma_refusals():
 
 
 def test_mma_configs_are_offered_only_when_asked(monkeypatch):
-    """Measured slower than the packed-fp16 kernel on an H200, the tensor-core configs stay out of tune()'s list
-    (TUNE_MMA off) unless switched on, and then only for int4 words at one row on a GPU that runs mma.sync."""
+    """The tensor-core configs are among tune()'s candidates (TUNE_MMA: the int4 qkv GEMV of the 7B step is fastest
+    there on an H200) only for int4 words at one row on a GPU that runs mma.sync, and not at all with TUNE_MMA off."""
+    assert wo.TUNE_MMA
+    assert [c for c in wo.candidates_for(4, 1, mma=True) if c.variant == "mma"] == wo.CANDIDATES_MMA
+    monkeypatch.setattr(wo, "TUNE_MMA", False)
     assert not any(c.variant == "mma" for c in wo.candidates_for(4, 1, mma=True))
     monkeypatch.setattr(wo, "TUNE_MMA", True)
-    assert [c for c in wo.candidates_for(4, 1, mma=True) if c.variant == "mma"] == wo.CANDIDATES_MMA
     assert not any(c.variant == "mma" for c in wo.candidates_for(4, 1, mma=False))
     assert not any(c.variant == "mma" for c in wo.candidates_for(3, 1, mma=True) + wo.candidates_for(4, 2, mma=True))
     qw = wo.interleave(wo.quantize_int4(torch.randn(32, 256), 128))

@@ -1779,10 +1779,12 @@ CANDIDATES_H2_INT8_TMA = [GemvConfig(32, 512, 4, "h2", stages=3, tma=True),
 # did not buy bandwidth: its weight words in flight are registers (one step of two chunks ahead) where the TMA form
 # keeps two or three steps in shared memory, and without a split it ran slower still (qkv 23.4 us). Those figures are
 # calls of their own, the split-K ones with their reduction kernel; the step hands qkv's, o's and down's partial sums
-# to the next kernel, which the sweep did not time (scripts/gpu_decode.py GEMV_PARTIALS=1 does; tune() with TUNE_MMA
-# would, in the step). Not among tune()'s candidates (TUNE_MMA); the list is the fastest of that sweep, for
-# tune(candidates=...) and GEMV_SWEEP=mma.
-TUNE_MMA = False
+# to the next kernel. Timed that way (gemv_mma_partials_sweep.json, 8a023f9, GEMV_PARTIALS=1) the qkv GEMV is
+# fastest on the tensor cores: 12.2 us against 12.7 (TMA packed fp16); o, gate_up, down and lm_head stay with the
+# CUDA-core kernels. In the step (decode_mma.json, same commit, two rounds each) the int4 token took 1.832-1.834 ms
+# with these configs among tune()'s candidates against 1.857 without (47.4% -> 48.0% of the floor; the tuner chose
+# the tensor cores for qkv only). TUNE_MMA puts them there; the list is the fastest of the 73b7fb2 sweep.
+TUNE_MMA = True
 CANDIDATES_MMA = [GemvConfig(64, 256, 2, "mma", split=4), GemvConfig(128, 256, 4, "mma", split=4),
                   GemvConfig(128, 256, 8, "mma", split=4), GemvConfig(64, 256, 2, "mma")]
 _TUNED: dict = {}
@@ -1811,7 +1813,7 @@ def candidates_for(kind: int, M: int, dtype=torch.bfloat16, group: int = 128, tm
     """The configs tune() tries for a weight kind (0 float, 1 int8, 2 int4, 3/4 WordWeight int8/int4) at M rows;
     the first is the default when nothing was tuned. ``tma``: the GPU has the tensor memory accelerator
     (``tma_supported``), so the packed-fp16 kernel's TMA configs are tried too (with TUNE_TMA); ``mma``: it runs
-    mma.sync (``mma_supported``), so the int4 tensor-core configs are tried too (with TUNE_MMA, off)."""
+    mma.sync (``mma_supported``), so the int4 tensor-core configs are tried too (``TUNE_MMA``)."""
     tc = CANDIDATES_TC if kind in (2, 4) and group == 128 and dtype in (torch.bfloat16, torch.float16) else []
     if kind in CANDIDATES_IL:
         # one word layout, two kernels: CUDA cores for a single row, the tensor cores for a batch
