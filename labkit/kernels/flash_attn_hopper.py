@@ -593,7 +593,8 @@ if gluon is not None:
         reorders them past it. So does packing P and releasing the value slot at the next tile's start instead (no
         instruction of the tile then needs the wait): the wait still comes right after the first exponential. Two P
         buffers taking turns (the next P packed while P V reads the other) need 32 registers more than a consumer's
-        240, and ptxas then serializes every wgmma (its C7512 notice)."""
+        240, and ptxas then serializes every wgmma (its C7512 notice); with 64-key tiles they fit, and the wait still
+        comes right after the first exponential."""
         dtype: gl.constexpr = my_q.dtype
         slot = r % STAGES
         mbarrier.wait(k_bar.index(slot), (r // STAGES) & 1)
