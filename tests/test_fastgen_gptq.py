@@ -224,25 +224,20 @@ def test_own_quantization_on_gpu_against_fp32_dequant(fmt):
         assert all(g < NEAR_TIE_RMS * r["rms"] for g in res["flip_gaps"]), (fmt, res, r["rms"])
 
 
-def _issue14_script():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("gpu_issue14", env.repo_root() / "scripts" / "gpu_issue14.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_gpu_issue14_gptq_json_is_checked(tmp_path):
     """scripts/gpu_issue14.py --gptq-json: decode.json takes the GPTQ figures of an earlier gptq step only at the same
     commit, only into a run with a decode step and no gptq step of its own; anything else ends the run with one line
     (before any GPU is asked for)."""
+    import importlib.util
     import json
     import os
     import subprocess
     import sys
 
-    mod = _issue14_script()
+    script = env.repo_root() / "scripts" / "gpu_issue14.py"
+    spec = importlib.util.spec_from_file_location("gpu_issue14", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
     good = tmp_path / "gptq.json"
     good.write_text(json.dumps({"meta": {"git_commit": "abc1234", "utc": "2026-12-04T20:00:00Z", "device": "X"},
                                 "summary": {"gptq_int4_ppl_vs_reference": 1.003}, "records": []}))
@@ -262,7 +257,7 @@ def test_gpu_issue14_gptq_json_is_checked(tmp_path):
     for path, commit, steps, message in cases:
         with pytest.raises(ValueError, match=message):
             mod._read_gptq(path, commit, steps)
-    args = [sys.executable, str(env.repo_root() / "scripts" / "gpu_issue14.py"), "--out", str(tmp_path / "o"),
+    args = [sys.executable, str(script), "--out", str(tmp_path / "o"),
             "--steps", "decode", "--commit", "fff0000", "--gptq-json", str(good)]
     res = subprocess.run(args, capture_output=True, text=True, timeout=300,
                          env=dict(os.environ, PYTHONPATH=str(env.repo_root())))
