@@ -19,7 +19,8 @@ int8 at longer K steps), GEMV_SWEEP=tma (the packed-fp16 word kernel with its wo
 persistent form, 1-4 programs per SM), GEMV_SWEEP=stages (the batch-1 CUDA-core configs with their K loop pipelined 2-4 deep) or
 GEMV_SWEEP=mma (int4 words on the tensor cores, variant "mma": rows and warps, split) or GEMV_SWEEP=variants
 (sweep: the word kernel's loop variants, each step reducing / loading one step ahead / per-word accumulators /
-packed fp16 arithmetic for int4).
+packed fp16 arithmetic for int4). GEMV_MMA_EARLY=0 or 1 sets wo_matmul.MMA_EARLY_LOADS (where the tensor-core GEMV
+loads its next weight words) for the run; gemv.json records the value.
 """
 import dataclasses
 import json
@@ -221,6 +222,7 @@ def part_kernels(sweep=False):
                 f"{t_cublas * 1e3:7.1f} us  ok={ok}  best {cfg}  | " + "  ".join(
                     f"{v}: {b['ms'] * 1e3:.1f} us {b['fraction_of_read_bw']:.0%}" for v, b in best_by_variant.items()))
     bench.write_results(OUT / "gemv.json", recs, {"read_bandwidth_Bps": read_bw, "all_ok": all(r["ok"] for r in recs),
+                                                 "mma_early_loads": bool(wo.MMA_EARLY_LOADS),
                                                  "timing": "CUDA graph of 32 back-to-back calls over weight copies "
                                                            "(>= 256 MB, beyond L2); median of 7 replays"})
 
@@ -352,8 +354,13 @@ if __name__ == "__main__":
     bad = [f for f in os.environ.get("GEMV_FORMATS", "bf16").split(",") if f not in ok]
     if bad:
         sys.exit(f"error: GEMV_FORMATS takes {', '.join(ok)} separated by commas (got {', '.join(bad)})")
-    if os.environ.get("GEMV_PARTIALS", "0") not in ("0", "1"):
-        sys.exit(f"error: GEMV_PARTIALS takes 0 or 1 (got {os.environ['GEMV_PARTIALS']!r})")
+    for var in ("GEMV_PARTIALS", "GEMV_MMA_EARLY"):
+        if os.environ.get(var, "0") not in ("0", "1"):
+            sys.exit(f"error: {var} takes 0 or 1 (got {os.environ[var]!r})")
+    if "GEMV_MMA_EARLY" in os.environ:
+        from labkit.kernels import wo_matmul as _wo
+
+        _wo.MMA_EARLY_LOADS = os.environ["GEMV_MMA_EARLY"] == "1"
     try:  # every part times on a GPU: say so once, before any log is opened
         env.require_cuda("scripts/gpu_decode.py")
     except env.LabkitError as exc:

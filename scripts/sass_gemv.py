@@ -2,7 +2,9 @@
 
 Compiles labkit's word kernels (int4 and int8 codes: ``_wo_gemv_il1_kernel``, the batch-1 one with per-word
 accumulators, ``_wo_gemv_il_kernel``, which reduces each K step, ``_wo_gemv_h2_kernel``, packed fp16 arithmetic, and
-for int4 ``_wo_gemv_mma_kernel``, the tensor cores through mma.sync) and the bf16 GEMV (``_wo_gemv1_kernel``)
+for int4 ``_wo_gemv_mma_kernel``, the tensor cores through mma.sync, twice: as written, and with the next step's
+weight words loaded in a branch of their own, ``int4-mma-early``; for both it reports how many of the loop's word loads
+go out before its first MMA) and the bf16 GEMV (``_wo_gemv1_kernel``)
 at their default batch-1 configs for a Hopper target (sm_90) with this machine's Triton and its bundled ptxas, then
 disassembles the cubin (nvdisasm, bundled too), finds the main K loop (the backward branch) and counts its
 instructions per weight, by class. No GPU is needed; the runner's Triton may schedule differently from this one, so
@@ -79,15 +81,15 @@ def compile_sass(fn, signature: dict, constexprs: dict, num_warps: int, arch: in
     return out, offline.resource_usage(kernel.asm["cubin"])["registers"]
 
 
-def main_loop(sass: str) -> list[str]:
-    """The opcodes of the longest loop: from a label to the branch that jumps back to it."""
+def main_loop(sass: str, text: bool = False) -> list[str]:
+    """The opcodes of the longest loop: from a label to the branch that jumps back to it (``text``: its lines)."""
     lines = sass.splitlines()
     labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\.L_x_\d+):", line))}
     best = []
     for i, line in enumerate(lines):
         m = re.search(r"BRA\s+`?\((\.L_x_\d+)\)", line)
         if m and m.group(1) in labels and labels[m.group(1)] < i:
-            body = [op for ln in lines[labels[m.group(1)]:i + 1] if (op := opcode(ln))]
+            body = [(ln if text else op) for ln in lines[labels[m.group(1)]:i + 1] if (op := opcode(ln))]
             if len(body) > len(best):
                 best = body
     return best
@@ -151,12 +153,14 @@ def kernels():
     mma = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*bf16", "y_ptr": "*fp32", "N": "i32",
            "K": "i32", "stride_wn": "i32", "stride_sn": "i32", "stride_ys": "i32", "K_CHUNK": "i32"}
     mma.update({k: "constexpr" for k in ("PRO_SILU", "BLOCK_N", "NW", "S_KIND", "Z_KIND", "Y_KIND", "PDL", "INTERPRET",
-                                         "BF16")})
+                                         "BF16", "EARLY")})
     c = {"PRO_SILU": False, "BLOCK_N": cfg.block_n, "NW": cfg.num_warps, "S_KIND": 1, "Z_KIND": 1,
          "Y_KIND": 0 if cfg.split > 1 else 1, "PDL": False, "INTERPRET": False, "BF16": True}
     out.append(("int4-mma", f"int4 words on the tensor cores (mma.sync), {cfg.block_n // 16} slots of 16 rows x "
                 f"{cfg.block_k} columns, {cfg.num_warps} warps", wo._wo_gemv_mma_kernel, mma, c, cfg.num_warps,
                 cfg.block_n * cfg.block_k / (32 * cfg.num_warps)))
+    out.append(("int4-mma-early", out[-1][1] + ", the next step's words loaded at the top of the loop (EARLY)",
+                wo._wo_gemv_mma_kernel, mma, dict(c, EARLY=True), cfg.num_warps, out[-1][6]))
     g1 = {"x_ptr": "*bf16", "w_ptr": "*bf16", "s_ptr": "*bf16", "z_ptr": "*bf16", "y_ptr": "*bf16",
           "N": "i32", "K": "i32", "stride_wn": "i32", "stride_sn": "i32", "stride_ys": "i32", "K_CHUNK": "i32"}
     g1.update({k: "constexpr" for k in ("KIND", "GROUP", "PRO_SILU", "BLOCK_N", "BLOCK_K", "PDL", "STAGES")})
@@ -182,6 +186,15 @@ def _loop(label, fn, sig, consts, warps) -> tuple[list[str], int | None]:
     return body, regs
 
 
+def load_order(sass: str) -> dict:
+    """Where the 128-bit global loads (the tensor-core GEMV's weight words) sit in the main loop against its MMAs:
+    how many there are and how many are issued before the loop's first HMMA."""
+    body = main_loop(sass, text=True)
+    first = next((i for i, ln in enumerate(body) if opcode(ln) == "HMMA"), len(body))
+    loads = [i for i, ln in enumerate(body) if opcode(ln) == "LDG" and ".128" in ln]
+    return {"word_loads": len(loads), "word_loads_before_first_mma": sum(i < first for i in loads)}
+
+
 def analyse(issue: float, bandwidths: list[float], silu: bool = False) -> list[dict]:
     """One row per kernel: its loop length, instructions per weight (total, by class, top opcodes) and, for each
     bandwidth, the instructions per weight the issue rate ``issue`` (thread-instructions/s) allows. With ``silu``,
@@ -205,11 +218,12 @@ def analyse(issue: float, bandwidths: list[float], silu: bool = False) -> list[d
             # program waits at each barrier, so only other programs on the SM hide the latency meanwhile
             "barriers": body.count("BAR"),
         })
-        if name.endswith("-mma"):  # whether every mma.sync gets each lane's own fragment (wo.mma_layout_ok)
+        if "-mma" in name:  # whether every mma.sync gets each lane's own fragment (wo.mma_layout_ok)
             from labkit.kernels import wo_matmul as wo
 
             rows[-1]["mma_layout_ok"] = list(wo.mma_layout_ok(
                 compile_offline(fn, sig, consts, warps).asm["ttgir"]))
+            rows[-1].update(load_order(compile_sass(fn, sig, consts, warps)[0]))
         if silu:
             sbody, sregs = _loop(label, fn, sig, dict(consts, PRO_SILU=True), warps)
             rows[-1].update(silu_per_weight=len(sbody) / per_thread, silu_registers=sregs,
@@ -269,6 +283,9 @@ def main(argv=None) -> int:
             ok, why = row["mma_layout_ok"]
             report.append("    register layout of the MMA operands: " + ("one lane per element of the last dimension, "
                                                                          "as the fragments need" if ok else why))
+        if "word_loads" in row:
+            report.append(f"    {row['word_loads_before_first_mma']} of the loop's {row['word_loads']} weight-word loads "
+                          "(128-bit) issued before its first MMA")
         if "silu_per_weight" in row:
             extra = row["silu_per_weight"] - row["per_weight"]
             report.append(f"    with silu(gate) * up in the prologue (the down GEMV): {row['silu_per_weight']:.2f} "

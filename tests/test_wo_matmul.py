@@ -197,14 +197,17 @@ def test_h2_tma_refusals():
 
 @pytest.mark.parametrize("K", [1152, 576])
 @pytest.mark.parametrize("silu", [False, True])
-def test_mma_kernel_sums_products_exactly(K, silu):
+@pytest.mark.parametrize("early", [False, True])
+def test_mma_kernel_sums_products_exactly(K, silu, early, monkeypatch):
     """The tensor-core kernel (variant 'mma') multiplies exact codes by the bf16 activations (exact products) and sums
     in fp32, the codes' bias of 128 taken out per group as 128 x (the group's activation sum): against the fp64
     product of the same bf16 activations its error stays within a few fp32 roundings of the magnitudes it adds,
     (128 + q) |x| s per term. 576 columns: a last group of 64 (the rows padded with zero weights); with silu, the
     prologue's silu(gate) * up rounded to bf16 first, as a Triton cast rounds on this machine. Under the interpreter the sums are fp32 in
     numpy's order; on a GPU the tensor cores' accumulation (not IEEE round-to-nearest: products aligned to the
-    largest exponent and truncated) gets 16 times the room."""
+    largest exponent and truncated) gets 16 times the room. ``early``: wo.MMA_EARLY_LOADS, the next step's words loaded
+    in a branch of their own (the same sums)."""
+    monkeypatch.setattr(wo, "MMA_EARLY_LOADS", early)
     dev = env.device()
     if dev.type == "cuda" and not wo.mma_supported(dev):
         pytest.skip("mma.sync with bf16 inputs needs compute capability 8.0+")
@@ -632,7 +635,7 @@ def test_offline_sass_of_the_gemv_loops(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
     assert set(rows) == {"int4-acc", "int4", "int8-acc", "int8", "bf16", "int8-rows", "int4-h2", "int8-h2",
-                         "int4-h2-tma", "int8-h2-tma", "int4-mma"}
+                         "int4-h2-tma", "int8-h2-tma", "int4-mma", "int4-mma-early"}
     # the tensor-core kernel: MMAs, no int-to-float conversion, no layout conversion through shared memory (no
     # barrier, no shared-memory traffic), every MMA operand one element per lane, and fewer instructions per weight
     # than the packed-fp16 kernel (Triton 3.9: 2.2 against 2.8; 3.6: 2.3 against 3.0)
@@ -641,6 +644,14 @@ def test_offline_sass_of_the_gemv_loops(tmp_path):
     assert mma["barriers"] == 0 and not {"LDS", "STS", "LDSM", "STSM"} & set(mma["opcodes"]), mma["opcodes"]
     assert mma["mma_layout_ok"] == [True, ""], mma["mma_layout_ok"]
     assert mma["per_weight"] < rows["int4-h2"]["per_weight"], (mma["per_weight"], rows["int4-h2"]["per_weight"])
+    # where ptxas puts the next step's weight words: written at the top of the loop body, they go out after the
+    # step's first MMA (Triton 3.6 and 3.9: all 8 after, at the end of the body); loaded in a branch of their own
+    # (wo.MMA_EARLY_LOADS), all before it, the same MMAs and layout, more registers
+    early = rows["int4-mma-early"]
+    assert mma["word_loads"] == early["word_loads"] > 0, (mma, early)
+    assert early["word_loads_before_first_mma"] == early["word_loads"], early
+    assert mma["word_loads_before_first_mma"] < mma["word_loads"], mma
+    assert early["mma_layout_ok"] == [True, ""] and early["opcodes"]["HMMA"] == mma["opcodes"]["HMMA"], early
     # the TMA form: one bulk copy per K step for the words of the whole tile (UTMALDG, issued by one thread), so the
     # loop's per-thread global loads are the activations' and scales' only, fewer than the pointer kernel's; the same
     # packed arithmetic (Triton 3.6: 12 LDG against 20 for int4, 9 against 16 for int8; 3.9 the same)
@@ -694,6 +705,7 @@ def test_offline_sass_of_the_gemv_loops(tmp_path):
     (["silu"], {}, "needs a CUDA GPU"),
     (["silu"], {"GEMV_FORMATS": "int3"}, "GEMV_FORMATS takes"),
     (["sweep"], {"GEMV_PARTIALS": "yes"}, "GEMV_PARTIALS takes 0 or 1"),
+    (["sweep"], {"GEMV_MMA_EARLY": "on"}, "GEMV_MMA_EARLY takes 0 or 1"),
     (["nonsense"], {}, "name parts to run from"),
 ])
 def test_gpu_decode_refuses_in_one_line(tmp_path, args, env_extra, message):
