@@ -1980,13 +1980,18 @@ def pdl_kwargs(pdl: bool, device) -> dict:
 ROW_PREFETCH = 0
 
 
-# The tensor-core GEMV (variant "mma") loads the next K step's weight words while this step's MMAs run. Written so,
-# ptxas (Triton 3.6, sm_90) still issues those loads at the end of the loop body, after every MMA of the step, so
-# they have only the next step's activation loads to hide behind (it keeps registers free that way: 146 per thread
-# instead of 182). With MMA_EARLY_LOADS the loads sit in a branch of their own that is always taken, a basic block
-# ptxas does not move them out of: they go out at the top of the loop (scripts/sass_gemv.py shows both). Read at
-# launch time, so a captured graph keeps the value it was captured with.
-MMA_EARLY_LOADS = True
+# The tensor-core GEMV (variant "mma") is written to load the next K step's weight words while this step's MMAs run,
+# but ptxas (Triton 3.6 and 3.9, sm_90) issues those loads at the end of the loop body, after the step's MMAs, so they
+# have only the next step's activation loads to hide behind; it saves registers that way (146 per thread instead of
+# 182 in the offline SASS of the first CANDIDATES_MMA config). With MMA_EARLY_LOADS the loads sit in a branch of their
+# own that is always taken, a basic block ptxas leaves them in: all eight go out before the loop's first MMA
+# (scripts/sass_gemv.py, rows int4-mma and int4-mma-early). On an NVIDIA H200 that was slower: the best tensor-core
+# config of each 7B-shape int4 GEMV, timed as the step calls it, took qkv 14.9 us early against 12.1 late, gate_up 25.5
+# against 23.7, lm_head 32.7 against 31.5, o 7.8 against 7.9, down 44.1 against 47.1, none of them the fastest kernel
+# but qkv late (results/nvidia-h200/gemv_mma_early_sweep.json, 98742a9, every config checked against the fp32
+# reference). The registers cost warps per SM (5 programs of two warps instead of 7 at that config), and those
+# hide the latency better than the earlier loads do. Off; read at launch time (a captured graph keeps its value).
+MMA_EARLY_LOADS = False
 
 
 def _row_pf(pdl: bool) -> int:
