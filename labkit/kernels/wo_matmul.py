@@ -1989,7 +1989,7 @@ ROW_PREFETCH = 0
 # config of each 7B-shape int4 GEMV, timed as the step calls it, took qkv 14.9 us early against 12.1 late, gate_up 25.5
 # against 23.7, lm_head 32.7 against 31.5, o 7.8 against 7.9, down 44.1 against 47.1, none of them the fastest kernel
 # but qkv late (results/nvidia-h200/gemv_mma_early_sweep.json, 98742a9, every config checked against the fp32
-# reference). The registers cost warps per SM (5 programs of two warps instead of 7 at that config), and those
+# reference). The registers cost resident warps (at 182 per thread an SM holds 11 warps, at 146 13), and those
 # hide the latency better than the earlier loads do. Off; read at launch time (a captured graph keeps its value).
 MMA_EARLY_LOADS = False
 
