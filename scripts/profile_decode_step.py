@@ -1,7 +1,8 @@
 """Where the batch-1 decode step spends its time, kernel by kernel (7B shape, random weights; a CUDA GPU).
 
     python scripts/profile_decode_step.py [--formats bf16,int8,int4] [--no-pdl]
-                                          [--what-if | --attn-knobs | --h2 | --int8-layout | --mma | --mma-early]
+                                          [--what-if | --attn-knobs | --h2 | --int8-layout | --mma | --mma-early
+                                           | --mma-tma]
                                           [--out DIR]
 
 For each format: the captured step's time per token (as the decode benchmark measures it), then torch.profiler over
@@ -12,14 +13,15 @@ dependent launch allows). The summary splits the step into GEMV time, other kern
 --h2 times the int4 step tuned without and with the packed-fp16 GEMV among the candidates; --mma the same with the
 tensor-core GEMV (wo_matmul.TUNE_MMA; tuned as the step calls each GEMV, split-K partials handed on); --mma-early
 the int4 step with the tensor-core GEMV's next weight words loaded late and early (wo_matmul.MMA_EARLY_LOADS), each
-record with the tuner's best time per GEMV and kernel; --int8-layout
+record with the tuner's best time per GEMV and kernel; --mma-tma the int4 step tuned without and with the tensor-core
+GEMV's TMA form (wo_matmul.TUNE_MMA_TMA); --int8-layout
 the int8 step with row-major weights and with word-layout weights (where the packed-fp16 GEMV is a candidate).
 --attn-knobs times the step (no profile) under each block size and warp count of the decode-attention kernel.
 --what-if times the step (no profile) with parts taken out, an upper bound on what fusing them away could save:
 without the add+RMSNorm kernels, without the RoPE+attention kernel, without both (the outputs are then wrong); and
 with programmatic dependent launch but the launch configs tuned without it.
 Writes decode_profile.json (decode_what_if.json, decode_attn_knobs.json, decode_h2.json, decode_mma.json,
-decode_mma_early.json, decode_int8_layout.json) to --out (default: results/local/).
+decode_mma_early.json, decode_mma_tma.json, decode_int8_layout.json) to --out (default: results/local/).
 """
 import argparse
 import json
@@ -225,6 +227,14 @@ def mma_early_step(model) -> list:
     return toggled_steps(model, "int4", wo, "MMA_EARLY_LOADS", (False, True), "mma_early_loads")
 
 
+def mma_tma_step(model) -> list:
+    """The int4 step tuned without and with the TMA form of the tensor-core GEMV among the candidates
+    (wo_matmul.TUNE_MMA_TMA)."""
+    from labkit.kernels import wo_matmul as wo
+
+    return toggled_steps(model, "int4", wo, "TUNE_MMA_TMA", (False, True), "tune_mma_tma")
+
+
 def int8_layout_step(model) -> list:
     """The int8 step with row-major weights (fastgen.INT8_LAYOUT = "rows") and with word-layout weights ("words",
     the packed-fp16 GEMV among the tuner's candidates at one row)."""
@@ -247,6 +257,9 @@ def main(argv=None) -> int:
     p.add_argument("--mma-early", action="store_true",
                    help="time the int4 step with the tensor-core GEMV's next words loaded late and early "
                         "(wo_matmul.MMA_EARLY_LOADS)")
+    p.add_argument("--mma-tma", action="store_true",
+                   help="time the int4 step tuned without and with the TMA form of the tensor-core GEMV "
+                        "(wo_matmul.TUNE_MMA_TMA)")
     p.add_argument("--int8-layout", action="store_true",
                    help="time the int8 step with row-major and with word-layout weights (fastgen.INT8_LAYOUT)")
     p.add_argument("--attn-grid", default=None,
@@ -275,12 +288,13 @@ def main(argv=None) -> int:
     read_bw = env.measure_read_bandwidth(dev)  # the floor of a step: its bytes at this rate
     model, _ = models.load("llama2-7b-shape", device=dev)
     recs = []
-    if args.h2 or args.int8_layout or args.mma or args.mma_early:
+    if args.h2 or args.int8_layout or args.mma or args.mma_early or args.mma_tma:
         recs += (h2_step(model) if args.h2 else mma_step(model) if args.mma else mma_early_step(model)
-                 if args.mma_early else int8_layout_step(model))
+                 if args.mma_early else mma_tma_step(model) if args.mma_tma else int8_layout_step(model))
         for r in recs:
             r["fraction_of_floor"] = r["bytes_per_step"] / read_bw / (r["decode_ms_per_token"] / 1e3)
-            setting = r.get("int8_layout", r.get("tune_h2", r.get("tune_mma", r.get("mma_early_loads"))))
+            setting = r.get("int8_layout", r.get("tune_h2", r.get("tune_mma", r.get("mma_early_loads",
+                                                                                     r.get("tune_mma_tma")))))
             print(f"  {r['weights']} {setting}: {r['fraction_of_floor']:.1%} of the floor", flush=True)
         args.formats = ""
     elif args.what_if or args.attn_knobs:
@@ -308,7 +322,7 @@ def main(argv=None) -> int:
             "git_commit": args.commit,
             "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     name = ("decode_h2.json" if args.h2 else "decode_mma.json" if args.mma else "decode_mma_early.json"
-            if args.mma_early else "decode_int8_layout.json"
+            if args.mma_early else "decode_mma_tma.json" if args.mma_tma else "decode_int8_layout.json"
             if args.int8_layout else "decode_what_if.json" if args.what_if else "decode_attn_knobs.json"
             if args.attn_knobs else "decode_profile.json")
     (out / name).write_text(json.dumps({"meta": meta, "records": recs}, indent=1))

@@ -158,15 +158,16 @@ def test_h2_tma_matches_h2(bits, silu):
 
 
 def test_h2_tma_refusals():
-    """tma=True runs only the packed-fp16 kernel of a WordWeight, pipelined at least two deep; anything else is
+    """tma=True runs only the word-layout kernels of a WordWeight (packed fp16, and the tensor cores: see
+    test_mma_refusals), pipelined at least two deep; anything else is
     refused with the reason (never silently run another way); tune() offers its configs only where TMA exists."""
     qw = wo.interleave(wo.quantize_int4(torch.randn(16, 256).bfloat16(), 128))
     x = torch.randn(1, 256).bfloat16()
     with pytest.raises(ValueError, match="stages >= 2"):
         wo.wo_matmul(x, qw, config=wo.GemvConfig(16, 256, 4, "h2", tma=True))
-    with pytest.raises(ValueError, match="packed-fp16 word kernel only"):
+    with pytest.raises(ValueError, match="with a WordWeight"):
         wo.wo_matmul(x, qw, config=wo.GemvConfig(16, 256, 4, "tile", stages=2, tma=True))
-    with pytest.raises(ValueError, match="packed-fp16 word kernel only"):
+    with pytest.raises(ValueError, match="with a WordWeight"):
         wo.wo_matmul(x, wo.quantize_int8(torch.randn(16, 256)), config=wo.GemvConfig(16, 256, 4, "h2", stages=2,
                                                                                          tma=True))
     with pytest.raises(ValueError, match="give tma=True"):
@@ -228,8 +229,13 @@ def test_mma_kernel_sums_products_exactly(K, silu, early, monkeypatch):
     # compiled, the kernel's exp is not torch's: a product that lands near a bf16 rounding boundary may round the
     # other way, one bf16 unit (2^-8 relative) of that activation
     slack = (2.0**-8 * (xe.double().abs() @ w64.abs().t())) if silu and dev.type == "cuda" else 0.0
-    for cfg in (wo.GemvConfig(16, 256, 1, "mma"), wo.GemvConfig(64, 256, 2, "mma", split=2),
-                wo.GemvConfig(64, 256, 4, "mma")):
+    cfgs = [wo.GemvConfig(16, 256, 1, "mma"), wo.GemvConfig(64, 256, 2, "mma", split=2), wo.GemvConfig(64, 256, 4, "mma")]
+    if dev.type == "cuda" and wo.tma_supported(dev) and not silu and K % 128 == 0 and not early:
+        # the Gluon form, words staged in shared memory by TMA: 9 chunks (an odd last step), a partial row block, and
+        # a split whose second part has 3 chunks
+        cfgs += [wo.GemvConfig(64, 256, 4, "mma", stages=3, tma=True), wo.GemvConfig(128, 256, 8, "mma", stages=2, tma=True),
+                 wo.GemvConfig(32, 256, 2, "mma", split=2, stages=4, tma=True)]
+    for cfg in cfgs:
         y = wo.wo_matmul(x.to(dev), qw.to(dev), silu_gate_up=silu, config=cfg,
                          out=torch.empty(1, N, device=dev)).cpu().double()
         err = ((y - ref).abs() - slack).clamp(min=0)
@@ -254,6 +260,19 @@ def test_mma_refusals():
     with pytest.raises(ValueError, match="leave it None"):
         wo.wo_matmul(x, qw, config=wo.GemvConfig(16, 256, 1, "mma", stages=2))
     assert not wo.mma_supported("cpu")
+    # the TMA form (wo_gluon): no silu prologue, one 16-row MMA per warp, a ring of two slots or more, a Hopper GPU
+    with pytest.raises(ValueError, match="no silu"):
+        wo.wo_matmul(torch.randn(1, 512).bfloat16(), qw, silu_gate_up=True,
+                     config=wo.GemvConfig(64, 256, 4, "mma", stages=3, tma=True))
+    with pytest.raises(ValueError, match="block_n = 16 x num_warps"):
+        wo.wo_matmul(x, qw, config=wo.GemvConfig(128, 256, 4, "mma", stages=3, tma=True))
+    with pytest.raises(ValueError, match="stages >= 2"):
+        wo.wo_matmul(x, qw, config=wo.GemvConfig(64, 256, 4, "mma", tma=True))
+    if not torch.cuda.is_available():
+        with pytest.raises(env.LabkitError, match="Hopper"):
+            wo.wo_matmul(x, qw, config=wo.GemvConfig(64, 256, 4, "mma", stages=3, tma=True))
+    with pytest.raises(ValueError, match="'h2' \\(packed fp16\\) and 'mma'"):
+        wo.wo_matmul(x, qw, config=wo.GemvConfig(64, 256, 4, "tile", tma=True))
 
 
 def test_mma_configs_are_offered_only_when_asked(monkeypatch):
@@ -721,3 +740,38 @@ def test_gpu_decode_refuses_in_one_line(tmp_path, args, env_extra, message):
     assert res.returncode != 0 and message in res.stderr, res.stderr[-2000:]
     assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert not list(tmp_path.iterdir())                                   # no log opened
+
+
+_MMA_TMA_PTX = """
+import json, os, sys
+os.environ["TRITON_INTERPRET"] = "0"
+from labkit.kernels import offline, wo_gluon
+rows = []
+for bn, warps, stages in ((64, 4, 3), (128, 8, 2)):
+    k = wo_gluon.compile_offline(block_n=bn, num_warps=warps, stages=stages, pdl=True)
+    ptx = k.asm["ptx"]
+    rows.append({"bn": bn, "warps": warps, "mma": ptx.count("mma.sync"), "lds": ptx.count("ld.shared.v4.b32"),
+                 "sts": ptx.count("st.shared"), "tma": ptx.count("cp.async.bulk.tensor"),
+                 "wait": ptx.count("mbarrier.try_wait"), "gdc": ptx.find("griddepcontrol.wait") >= 0,
+                 **offline.resource_usage(k.asm["cubin"])})
+print(json.dumps(rows))
+"""
+
+
+def test_mma_tma_kernel_compiles_to_a_ring_and_lane_exact_reads():
+    """The Gluon form of the tensor-core GEMV (wo_gluon; GemvConfig(..., "mma", stages=S, tma=True)), compiled for sm_90
+    without a GPU: its words arrive by TMA copies into shared memory, each checked by an mbarrier wait; each thread
+    reads its 16 words of a K step with four 128-bit shared loads, and nothing is written back to shared memory (no
+    layout conversion: every MMA operand is the register it was loaded into); two chunks of 128 columns per step,
+    16 MMAs each (8 for the weights' word positions, 8 for the activations' sum); few registers, no spills."""
+    import json
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", _MMA_TMA_PTX], capture_output=True, text=True, timeout=600,
+                         cwd=env.repo_root(), env={**__import__("os").environ, "PYTHONPATH": str(env.repo_root())})
+    assert res.returncode == 0, res.stderr[-3000:]
+    for r in json.loads(res.stdout.strip().splitlines()[-1]):
+        assert r["mma"] == 32 and r["lds"] == 4 and r["sts"] == 0, r
+        assert r["tma"] >= 2 and r["wait"] >= 1 and r["gdc"], r
+        assert r["local"] == 0 and 0 < r["registers"] <= 128, r

@@ -1797,6 +1797,13 @@ CANDIDATES_H2_INT8_TMA = [GemvConfig(32, 512, 4, "h2", stages=3, tma=True),
 TUNE_MMA = True
 CANDIDATES_MMA = [GemvConfig(64, 256, 2, "mma", split=4), GemvConfig(128, 256, 4, "mma", split=4),
                   GemvConfig(128, 256, 8, "mma", split=4), GemvConfig(64, 256, 2, "mma")]
+# The same arithmetic with the words staged in shared memory by TMA (tma=True, a ring of ``stages`` slots; the Gluon
+# kernel of wo_gluon): no registers hold the words in flight, so an SM keeps many more of them coming. Tried by tune()
+# where TMA exists, for GEMVs without the silu prologue, with TUNE_MMA_TMA.
+TUNE_MMA_TMA = True
+CANDIDATES_MMA_TMA = [GemvConfig(64, 256, 4, "mma", stages=4, tma=True), GemvConfig(64, 256, 4, "mma", split=4, stages=3, tma=True),
+                      GemvConfig(128, 256, 8, "mma", stages=3, tma=True), GemvConfig(32, 256, 2, "mma", stages=6, tma=True),
+                      GemvConfig(64, 256, 4, "mma", split=2, stages=4, tma=True)]
 _TUNED: dict = {}
 TUNE_FAILURES: list[dict] = []  # every config ``tune`` could not time: {"config", "weight", "M", "error", "resources"}
 _TUNE_TIMES: dict = {}  # the key of ``_TUNED`` -> [(config, ms per call)] of every config ``tune`` timed
@@ -1832,7 +1839,7 @@ def candidates_for(kind: int, M: int, dtype=torch.bfloat16, group: int = 128, tm
         if h2 and tma and TUNE_TMA:
             h2 = h2 + {4: CANDIDATES_H2_TMA, 3: CANDIDATES_H2_INT8_TMA}[kind]
         if h2 and kind == 4 and mma and TUNE_MMA:
-            h2 = h2 + CANDIDATES_MMA
+            h2 = h2 + CANDIDATES_MMA + (CANDIDATES_MMA_TMA if tma and TUNE_MMA_TMA else [])
         return CANDIDATES_IL[kind] + h2 + tc if M == 1 else tc + CANDIDATES_IL[kind]
     if kind == 1 and dtype in (torch.bfloat16, torch.float16):
         tc = [] if M == 1 else CANDIDATES_TC8
@@ -2048,12 +2055,14 @@ def wo_matmul(x: torch.Tensor, w, silu_gate_up: bool = False, config: GemvConfig
             raise ValueError(f"block_k={block_k} must be a multiple of the group size {group}")
     if cfg.persist and not cfg.tma:
         raise ValueError(f"persist={cfg.persist}: the persistent GEMV is the packed-fp16 kernel's TMA form; give tma=True")
-    if cfg.tma and (cfg.variant != "h2" or kind < 3):
-        raise ValueError("tma=True applies to the packed-fp16 word kernel only (variant 'h2', a WordWeight)")
-    if cfg.stages is not None and (cfg.stages < 1 or cfg.variant in ("tc", "mma")
-                                   or (kind >= 3 and cfg.variant != "h2")):
+    if cfg.tma and (cfg.variant not in ("h2", "mma") or kind < 3):
+        raise ValueError("tma=True applies to the word-layout kernels 'h2' (packed fp16) and 'mma' (tensor cores) "
+                         "only, with a WordWeight")
+    if cfg.stages is not None and (cfg.stages < 1 or cfg.variant == "tc" or (cfg.variant == "mma" and not cfg.tma)
+                                   or (kind >= 3 and cfg.variant not in ("h2", "mma"))):
         raise ValueError(f"stages={cfg.stages}: software pipelining takes an int >= 1 and applies to the CUDA-core "
-                         "kernels ('tile', 'acc', and 'h2' for a WordWeight); leave it None for the others")
+                         "kernels ('tile', 'acc', and 'h2' for a WordWeight) and to the TMA ring of 'mma' with "
+                         "tma=True; leave it None for the others")
     kw = pdl_kwargs(pdl, x.device)
     k_chunk = triton.cdiv(triton.cdiv(K, cfg.split), block_k) * block_k  # whole K blocks per split
     nsplit = triton.cdiv(K, k_chunk)
@@ -2102,6 +2111,8 @@ def wo_matmul(x: torch.Tensor, w, silu_gate_up: bool = False, config: GemvConfig
             raise ValueError("the 'mma' GEMV reads 4 activations (8 bytes) and 4 words (16 bytes) at a time: it needs "
                              "K a multiple of 4, x 8-byte aligned and each row of words 16-byte aligned")
         kinds = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+        if cfg.tma:
+            return _mma_tma(x, w, cfg, y, out, k_chunk, grid, nsplit, partials, silu_gate_up, kw)
         if w.scale.dtype not in kinds or w.zero.dtype not in kinds:
             raise TypeError(f"the 'mma' GEMV reads scales and zeros stored as fp32, bf16 or fp16, got "
                             f"{w.scale.dtype} / {w.zero.dtype}")
@@ -2174,6 +2185,43 @@ def wo_matmul(x: torch.Tensor, w, silu_gate_up: bool = False, config: GemvConfig
         return y
     if nsplit > 1:
         _sum_splits_kernel[(triton.cdiv(M * N, 1024),)](y, out, M * N, SPLIT=nsplit, BLOCK=1024, num_warps=4, **kw)
+    return out
+
+
+def _mma_tma(x, w, cfg: GemvConfig, y, out, k_chunk: int, grid: tuple, nsplit: int, partials: bool, silu: bool,
+             kw: dict) -> torch.Tensor:
+    """The tensor-core GEMV with its words staged in shared memory by TMA (``wo_gluon``): checks, launch, and the
+    split-K reduction as ``wo_matmul`` does it."""
+    from labkit.kernels import wo_gluon
+
+    if silu:
+        raise ValueError("the 'mma' GEMV with tma=True takes the activations as they are (no silu(gate) * up "
+                         "prologue): give silu_gate_up=False, or use tma=False or variant 'h2'")
+    if cfg.block_n != 16 * cfg.num_warps:
+        raise ValueError(f"the 'mma' GEMV with tma=True takes block_n = 16 x num_warps (one 16-row MMA per warp), got "
+                         f"block_n={cfg.block_n}, num_warps={cfg.num_warps}")
+    if cfg.stages is None or cfg.stages < 2:
+        raise ValueError(f"tma=True copies K steps ahead of their use into a ring of shared-memory slots: give "
+                         f"stages >= 2, got {cfg.stages}")
+    if x.device.type != "cuda" or not tma_supported(x.device) or wo_gluon.gluon is None:
+        where = torch.cuda.get_device_name(x.device) if x.device.type == "cuda" else "a CPU"
+        raise LabkitError("the 'mma' GEMV with tma=True is a Gluon kernel for the tensor memory accelerator of a "
+                          f"Hopper (sm_90) or newer GPU with Triton's Gluon; this is {where}: use tma=False")
+    if not tma_fits(w):
+        raise ValueError("tma=True needs whole chunks of 128 columns per row and 16-byte aligned words")
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    N, nw = w.words.shape
+    desc = TensorDescriptor(w.words, [N, nw], [nw, 1], [cfg.block_n, wo_gluon.WORDS_PER_STEP],
+                            wo_gluon.words_layout())
+    wo_gluon._wo_gemv_mma_tma_kernel[grid](x, desc, w.scale, w.zero, y, N, w.shape[1], w.scale.stride(0),
+                                           N, k_chunk, BLOCK_N=cfg.block_n, STAGES=cfg.stages,
+                                           BF16=x.dtype == torch.bfloat16, num_warps=cfg.num_warps,
+                                           **({"PDL": False} | kw))
+    if nsplit > 1 and partials:
+        return y
+    if nsplit > 1:
+        _sum_splits_kernel[(triton.cdiv(N, 1024),)](y, out, N, SPLIT=nsplit, BLOCK=1024, num_warps=4, **kw)
     return out
 
 
@@ -2261,7 +2309,7 @@ def kernel_name(w, config: GemvConfig, M: int = 1) -> str:
     if config.variant == "tc":
         name = "int8 tensor-core GEMV" if kind == 1 else "int4 tensor-core GEMV"
     elif config.variant == "mma":
-        name = "int4 tensor-core GEMV, one row (mma.sync)"
+        name = "int4 tensor-core GEMV, one row (mma.sync)" + (", words by TMA" if config.tma else "")
     elif kind >= 3:
         name = ("word kernel, packed fp16 (M=1)" if config.variant == "h2"
                 else "word kernel, per-word accumulators (M=1)" if config.variant == "acc" and M == 1
@@ -2324,6 +2372,8 @@ def tune(w, M: int = 1, dtype=torch.bfloat16, silu_gate_up: bool = False, candid
         if kind == 2 and (max(cfg.block_k, w.group) % w.group):
             continue
         if cfg.tma and not tma_fits(w):  # a shape the TMA form does not take (wo_matmul would refuse it)
+            continue
+        if cfg.variant == "mma" and cfg.tma and silu_gate_up:  # no silu prologue in the TMA form
             continue
         try:
             t = time_gemv(x, w, silu_gate_up, cfg, partials=partials, pdl=pdl)

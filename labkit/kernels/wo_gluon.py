@@ -1,0 +1,233 @@
+"""The int4 tensor-core GEMV at one row (``wo_matmul`` variant "mma") with its weight words staged in shared memory:
+GemvConfig(..., "mma", tma=True, stages=S), written in Gluon.
+
+The Triton kernel of variant "mma" keeps the weight words it has asked for in registers, one K step ahead; an SM then
+holds as many loads in flight as registers allow, and at a split of 4 most of a program's short life is the first
+step's latency (results/nvidia-h200/gemv_mma_early_sweep.json). Here the tensor memory accelerator copies each K
+step's words (two chunks of 128 columns for BLOCK_N rows) into a ring of ``STAGES`` shared-memory slots, each copy
+signalling its slot's mbarrier; the copies are issued ``STAGES`` steps ahead, before the PDL wait for the first ones,
+and cost no registers. Each warp then reads its lanes' words from the slot with one 128-bit load per row and chunk
+(the slot is 128-byte swizzled, as TMA writes it, so the eight rows a quarter-warp reads fall in different banks).
+
+Gluon fixes every register layout, so each lane holds exactly its MMA fragment: the slot is read in the layout
+``BlockedLayout([1, 4], [8, 4], [NW, 1])`` (lane 4 g + c: words 4c..4c+3 of a row, eight rows per warp, rows repeating
+every 8 NW), then reshaped, permuted and split into the sixteen (NW, 8, 4) word tensors of the step, checked to be
+the same registers (``convert_layout(..., assert_trivial=True)``). An MMA's 16 rows are row g (first half of the
+block's rows) and row g + 8 NW (second half) of warp w's eight. The arithmetic per chunk is the Triton kernel's
+(``_wo_gemv_mma_kernel``): codes as ``BIAS + q`` by one lop3 per two, mma.sync m16n8k16 with the activations as the
+B operand, the bias taken out per group through the activations' sum (MMAs against an all-ones A).
+
+Needs a Hopper GPU (TMA); the interpreter cannot run Gluon, so on a CPU it is compiled for sm_90 offline
+(``compile_offline``), which is what CI checks; the GPU suite checks its sums.
+"""
+from __future__ import annotations
+
+import torch
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
+
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+except ImportError:  # no triton, or one without Gluon's Hopper module
+    gluon = None
+
+WORDS_PER_STEP = 32  # two chunks of 128 columns: 16 words each
+
+
+def _ptx():
+    from labkit.kernels import wo_matmul as wo
+
+    return {"codes_bf16": wo._ptx_codes("0x43004300"), "codes_f16": wo._ptx_codes("0x64006400"),
+            "mma_bf16": wo._ptx_mma("bf16"), "mma_f16": wo._ptx_mma("f16")}
+
+
+if gluon is not None:
+    _P = _ptx()
+    _CODES_BF16 = gl.constexpr(_P["codes_bf16"])
+    _CODES_F16 = gl.constexpr(_P["codes_f16"])
+    _MMA_BF16 = gl.constexpr(_P["mma_bf16"])
+    _MMA_F16 = gl.constexpr(_P["mma_f16"])
+
+    @gluon.jit
+    def _codes(wd, BF16: gl.constexpr):
+        """A word's eight nibbles as four registers of two 16-bit floats BIAS + q (as ``wo._mma_codes``)."""
+        return gl.inline_asm_elementwise(_CODES_BF16 if BF16 else _CODES_F16, "=r,=r,=r,=r,r", [wd],
+                                         dtype=(gl.int32, gl.int32, gl.int32, gl.int32), is_pure=True, pack=1)
+
+    @gluon.jit
+    def _mma(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, BF16: gl.constexpr):
+        """D = A B + C, one m16n8k16 per element (each lane hands its fragment registers, as ``wo._mma16816``)."""
+        return gl.inline_asm_elementwise(_MMA_BF16 if BF16 else _MMA_F16, "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f",
+                                         [a0, a1, a2, a3, b0, b1, c0, c1, c2, c3],
+                                         dtype=(gl.float32, gl.float32, gl.float32, gl.float32), is_pure=True, pack=1)
+
+    @gluon.jit
+    def _ld2(ptr, live):
+        """Four consecutive 16-bit values at ptr as two int32 (as ``wo._mma_ld2``): zeros where live is False."""
+        return gl.inline_asm_elementwise(
+            """{
+            .reg .pred p;
+            setp.ne.b32 p, $3, 0;
+            mov.b32 $0, 0;
+            mov.b32 $1, 0;
+            @p ld.global.v2.b32 {$0, $1}, [$2];
+            }""",
+            "=r,=r,l,r", [ptr.to(gl.int64), live.to(gl.int32)], dtype=(gl.int32, gl.int32), is_pure=True, pack=1)
+
+    @gluon.jit
+    def _prmt(a, b, HI: gl.constexpr):
+        """(low half of a, low half of b) or, HI, the high halves: one prmt."""
+        if HI:
+            return gl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x7632;", "=r,r,r", [a, b], dtype=gl.int32,
+                                             is_pure=True, pack=1)
+        return gl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x5410;", "=r,r,r", [a, b], dtype=gl.int32,
+                                         is_pure=True, pack=1)
+
+    @gluon.jit
+    def _ldx(x_ptr, kcol, K, live):
+        """The B registers of one nibble pair for the lane's four words: (x[k + i], x[k + 64 + i]), k = kcol."""
+        lo0, lo1 = _ld2(x_ptr + kcol, live & (kcol < K))
+        hi0, hi1 = _ld2(x_ptr + kcol + 64, live & (kcol + 64 < K))
+        return _prmt(lo0, hi0, False), _prmt(lo0, hi0, True), _prmt(lo1, hi1, False), _prmt(lo1, hi1, True)
+
+    @gluon.jit
+    def _xsum(c0, c1, c2, c3, ones, bp0, bp1, bp2, bp3, BF16: gl.constexpr):
+        """c0 += the sum of the activations in one word position's four B registers (two MMAs, all-ones A)."""
+        c0, c1, c2, c3 = _mma(ones, ones, ones, ones, bp0, bp1, c0, c1, c2, c3, BF16)
+        return _mma(ones, ones, ones, ones, bp2, bp3, c0, c1, c2, c3, BF16)
+
+    @gluon.jit
+    def _word(c0, c1, c2, c3, wg, wh, bp0, bp1, bp2, bp3, BF16: gl.constexpr):
+        """One word position: the codes of rows g and g + 8 (wg, wh) against its four nibble pairs, two MMAs."""
+        ga0, ga1, ga2, ga3 = _codes(wg, BF16)
+        ha0, ha1, ha2, ha3 = _codes(wh, BF16)
+        c0, c1, c2, c3 = _mma(ga0, ha0, ga1, ha1, bp0, bp1, c0, c1, c2, c3, BF16)
+        return _mma(ga2, ha2, ga3, ha3, bp2, bp3, c0, c1, c2, c3, BF16)
+
+    @gluon.jit
+    def _pieces(t, L3: gl.constexpr, NW: gl.constexpr):
+        """A (16 NW, 32) tile in the slot-read layout -> its 16 (NW, 8, 4) pieces [h][cc][i] (row h * 8 NW + 8 w + g,
+        word 16 cc + 4 c + i), each the same registers in layout L3 (no data moves)."""
+        t = gl.reshape(t, [2, NW, 8, 2, 4, 4])                    # (h, w, g, cc, c, i)
+        t = gl.permute(t, [1, 2, 4, 0, 3, 5])                     # (w, g, c, h, cc, i)
+        t = gl.reshape(t, [NW, 8, 4, 2, 2, 2, 2])                 # ..., h, cc, i1, i0
+        e, o = gl.split(t)                                        # i0
+        e0, e1 = gl.split(e)                                      # i1: words i = 0 and 2
+        o0, o1 = gl.split(o)                                      # words i = 1 and 3
+        a0, a1, a2, a3 = _cc_h(e0, L3)
+        b0, b1, b2, b3 = _cc_h(o0, L3)
+        c0, c1, c2, c3 = _cc_h(e1, L3)
+        d0, d1, d2, d3 = _cc_h(o1, L3)
+        return a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, d0, d1, d2, d3  # [4 i + 2 cc + h]
+
+    @gluon.jit
+    def _cc_h(v, L3: gl.constexpr):
+        """(w, g, c, h, cc) -> its four (w, g, c) pieces in the order (cc, h), each converted to L3 (a no-op)."""
+        x0, x1 = gl.split(v)                                      # cc
+        p0, p1 = gl.split(x0)                                     # h
+        q0, q1 = gl.split(x1)
+        return (gl.convert_layout(p0, L3, assert_trivial=True), gl.convert_layout(p1, L3, assert_trivial=True),
+                gl.convert_layout(q0, L3, assert_trivial=True), gl.convert_layout(q1, L3, assert_trivial=True))
+
+    @gluon.jit
+    def _wo_gemv_mma_tma_kernel(x_ptr, w_desc, s_ptr, z_ptr, y_ptr, N, K, stride_sn, stride_ys, K_CHUNK,
+                                BLOCK_N: gl.constexpr, STAGES: gl.constexpr, BF16: gl.constexpr,
+                                PDL: gl.constexpr, num_warps: gl.constexpr):
+        NW: gl.constexpr = num_warps
+        W: gl.constexpr = 32                                      # words per row and K step (two chunks)
+        BIAS: gl.constexpr = 128.0 if BF16 else 1024.0
+        LT: gl.constexpr = gl.BlockedLayout([1, 4], [8, 4], [NW, 1], [1, 0])           # the slot as read
+        L3: gl.constexpr = gl.BlockedLayout([1, 1, 1], [1, 8, 4], [NW, 1, 1], [2, 1, 0])  # (w, g, c): one per lane
+        pid_k = gl.program_id(1)
+        n0 = gl.program_id(0) * BLOCK_N
+        ch_lo = pid_k * (K_CHUNK // 128)
+        c_end = gl.minimum((K + 127) // 128, ch_lo + K_CHUNK // 128)
+        n_steps = (c_end - ch_lo + 1) // 2
+        smem = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, W], w_desc.layout)
+        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(bars.index(i), count=1)
+        fence_async_shared()
+        # the weights depend on no earlier kernel: the first STAGES steps are on their way before the PDL wait
+        for i in gl.static_range(STAGES):
+            live = i < n_steps
+            mbarrier.expect(bars.index(i), w_desc.block_type.nbytes, live)
+            _tma_load(w_desc, [n0, (ch_lo + 2 * i) * 16], bars.index(i), smem.index(i), live)
+        if PDL:
+            gl.inline_asm_elementwise("griddepcontrol.launch_dependents;\ngriddepcontrol.wait;\nmov.u32 $0, 0;",
+                                      "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+        w_i = gl.arange(0, NW, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3)))[:, None, None]
+        g_i = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, L3)))[None, :, None]
+        c_i = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3)))[None, None, :]
+        rows_g = n0 + w_i * 8 + g_i + c_i * 0                     # (NW, 8, 4): MMA row g of warp w
+        rows_h = rows_g + 8 * NW                                  # its row g + 8
+        mask_g = rows_g < N
+        mask_h = rows_h < N
+        c4 = c_i * 4 + w_i * 0 + g_i * 0                          # the lane's first word of a chunk
+        ones = gl.full([NW, 8, 4], 0x3F803F80 if BF16 else 0x3C003C00, gl.int32, layout=L3)
+        zero = gl.zeros([NW, 8, 4], gl.float32, layout=L3)
+        acc_g = gl.zeros([NW, 8, 4], gl.float32, layout=L3)
+        acc_h = gl.zeros([NW, 8, 4], gl.float32, layout=L3)
+        for s in range(n_steps):
+            slot = s % STAGES
+            mbarrier.wait(bars.index(slot), (s // STAGES) & 1)
+            tile = smem.index(slot).load(LT)
+            _cta_barrier()                                        # every warp has read the slot: refill it
+            nxt = s + STAGES
+            live = nxt < n_steps
+            mbarrier.expect(bars.index(slot), w_desc.block_type.nbytes, live)
+            _tma_load(w_desc, [n0, (ch_lo + 2 * nxt) * 16], bars.index(slot), smem.index(slot), live)
+            wp = _pieces(tile, L3, NW)
+            for cc in gl.static_range(2):
+                ch = ch_lo + 2 * s + cc
+                live_c = (ch + rows_g * 0) < c_end
+                kc = ch * 128 + c4
+                b00, b01, b02, b03 = _ldx(x_ptr, kc, K, live_c)     # pair t = 0 for words i = 0..3
+                b10, b11, b12, b13 = _ldx(x_ptr, kc + 16, K, live_c)
+                b20, b21, b22, b23 = _ldx(x_ptr, kc + 32, K, live_c)
+                b30, b31, b32, b33 = _ldx(x_ptr, kc + 48, K, live_c)
+                xa, u1, u2, u3 = _xsum(zero, zero, zero, zero, ones, b00, b10, b20, b30, BF16)
+                xa, u1, u2, u3 = _xsum(xa, u1, u2, u3, ones, b02, b12, b22, b32, BF16)
+                xb, v1, v2, v3 = _xsum(zero, zero, zero, zero, ones, b01, b11, b21, b31, BF16)
+                xb, v1, v2, v3 = _xsum(xb, v1, v2, v3, ones, b03, b13, b23, b33, BF16)
+                xs = xa + xb
+                p0, p1, p2, p3 = _word(zero, zero, zero, zero, wp[2 * cc], wp[2 * cc + 1], b00, b10, b20, b30, BF16)
+                q0, q1, q2, q3 = _word(zero, zero, zero, zero, wp[4 + 2 * cc], wp[5 + 2 * cc], b01, b11, b21, b31,
+                                       BF16)
+                p0, p1, p2, p3 = _word(p0, p1, p2, p3, wp[8 + 2 * cc], wp[9 + 2 * cc], b02, b12, b22, b32, BF16)
+                q0, q1, q2, q3 = _word(q0, q1, q2, q3, wp[12 + 2 * cc], wp[13 + 2 * cc], b03, b13, b23, b33, BF16)
+                sg = gl.load(s_ptr + rows_g * stride_sn + ch, mask=mask_g & live_c, other=0.0).to(gl.float32)
+                zg = gl.load(z_ptr + rows_g * stride_sn + ch, mask=mask_g & live_c, other=0.0).to(gl.float32)
+                sh = gl.load(s_ptr + rows_h * stride_sn + ch, mask=mask_h & live_c, other=0.0).to(gl.float32)
+                zh = gl.load(z_ptr + rows_h * stride_sn + ch, mask=mask_h & live_c, other=0.0).to(gl.float32)
+                acc_g += sg * ((p0 + q0) - (BIAS + zg) * xs)
+                acc_h += sh * ((p2 + q2) - (BIAS + zh) * xs)
+        for i in gl.static_range(STAGES):
+            mbarrier.invalidate(bars.index(i))
+        first = c_i == 0                                          # the four lanes of a row hold the same sums
+        out = y_ptr + pid_k * stride_ys
+        gl.store(out + rows_g, acc_g.to(y_ptr.dtype.element_ty), mask=mask_g & first)
+        gl.store(out + rows_h, acc_h.to(y_ptr.dtype.element_ty), mask=mask_h & first)
+
+
+def words_layout():
+    """The shared-memory layout of a K step's words: 128-byte swizzle over rows of 32 words (128 bytes)."""
+    return gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
+
+
+def compile_offline(block_n: int = 64, num_warps: int = 4, stages: int = 4, pdl: bool = False,
+                    y_dtype: str = "fp32"):
+    """The kernel compiled for sm_90 without a GPU (Triton's bundled ptxas): ``.asm`` holds its TTGIR, PTX and cubin.
+    Needs a process where Triton was imported without TRITON_INTERPRET=1."""
+    from labkit.kernels import offline
+
+    sig = {"x_ptr": "*bf16", "w_desc": f"tensordesc<i32[{block_n}, {WORDS_PER_STEP}],{words_layout()!r}>",
+           "s_ptr": "*bf16", "z_ptr": "*bf16", "y_ptr": f"*{y_dtype}", "N": "i32", "K": "i32", "stride_sn": "i32",
+           "stride_ys": "i32", "K_CHUNK": "i32"}
+    consts = dict(BLOCK_N=block_n, STAGES=stages, BF16=True, PDL=pdl, num_warps=num_warps)
+    sig.update({k: "constexpr" for k in consts})
+    return offline.compile_kernel(_wo_gemv_mma_tma_kernel, sig, consts, {"num_warps": num_warps},
+                                  divisible=["x_ptr", "s_ptr", "z_ptr", "y_ptr", "stride_sn"])
