@@ -229,17 +229,43 @@ def test_mma_kernel_sums_products_exactly(K, silu, early, monkeypatch):
     # compiled, the kernel's exp is not torch's: a product that lands near a bf16 rounding boundary may round the
     # other way, one bf16 unit (2^-8 relative) of that activation
     slack = (2.0**-8 * (xe.double().abs() @ w64.abs().t())) if silu and dev.type == "cuda" else 0.0
-    cfgs = [wo.GemvConfig(16, 256, 1, "mma"), wo.GemvConfig(64, 256, 2, "mma", split=2), wo.GemvConfig(64, 256, 4, "mma")]
-    if dev.type == "cuda" and wo.tma_supported(dev) and not silu and K % 128 == 0 and not early:
-        # the Gluon form, words staged in shared memory by TMA: 9 chunks (an odd last step), a partial row block, and
-        # a split whose second part has 3 chunks
-        cfgs += [wo.GemvConfig(64, 256, 4, "mma", stages=3, tma=True), wo.GemvConfig(128, 256, 8, "mma", stages=2, tma=True),
-                 wo.GemvConfig(32, 256, 2, "mma", split=2, stages=4, tma=True)]
-    for cfg in cfgs:
+    for cfg in (wo.GemvConfig(16, 256, 1, "mma"), wo.GemvConfig(64, 256, 2, "mma", split=2),
+                wo.GemvConfig(64, 256, 4, "mma")):
         y = wo.wo_matmul(x.to(dev), qw.to(dev), silu_gate_up=silu, config=cfg,
                          out=torch.empty(1, N, device=dev)).cpu().double()
         err = ((y - ref).abs() - slack).clamp(min=0)
         assert _fp32_units(err, mag) <= units, (cfg, _fp32_units(err, mag))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Gluon kernel runs on a Hopper GPU only (CI compiles it: "
+                    "test_mma_tma_kernel_compiles_to_a_ring_and_lane_exact_reads)")
+@pytest.mark.parametrize("K", [1152, 4096])
+def test_mma_tma_sums_like_the_register_form(K):
+    """The tensor-core GEMV with its words staged by TMA (tma=True, wo_gluon) against the fp64 product, with the bound of
+    test_mma_kernel_sums_products_exactly on a GPU: a partial row block (72 rows), 9 chunks (a last block of one),
+    K steps of 1, 2 and 4 blocks of two chunks (block_k 256, 512, 1024: the last step partly past K or past the
+    program's split, masked), rings of 2-4 slots, split-K partial sums, and PDL."""
+    dev = env.device()
+    if not wo.tma_supported(dev):
+        pytest.skip("TMA needs a Hopper (sm_90) GPU")
+    torch.manual_seed(K)
+    N = 72
+    qp = _h2_weight(4, N, K)
+    qw = wo.interleave(qp).to(dev)
+    x = torch.randn(1, K).bfloat16()
+    w64 = wo.dequantize(qp, torch.float64)
+    ref = x.double() @ w64.t()
+    mag = (128 + 16) * (x.double().abs() @ qp.scale.double().repeat_interleave(128, dim=1)[:, :K].t())
+    for cfg, pdl in ((wo.GemvConfig(64, 256, 4, "mma", stages=3, tma=True), False),
+                     (wo.GemvConfig(32, 512, 2, "mma", stages=2, tma=True), True),
+                     (wo.GemvConfig(128, 1024, 8, "mma", stages=2, tma=True), False),
+                     (wo.GemvConfig(32, 256, 2, "mma", split=2, stages=4, tma=True), True),
+                     (wo.GemvConfig(64, 512, 4, "mma", split=4, stages=2, tma=True), False)):
+        y = wo.wo_matmul(x.to(dev), qw, config=cfg, out=torch.empty(1, N, device=dev), pdl=pdl).cpu().double()
+        assert _fp32_units((y - ref).abs(), mag) <= 1024, (cfg, _fp32_units((y - ref).abs(), mag))
+        part = wo.wo_matmul(x.to(dev), qw, config=cfg, partials=True, pdl=pdl)
+        if cfg.split > 1:  # the split-K partial sums, summed here, are the same sums
+            assert part.shape[0] > 1 and torch.allclose(part.sum(0).cpu().double(), y, rtol=1e-6, atol=1e-6)
 
 
 def test_mma_refusals():

@@ -134,8 +134,10 @@ if gluon is not None:
 
     @gluon.jit
     def _wo_gemv_mma_tma_kernel(x_ptr, w_desc, s_ptr, z_ptr, y_ptr, N, K, stride_sn, stride_ys, K_CHUNK,
-                                BLOCK_N: gl.constexpr, STAGES: gl.constexpr, BF16: gl.constexpr,
+                                BLOCK_N: gl.constexpr, SUB: gl.constexpr, STAGES: gl.constexpr, BF16: gl.constexpr,
                                 PDL: gl.constexpr, num_warps: gl.constexpr):
+        """y[n] (or its split-K part) = sum_k x[k] W[n, k] for BLOCK_N rows: K steps of SUB blocks of two chunks
+        (256 SUB columns), each step SUB TMA copies of (BLOCK_N, 32) words into a slot of the ring."""
         NW: gl.constexpr = num_warps
         W: gl.constexpr = 32                                      # words per row and K step (two chunks)
         BIAS: gl.constexpr = 128.0 if BF16 else 1024.0
@@ -145,17 +147,15 @@ if gluon is not None:
         n0 = gl.program_id(0) * BLOCK_N
         ch_lo = pid_k * (K_CHUNK // 128)
         c_end = gl.minimum((K + 127) // 128, ch_lo + K_CHUNK // 128)
-        n_steps = (c_end - ch_lo + 1) // 2
-        smem = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, W], w_desc.layout)
+        n_steps = (c_end - ch_lo + 2 * SUB - 1) // (2 * SUB)
+        tiles = gl.allocate_shared_memory(gl.int32, [STAGES * SUB, BLOCK_N, W], w_desc.layout)
         bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(bars.index(i), count=1)
         fence_async_shared()
         # the weights depend on no earlier kernel: the first STAGES steps are on their way before the PDL wait
         for i in gl.static_range(STAGES):
-            live = i < n_steps
-            mbarrier.expect(bars.index(i), w_desc.block_type.nbytes, live)
-            _tma_load(w_desc, [n0, (ch_lo + 2 * i) * 16], bars.index(i), smem.index(i), live)
+            _issue(w_desc, tiles, bars, i, i, ch_lo, n0, i < n_steps, SUB)
         if PDL:
             gl.inline_asm_elementwise("griddepcontrol.launch_dependents;\ngriddepcontrol.wait;\nmov.u32 $0, 0;",
                                       "=r", [], dtype=gl.int32, is_pure=False, pack=1)
@@ -174,37 +174,12 @@ if gluon is not None:
         for s in range(n_steps):
             slot = s % STAGES
             mbarrier.wait(bars.index(slot), (s // STAGES) & 1)
-            tile = smem.index(slot).load(LT)
-            _cta_barrier()                                        # every warp has read the slot: refill it
-            nxt = s + STAGES
-            live = nxt < n_steps
-            mbarrier.expect(bars.index(slot), w_desc.block_type.nbytes, live)
-            _tma_load(w_desc, [n0, (ch_lo + 2 * nxt) * 16], bars.index(slot), smem.index(slot), live)
-            wp = _pieces(tile, L3, NW)
-            for cc in gl.static_range(2):
-                ch = ch_lo + 2 * s + cc
-                live_c = (ch + rows_g * 0) < c_end
-                kc = ch * 128 + c4
-                b00, b01, b02, b03 = _ldx(x_ptr, kc, K, live_c)     # pair t = 0 for words i = 0..3
-                b10, b11, b12, b13 = _ldx(x_ptr, kc + 16, K, live_c)
-                b20, b21, b22, b23 = _ldx(x_ptr, kc + 32, K, live_c)
-                b30, b31, b32, b33 = _ldx(x_ptr, kc + 48, K, live_c)
-                xa, u1, u2, u3 = _xsum(zero, zero, zero, zero, ones, b00, b10, b20, b30, BF16)
-                xa, u1, u2, u3 = _xsum(xa, u1, u2, u3, ones, b02, b12, b22, b32, BF16)
-                xb, v1, v2, v3 = _xsum(zero, zero, zero, zero, ones, b01, b11, b21, b31, BF16)
-                xb, v1, v2, v3 = _xsum(xb, v1, v2, v3, ones, b03, b13, b23, b33, BF16)
-                xs = xa + xb
-                p0, p1, p2, p3 = _word(zero, zero, zero, zero, wp[2 * cc], wp[2 * cc + 1], b00, b10, b20, b30, BF16)
-                q0, q1, q2, q3 = _word(zero, zero, zero, zero, wp[4 + 2 * cc], wp[5 + 2 * cc], b01, b11, b21, b31,
-                                       BF16)
-                p0, p1, p2, p3 = _word(p0, p1, p2, p3, wp[8 + 2 * cc], wp[9 + 2 * cc], b02, b12, b22, b32, BF16)
-                q0, q1, q2, q3 = _word(q0, q1, q2, q3, wp[12 + 2 * cc], wp[13 + 2 * cc], b03, b13, b23, b33, BF16)
-                sg = gl.load(s_ptr + rows_g * stride_sn + ch, mask=mask_g & live_c, other=0.0).to(gl.float32)
-                zg = gl.load(z_ptr + rows_g * stride_sn + ch, mask=mask_g & live_c, other=0.0).to(gl.float32)
-                sh = gl.load(s_ptr + rows_h * stride_sn + ch, mask=mask_h & live_c, other=0.0).to(gl.float32)
-                zh = gl.load(z_ptr + rows_h * stride_sn + ch, mask=mask_h & live_c, other=0.0).to(gl.float32)
-                acc_g += sg * ((p0 + q0) - (BIAS + zg) * xs)
-                acc_h += sh * ((p2 + q2) - (BIAS + zh) * xs)
+            for j in gl.static_range(SUB):
+                acc_g, acc_h = _block(tiles.index(slot * SUB + j).load(LT), ch_lo + 2 * (SUB * s + j), c_end, K,
+                                      x_ptr, s_ptr, z_ptr, stride_sn, rows_g, rows_h, mask_g, mask_h, c4, ones, zero,
+                                      acc_g, acc_h, L3, NW, BIAS, BF16)
+            _cta_barrier()                                        # every warp is done with the slot: refill it
+            _issue(w_desc, tiles, bars, slot, s + STAGES, ch_lo, n0, s + STAGES < n_steps, SUB)
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(i))
         first = c_i == 0                                          # the four lanes of a row hold the same sums
@@ -212,14 +187,62 @@ if gluon is not None:
         gl.store(out + rows_g, acc_g.to(y_ptr.dtype.element_ty), mask=mask_g & first)
         gl.store(out + rows_h, acc_h.to(y_ptr.dtype.element_ty), mask=mask_h & first)
 
+    @gluon.jit
+    def _issue(w_desc, tiles, bars, slot, step, ch_lo, n0, live, SUB: gl.constexpr):
+        """Start the TMA copies of K step ``step`` into ring slot ``slot``: SUB boxes of (BLOCK_N, 32) words, back to
+        back along each row, all on the slot's barrier (nothing when not live; words past the row read as zeros)."""
+        mbarrier.expect(bars.index(slot), SUB * w_desc.block_type.nbytes, live)
+        for j in gl.static_range(SUB):
+            _tma_load(w_desc, [n0, (ch_lo + 2 * (SUB * step + j)) * 16], bars.index(slot), tiles.index(slot * SUB + j),
+                      live)
+
+    @gluon.jit
+    def _block(tile, ch0, c_end, K, x_ptr, s_ptr, z_ptr, stride_sn, rows_g, rows_h, mask_g, mask_h, c4, ones, zero,
+               acc_g, acc_h, L3: gl.constexpr, NW: gl.constexpr, BIAS: gl.constexpr, BF16: gl.constexpr):
+        """Chunks ch0 and ch0 + 1 (nothing for a chunk at or past c_end) from their (16 NW, 32) words in registers."""
+        wp = _pieces(tile, L3, NW)
+        for cc in gl.static_range(2):
+            ch = ch0 + cc
+            live_c = (ch + rows_g * 0) < c_end
+            kc = ch * 128 + c4
+            b00, b01, b02, b03 = _ldx(x_ptr, kc, K, live_c)     # pair t = 0 for words i = 0..3
+            b10, b11, b12, b13 = _ldx(x_ptr, kc + 16, K, live_c)
+            b20, b21, b22, b23 = _ldx(x_ptr, kc + 32, K, live_c)
+            b30, b31, b32, b33 = _ldx(x_ptr, kc + 48, K, live_c)
+            xa, u1, u2, u3 = _xsum(zero, zero, zero, zero, ones, b00, b10, b20, b30, BF16)
+            xa, u1, u2, u3 = _xsum(xa, u1, u2, u3, ones, b02, b12, b22, b32, BF16)
+            xb, v1, v2, v3 = _xsum(zero, zero, zero, zero, ones, b01, b11, b21, b31, BF16)
+            xb, v1, v2, v3 = _xsum(xb, v1, v2, v3, ones, b03, b13, b23, b33, BF16)
+            xs = xa + xb
+            p0, p1, p2, p3 = _word(zero, zero, zero, zero, wp[2 * cc], wp[2 * cc + 1], b00, b10, b20, b30, BF16)
+            q0, q1, q2, q3 = _word(zero, zero, zero, zero, wp[4 + 2 * cc], wp[5 + 2 * cc], b01, b11, b21, b31,
+                                   BF16)
+            p0, p1, p2, p3 = _word(p0, p1, p2, p3, wp[8 + 2 * cc], wp[9 + 2 * cc], b02, b12, b22, b32, BF16)
+            q0, q1, q2, q3 = _word(q0, q1, q2, q3, wp[12 + 2 * cc], wp[13 + 2 * cc], b03, b13, b23, b33, BF16)
+            sg = gl.load(s_ptr + rows_g * stride_sn + ch, mask=mask_g & live_c, other=0.0).to(gl.float32)
+            zg = gl.load(z_ptr + rows_g * stride_sn + ch, mask=mask_g & live_c, other=0.0).to(gl.float32)
+            sh = gl.load(s_ptr + rows_h * stride_sn + ch, mask=mask_h & live_c, other=0.0).to(gl.float32)
+            zh = gl.load(z_ptr + rows_h * stride_sn + ch, mask=mask_h & live_c, other=0.0).to(gl.float32)
+            acc_g += sg * ((p0 + q0) - (BIAS + zg) * xs)
+            acc_h += sh * ((p2 + q2) - (BIAS + zh) * xs)
+        return acc_g, acc_h
+
 
 def words_layout():
-    """The shared-memory layout of a K step's words: 128-byte swizzle over rows of 32 words (128 bytes)."""
+    """The shared-memory layout of a (BLOCK_N, 32) box of words: 128-byte swizzle over rows of 32 words."""
     return gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
 
 
+def descriptor(words: torch.Tensor, block_n: int):
+    """A TMA descriptor over int4 WordWeight words (N, nw), boxes of (block_n, 32): two chunks of block_n rows."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    N, nw = words.shape
+    return TensorDescriptor(words, [N, nw], [nw, 1], [block_n, WORDS_PER_STEP], words_layout())
+
+
 def compile_offline(block_n: int = 64, num_warps: int = 4, stages: int = 4, pdl: bool = False,
-                    y_dtype: str = "fp32"):
+                    y_dtype: str = "fp32", sub: int = 1):
     """The kernel compiled for sm_90 without a GPU (Triton's bundled ptxas): ``.asm`` holds its TTGIR, PTX and cubin.
     Needs a process where Triton was imported without TRITON_INTERPRET=1."""
     from labkit.kernels import offline
@@ -227,7 +250,7 @@ def compile_offline(block_n: int = 64, num_warps: int = 4, stages: int = 4, pdl:
     sig = {"x_ptr": "*bf16", "w_desc": f"tensordesc<i32[{block_n}, {WORDS_PER_STEP}],{words_layout()!r}>",
            "s_ptr": "*bf16", "z_ptr": "*bf16", "y_ptr": f"*{y_dtype}", "N": "i32", "K": "i32", "stride_sn": "i32",
            "stride_ys": "i32", "K_CHUNK": "i32"}
-    consts = dict(BLOCK_N=block_n, STAGES=stages, BF16=True, PDL=pdl, num_warps=num_warps)
+    consts = dict(BLOCK_N=block_n, SUB=sub, STAGES=stages, BF16=True, PDL=pdl, num_warps=num_warps)
     sig.update({k: "constexpr" for k in consts})
     return offline.compile_kernel(_wo_gemv_mma_tma_kernel, sig, consts, {"num_warps": num_warps},
                                   divisible=["x_ptr", "s_ptr", "z_ptr", "y_ptr", "stride_sn"])

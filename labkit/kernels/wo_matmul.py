@@ -2100,9 +2100,10 @@ def wo_matmul(x: torch.Tensor, w, silu_gate_up: bool = False, config: GemvConfig
         if x.dtype not in (torch.bfloat16, torch.float16):
             raise TypeError(f"the 'mma' GEMV feeds the activations to the tensor cores as they are: bf16 or fp16, "
                             f"got {x.dtype} (convert x, or use variant 'h2')")
-        if cfg.block_n % (16 * cfg.num_warps) or block_k != 256:
+        if cfg.block_n % (16 * cfg.num_warps) or (block_k != 256 and not (cfg.tma and block_k % 256 == 0)):
             raise ValueError(f"the 'mma' GEMV takes block_n a multiple of 16 x num_warps (16 rows per MMA, every warp "
-                             f"the same number of them) and block_k=256 (it steps through K two groups at a time), "
+                             f"the same number of them) and block_k=256 (it steps through K two groups at a time; "
+                             f"with tma=True a multiple of 256), "
                              f"got block_n={cfg.block_n}, num_warps={cfg.num_warps}, block_k={cfg.block_k}")
         if x.device.type == "cuda" and not mma_supported(x.device):
             raise LabkitError("the 'mma' GEMV runs mma.sync with bf16/fp16 inputs: a GPU of compute capability 8.0 "
@@ -2203,19 +2204,16 @@ def _mma_tma(x, w, cfg: GemvConfig, y, out, k_chunk: int, grid: tuple, nsplit: i
     if cfg.stages is None or cfg.stages < 2:
         raise ValueError(f"tma=True copies K steps ahead of their use into a ring of shared-memory slots: give "
                          f"stages >= 2, got {cfg.stages}")
+    if not tma_fits(w):
+        raise ValueError("tma=True needs whole chunks of 128 columns per row and 16-byte aligned words")
     if x.device.type != "cuda" or not tma_supported(x.device) or wo_gluon.gluon is None:
         where = torch.cuda.get_device_name(x.device) if x.device.type == "cuda" else "a CPU"
         raise LabkitError("the 'mma' GEMV with tma=True is a Gluon kernel for the tensor memory accelerator of a "
                           f"Hopper (sm_90) or newer GPU with Triton's Gluon; this is {where}: use tma=False")
-    if not tma_fits(w):
-        raise ValueError("tma=True needs whole chunks of 128 columns per row and 16-byte aligned words")
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
-    N, nw = w.words.shape
-    desc = TensorDescriptor(w.words, [N, nw], [nw, 1], [cfg.block_n, wo_gluon.WORDS_PER_STEP],
-                            wo_gluon.words_layout())
+    N = w.words.shape[0]
+    desc = wo_gluon.descriptor(w.words, cfg.block_n)
     wo_gluon._wo_gemv_mma_tma_kernel[grid](x, desc, w.scale, w.zero, y, N, w.shape[1], w.scale.stride(0),
-                                           N, k_chunk, BLOCK_N=cfg.block_n, STAGES=cfg.stages,
+                                           N, k_chunk, BLOCK_N=cfg.block_n, SUB=cfg.block_k // 256, STAGES=cfg.stages,
                                            BF16=x.dtype == torch.bfloat16, num_warps=cfg.num_warps,
                                            **({"PDL": False} | kw))
     if nsplit > 1 and partials:
