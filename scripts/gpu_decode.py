@@ -18,7 +18,7 @@ GEMV_SWEEP=wide (row-major
 int8 at longer K steps), GEMV_SWEEP=tma (the packed-fp16 word kernel with its words copied by TMA, 2-4 stages), GEMV_SWEEP=persist (its
 persistent form, 1-4 programs per SM), GEMV_SWEEP=stages (the batch-1 CUDA-core configs with their K loop pipelined 2-4 deep) or
 GEMV_SWEEP=mma (int4 words on the tensor cores, variant "mma": rows and warps, split), GEMV_SWEEP=mma-tma (the same with
-the words staged in shared memory by TMA: warps, K step, split, ring depth) or GEMV_SWEEP=variants
+the words staged in shared memory by TMA: slots per warp, warps, K step, split, ring depth) or GEMV_SWEEP=variants
 (sweep: the word kernel's loop variants, each step reducing / loading one step ahead / per-word accumulators /
 packed fp16 arithmetic for int4). GEMV_MMA_EARLY=0 or 1 sets wo_matmul.MMA_EARLY_LOADS (where the tensor-core GEMV
 loads its next weight words) for the run; gemv.json records the value.
@@ -86,8 +86,8 @@ def _sweep_configs(kind):
     if os.environ.get("GEMV_SWEEP") == "mma-tma":  # the tensor-core GEMV with its words staged by TMA (wo_gluon)
         if kind != 4:
             return []
-        return [wo.GemvConfig(16 * warps, bk, warps, "mma", split, stages=st, tma=True)
-                for warps in (2, 4) for bk in (256, 512, 1024) for split in (1, 2, 4) for st in (2, 3)]
+        return [wo.GemvConfig(slots * 16 * warps, bk, warps, "mma", split, stages=st, tma=True)
+                for slots in (1, 2) for warps in (2, 4) for bk in (256, 512) for split in (1, 2, 4) for st in (2, 3)]
     if os.environ.get("GEMV_SWEEP") == "variants":  # the word kernel's loop variants on a narrower grid (M = 1)
         variants = ("tile", "pf", "acc") + (("h2",) if kind == 4 else ())  # h2: int4 in packed fp16 arithmetic
         return [wo.GemvConfig(bn, bk, warps, variant, split) for variant in variants

@@ -244,7 +244,8 @@ def test_mma_tma_sums_like_the_register_form(K):
     """The tensor-core GEMV with its words staged by TMA (tma=True, wo_gluon) against the fp64 product, with the bound of
     test_mma_kernel_sums_products_exactly on a GPU: a partial row block (72 rows), 9 chunks (a last block of one),
     K steps of 1, 2 and 4 blocks of two chunks (block_k 256, 512, 1024: the last step partly past K or past the
-    program's split, masked), rings of 2-4 slots, split-K partial sums, and PDL."""
+    program's split, masked), one or two 16-row MMA slots per warp, rings of 2-4 slots, split-K partial sums, and
+    PDL."""
     dev = env.device()
     if not wo.tma_supported(dev):
         pytest.skip("TMA needs a Hopper (sm_90) GPU")
@@ -260,7 +261,9 @@ def test_mma_tma_sums_like_the_register_form(K):
                      (wo.GemvConfig(32, 512, 2, "mma", stages=2, tma=True), True),
                      (wo.GemvConfig(128, 1024, 8, "mma", stages=2, tma=True), False),
                      (wo.GemvConfig(32, 256, 2, "mma", split=2, stages=4, tma=True), True),
-                     (wo.GemvConfig(64, 512, 4, "mma", split=4, stages=2, tma=True), False)):
+                     (wo.GemvConfig(64, 512, 4, "mma", split=4, stages=2, tma=True), False),
+                     (wo.GemvConfig(64, 256, 2, "mma", stages=2, tma=True), True),  # two 16-row slots per warp
+                     (wo.GemvConfig(128, 512, 4, "mma", split=2, stages=3, tma=True), False)):
         y = wo.wo_matmul(x.to(dev), qw, config=cfg, out=torch.empty(1, N, device=dev), pdl=pdl).cpu().double()
         assert _fp32_units((y - ref).abs(), mag) <= 1024, (cfg, _fp32_units((y - ref).abs(), mag))
         part = wo.wo_matmul(x.to(dev), qw, config=cfg, partials=True, pdl=pdl)
@@ -290,8 +293,8 @@ def test_mma_refusals():
     with pytest.raises(ValueError, match="no silu"):
         wo.wo_matmul(torch.randn(1, 512).bfloat16(), qw, silu_gate_up=True,
                      config=wo.GemvConfig(64, 256, 4, "mma", stages=3, tma=True))
-    with pytest.raises(ValueError, match="block_n = 16 x num_warps"):
-        wo.wo_matmul(x, qw, config=wo.GemvConfig(128, 256, 4, "mma", stages=3, tma=True))
+    with pytest.raises(ValueError, match="block_n = 16 or 32 x num_warps"):
+        wo.wo_matmul(x, qw, config=wo.GemvConfig(96, 256, 4, "mma", stages=3, tma=True))
     with pytest.raises(ValueError, match="stages >= 2"):
         wo.wo_matmul(x, qw, config=wo.GemvConfig(64, 256, 4, "mma", tma=True))
     if not torch.cuda.is_available():

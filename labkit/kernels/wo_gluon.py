@@ -169,15 +169,24 @@ if gluon is not None:
         c4 = c_i * 4 + w_i * 0 + g_i * 0                          # the lane's first word of a chunk
         ones = gl.full([NW, 8, 4], 0x3F803F80 if BF16 else 0x3C003C00, gl.int32, layout=L3)
         zero = gl.zeros([NW, 8, 4], gl.float32, layout=L3)
+        R: gl.constexpr = BLOCK_N // (16 * NW)                   # 16-row MMA slots per warp: 1 or 2
+        rows_g2 = rows_g + 16 * NW                                # the second slot's rows (R = 2)
+        rows_h2 = rows_h + 16 * NW
+        mask_g2 = rows_g2 < N
+        mask_h2 = rows_h2 < N
         acc_g = gl.zeros([NW, 8, 4], gl.float32, layout=L3)
         acc_h = gl.zeros([NW, 8, 4], gl.float32, layout=L3)
+        acc_g2 = gl.zeros([NW, 8, 4], gl.float32, layout=L3)
+        acc_h2 = gl.zeros([NW, 8, 4], gl.float32, layout=L3)
         for s in range(n_steps):
             slot = s % STAGES
             mbarrier.wait(bars.index(slot), (s // STAGES) & 1)
             for j in gl.static_range(SUB):
-                acc_g, acc_h = _block(tiles.index(slot * SUB + j).load(LT), ch_lo + 2 * (SUB * s + j), c_end, K,
-                                      x_ptr, s_ptr, z_ptr, stride_sn, rows_g, rows_h, mask_g, mask_h, c4, ones, zero,
-                                      acc_g, acc_h, L3, NW, BIAS, BF16)
+                tile = tiles.index(slot * SUB + j)
+                acc_g, acc_h, acc_g2, acc_h2 = _block(
+                    tile, ch_lo + 2 * (SUB * s + j), c_end, K, x_ptr, s_ptr, z_ptr, stride_sn, rows_g, rows_h, mask_g,
+                    mask_h, rows_g2, rows_h2, mask_g2, mask_h2, c4, ones, zero, acc_g, acc_h, acc_g2, acc_h2, LT, L3,
+                    NW, R, BIAS, BF16)
             _cta_barrier()                                        # every warp is done with the slot: refill it
             _issue(w_desc, tiles, bars, slot, s + STAGES, ch_lo, n0, s + STAGES < n_steps, SUB)
         for i in gl.static_range(STAGES):
@@ -186,6 +195,9 @@ if gluon is not None:
         out = y_ptr + pid_k * stride_ys
         gl.store(out + rows_g, acc_g.to(y_ptr.dtype.element_ty), mask=mask_g & first)
         gl.store(out + rows_h, acc_h.to(y_ptr.dtype.element_ty), mask=mask_h & first)
+        if R == 2:
+            gl.store(out + rows_g2, acc_g2.to(y_ptr.dtype.element_ty), mask=mask_g2 & first)
+            gl.store(out + rows_h2, acc_h2.to(y_ptr.dtype.element_ty), mask=mask_h2 & first)
 
     @gluon.jit
     def _issue(w_desc, tiles, bars, slot, step, ch_lo, n0, live, SUB: gl.constexpr):
@@ -197,10 +209,14 @@ if gluon is not None:
                       live)
 
     @gluon.jit
-    def _block(tile, ch0, c_end, K, x_ptr, s_ptr, z_ptr, stride_sn, rows_g, rows_h, mask_g, mask_h, c4, ones, zero,
-               acc_g, acc_h, L3: gl.constexpr, NW: gl.constexpr, BIAS: gl.constexpr, BF16: gl.constexpr):
-        """Chunks ch0 and ch0 + 1 (nothing for a chunk at or past c_end) from their (16 NW, 32) words in registers."""
-        wp = _pieces(tile, L3, NW)
+    def _block(tile, ch0, c_end, K, x_ptr, s_ptr, z_ptr, stride_sn, rows_g, rows_h, mask_g, mask_h, rows_g2, rows_h2,
+               mask_g2, mask_h2, c4, ones, zero, acc_g, acc_h, acc_g2, acc_h2, LT: gl.constexpr, L3: gl.constexpr,
+               NW: gl.constexpr, R: gl.constexpr, BIAS: gl.constexpr, BF16: gl.constexpr):
+        """Chunks ch0 and ch0 + 1 (nothing for a chunk at or past c_end) of the (BLOCK_N, 32) words in shared memory
+        ``tile``: R slots of 16 NW rows, which share the activations' registers and sum."""
+        wp = _pieces(tile.slice(0, 16 * NW, dim=0).load(LT), L3, NW)
+        if R == 2:
+            wq = _pieces(tile.slice(16 * NW, 16 * NW, dim=0).load(LT), L3, NW)
         for cc in gl.static_range(2):
             ch = ch0 + cc
             live_c = (ch + rows_g * 0) < c_end
@@ -214,17 +230,30 @@ if gluon is not None:
             xb, v1, v2, v3 = _xsum(zero, zero, zero, zero, ones, b01, b11, b21, b31, BF16)
             xb, v1, v2, v3 = _xsum(xb, v1, v2, v3, ones, b03, b13, b23, b33, BF16)
             xs = xa + xb
-            p0, p1, p2, p3 = _word(zero, zero, zero, zero, wp[2 * cc], wp[2 * cc + 1], b00, b10, b20, b30, BF16)
-            q0, q1, q2, q3 = _word(zero, zero, zero, zero, wp[4 + 2 * cc], wp[5 + 2 * cc], b01, b11, b21, b31,
-                                   BF16)
-            p0, p1, p2, p3 = _word(p0, p1, p2, p3, wp[8 + 2 * cc], wp[9 + 2 * cc], b02, b12, b22, b32, BF16)
-            q0, q1, q2, q3 = _word(q0, q1, q2, q3, wp[12 + 2 * cc], wp[13 + 2 * cc], b03, b13, b23, b33, BF16)
-            sg = gl.load(s_ptr + rows_g * stride_sn + ch, mask=mask_g & live_c, other=0.0).to(gl.float32)
-            zg = gl.load(z_ptr + rows_g * stride_sn + ch, mask=mask_g & live_c, other=0.0).to(gl.float32)
-            sh = gl.load(s_ptr + rows_h * stride_sn + ch, mask=mask_h & live_c, other=0.0).to(gl.float32)
-            zh = gl.load(z_ptr + rows_h * stride_sn + ch, mask=mask_h & live_c, other=0.0).to(gl.float32)
-            acc_g += sg * ((p0 + q0) - (BIAS + zg) * xs)
-            acc_h += sh * ((p2 + q2) - (BIAS + zh) * xs)
+            acc_g, acc_h = _slot(wp, cc, ch, live_c, xs, b00, b01, b02, b03, b10, b11, b12, b13, b20, b21, b22, b23,
+                                 b30, b31, b32, b33, s_ptr, z_ptr, stride_sn, rows_g, rows_h, mask_g, mask_h, zero,
+                                 acc_g, acc_h, BIAS, BF16)
+            if R == 2:
+                acc_g2, acc_h2 = _slot(wq, cc, ch, live_c, xs, b00, b01, b02, b03, b10, b11, b12, b13, b20, b21, b22,
+                                       b23, b30, b31, b32, b33, s_ptr, z_ptr, stride_sn, rows_g2, rows_h2, mask_g2,
+                                       mask_h2, zero, acc_g2, acc_h2, BIAS, BF16)
+        return acc_g, acc_h, acc_g2, acc_h2
+
+    @gluon.jit
+    def _slot(wp, cc: gl.constexpr, ch, live_c, xs, b00, b01, b02, b03, b10, b11, b12, b13, b20, b21, b22, b23, b30,
+              b31, b32, b33, s_ptr, z_ptr, stride_sn, rows_g, rows_h, mask_g, mask_h, zero, acc_g, acc_h,
+              BIAS: gl.constexpr, BF16: gl.constexpr):
+        """One 16-row slot and chunk: acc += s (sum (BIAS + q) x - (BIAS + z) X) for its rows g and g + 8."""
+        p0, p1, p2, p3 = _word(zero, zero, zero, zero, wp[2 * cc], wp[2 * cc + 1], b00, b10, b20, b30, BF16)
+        q0, q1, q2, q3 = _word(zero, zero, zero, zero, wp[4 + 2 * cc], wp[5 + 2 * cc], b01, b11, b21, b31, BF16)
+        p0, p1, p2, p3 = _word(p0, p1, p2, p3, wp[8 + 2 * cc], wp[9 + 2 * cc], b02, b12, b22, b32, BF16)
+        q0, q1, q2, q3 = _word(q0, q1, q2, q3, wp[12 + 2 * cc], wp[13 + 2 * cc], b03, b13, b23, b33, BF16)
+        sg = gl.load(s_ptr + rows_g * stride_sn + ch, mask=mask_g & live_c, other=0.0).to(gl.float32)
+        zg = gl.load(z_ptr + rows_g * stride_sn + ch, mask=mask_g & live_c, other=0.0).to(gl.float32)
+        sh = gl.load(s_ptr + rows_h * stride_sn + ch, mask=mask_h & live_c, other=0.0).to(gl.float32)
+        zh = gl.load(z_ptr + rows_h * stride_sn + ch, mask=mask_h & live_c, other=0.0).to(gl.float32)
+        acc_g += sg * ((p0 + q0) - (BIAS + zg) * xs)
+        acc_h += sh * ((p2 + q2) - (BIAS + zh) * xs)
         return acc_g, acc_h
 
 

@@ -2198,9 +2198,9 @@ def _mma_tma(x, w, cfg: GemvConfig, y, out, k_chunk: int, grid: tuple, nsplit: i
     if silu:
         raise ValueError("the 'mma' GEMV with tma=True takes the activations as they are (no silu(gate) * up "
                          "prologue): give silu_gate_up=False, or use tma=False or variant 'h2'")
-    if cfg.block_n != 16 * cfg.num_warps:
-        raise ValueError(f"the 'mma' GEMV with tma=True takes block_n = 16 x num_warps (one 16-row MMA per warp), got "
-                         f"block_n={cfg.block_n}, num_warps={cfg.num_warps}")
+    if cfg.block_n not in (16 * cfg.num_warps, 32 * cfg.num_warps):
+        raise ValueError(f"the 'mma' GEMV with tma=True takes block_n = 16 or 32 x num_warps (one or two 16-row MMAs "
+                         f"per warp), got block_n={cfg.block_n}, num_warps={cfg.num_warps}")
     if cfg.stages is None or cfg.stages < 2:
         raise ValueError(f"tma=True copies K steps ahead of their use into a ring of shared-memory slots: give "
                          f"stages >= 2, got {cfg.stages}")
