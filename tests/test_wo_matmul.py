@@ -294,7 +294,7 @@ def test_mma_refusals():
         wo.wo_matmul(torch.randn(1, 512).bfloat16(), qw, silu_gate_up=True,
                      config=wo.GemvConfig(64, 256, 4, "mma", stages=3, tma=True))
     with pytest.raises(ValueError, match="block_n = 16 or 32 x num_warps"):
-        wo.wo_matmul(x, qw, config=wo.GemvConfig(96, 256, 4, "mma", stages=3, tma=True))
+        wo.wo_matmul(x, qw, config=wo.GemvConfig(192, 256, 4, "mma", stages=3, tma=True))
     with pytest.raises(ValueError, match="stages >= 2"):
         wo.wo_matmul(x, qw, config=wo.GemvConfig(64, 256, 4, "mma", tma=True))
     if not torch.cuda.is_available():
