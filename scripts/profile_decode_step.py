@@ -202,45 +202,45 @@ def toggled_steps(model, weights: str, owner, attr: str, values: tuple, key: str
     return out
 
 
-def h2_step(model) -> list:
+def h2_step(model, rounds: int = 2) -> list:
     """The int4 step with its GEMVs tuned over the usual candidates, then with the packed-fp16 word kernel among
     them (wo_matmul.TUNE_H2)."""
     from labkit.kernels import wo_matmul as wo
 
-    return toggled_steps(model, "int4", wo, "TUNE_H2", (False, True), "tune_h2")
+    return toggled_steps(model, "int4", wo, "TUNE_H2", (False, True), "tune_h2", rounds=rounds)
 
 
-def mma_step(model) -> list:
+def mma_step(model, rounds: int = 2) -> list:
     """The int4 step with its GEMVs tuned over the usual candidates, then with the tensor-core GEMV among them
     (wo_matmul.TUNE_MMA)."""
     from labkit.kernels import wo_matmul as wo
 
-    return toggled_steps(model, "int4", wo, "TUNE_MMA", (False, True), "tune_mma")
+    return toggled_steps(model, "int4", wo, "TUNE_MMA", (False, True), "tune_mma", rounds=rounds)
 
 
-def mma_early_step(model) -> list:
+def mma_early_step(model, rounds: int = 2) -> list:
     """The int4 step (the tensor-core GEMV among the tuner's candidates) with its next K step's weight words loaded
     where ptxas puts them, at the end of the loop body, and in a branch of their own at its top
     (wo_matmul.MMA_EARLY_LOADS)."""
     from labkit.kernels import wo_matmul as wo
 
-    return toggled_steps(model, "int4", wo, "MMA_EARLY_LOADS", (False, True), "mma_early_loads")
+    return toggled_steps(model, "int4", wo, "MMA_EARLY_LOADS", (False, True), "mma_early_loads", rounds=rounds)
 
 
-def mma_tma_step(model) -> list:
+def mma_tma_step(model, rounds: int = 2) -> list:
     """The int4 step tuned without and with the TMA form of the tensor-core GEMV among the candidates
     (wo_matmul.TUNE_MMA_TMA)."""
     from labkit.kernels import wo_matmul as wo
 
-    return toggled_steps(model, "int4", wo, "TUNE_MMA_TMA", (False, True), "tune_mma_tma")
+    return toggled_steps(model, "int4", wo, "TUNE_MMA_TMA", (False, True), "tune_mma_tma", rounds=rounds)
 
 
-def int8_layout_step(model) -> list:
+def int8_layout_step(model, rounds: int = 2) -> list:
     """The int8 step with row-major weights (fastgen.INT8_LAYOUT = "rows") and with word-layout weights ("words",
     the packed-fp16 GEMV among the tuner's candidates at one row)."""
     from labkit import fastgen
 
-    return toggled_steps(model, "int8", fastgen, "INT8_LAYOUT", ("rows", "words"), "int8_layout")
+    return toggled_steps(model, "int8", fastgen, "INT8_LAYOUT", ("rows", "words"), "int8_layout", rounds=rounds)
 
 
 def main(argv=None) -> int:
@@ -264,7 +264,8 @@ def main(argv=None) -> int:
                    help="time the int8 step with row-major and with word-layout weights (fastgen.INT8_LAYOUT)")
     p.add_argument("--attn-grid", default=None,
                    help="with --attn-knobs: BLOCKxWARPS settings, comma-separated (e.g. 64x4,128x8), all with PDL")
-    p.add_argument("--rounds", type=int, default=1, help="with --attn-knobs: passes over the settings")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="passes over the settings (--attn-knobs: default 1; the toggles --h2, --mma, ...: default 2)")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--commit", default=None, help="recorded in the output")
     args = p.parse_args(argv)
@@ -277,7 +278,7 @@ def main(argv=None) -> int:
                     f"{args.attn_grid!r}")
         if any(b < 16 or b & (b - 1) or w not in (1, 2, 4, 8, 16) for b, w, _ in grid):
             p.error("--attn-grid: blocks are powers of two >= 16, warps 1, 2, 4, 8 or 16")
-    if args.rounds < 1:
+    if args.rounds is not None and args.rounds < 1:
         p.error("--rounds must be at least 1")
     try:
         env.require_cuda("the decode-step profile")
@@ -289,8 +290,9 @@ def main(argv=None) -> int:
     model, _ = models.load("llama2-7b-shape", device=dev)
     recs = []
     if args.h2 or args.int8_layout or args.mma or args.mma_early or args.mma_tma:
-        recs += (h2_step(model) if args.h2 else mma_step(model) if args.mma else mma_early_step(model)
-                 if args.mma_early else mma_tma_step(model) if args.mma_tma else int8_layout_step(model))
+        step = (h2_step if args.h2 else mma_step if args.mma else mma_early_step if args.mma_early else mma_tma_step
+                if args.mma_tma else int8_layout_step)
+        recs += step(model, rounds=args.rounds or 2)
         for r in recs:
             r["fraction_of_floor"] = r["bytes_per_step"] / read_bw / (r["decode_ms_per_token"] / 1e3)
             setting = r.get("int8_layout", r.get("tune_h2", r.get("tune_mma", r.get("mma_early_loads",
@@ -299,7 +301,7 @@ def main(argv=None) -> int:
         args.formats = ""
     elif args.what_if or args.attn_knobs:
         for fmt in args.formats.split(","):
-            recs += what_if(model, fmt) if args.what_if else attn_knobs(model, fmt, grid, args.rounds)
+            recs += what_if(model, fmt) if args.what_if else attn_knobs(model, fmt, grid, args.rounds or 1)
         args.formats = ""
     for fmt in filter(None, args.formats.split(",")):
         for pdl in ([True, False] if args.no_pdl else [True]):

@@ -1801,9 +1801,11 @@ CANDIDATES_MMA = [GemvConfig(64, 256, 2, "mma", split=4), GemvConfig(128, 256, 4
 # kernel of wo_gluon): no registers hold the words in flight, so an SM keeps many more of them coming. Tried by tune()
 # where TMA exists, for GEMVs without the silu prologue, with TUNE_MMA_TMA.
 TUNE_MMA_TMA = True
-CANDIDATES_MMA_TMA = [GemvConfig(64, 256, 4, "mma", stages=4, tma=True), GemvConfig(64, 256, 4, "mma", split=4, stages=3, tma=True),
-                      GemvConfig(128, 256, 8, "mma", stages=3, tma=True), GemvConfig(32, 256, 2, "mma", stages=6, tma=True),
-                      GemvConfig(64, 256, 4, "mma", split=2, stages=4, tma=True)]
+CANDIDATES_MMA_TMA = [GemvConfig(128, 256, 4, "mma", split=4, stages=2, tma=True),
+                      GemvConfig(64, 256, 2, "mma", split=4, stages=2, tma=True),
+                      GemvConfig(64, 256, 2, "mma", split=2, stages=2, tma=True),
+                      GemvConfig(64, 256, 2, "mma", stages=2, tma=True),
+                      GemvConfig(128, 256, 4, "mma", split=2, stages=2, tma=True)]
 _TUNED: dict = {}
 TUNE_FAILURES: list[dict] = []  # every config ``tune`` could not time: {"config", "weight", "M", "error", "resources"}
 _TUNE_TIMES: dict = {}  # the key of ``_TUNED`` -> [(config, ms per call)] of every config ``tune`` timed
