@@ -17,6 +17,16 @@ block's rows) and row g + 8 NW (second half) of warp w's eight. The arithmetic p
 (``_wo_gemv_mma_kernel``): codes as ``BIAS + q`` by one lop3 per two, mma.sync m16n8k16 with the activations as the
 B operand, the bias taken out per group through the activations' sum (MMAs against an all-ones A).
 
+A K step is ``SUB`` blocks of two chunks (block_k = 256 SUB), each its own TMA box of (BLOCK_N, 32) words on the
+slot's barrier; a warp takes one or two 16-row MMA slots (block_n = 16 or 32 x warps), the second sharing the
+activations' registers and their sum (2.2 instructions per weight in the offline sm_90 SASS against 2.9 with one).
+The silu(gate) * up prologue is not offered: the down GEMV keeps the other kernels.
+
+Measured on an NVIDIA H200 (results/nvidia-h200/gemv_mma_tma_sweep.json, decode_mma_tma.json; wo_matmul's comment at
+CANDIDATES_MMA_TMA has the figures): level with the best CUDA-core kernel when timed alone, ahead of it in the PDL
+step (qkv and gate_up), where the int4 token took about 6% less time. Rings deeper than two slots and K steps longer
+than 256 columns were slower in every GEMV of the sweep.
+
 Needs a Hopper GPU (TMA); the interpreter cannot run Gluon, so on a CPU it is compiled for sm_90 offline
 (``compile_offline``), which is what CI checks; the GPU suite checks its sums.
 """
@@ -283,3 +293,41 @@ def compile_offline(block_n: int = 64, num_warps: int = 4, stages: int = 4, pdl:
     sig.update({k: "constexpr" for k in consts})
     return offline.compile_kernel(_wo_gemv_mma_tma_kernel, sig, consts, {"num_warps": num_warps},
                                   divisible=["x_ptr", "s_ptr", "z_ptr", "y_ptr", "stride_sn"])
+
+
+_OFFLINE_STATS = """
+import json, sys
+from labkit.kernels import offline, wo_gluon
+rows = []
+for bn, warps, stages, sub in json.loads(sys.argv[1]):
+    k = wo_gluon.compile_offline(block_n=bn, num_warps=warps, stages=stages, pdl=True, sub=sub)
+    ptx = k.asm["ptx"]
+    rows.append({"block_n": bn, "num_warps": warps, "stages": stages, "sub": sub, "mma": ptx.count("mma.sync"),
+                 "shared_loads_128": ptx.count("ld.shared.v4.b32"), "shared_stores": ptx.count("st.shared"),
+                 "tma": ptx.count("cp.async.bulk.tensor"), "mbarrier_wait": ptx.count("mbarrier.try_wait"),
+                 "pdl_wait": "griddepcontrol.wait" in ptx, **offline.resource_usage(k.asm["cubin"])})
+print(json.dumps(rows))
+"""
+
+
+def offline_stats(cases, timeout: float = 600) -> list[dict]:
+    """Compile each (block_n, num_warps, stages, sub) for sm_90 without a GPU, in a fresh Python process (Triton
+    imported without the interpreter), and count what its PTX is built from: ``mma`` (mma.sync), ``shared_loads_128``
+    (the lanes' 128-bit reads of their words), ``shared_stores`` (a layout conversion through shared memory would add
+    them), ``tma`` (bulk tensor copies), ``mbarrier_wait``, ``pdl_wait``; with ``registers`` per thread and ``local``
+    (spill) bytes where Triton ships cuobjdump."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from labkit import env
+
+    run_env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=os.pathsep.join(
+        filter(None, [str(env.repo_root()), os.environ.get("PYTHONPATH")])))
+    res = subprocess.run([sys.executable, "-c", _OFFLINE_STATS, json.dumps([list(c) for c in cases])],
+                         capture_output=True, text=True, env=run_env, timeout=timeout)
+    if res.returncode:
+        raise RuntimeError(f"offline compile failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+

@@ -1798,8 +1798,14 @@ TUNE_MMA = True
 CANDIDATES_MMA = [GemvConfig(64, 256, 2, "mma", split=4), GemvConfig(128, 256, 4, "mma", split=4),
                   GemvConfig(128, 256, 8, "mma", split=4), GemvConfig(64, 256, 2, "mma")]
 # The same arithmetic with the words staged in shared memory by TMA (tma=True, a ring of ``stages`` slots; the Gluon
-# kernel of wo_gluon): no registers hold the words in flight, so an SM keeps many more of them coming. Tried by tune()
-# where TMA exists, for GEMVs without the silu prologue, with TUNE_MMA_TMA.
+# kernel of wo_gluon): no registers hold the words in flight, and with PDL the first slots' copies go out before the
+# wait for the kernel before. Tried by tune() where TMA exists, for GEMVs without the silu prologue (TUNE_MMA_TMA).
+# On an NVIDIA H200 (7B shape, int4, timed as the step calls each GEMV): without PDL it was about level with the best
+# CUDA-core kernel (results/nvidia-h200/gemv_mma_tma_sweep.json, c1476d6: qkv 12.6 us against 12.9, lm_head 25.3
+# against 26.1, gate_up 20.7 against 20.4, o 7.0 against 6.2), and every deeper ring or longer K step was slower; with
+# PDL, as the step's tuner times them, it took qkv 10.1 us against 11.1 (the register form) and gate_up 17.3 against
+# 19.6 (packed fp16), and the int4 step went from 1.848 / 1.835 ms to 1.733 / 1.730 ms per token, 47.2-47.5% -> 50.3-50.4%
+# of the floor, two rounds in one process (decode_mma_tma.json, c9a1fb6). The list is the fastest of that sweep.
 TUNE_MMA_TMA = True
 CANDIDATES_MMA_TMA = [GemvConfig(128, 256, 4, "mma", split=4, stages=2, tma=True),
                       GemvConfig(64, 256, 2, "mma", split=4, stages=2, tma=True),
