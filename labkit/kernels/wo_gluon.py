@@ -51,7 +51,8 @@ def _ptx():
     from labkit.kernels import wo_matmul as wo
 
     return {"codes_bf16": wo._ptx_codes("0x43004300"), "codes_f16": wo._ptx_codes("0x64006400"),
-            "mma_bf16": wo._ptx_mma("bf16"), "mma_f16": wo._ptx_mma("f16")}
+            "mma_bf16": wo._ptx_mma("bf16"), "mma_f16": wo._ptx_mma("f16"), "ld2": wo._PTX_LD2,
+            "prmt_lo": wo._PTX_PRMT_LO, "prmt_hi": wo._PTX_PRMT_HI}
 
 
 if gluon is not None:
@@ -60,6 +61,9 @@ if gluon is not None:
     _CODES_F16 = gl.constexpr(_P["codes_f16"])
     _MMA_BF16 = gl.constexpr(_P["mma_bf16"])
     _MMA_F16 = gl.constexpr(_P["mma_f16"])
+    _LD2 = gl.constexpr(_P["ld2"])
+    _PRMT_LO = gl.constexpr(_P["prmt_lo"])
+    _PRMT_HI = gl.constexpr(_P["prmt_hi"])
 
     @gluon.jit
     def _codes(wd, BF16: gl.constexpr):
@@ -77,23 +81,13 @@ if gluon is not None:
     @gluon.jit
     def _ld2(ptr, live):
         """Four consecutive 16-bit values at ptr as two int32 (as ``wo._mma_ld2``): zeros where live is False."""
-        return gl.inline_asm_elementwise(
-            """{
-            .reg .pred p;
-            setp.ne.b32 p, $3, 0;
-            mov.b32 $0, 0;
-            mov.b32 $1, 0;
-            @p ld.global.v2.b32 {$0, $1}, [$2];
-            }""",
-            "=r,=r,l,r", [ptr.to(gl.int64), live.to(gl.int32)], dtype=(gl.int32, gl.int32), is_pure=True, pack=1)
+        return gl.inline_asm_elementwise(_LD2, "=r,=r,l,r", [ptr.to(gl.int64), live.to(gl.int32)],
+                                         dtype=(gl.int32, gl.int32), is_pure=True, pack=1)
 
     @gluon.jit
     def _prmt(a, b, HI: gl.constexpr):
         """(low half of a, low half of b) or, HI, the high halves: one prmt."""
-        if HI:
-            return gl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x7632;", "=r,r,r", [a, b], dtype=gl.int32,
-                                             is_pure=True, pack=1)
-        return gl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x5410;", "=r,r,r", [a, b], dtype=gl.int32,
+        return gl.inline_asm_elementwise(_PRMT_HI if HI else _PRMT_LO, "=r,r,r", [a, b], dtype=gl.int32,
                                          is_pure=True, pack=1)
 
     @gluon.jit

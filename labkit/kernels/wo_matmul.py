@@ -1201,10 +1201,19 @@ if triton is not None:
         return ("{\n.reg .pred p;\n.reg .b16 h;\nsetp.ne.b32 p, $3, 0;\n" + f"{cvt} h, $2;\n"
                 "@p st.global.b16 [$1], h;\nmov.b32 $0, 0;\n}")
 
+    # four consecutive 16-bit values at $2 as two registers (zeros where $3 is 0), and the two halves of a prmt
+    _PTX_LD2 = ("{\n.reg .pred p;\nsetp.ne.b32 p, $3, 0;\nmov.b32 $0, 0;\nmov.b32 $1, 0;\n"
+                "@p ld.global.v2.b32 {$0, $1}, [$2];\n}")
+    _PTX_PRMT_LO = "prmt.b32 $0, $1, $2, 0x5410;"
+    _PTX_PRMT_HI = "prmt.b32 $0, $1, $2, 0x7632;"
+
     def _ptx_mma(ab: str) -> str:
         return (f"mma.sync.aligned.m16n8k16.row.col.f32.{ab}.{ab}.f32 {{$0, $1, $2, $3}}, {{$4, $5, $6, $7}}, "
                 "{$8, $9}, {$10, $11, $12, $13};")
 
+    _MMA_LD2 = tl.constexpr(_PTX_LD2)
+    _MMA_PRMT_LO = tl.constexpr(_PTX_PRMT_LO)
+    _MMA_PRMT_HI = tl.constexpr(_PTX_PRMT_HI)
     _MMA_CODES_BF16 = tl.constexpr(_ptx_codes("0x43004300"))  # 128.0 twice
     _MMA_CODES_F16 = tl.constexpr(_ptx_codes("0x64006400"))  # 1024.0 twice
     _MMA_SYNC_BF16 = tl.constexpr(_ptx_mma("bf16"))
@@ -1303,15 +1312,8 @@ if triton is not None:
             p16 = ptr.to(tl.pointer_type(tl.int16), bitcast=True)
             v = [tl.load(p16 + i, mask=live, other=0).to(tl.int32) & 0xFFFF for i in tl.static_range(4)]
             return v[0] | (v[1] << 16), v[2] | (v[3] << 16)
-        return tl.inline_asm_elementwise(
-            """{
-            .reg .pred p;
-            setp.ne.b32 p, $3, 0;
-            mov.b32 $0, 0;
-            mov.b32 $1, 0;
-            @p ld.global.v2.b32 {$0, $1}, [$2];
-            }""",
-            "=r,=r,l,r", [ptr.to(tl.int64), live.to(tl.int32)], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+        return tl.inline_asm_elementwise(_MMA_LD2, "=r,=r,l,r", [ptr.to(tl.int64), live.to(tl.int32)],
+                                         dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
 
     @triton.jit
     def _mma_prmt(a, b, HI: tl.constexpr, INTERPRET: tl.constexpr):
@@ -1320,10 +1322,7 @@ if triton is not None:
             if HI:
                 return ((a >> 16) & 0xFFFF) | (b & -65536)
             return (a & 0xFFFF) | (b << 16)
-        if HI:
-            return tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x7632;", "=r,r,r", [a, b], dtype=tl.int32,
-                                             is_pure=True, pack=1)
-        return tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x5410;", "=r,r,r", [a, b], dtype=tl.int32,
+        return tl.inline_asm_elementwise(_MMA_PRMT_HI if HI else _MMA_PRMT_LO, "=r,r,r", [a, b], dtype=tl.int32,
                                          is_pure=True, pack=1)
 
     @triton.jit
