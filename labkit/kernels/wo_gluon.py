@@ -20,7 +20,8 @@ B operand, the bias taken out per group through the activations' sum (MMAs again
 A K step is ``SUB`` blocks of two chunks (block_k = 256 SUB), each its own TMA box of (BLOCK_N, 32) words on the
 slot's barrier; a warp takes one or two 16-row MMA slots (block_n = 16 or 32 x warps), the second sharing the
 activations' registers and their sum (2.2 instructions per weight in the offline sm_90 SASS against 2.9 with one).
-The silu(gate) * up prologue is not offered: the down GEMV keeps the other kernels.
+With the silu(gate) * up prologue (the down GEMV), each program first computes it for its columns into shared memory
+(once, not once per warp as the register form must), and the lanes read the activations' registers from there.
 
 Measured on an NVIDIA H200 (results/nvidia-h200/gemv_mma_tma_sweep.json, decode_mma_tma.json; wo_matmul's comment at
 CANDIDATES_MMA_TMA has the figures): level with the best CUDA-core kernel when timed alone, ahead of it in the PDL
@@ -57,6 +58,8 @@ def _ptx():
 
 if gluon is not None:
     _P = _ptx()
+    # a shared-memory view with another shape or layout: reinterpret since Triton 3.7, _reinterpret before
+    _NEW_REINTERPRET = gl.constexpr(hasattr(gl.shared_memory_descriptor, "reinterpret"))
     _CODES_BF16 = gl.constexpr(_P["codes_bf16"])
     _CODES_F16 = gl.constexpr(_P["codes_f16"])
     _MMA_BF16 = gl.constexpr(_P["mma_bf16"])
@@ -96,6 +99,49 @@ if gluon is not None:
         lo0, lo1 = _ld2(x_ptr + kcol, live & (kcol < K))
         hi0, hi1 = _ld2(x_ptr + kcol + 64, live & (kcol + 64 < K))
         return _prmt(lo0, hi0, False), _prmt(lo0, hi0, True), _prmt(lo1, hi1, False), _prmt(lo1, hi1, True)
+
+    @gluon.jit
+    def _fill_silu(x_ptr, xsm, K, k_lo, k_hi, XS: gl.constexpr, NW: gl.constexpr, BF16: gl.constexpr):
+        """xsm <- silu(gate) * up for columns k_lo .. k_lo + XS of [gate | up] (zeros from k_hi on), each step rounded
+        to the activations' dtype as torch rounds it, two values to an int32 (the first in the low half)."""
+        LF: gl.constexpr = gl.BlockedLayout([1, 1, 2], [4, 4, 2], [NW, 1, 1], [2, 1, 0])  # (block, group, pair)
+        b_i = gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(2, LF)))[:, None, None]
+        c_i = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, LF)))[None, :, None]
+        p_i = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, LF)))[None, None, :]
+        col = b_i * 16 + c_i * 4 + p_i * 2                        # the first of each pair, (16, 4, 2)
+        for off in gl.static_range(0, XS, 256):
+            k = k_lo + off + col
+            lo = _silu_mul(x_ptr, k, K, k_hi, BF16)
+            hi = _silu_mul(x_ptr, k + 1, K, k_hi, BF16)
+            xsm.slice(off // 16, 16, dim=0).store(lo | (hi << 16))
+
+    @gluon.jit
+    def _silu_mul(x_ptr, k, K, k_hi, BF16: gl.constexpr):
+        """silu(gate[k]) * up[k] rounded as torch rounds each step, as the low 16 bits of an int32 (0 from k_hi on)."""
+        dt: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
+        live = k < k_hi
+        g = gl.load(x_ptr + k, mask=live, other=0.0).to(gl.float32)
+        u = gl.load(x_ptr + K + k, mask=live, other=0.0).to(gl.float32)
+        sg = (g / (1.0 + gl.exp(-g))).to(dt).to(gl.float32)
+        return (sg * u).to(dt).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+
+    @gluon.jit
+    def _ldx_smem(xsm, blk, ones, L3: gl.constexpr, NW: gl.constexpr):
+        """``_ldx`` from shared memory: the B registers of one nibble pair for the lane's four words, from 16-column
+        block blk (its four values at 4 c) and blk + 4 (64 columns on)."""
+        LB: gl.constexpr = gl.BlockedLayout([1, 2], [4, 8], [1, NW], [0, 1])  # lane 4 g + c: group c's two pairs
+        lo0, lo1 = gl.split(xsm.index(blk).load(LB))
+        hi0, hi1 = gl.split(xsm.index(blk + 4).load(LB))
+        return (_prmt(_lanes(lo0, ones, L3), _lanes(hi0, ones, L3), False),
+                _prmt(_lanes(lo0, ones, L3), _lanes(hi0, ones, L3), True),
+                _prmt(_lanes(lo1, ones, L3), _lanes(hi1, ones, L3), False),
+                _prmt(_lanes(lo1, ones, L3), _lanes(hi1, ones, L3), True))
+
+    @gluon.jit
+    def _lanes(v, ones, L3: gl.constexpr):
+        """A (4,) tensor held by lanes c (the same in every g and warp) -> (NW, 8, 4) in L3, the same registers."""
+        v = gl.convert_layout(v, gl.SliceLayout(0, gl.SliceLayout(0, L3)), assert_trivial=True)
+        return gl.broadcast(gl.expand_dims(gl.expand_dims(v, 0), 0), ones)[0]
 
     @gluon.jit
     def _xsum(c0, c1, c2, c3, ones, bp0, bp1, bp2, bp3, BF16: gl.constexpr):
@@ -139,9 +185,12 @@ if gluon is not None:
     @gluon.jit
     def _wo_gemv_mma_tma_kernel(x_ptr, w_desc, s_ptr, z_ptr, y_ptr, N, K, stride_sn, stride_ys, K_CHUNK,
                                 BLOCK_N: gl.constexpr, SUB: gl.constexpr, STAGES: gl.constexpr, BF16: gl.constexpr,
-                                PDL: gl.constexpr, num_warps: gl.constexpr):
+                                PDL: gl.constexpr, num_warps: gl.constexpr, PRO_SILU: gl.constexpr = False,
+                                XS: gl.constexpr = 0, XSB: gl.constexpr = 1):
         """y[n] (or its split-K part) = sum_k x[k] W[n, k] for BLOCK_N rows: K steps of SUB blocks of two chunks
-        (256 SUB columns), each step SUB TMA copies of (BLOCK_N, 32) words into a slot of the ring."""
+        (256 SUB columns), each step SUB TMA copies of (BLOCK_N, 32) words into a slot of the ring. PRO_SILU: x is
+        [gate | up]; silu(gate) * up of the program's XS (= K_CHUNK) columns is computed once, into shared memory, and
+        the activations' registers are read from there (XSB: its 16-column blocks rounded up to a power of two)."""
         NW: gl.constexpr = num_warps
         W: gl.constexpr = 32                                      # words per row and K step (two chunks)
         BIAS: gl.constexpr = 128.0 if BF16 else 1024.0
@@ -163,6 +212,17 @@ if gluon is not None:
         if PDL:
             gl.inline_asm_elementwise("griddepcontrol.launch_dependents;\ngriddepcontrol.wait;\nmov.u32 $0, 0;",
                                       "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+        if PRO_SILU:  # (blocks of 16 columns, 4 groups of 4, 2 pairs): each pair two bf16 in an int32
+            xsm = gl.allocate_shared_memory(gl.int32, [XSB, 4, 2], gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0]))
+            _fill_silu(x_ptr, xsm, K, ch_lo * 128, gl.minimum(K, ch_lo * 128 + K_CHUNK), XS, NW, BF16)
+            _cta_barrier()
+            # the same bytes with a layout of one rank less, so that .index() takes a run-time block
+            if _NEW_REINTERPRET:
+                xsm = xsm.reinterpret(gl.int32, [XSB, 4, 2], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+            else:
+                xsm = xsm._reinterpret(gl.int32, [XSB, 4, 2], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+        else:
+            xsm = tiles  # unused
         w_i = gl.arange(0, NW, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3)))[:, None, None]
         g_i = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, L3)))[None, :, None]
         c_i = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3)))[None, None, :]
@@ -190,7 +250,7 @@ if gluon is not None:
                 acc_g, acc_h, acc_g2, acc_h2 = _block(
                     tile, ch_lo + 2 * (SUB * s + j), c_end, K, x_ptr, s_ptr, z_ptr, stride_sn, rows_g, rows_h, mask_g,
                     mask_h, rows_g2, rows_h2, mask_g2, mask_h2, c4, ones, zero, acc_g, acc_h, acc_g2, acc_h2, LT, L3,
-                    NW, R, BIAS, BF16)
+                    NW, R, BIAS, BF16, xsm, ch_lo, PRO_SILU)
             _cta_barrier()                                        # every warp is done with the slot: refill it
             _issue(w_desc, tiles, bars, slot, s + STAGES, ch_lo, n0, s + STAGES < n_steps, SUB)
         for i in gl.static_range(STAGES):
@@ -215,7 +275,8 @@ if gluon is not None:
     @gluon.jit
     def _block(tile, ch0, c_end, K, x_ptr, s_ptr, z_ptr, stride_sn, rows_g, rows_h, mask_g, mask_h, rows_g2, rows_h2,
                mask_g2, mask_h2, c4, ones, zero, acc_g, acc_h, acc_g2, acc_h2, LT: gl.constexpr, L3: gl.constexpr,
-               NW: gl.constexpr, R: gl.constexpr, BIAS: gl.constexpr, BF16: gl.constexpr):
+               NW: gl.constexpr, R: gl.constexpr, BIAS: gl.constexpr, BF16: gl.constexpr, xsm, ch_lo,
+               PRO_SILU: gl.constexpr):
         """Chunks ch0 and ch0 + 1 (nothing for a chunk at or past c_end) of the (BLOCK_N, 32) words in shared memory
         ``tile``: R slots of 16 NW rows, which share the activations' registers and sum."""
         wp = _pieces(tile.slice(0, 16 * NW, dim=0).load(LT), L3, NW)
@@ -224,11 +285,18 @@ if gluon is not None:
         for cc in gl.static_range(2):
             ch = ch0 + cc
             live_c = (ch + rows_g * 0) < c_end
-            kc = ch * 128 + c4
-            b00, b01, b02, b03 = _ldx(x_ptr, kc, K, live_c)     # pair t = 0 for words i = 0..3
-            b10, b11, b12, b13 = _ldx(x_ptr, kc + 16, K, live_c)
-            b20, b21, b22, b23 = _ldx(x_ptr, kc + 32, K, live_c)
-            b30, b31, b32, b33 = _ldx(x_ptr, kc + 48, K, live_c)
+            if PRO_SILU:  # from the program's silu(gate) * up in shared memory (16-column blocks from its first)
+                blk = (ch - ch_lo) * 8
+                b00, b01, b02, b03 = _ldx_smem(xsm, blk, ones, L3, NW)
+                b10, b11, b12, b13 = _ldx_smem(xsm, blk + 1, ones, L3, NW)
+                b20, b21, b22, b23 = _ldx_smem(xsm, blk + 2, ones, L3, NW)
+                b30, b31, b32, b33 = _ldx_smem(xsm, blk + 3, ones, L3, NW)
+            else:
+                kc = ch * 128 + c4
+                b00, b01, b02, b03 = _ldx(x_ptr, kc, K, live_c)     # pair t = 0 for words i = 0..3
+                b10, b11, b12, b13 = _ldx(x_ptr, kc + 16, K, live_c)
+                b20, b21, b22, b23 = _ldx(x_ptr, kc + 32, K, live_c)
+                b30, b31, b32, b33 = _ldx(x_ptr, kc + 48, K, live_c)
             xa, u1, u2, u3 = _xsum(zero, zero, zero, zero, ones, b00, b10, b20, b30, BF16)
             xa, u1, u2, u3 = _xsum(xa, u1, u2, u3, ones, b02, b12, b22, b32, BF16)
             xb, v1, v2, v3 = _xsum(zero, zero, zero, zero, ones, b01, b11, b21, b31, BF16)
@@ -261,6 +329,11 @@ if gluon is not None:
         return acc_g, acc_h
 
 
+def silu_blocks(k_chunk: int) -> int:
+    """The 16-column blocks of shared memory the silu prologue keeps for a program's k_chunk columns (a power of two)."""
+    return 1 << max(0, (k_chunk // 16 - 1).bit_length()) if k_chunk else 1
+
+
 def words_layout():
     """The shared-memory layout of a (BLOCK_N, 32) box of words: 128-byte swizzle over rows of 32 words."""
     return gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
@@ -275,7 +348,7 @@ def descriptor(words: torch.Tensor, block_n: int):
 
 
 def compile_offline(block_n: int = 64, num_warps: int = 4, stages: int = 4, pdl: bool = False,
-                    y_dtype: str = "fp32", sub: int = 1):
+                    y_dtype: str = "fp32", sub: int = 1, silu_k_chunk: int = 0):
     """The kernel compiled for sm_90 without a GPU (Triton's bundled ptxas): ``.asm`` holds its TTGIR, PTX and cubin.
     Needs a process where Triton was imported without TRITON_INTERPRET=1."""
     from labkit.kernels import offline
@@ -283,7 +356,8 @@ def compile_offline(block_n: int = 64, num_warps: int = 4, stages: int = 4, pdl:
     sig = {"x_ptr": "*bf16", "w_desc": f"tensordesc<i32[{block_n}, {WORDS_PER_STEP}],{words_layout()!r}>",
            "s_ptr": "*bf16", "z_ptr": "*bf16", "y_ptr": f"*{y_dtype}", "N": "i32", "K": "i32", "stride_sn": "i32",
            "stride_ys": "i32", "K_CHUNK": "i32"}
-    consts = dict(BLOCK_N=block_n, SUB=sub, STAGES=stages, BF16=True, PDL=pdl, num_warps=num_warps)
+    consts = dict(BLOCK_N=block_n, SUB=sub, STAGES=stages, BF16=True, PDL=pdl, num_warps=num_warps,
+                  PRO_SILU=silu_k_chunk > 0, XS=silu_k_chunk, XSB=silu_blocks(silu_k_chunk))
     sig.update({k: "constexpr" for k in consts})
     return offline.compile_kernel(_wo_gemv_mma_tma_kernel, sig, consts, {"num_warps": num_warps},
                                   divisible=["x_ptr", "s_ptr", "z_ptr", "y_ptr", "stride_sn"])
@@ -293,10 +367,12 @@ _OFFLINE_STATS = """
 import json, sys
 from labkit.kernels import offline, wo_gluon
 rows = []
-for bn, warps, stages, sub in json.loads(sys.argv[1]):
-    k = wo_gluon.compile_offline(block_n=bn, num_warps=warps, stages=stages, pdl=True, sub=sub)
+for case in json.loads(sys.argv[1]):
+    bn, warps, stages, sub, silu = (case + [0])[:5]
+    k = wo_gluon.compile_offline(block_n=bn, num_warps=warps, stages=stages, pdl=True, sub=sub, silu_k_chunk=silu)
     ptx = k.asm["ptx"]
-    rows.append({"block_n": bn, "num_warps": warps, "stages": stages, "sub": sub, "mma": ptx.count("mma.sync"),
+    rows.append({"block_n": bn, "num_warps": warps, "stages": stages, "sub": sub, "silu_k_chunk": silu,
+                 "mma": ptx.count("mma.sync"),
                  "shared_loads_128": ptx.count("ld.shared.v4.b32"), "shared_stores": ptx.count("st.shared"),
                  "tma": ptx.count("cp.async.bulk.tensor"), "mbarrier_wait": ptx.count("mbarrier.try_wait"),
                  "pdl_wait": "griddepcontrol.wait" in ptx, **offline.resource_usage(k.asm["cubin"])})
@@ -305,8 +381,10 @@ print(json.dumps(rows))
 
 
 def offline_stats(cases, timeout: float = 600) -> list[dict]:
-    """Compile each (block_n, num_warps, stages, sub) for sm_90 without a GPU, in a fresh Python process (Triton
-    imported without the interpreter), and count what its PTX is built from: ``mma`` (mma.sync), ``shared_loads_128``
+    """Compile each (block_n, num_warps, stages, sub[, silu_k_chunk]) for sm_90 without a GPU, in a fresh Python
+    process (Triton
+    imported without the interpreter; silu_k_chunk > 0: with the silu prologue for that many columns per program), and
+    count what its PTX is built from: ``mma`` (mma.sync), ``shared_loads_128``
     (the lanes' 128-bit reads of their words), ``shared_stores`` (a layout conversion through shared memory would add
     them), ``tma`` (bulk tensor copies), ``mbarrier_wait``, ``pdl_wait``; with ``registers`` per thread and ``local``
     (spill) bytes where Triton ships cuobjdump."""

@@ -1798,7 +1798,7 @@ CANDIDATES_MMA = [GemvConfig(64, 256, 2, "mma", split=4), GemvConfig(128, 256, 4
                   GemvConfig(128, 256, 8, "mma", split=4), GemvConfig(64, 256, 2, "mma")]
 # The same arithmetic with the words staged in shared memory by TMA (tma=True, a ring of ``stages`` slots; the Gluon
 # kernel of wo_gluon): no registers hold the words in flight, and with PDL the first slots' copies go out before the
-# wait for the kernel before. Tried by tune() where TMA exists, for GEMVs without the silu prologue (TUNE_MMA_TMA).
+# wait for the kernel before. Tried by tune() where TMA exists (TUNE_MMA_TMA).
 # On an NVIDIA H200 (7B shape, int4, timed as the step calls each GEMV): without PDL it was about level with the best
 # CUDA-core kernel (results/nvidia-h200/gemv_mma_tma_sweep.json, c1476d6: qkv 12.6 us against 12.9, lm_head 25.3
 # against 26.1, gate_up 20.7 against 20.4, o 7.0 against 6.2), and every deeper ring or longer K step was slower; with
@@ -2202,9 +2202,6 @@ def _mma_tma(x, w, cfg: GemvConfig, y, out, k_chunk: int, grid: tuple, nsplit: i
     split-K reduction as ``wo_matmul`` does it."""
     from labkit.kernels import wo_gluon
 
-    if silu:
-        raise ValueError("the 'mma' GEMV with tma=True takes the activations as they are (no silu(gate) * up "
-                         "prologue): give silu_gate_up=False, or use tma=False or variant 'h2'")
     if cfg.block_n not in (16 * cfg.num_warps, 32 * cfg.num_warps):
         raise ValueError(f"the 'mma' GEMV with tma=True takes block_n = 16 or 32 x num_warps (one or two 16-row MMAs "
                          f"per warp), got block_n={cfg.block_n}, num_warps={cfg.num_warps}")
@@ -2222,7 +2219,8 @@ def _mma_tma(x, w, cfg: GemvConfig, y, out, k_chunk: int, grid: tuple, nsplit: i
     wo_gluon._wo_gemv_mma_tma_kernel[grid](x, desc, w.scale, w.zero, y, N, w.shape[1], w.scale.stride(0),
                                            N, k_chunk, BLOCK_N=cfg.block_n, SUB=cfg.block_k // 256, STAGES=cfg.stages,
                                            BF16=x.dtype == torch.bfloat16, num_warps=cfg.num_warps,
-                                           **({"PDL": False} | kw))
+                                           PRO_SILU=silu, XS=k_chunk if silu else 0,
+                                           XSB=wo_gluon.silu_blocks(k_chunk if silu else 0), **({"PDL": False} | kw))
     if nsplit > 1 and partials:
         return y
     if nsplit > 1:
@@ -2377,8 +2375,6 @@ def tune(w, M: int = 1, dtype=torch.bfloat16, silu_gate_up: bool = False, candid
         if kind == 2 and (max(cfg.block_k, w.group) % w.group):
             continue
         if cfg.tma and not tma_fits(w):  # a shape the TMA form does not take (wo_matmul would refuse it)
-            continue
-        if cfg.variant == "mma" and cfg.tma and silu_gate_up:  # no silu prologue in the TMA form
             continue
         try:
             t = time_gemv(x, w, silu_gate_up, cfg, partials=partials, pdl=pdl)
