@@ -21,7 +21,8 @@ A K step is ``SUB`` blocks of two chunks (block_k = 256 SUB), each its own TMA b
 slot's barrier; a warp takes one or two 16-row MMA slots (block_n = 16 or 32 x warps), the second sharing the
 activations' registers and their sum (2.2 instructions per weight in the offline sm_90 SASS against 2.9 with one).
 With the silu(gate) * up prologue (the down GEMV), each program first computes it for its columns into shared memory
-(once, not once per warp as the register form must), and the lanes read the activations' registers from there.
+(once, not once per warp as the register form must), and the lanes read the activations' registers from there;
+checked on an H200, not yet timed.
 
 Measured on an NVIDIA H200 (results/nvidia-h200/gemv_mma_tma_sweep.json, decode_mma_tma.json; wo_matmul's comment at
 CANDIDATES_MMA_TMA has the figures): level with the best CUDA-core kernel when timed alone, ahead of it in the PDL

@@ -1805,6 +1805,9 @@ CANDIDATES_MMA = [GemvConfig(64, 256, 2, "mma", split=4), GemvConfig(128, 256, 4
 # PDL, as the step's tuner times them, it took qkv 10.1 us against 11.1 (the register form) and gate_up 17.3 against
 # 19.6 (packed fp16), and the int4 step went from 1.848 / 1.835 ms to 1.733 / 1.730 ms per token, 47.2-47.5% -> 50.3-50.4%
 # of the floor, two rounds in one process (decode_mma_tma.json, c9a1fb6). The list is the fastest of that sweep.
+# Since 925cab4 it also takes the down GEMV's silu(gate) * up prologue (into shared memory, once per program): its
+# sums checked on the H200 (tests/test_wo_matmul.py::test_mma_tma_sums_like_the_register_form), its speed not yet
+# measured; tune() times it beside the others like any candidate.
 TUNE_MMA_TMA = True
 CANDIDATES_MMA_TMA = [GemvConfig(128, 256, 4, "mma", split=4, stages=2, tma=True),
                       GemvConfig(64, 256, 2, "mma", split=4, stages=2, tma=True),
