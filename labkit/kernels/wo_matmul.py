@@ -1672,7 +1672,9 @@ class GemvConfig:
     stages: int | None = None
     # the packed-fp16 kernel ("h2") with its words copied by the tensor memory accelerator (TMA, Hopper and newer)
     # through a tensor descriptor (h2_descriptor), pipelined ``stages`` deep (2 or more): no load instruction per
-    # thread for the weights, and the number of bytes in flight no longer bound by the registers
+    # thread for the weights, and the number of bytes in flight no longer bound by the registers. With "mma": the
+    # Gluon kernel of wo_gluon, a ring of ``stages`` shared-memory slots, block_n 16 or 32 x num_warps, block_k a
+    # multiple of 256
     tma: bool = False
     # with tma: a persistent grid of ``persist`` programs per SM (0: one program per row block), each taking every
     # programs-th row block of its split (_wo_gemv_h2p_kernel), its copies running ahead across row blocks
