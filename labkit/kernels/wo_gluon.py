@@ -1,9 +1,9 @@
 """The int4 tensor-core GEMV at one row (``wo_matmul`` variant "mma") with its weight words staged in shared memory:
 GemvConfig(..., "mma", tma=True, stages=S), written in Gluon.
 
-The Triton kernel of variant "mma" keeps the weight words it has asked for in registers, one K step ahead; an SM then
-holds as many loads in flight as registers allow, and at a split of 4 most of a program's short life is the first
-step's latency (results/nvidia-h200/gemv_mma_early_sweep.json). Here the tensor memory accelerator copies each K
+The Triton kernel of variant "mma" keeps the weight words it has asked for in registers, one K step ahead, so the
+registers bound the loads an SM keeps in flight: asking for them earlier cost registers and warps and made it slower
+(results/nvidia-h200/gemv_mma_early_sweep.json). Here the tensor memory accelerator copies each K
 step's words (two chunks of 128 columns for BLOCK_N rows) into a ring of ``STAGES`` shared-memory slots, each copy
 signalling its slot's mbarrier; the copies are issued ``STAGES`` steps ahead, before the PDL wait for the first ones,
 and cost no registers. Each warp then reads its lanes' words from the slot with one 128-bit load per row and chunk
@@ -12,8 +12,8 @@ and cost no registers. Each warp then reads its lanes' words from the slot with 
 Gluon fixes every register layout, so each lane holds exactly its MMA fragment: the slot is read in the layout
 ``BlockedLayout([1, 4], [8, 4], [NW, 1])`` (lane 4 g + c: words 4c..4c+3 of a row, eight rows per warp, rows repeating
 every 8 NW), then reshaped, permuted and split into the sixteen (NW, 8, 4) word tensors of the step, checked to be
-the same registers (``convert_layout(..., assert_trivial=True)``). An MMA's 16 rows are row g (first half of the
-block's rows) and row g + 8 NW (second half) of warp w's eight. The arithmetic per chunk is the Triton kernel's
+the same registers (``convert_layout(..., assert_trivial=True)``). Of a 16 NW-row slot, warp w's MMA takes rows
+8 w + g and 8 NW + 8 w + g for g = 0..7 (its "g" and "g + 8"). The arithmetic per chunk is the Triton kernel's
 (``_wo_gemv_mma_kernel``): codes as ``BIAS + q`` by one lop3 per two, mma.sync m16n8k16 with the activations as the
 B operand, the bias taken out per group through the activations' sum (MMAs against an all-ones A).
 
