@@ -295,8 +295,8 @@ def main(argv=None) -> int:
         recs += step(model, rounds=args.rounds or 2)
         for r in recs:
             r["fraction_of_floor"] = r["bytes_per_step"] / read_bw / (r["decode_ms_per_token"] / 1e3)
-            setting = r.get("int8_layout", r.get("tune_h2", r.get("tune_mma", r.get("mma_early_loads",
-                                                                                     r.get("tune_mma_tma")))))
+            setting = next(r[k] for k in ("int8_layout", "tune_h2", "tune_mma", "mma_early_loads", "tune_mma_tma")
+                           if k in r)
             print(f"  {r['weights']} {setting}: {r['fraction_of_floor']:.1%} of the floor", flush=True)
         args.formats = ""
     elif args.what_if or args.attn_knobs:

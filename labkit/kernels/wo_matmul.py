@@ -1487,17 +1487,15 @@ if triton is not None:
         _pdl_enter(PDL)
         for ch in tl.range(ch_lo, c_end, 2):
             nx = ch + 2  # the next step's words, in flight during this step's MMAs
-            if EARLY and K > 0:  # always true: a basic block of its own, which ptxas leaves at the loop's top
+            # EARLY: a run-time branch that is always taken (K > 0), a basic block of its own that ptxas leaves at the
+            # loop's top; without it the condition is a compile-time True and the loads are straight-line code
+            if not EARLY or K > 0:
                 n0, n1, n2, n3, n4, n5, n6, n7 = _mma_words(wg_ptr, wh_ptr, nx, c_end, mask_g, mask_h, zr, INTERPRET)
                 m0, m1, m2, m3, m4, m5, m6, m7 = _mma_words(wg_ptr, wh_ptr, nx + 1, c_end, mask_g, mask_h, zr,
                                                             INTERPRET)
-            elif EARLY:  # never runs (K > 0)
+            else:  # never runs
                 n0, n1, n2, n3, n4, n5, n6, n7 = zr, zr, zr, zr, zr, zr, zr, zr
                 m0, m1, m2, m3, m4, m5, m6, m7 = zr, zr, zr, zr, zr, zr, zr, zr
-            else:
-                n0, n1, n2, n3, n4, n5, n6, n7 = _mma_words(wg_ptr, wh_ptr, nx, c_end, mask_g, mask_h, zr, INTERPRET)
-                m0, m1, m2, m3, m4, m5, m6, m7 = _mma_words(wg_ptr, wh_ptr, nx + 1, c_end, mask_g, mask_h, zr,
-                                                            INTERPRET)
             acc_g, acc_h = _mma_chunk(acc_g, acc_h, a0, a1, a2, a3, a4, a5, a6, a7, ch, c_end, xp, c4, K,
                                       sg_ptr, zg_ptr, sh_ptr, zh_ptr, mask_g, mask_h, R, NW, PRO_SILU, BF16,
                                       S_KIND, Z_KIND, INTERPRET)
@@ -2125,17 +2123,19 @@ def wo_matmul(x: torch.Tensor, w, silu_gate_up: bool = False, config: GemvConfig
                              "K a multiple of 4, x 8-byte aligned and each row of words 16-byte aligned")
         kinds = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
         if cfg.tma:
-            return _mma_tma(x, w, cfg, y, out, k_chunk, grid, nsplit, partials, silu_gate_up, kw)
-        if w.scale.dtype not in kinds or w.zero.dtype not in kinds:
-            raise TypeError(f"the 'mma' GEMV reads scales and zeros stored as fp32, bf16 or fp16, got "
-                            f"{w.scale.dtype} / {w.zero.dtype}")
-        k = _wo_gemv_mma_kernel[grid](x, wp, sp, zp, y, N, K, stride_wn, stride_sn, M * N, k_chunk,
-                                      PRO_SILU=silu_gate_up, BLOCK_N=cfg.block_n, NW=cfg.num_warps,
-                                      S_KIND=kinds[w.scale.dtype], Z_KIND=kinds[w.zero.dtype], Y_KIND=kinds[y.dtype],
-                                      num_warps=cfg.num_warps, INTERPRET=flash_attn.interpreted(),
-                                      BF16=x.dtype == torch.bfloat16, EARLY=bool(MMA_EARLY_LOADS), **kw)
-        if not flash_attn.interpreted():
-            mma_layout_check(k)
+            _mma_tma(x, w, cfg, y, k_chunk, grid, silu_gate_up, kw)
+        else:
+            if w.scale.dtype not in kinds or w.zero.dtype not in kinds:
+                raise TypeError(f"the 'mma' GEMV reads scales and zeros stored as fp32, bf16 or fp16, got "
+                                f"{w.scale.dtype} / {w.zero.dtype}")
+            k = _wo_gemv_mma_kernel[grid](x, wp, sp, zp, y, N, K, stride_wn, stride_sn, M * N, k_chunk,
+                                          PRO_SILU=silu_gate_up, BLOCK_N=cfg.block_n, NW=cfg.num_warps,
+                                          S_KIND=kinds[w.scale.dtype], Z_KIND=kinds[w.zero.dtype],
+                                          Y_KIND=kinds[y.dtype], num_warps=cfg.num_warps,
+                                          INTERPRET=flash_attn.interpreted(), BF16=x.dtype == torch.bfloat16,
+                                          EARLY=bool(MMA_EARLY_LOADS), **kw)
+            if not flash_attn.interpreted():
+                mma_layout_check(k)
     elif cfg.variant == "h2":
         if kind < 3 or M != 1:
             raise ValueError("the 'h2' GEMV (packed fp16 arithmetic) takes an int4 or int8 WordWeight "
@@ -2201,10 +2201,9 @@ def wo_matmul(x: torch.Tensor, w, silu_gate_up: bool = False, config: GemvConfig
     return out
 
 
-def _mma_tma(x, w, cfg: GemvConfig, y, out, k_chunk: int, grid: tuple, nsplit: int, partials: bool, silu: bool,
-             kw: dict) -> torch.Tensor:
-    """The tensor-core GEMV with its words staged in shared memory by TMA (``wo_gluon``): checks, launch, and the
-    split-K reduction as ``wo_matmul`` does it."""
+def _mma_tma(x, w, cfg: GemvConfig, y, k_chunk: int, grid: tuple, silu: bool, kw: dict) -> None:
+    """The tensor-core GEMV with its words staged in shared memory by TMA (``wo_gluon``): its checks and launch, into
+    y (the output, or the split-K partials ``wo_matmul`` sums or hands on)."""
     from labkit.kernels import wo_gluon
 
     if cfg.block_n not in (16 * cfg.num_warps, 32 * cfg.num_warps):
@@ -2226,11 +2225,6 @@ def _mma_tma(x, w, cfg: GemvConfig, y, out, k_chunk: int, grid: tuple, nsplit: i
                                            BF16=x.dtype == torch.bfloat16, num_warps=cfg.num_warps,
                                            PRO_SILU=silu, XS=k_chunk if silu else 0,
                                            XSB=wo_gluon.silu_blocks(k_chunk if silu else 0), **({"PDL": False} | kw))
-    if nsplit > 1 and partials:
-        return y
-    if nsplit > 1:
-        _sum_splits_kernel[(triton.cdiv(N, 1024),)](y, out, N, SPLIT=nsplit, BLOCK=1024, num_warps=4, **kw)
-    return out
 
 
 def linear(x: torch.Tensor, w, silu_gate_up: bool = False, use_kernel: bool = True,
