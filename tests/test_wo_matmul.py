@@ -673,6 +673,51 @@ def test_tune_records_failing_configs(monkeypatch):
         wo.tune(w, 1, torch.float16, candidates=cands)
 
 
+def test_tune_never_chooses_a_config_with_wrong_sums(monkeypatch):
+    """A config whose output is off (here one made to return its sums slightly scaled, one NaN, one a split-K whose
+    partials do not add up) is checked against the fp32 product before it is timed: left out, recorded with the reason
+    and warned about, even when it would be the fastest; the right ones are timed and the fastest of them kept. The
+    kernels really run (the interpreter on a CPU); only the timings are made up."""
+    torch.manual_seed(3)
+    w = wo.interleave(wo.quantize_int4(torch.randn(48, 256) * 0.05, 128))
+    cands = [wo.GemvConfig(16, 256, 2, "tile"), wo.GemvConfig(8, 256, 1, "tile"), wo.GemvConfig(16, 256, 2, "h2"),
+             wo.GemvConfig(16, 128, 2, "tile", split=2), wo.GemvConfig(8, 128, 1, "tile", split=2)]
+    real = wo.wo_matmul
+    speed = {id(c): t for c, t in zip(cands, [1.0, 2.0, 0.5, 0.4, 3.0])}
+
+    def broken(x, w_, silu=False, cfg=None, out=None, partials=False, pdl=False):
+        y = real(x, w_, silu, cfg, out, partials, pdl)
+        if cfg is cands[0]:
+            return y * 1.02  # 2% off: beyond twice bf16's rounding
+        if cfg is cands[2]:
+            y = y.clone()
+            y.view(-1)[5] = float("nan")
+        if cfg is cands[3]:
+            assert y.dim() == 3  # the split-K partials, as the step takes them
+            y = y.clone()
+            y[1] = 0  # the second split lost
+        return y
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(wo, "pdl_kwargs", lambda pdl, dev: {})
+    monkeypatch.setattr(wo, "wo_matmul", broken)
+    monkeypatch.setattr(wo, "time_gemv", lambda x, w_, silu, cfg, partials=False, pdl=False: speed[id(cfg)])
+    monkeypatch.setattr(wo, "TUNE_FAILURES", [])
+    monkeypatch.setattr(wo, "_TUNED", {})
+    monkeypatch.setattr(wo, "_TUNE_TIMES", {})
+    with pytest.warns(RuntimeWarning, match="wrong result"):
+        best = wo.tune(w, 1, torch.bfloat16, candidates=cands, partials=True)
+    assert best is cands[1]
+    assert [f["config"] for f in wo.TUNE_FAILURES] == [cands[0], cands[2], cands[3]]
+    assert all(f["wrong_result"] and not f["resources"] for f in wo.TUNE_FAILURES)
+    assert [c for c, _ in wo._TUNE_TIMES[next(iter(wo._TUNE_TIMES))]] == [cands[1], cands[4]]
+    # the same configs, unbroken, all pass the check
+    monkeypatch.setattr(wo, "wo_matmul", real)
+    x = torch.randn(1, 256).bfloat16()
+    ref = wo.reference_check(x, w)
+    assert all(wo.check_config(x, w, c, ref, partials=True) is None for c in cands)
+
+
 def test_offline_sass_of_the_gemv_loops(tmp_path):
     """scripts/sass_gemv.py compiles the batch-1 GEMVs for sm_90 without a GPU (Triton's bundled ptxas) and counts
     their K loops. The word kernel's design holds in the machine code: its codes become floats by mask-and-or

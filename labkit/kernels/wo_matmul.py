@@ -1815,7 +1815,9 @@ CANDIDATES_MMA_TMA = [GemvConfig(128, 256, 4, "mma", split=4, stages=2, tma=True
                       GemvConfig(64, 256, 2, "mma", stages=2, tma=True),
                       GemvConfig(128, 256, 4, "mma", split=2, stages=2, tma=True)]
 _TUNED: dict = {}
-TUNE_FAILURES: list[dict] = []  # every config ``tune`` could not time: {"config", "weight", "M", "error", "resources"}
+# every config ``tune`` left out: {"config", "weight", "kind", "M", "error", "resources"} (+ "wrong_result": True when
+# it ran but its sums failed ``check_config``)
+TUNE_FAILURES: list[dict] = []
 _TUNE_TIMES: dict = {}  # the key of ``_TUNED`` -> [(config, ms per call)] of every config ``tune`` timed
 
 
@@ -2346,6 +2348,31 @@ def pin_config(w, config: GemvConfig, M: int = 1, dtype=torch.bfloat16, silu_gat
     _TUNED[_key(_kind(w), *w.shape, M, silu_gate_up, dtype, partials, pdl)] = config
 
 
+def reference_check(x: torch.Tensor, w, silu_gate_up: bool = False) -> tuple[torch.Tensor, float]:
+    """What ``check_config`` compares a config's output with: the fp32 dequantize-then-matmul product of x (M, K)
+    (or [gate | up]) and w, and the largest error a kernel may have against it: twice torch's own error in x's dtype
+    (dequantize in that dtype, then matmul: ``matmul_reference``) plus 1e-3 of the product's largest magnitude, the
+    bound the kernel tests hold every variant to."""
+    ref32 = matmul_reference(x.float(), dequantize(w, torch.float32), silu_gate_up=silu_gate_up)
+    err_torch = (matmul_reference(x, w, silu_gate_up=silu_gate_up).float() - ref32).abs().max().item()
+    return ref32, 2 * err_torch + 1e-3 * ref32.abs().max().item()
+
+
+def check_config(x: torch.Tensor, w, config: GemvConfig, ref: tuple, silu_gate_up: bool = False,
+                 partials: bool = False, pdl: bool = False) -> str | None:
+    """One ``wo_matmul`` call with ``config`` (split-K partials summed in fp32) against ``ref`` =
+    ``reference_check(x, w, silu_gate_up)``: None when its largest error is within the bound, else why not (a
+    non-finite output fails too)."""
+    ref32, bound = ref
+    y = wo_matmul(x, w, silu_gate_up, config, partials=partials, pdl=pdl)
+    y = (y.float().sum(0) if y.dim() == 3 else y.float())
+    err = (y - ref32).abs().max().item()
+    if err <= bound:  # False for a NaN
+        return None
+    return (f"wrong result: largest |y - fp32 product| = {err:.4g}, more than the bound {bound:.4g} (twice torch's "
+            f"own {x.dtype} error + 1e-3 of the largest output)")
+
+
 def tune(w, M: int = 1, dtype=torch.bfloat16, silu_gate_up: bool = False, candidates=None,
          partials: bool = False, pdl: bool = False) -> GemvConfig:
     """Time each candidate config for this weight and M on the GPU (random x, ``time_gemv``), keep the fastest.
@@ -2353,8 +2380,11 @@ def tune(w, M: int = 1, dtype=torch.bfloat16, silu_gate_up: bool = False, candid
     ``partials=True`` tunes for callers that take split-K partial sums (the reduction costs nothing there);
     ``pdl=True`` for callers that launch with programmatic dependent launch (a separate choice: PDL overlaps
     the start of one call with the end of the one before, which favours other shapes).
-    A config that fails is appended to ``TUNE_FAILURES`` with its error; one that fails for another reason
-    than running out of registers or shared memory also raises a ``RuntimeWarning`` naming it.
+    Every candidate's output is first checked against the fp32 dequantize-then-matmul product of the same x
+    (``check_config``): a config whose sums are wrong is never timed, so never chosen, however fast it would be.
+    A config that fails (an error, or a wrong result) is appended to ``TUNE_FAILURES`` with the reason; one that
+    fails for another reason than running out of registers or shared memory also raises a ``RuntimeWarning``
+    naming it.
     """
     if not torch.cuda.is_available():
         raise LabkitError("tune() times kernels on a CUDA GPU; on a CPU the default config is used.")
@@ -2363,6 +2393,7 @@ def tune(w, M: int = 1, dtype=torch.bfloat16, silu_gate_up: bool = False, candid
     dev = _device(w)
     pdl_kwargs(pdl, dev)  # a GPU without PDL fails here with the reason, not as "no config ran"
     x = torch.randn(M, K * (2 if silu_gate_up else 1), device=dev, dtype=dtype)
+    ref = reference_check(x, w, silu_gate_up)
     best, best_t = None, float("inf")
     times = _TUNE_TIMES[_key(kind, N, K, M, silu_gate_up, dtype, partials, pdl)] = []
     for cfg in candidates or candidates_for(kind, M, dtype, getattr(w, "group", 128), tma_supported(dev),
@@ -2376,6 +2407,13 @@ def tune(w, M: int = 1, dtype=torch.bfloat16, silu_gate_up: bool = False, candid
         if cfg.tma and not tma_fits(w):  # a shape the TMA form does not take (wo_matmul would refuse it)
             continue
         try:
+            err = check_config(x, w, cfg, ref, silu_gate_up, partials, pdl)
+            if err is not None:
+                TUNE_FAILURES.append({"config": cfg, "weight": tuple(w.shape), "kind": kind, "M": M, "error": err,
+                                      "resources": False, "wrong_result": True})
+                warnings.warn(f"wo_matmul.tune: config {cfg} on weight {tuple(w.shape)} M={M} gave a wrong result, "
+                              f"left out: {err}", RuntimeWarning, stacklevel=2)
+                continue
             t = time_gemv(x, w, silu_gate_up, cfg, partials=partials, pdl=pdl)
         except Exception as exc:  # recorded with its config, never silently dropped
             resources = _out_of_resources(exc)
