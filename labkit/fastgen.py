@@ -1090,6 +1090,70 @@ def compare_torchao_gemvs(fast: FastLlama, model, fmt: str, log=print) -> list[d
 
 
 # ---------------------------------------------------------------------------------------------- benchmarks
+# The GEMV sizes ``gemv_cost_points`` times by default: on a GPU the 7B shape's output widths (o, 2 x o, qkv,
+# gate_up, lm_head) at its K; on a CPU a smaller K, every weight beyond what its caches hold.
+GEMV_COST_SHAPES = {"cuda": (4096, (4096, 8192, 12288, 22016, 32000)), "cpu": (2048, (1024, 2048, 4096, 8192))}
+
+
+def gemv_cost_points(fmt: str, device=None, K: int | None = None, Ns=None, cold_bytes: int = 256 << 20) -> list[dict]:
+    """One-row GEMVs of one format over several output widths N (one K): bytes read and seconds per call, the runs
+    ``roofline.fixed_plus_stream`` fits. Every call reads a weight not in any cache (the calls cycle over copies,
+    ``cold_bytes`` in all).
+
+    On a GPU, ``fmt`` "bf16", "int8" or "int4": the Triton GEMV of the decode step, tuned for each shape
+    (``wo.tune``, its candidates checked against the fp32 product) and timed as ``wo.time_gemv`` does (a CUDA graph of
+    back-to-back calls). On a CPU, "fp32": the dense GEMV the CPU decode path runs (``torch.nn.functional.linear``),
+    timed call by call. Random weights (0.02 x normal) and activations."""
+    from labkit import bench
+
+    dev = torch.device(device) if device is not None else env.device()
+    kinds = {"cuda": ("bf16", "int8", "int4"), "cpu": ("fp32",)}.get(dev.type)
+    if kinds is None:
+        raise LabkitError(f"gemv_cost_points times GEMVs on a CUDA GPU or a CPU, not on {dev.type}")
+    if fmt not in kinds:
+        where = "a CUDA GPU: the Triton GEMVs" if dev.type == "cuda" else "a CPU: the dense fp32 GEMV its decode path runs"
+        raise LabkitError(f"fmt={fmt!r}: on {where} time one of {kinds}")
+    k_def, n_def = GEMV_COST_SHAPES[dev.type]
+    K = K or k_def
+    gen = torch.Generator(dev).manual_seed(0)
+    points = []
+    for N in Ns or n_def:
+        if dev.type == "cuda":
+            w = torch.randn(N, K, device=dev, dtype=torch.bfloat16, generator=gen) * 0.02
+            qw = _quantize(w, fmt, 128, for_kernel=True)
+            del w
+            x = torch.randn(1, K, device=dev, dtype=torch.bfloat16, generator=gen)
+            cfg = wo.tune(qw, 1, torch.bfloat16)
+            seconds = wo.time_gemv(x, qw, config=cfg, cold_bytes=cold_bytes) / 1e3
+            nbytes, config = wo.weight_nbytes(qw), str(cfg)
+        else:
+            nbytes = N * K * 4
+            ws = [torch.randn(N, K, generator=gen) * 0.02 for _ in range(max(1, -(-cold_bytes // nbytes)))]
+            x = torch.randn(1, K, generator=gen)
+            calls = iter(range(1 << 62))
+
+            def call(ws=ws):
+                return F.linear(x, ws[next(calls) % len(ws)])
+
+            seconds = bench.measure(call, warmup=len(ws), iters=max(20, 2 * len(ws)), device=dev).median_s
+            config = "torch.nn.functional.linear, fp32"
+            del ws
+        points.append({"fmt": fmt, "N": N, "K": K, "bytes": nbytes, "seconds": seconds, "config": config})
+    return points
+
+
+def reference_gemv_fits(ref, K: int = 4096) -> dict:
+    """Per weight format of a committed GEMV reference run (``results.reference("gemv")``: each 7B-shape GEMV timed
+    with its best config): ``roofline.fixed_plus_stream`` over the GEMVs of that K, and their names."""
+    fits = {}
+    for fmt in dict.fromkeys(r["weights"] for r in ref.records):
+        rs = [r for r in ref.records if r["weights"] == fmt and r["K"] == K and r.get("M", 1) == 1]
+        if len(rs) >= 3:
+            fits[fmt] = (roofline.fixed_plus_stream([r["weight_bytes"] for r in rs], [r["ms"] / 1e3 for r in rs]),
+                         [r["shape"] for r in rs])
+    return fits
+
+
 def time_decode(fast: FastLlama, batch: int, prompt_len: int, new_tokens: int, iters: int = 5) -> dict:
     """Per-token decode latency of the captured step (median of ``iters`` runs of new_tokens replays)."""
     from labkit import bench

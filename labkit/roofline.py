@@ -110,3 +110,51 @@ def decode_floor_ms(weight_bytes_: float, kv_bytes_: float, bandwidth: float) ->
 def implied_bandwidth(bytes_per_step: float, seconds_per_step: float) -> float:
     """The bandwidth a quoted time per token would need if every step read ``bytes_per_step``: bytes/s."""
     return bytes_per_step / seconds_per_step
+
+
+@dataclass(frozen=True)
+class StreamFit:
+    """A kernel's time as ``fixed_s + bytes / rate_Bps``, fitted over runs of several sizes (``fixed_plus_stream``);
+    ``rel_residuals``: (fit - measured) / measured of each run, in the order given."""
+    fixed_s: float
+    rate_Bps: float
+    rel_residuals: tuple
+
+    @property
+    def max_rel_residual(self) -> float:
+        return max(abs(r) for r in self.rel_residuals)
+
+    def seconds(self, nbytes: float) -> float:
+        return self.fixed_s + nbytes / self.rate_Bps
+
+
+def fixed_plus_stream(nbytes, seconds) -> StreamFit:
+    """Fit t = fixed + bytes / rate to runs of one kernel over several sizes (bytes read, seconds each).
+
+    The model of a message's cost in a network (a latency plus the size over a bandwidth), applied to a kernel that
+    streams its bytes once: ``fixed`` is what a call costs whatever it reads (its launch, the first bytes' latency,
+    the last wave's tail), ``rate`` how fast the bytes go once they flow. Weighted least squares on the relative
+    error, so the small runs count as much as the large. Needs three runs or more (two would fit exactly and test
+    nothing) of at least two sizes, with times that grow with the bytes.
+    """
+    b = [float(v) for v in nbytes]
+    t = [float(v) for v in seconds]
+    if len(b) != len(t) or len(b) < 3:
+        raise ValueError(f"give bytes and seconds of three runs or more, of equal length (got {len(b)} and {len(t)})")
+    if min(b) <= 0 or min(t) <= 0:
+        raise ValueError("bytes and seconds must be positive")
+    if len(set(b)) < 2:
+        raise ValueError("the runs must read at least two different numbers of bytes")
+    # minimise sum(((fixed + s * b_i) - t_i) / t_i)^2: rows (1 / t_i, b_i / t_i), target 1
+    s11 = sum(1 / ti**2 for ti in t)
+    s12 = sum(bi / ti**2 for bi, ti in zip(b, t))
+    s22 = sum(bi**2 / ti**2 for bi, ti in zip(b, t))
+    r1 = sum(1 / ti for ti in t)
+    r2 = sum(bi / ti for bi, ti in zip(b, t))
+    det = s11 * s22 - s12 * s12
+    fixed = (r1 * s22 - r2 * s12) / det
+    slope = (s11 * r2 - s12 * r1) / det
+    if slope <= 0:
+        raise ValueError("the times do not grow with the bytes: no streaming rate to fit (are the runs cached, or "
+                         "too small to leave the fixed cost?)")
+    return StreamFit(fixed, 1 / slope, tuple((fixed + slope * bi - ti) / ti for bi, ti in zip(b, t)))

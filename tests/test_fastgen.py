@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from labkit import env, fastgen, models
+from labkit import env, fastgen, models, results
 from labkit.env import LabkitError
 from labkit.kernels import wo_matmul as wo
 
@@ -459,3 +459,27 @@ def test_check_targets():
     assert rows["int4 fraction of the floor"]["met"] and rows["bf16 speed-up over HF generate"]["met"]
     missing = fastgen.check_targets({"fraction_of_floor": {"bf16": 0.9}})
     assert [r["met"] for r in missing] == [True, False, False, False] and missing[1]["measured"] is None
+
+
+def test_gemv_cost_points_and_the_reference_fits():
+    """On this machine: GEMVs of a few sizes, each read cold, bytes and seconds as fixed_plus_stream takes them; a
+    format this device does not time is refused with the ones it does. From a committed reference run: one fit per
+    weight format over its GEMVs of K = 4096, each run's bytes those the record says."""
+    dev = env.device()
+    fmt = "bf16" if dev.type == "cuda" else "fp32"
+    pts = fastgen.gemv_cost_points(fmt, dev, K=256, Ns=(256, 512, 1024), cold_bytes=8 << 20)
+    assert [p["N"] for p in pts] == [256, 512, 1024] and all(p["seconds"] > 0 for p in pts)
+    assert [p["bytes"] for p in pts] == [n * 256 * (2 if dev.type == "cuda" else 4) for n in (256, 512, 1024)]
+    with pytest.raises(env.LabkitError, match="fp32" if dev.type == "cpu" else "int4"):
+        fastgen.gemv_cost_points("int3", dev)
+    ref = results.reference("gemv", "nvidia-h200")
+    if ref is None:
+        pytest.skip("no committed H200 GEMV reference")
+    fits = fastgen.reference_gemv_fits(ref)
+    assert set(fits) >= {"bf16", "int8", "int4"}
+    for fmt_, (fit, names) in fits.items():
+        rs = {r["shape"]: r for r in ref.records if r["weights"] == fmt_ and r["K"] == 4096}
+        assert sorted(names) == sorted(rs) and "down" not in names  # down's K is the intermediate size
+        for name, res in zip(names, fit.rel_residuals):
+            r = rs[name]
+            assert abs(fit.seconds(r["weight_bytes"]) / (r["ms"] / 1e3) - 1 - res) < 1e-9

@@ -73,3 +73,27 @@ def test_pipeline_floor_leaves_out_an_untied_table():
     tied = emb.data_ptr() == model.get_output_embeddings().weight.data_ptr()
     expect = models.weight_bytes(model) - (0 if tied else emb.numel() * emb.element_size())
     assert pipeline.step_weight_bytes(model) == expect
+
+
+def test_fixed_plus_stream_recovers_a_known_cost_and_refuses_what_it_cannot_fit():
+    """Runs made from 4 us + bytes at 2 TB/s give back 4 us and 2 TB/s; 1% of noise on one run moves the fit a little
+    and shows as that run's residual; too few runs, one size only, or times that do not grow with the bytes are
+    refused with the reason."""
+    sizes = [8e6, 27e6, 48e6, 70e6]
+    exact = [4e-6 + b / 2e12 for b in sizes]
+    fit = roofline.fixed_plus_stream(sizes, exact)
+    assert abs(fit.fixed_s - 4e-6) < 1e-12 and abs(fit.rate_Bps / 2e12 - 1) < 1e-9 and fit.max_rel_residual < 1e-9
+    assert abs(fit.seconds(100e6) - (4e-6 + 50e-6)) < 1e-12
+    noisy = list(exact)
+    noisy[1] *= 1.01
+    fit = roofline.fixed_plus_stream(sizes, noisy)
+    assert 0.002 < fit.max_rel_residual < 0.01 and abs(fit.rate_Bps / 2e12 - 1) < 0.02
+    assert max(range(4), key=lambda i: abs(fit.rel_residuals[i])) == 1
+    with pytest.raises(ValueError, match="three runs"):
+        roofline.fixed_plus_stream(sizes[:2], exact[:2])
+    with pytest.raises(ValueError, match="two different"):
+        roofline.fixed_plus_stream([8e6] * 3, exact[:3])
+    with pytest.raises(ValueError, match="do not grow"):
+        roofline.fixed_plus_stream(sizes, exact[::-1])
+    with pytest.raises(ValueError, match="positive"):
+        roofline.fixed_plus_stream(sizes, [0.0] + exact[1:])
