@@ -1095,17 +1095,19 @@ def compare_torchao_gemvs(fast: FastLlama, model, fmt: str, log=print) -> list[d
 GEMV_COST_SHAPES = {"cuda": (4096, (4096, 8192, 12288, 22016, 32000)), "cpu": (2048, (1024, 2048, 4096, 8192))}
 
 
-def gemv_cost_points(fmt: str, device=None, K: int | None = None, Ns=None, cold_bytes: int = 256 << 20) -> list[dict]:
+def gemv_cost_points(fmt: str, device=None, K: int | None = None, Ns=None, cold_bytes: int = 256 << 20,
+                     config=None, cpu_seconds: float = 2.0) -> list[dict]:
     """One-row GEMVs of one format over several output widths N (one K): bytes read and seconds per call, the runs
     ``roofline.fixed_plus_stream`` fits. Every call reads a weight not in any cache (the calls cycle over copies,
     ``cold_bytes`` in all).
 
-    On a GPU, ``fmt`` "bf16", "int8" or "int4": the Triton GEMV of the decode step, tuned for each shape
-    (``wo.tune``, its candidates checked against the fp32 product) and timed as ``wo.time_gemv`` does (a CUDA graph of
-    back-to-back calls). On a CPU, "fp32": the dense GEMV the CPU decode path runs (``torch.nn.functional.linear``),
-    timed call by call. Random weights (0.02 x normal) and activations."""
-    from labkit import bench
-
+    On a GPU, ``fmt`` "bf16", "int8" or "int4": the Triton GEMV of the decode step in the layout the step reads, with
+    one config for every size (one kernel, so that only the size changes): ``config``, or the one ``wo.tune`` picks
+    for the middle size (its candidates checked against the fp32 product); timed as ``wo.time_gemv`` does (a CUDA
+    graph of back-to-back calls). On a CPU, "fp32": the dense GEMV the CPU decode path runs
+    (``torch.nn.functional.linear``) on one thread, timed call by call over ``cpu_seconds``, the fastest call of each
+    size kept.
+    Random weights (0.02 x normal) and activations."""
     dev = torch.device(device) if device is not None else env.device()
     kinds = {"cuda": ("bf16", "int8", "int4"), "cpu": ("fp32",)}.get(dev.type)
     if kinds is None:
@@ -1114,32 +1116,55 @@ def gemv_cost_points(fmt: str, device=None, K: int | None = None, Ns=None, cold_
         where = "a CUDA GPU: the Triton GEMVs" if dev.type == "cuda" else "a CPU: the dense fp32 GEMV its decode path runs"
         raise LabkitError(f"fmt={fmt!r}: on {where} time one of {kinds}")
     k_def, n_def = GEMV_COST_SHAPES[dev.type]
-    K = K or k_def
+    K, Ns = K or k_def, list(Ns or n_def)
     gen = torch.Generator(dev).manual_seed(0)
+    if dev.type == "cuda" and config is None:  # one kernel for every size: the tuner's choice at the middle one
+        w = torch.randn(Ns[len(Ns) // 2], K, device=dev, dtype=torch.bfloat16, generator=gen) * 0.02
+        config = wo.tune(_quantize(w, fmt, 128, for_kernel=True), 1, torch.bfloat16)
+        del w
     points = []
-    for N in Ns or n_def:
-        if dev.type == "cuda":
+    if dev.type == "cuda":
+        for N in Ns:
             w = torch.randn(N, K, device=dev, dtype=torch.bfloat16, generator=gen) * 0.02
             qw = _quantize(w, fmt, 128, for_kernel=True)
             del w
             x = torch.randn(1, K, device=dev, dtype=torch.bfloat16, generator=gen)
-            cfg = wo.tune(qw, 1, torch.bfloat16)
-            seconds = wo.time_gemv(x, qw, config=cfg, cold_bytes=cold_bytes) / 1e3
-            nbytes, config = wo.weight_nbytes(qw), str(cfg)
-        else:
-            nbytes = N * K * 4
-            ws = [torch.randn(N, K, generator=gen) * 0.02 for _ in range(max(1, -(-cold_bytes // nbytes)))]
-            x = torch.randn(1, K, generator=gen)
-            calls = iter(range(1 << 62))
+            seconds = wo.time_gemv(x, qw, config=config, cold_bytes=cold_bytes) / 1e3
+            points.append({"fmt": fmt, "N": N, "K": K, "bytes": wo.weight_nbytes(qw), "seconds": seconds,
+                           "config": str(config)})
+        return points
+    # CPU: one thread (a GEMV split over threads waits for the slowest, and a shared machine slows some of them at
+    # random); the sizes take turns, a few calls each, for ``cpu_seconds`` in all, and each keeps its fastest call:
+    # what the GEMV costs when nothing else competes for its core and memory; taking turns spreads every size over
+    # the same stretch of time, so that whatever else runs weighs on all sizes alike
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _cpu_gemv_points(fmt, K, Ns, cold_bytes, cpu_seconds, gen)
+    finally:
+        torch.set_num_threads(threads)
 
-            def call(ws=ws):
-                return F.linear(x, ws[next(calls) % len(ws)])
 
-            seconds = bench.measure(call, warmup=len(ws), iters=max(20, 2 * len(ws)), device=dev).median_s
-            config = "torch.nn.functional.linear, fp32"
-            del ws
-        points.append({"fmt": fmt, "N": N, "K": K, "bytes": nbytes, "seconds": seconds, "config": config})
-    return points
+def _cpu_gemv_points(fmt, K, Ns, cold_bytes, cpu_seconds, gen) -> list[dict]:
+    import time
+
+    x = torch.randn(1, K, generator=gen)
+    weights = {N: [torch.randn(N, K, generator=gen) * 0.02 for _ in range(max(1, -(-cold_bytes // (N * K * 4))))]
+               for N in Ns}
+    best = {N: float("inf") for N in Ns}
+    t_end = time.perf_counter() + cpu_seconds
+    turn = 0
+    while turn < 3 or time.perf_counter() < t_end:
+        for N, ws in weights.items():
+            for w in ws[:4] if turn else ws:  # the first turn reads every copy once (warm-up)
+                t0 = time.perf_counter()
+                F.linear(x, w)
+                if turn:
+                    best[N] = min(best[N], time.perf_counter() - t0)
+            weights[N] = ws[4:] + ws[:4]  # the next turn reads the next copies: never one still in a cache
+        turn += 1
+    return [{"fmt": fmt, "N": N, "K": K, "bytes": N * K * 4, "seconds": best[N],
+             "config": "torch.nn.functional.linear, fp32"} for N in Ns]
 
 
 def reference_gemv_fits(ref, K: int = 4096) -> dict:
