@@ -131,8 +131,8 @@ class StreamFit:
 def fixed_plus_stream(nbytes, seconds) -> StreamFit:
     """Fit t = fixed + bytes / rate to runs of one kernel over several sizes (bytes read, seconds each).
 
-    The model of a message's cost in a network (a latency plus the size over a bandwidth), applied to a kernel that
-    streams its bytes once: ``fixed`` is what a call costs whatever it reads (its launch, the first bytes' latency,
+    Hockney's alpha-beta model of a message (a latency plus the size over a bandwidth; ``parallel.fit_ring`` fits it
+    to ring all-reduces in notebook 08), applied to a kernel that streams its bytes once: ``fixed`` is what a call costs whatever it reads (its launch, the first bytes' latency,
     the last wave's tail), ``rate`` how fast the bytes go once they flow. Weighted least squares on the relative
     error, so the small runs count as much as the large. Needs three runs or more (two would fit exactly and test
     nothing) of at least two sizes, with times that grow with the bytes.

@@ -196,9 +196,8 @@ def part_kernels(sweep=False):
         for fmt in fmts:
             qw = _quantized(w, fmt)
             kind = wo._kind(qw)
-            ref32 = wo.matmul_reference(x.float(), wo.dequantize(qw, torch.float32), silu_gate_up=silu)
-            ref16 = wo.matmul_reference(x, qw, silu_gate_up=silu).float()
-            err_torch = (ref16 - ref32).abs().max().item()
+            ref = wo.reference_check(x, qw, silu)  # the fp32 product and the bound the tuner holds configs to
+            ref32, err_torch = ref.product, ref.torch_err
             nbytes = wo.weight_nbytes(qw)
             if sweep and os.environ.get("GEMV_SWEEP") == "stages":  # the pipelining sweep replaces the tuner's list
                 cands = _sweep_configs(kind)
@@ -209,7 +208,7 @@ def part_kernels(sweep=False):
             partials = os.environ.get("GEMV_PARTIALS") == "1" and name in ("qkv", "o", "down")
             timed = _time_configs(x, qw, silu, cands, ref32, f"{name} {fmt}", partials)
             t, cfg, err = timed[0]
-            ok = all(e <= 2 * err_torch + 1e-3 * ref32.abs().max().item() for _, _, e in timed)
+            ok = all(e <= ref.bound for _, _, e in timed)
             best_by_variant = {}
             for tv, cv, _ in timed:
                 key = (cv.variant + (f"/stages={cv.stages}" if cv.stages else "") + ("/tma" if cv.tma else "")

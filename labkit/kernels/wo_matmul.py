@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -2348,29 +2349,35 @@ def pin_config(w, config: GemvConfig, M: int = 1, dtype=torch.bfloat16, silu_gat
     _TUNED[_key(_kind(w), *w.shape, M, silu_gate_up, dtype, partials, pdl)] = config
 
 
-def reference_check(x: torch.Tensor, w, silu_gate_up: bool = False) -> tuple[torch.Tensor, float]:
+class GemvReference(NamedTuple):
+    """What a GEMV's output is checked against (``reference_check``)."""
+    product: torch.Tensor  # the fp32 dequantize-then-matmul product
+    bound: float  # the largest error a kernel may have against it
+    torch_err: float  # torch's own error in x's dtype (dequantize in that dtype, then matmul)
+
+
+def reference_check(x: torch.Tensor, w, silu_gate_up: bool = False) -> GemvReference:
     """What ``check_config`` compares a config's output with: the fp32 dequantize-then-matmul product of x (M, K)
     (or [gate | up]) and w, and the largest error a kernel may have against it: twice torch's own error in x's dtype
-    (dequantize in that dtype, then matmul: ``matmul_reference``) plus 1e-3 of the product's largest magnitude, the
-    bound the kernel tests hold every variant to."""
+    (``matmul_reference``) plus 1e-3 of the product's largest magnitude, the bound the kernel tests hold every
+    variant to."""
     ref32 = matmul_reference(x.float(), dequantize(w, torch.float32), silu_gate_up=silu_gate_up)
     err_torch = (matmul_reference(x, w, silu_gate_up=silu_gate_up).float() - ref32).abs().max().item()
-    return ref32, 2 * err_torch + 1e-3 * ref32.abs().max().item()
+    return GemvReference(ref32, 2 * err_torch + 1e-3 * ref32.abs().max().item(), err_torch)
 
 
-def check_config(x: torch.Tensor, w, config: GemvConfig, ref: tuple, silu_gate_up: bool = False,
+def check_config(x: torch.Tensor, w, config: GemvConfig, ref: GemvReference, silu_gate_up: bool = False,
                  partials: bool = False, pdl: bool = False) -> str | None:
     """One ``wo_matmul`` call with ``config`` (split-K partials summed in fp32) against ``ref`` =
     ``reference_check(x, w, silu_gate_up)``: None when its largest error is within the bound, else why not (a
     non-finite output fails too)."""
-    ref32, bound = ref
     y = wo_matmul(x, w, silu_gate_up, config, partials=partials, pdl=pdl)
     y = (y.float().sum(0) if y.dim() == 3 else y.float())
-    err = (y - ref32).abs().max().item()
-    if err <= bound:  # False for a NaN
+    err = (y - ref.product).abs().max().item()
+    if err <= ref.bound:  # False for a NaN
         return None
-    return (f"wrong result: largest |y - fp32 product| = {err:.4g}, more than the bound {bound:.4g} (twice torch's "
-            f"own {x.dtype} error + 1e-3 of the largest output)")
+    return (f"wrong result: largest |y - fp32 product| = {err:.4g}, more than the bound {ref.bound:.4g} (twice "
+            f"torch's own {x.dtype} error + 1e-3 of the largest output)")
 
 
 def tune(w, M: int = 1, dtype=torch.bfloat16, silu_gate_up: bool = False, candidates=None,
